@@ -1,0 +1,196 @@
+//! The one error type of slotq.
+//!
+//! Every variant says what went wrong and where; [`Error::is_retryable`] tells whether the
+//! same call may succeed later, and [`Error::may_have_run`] whether a failed command may
+//! still have been executed by the server (so a blind retry could apply it twice).
+
+use std::time::Duration;
+
+use crate::topology::NodeAddr;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in slotq.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is out of range or inconsistent; nothing was contacted.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The URL is not a Redis URL (`redis://` or `rediss://`) or is malformed.
+    #[error("invalid Redis URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given, with any password masked.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No connection could be made to a node (refused, unreachable, or not speaking Redis).
+    #[error("cannot connect to {node}: {reason}")]
+    Connect {
+        /// The node that was dialled.
+        node: NodeAddr,
+        /// Why the connection failed.
+        reason: String,
+    },
+
+    /// The server rejected the username/password.
+    #[error("authentication failed at {node}: {reason}")]
+    Auth {
+        /// The node that refused.
+        node: NodeAddr,
+        /// The server's message.
+        reason: String,
+    },
+
+    /// The TLS handshake failed (certificate, protocol or a plain-text server).
+    #[error("TLS failure with {node}: {reason}")]
+    Tls {
+        /// The node in question.
+        node: NodeAddr,
+        /// What the TLS layer reported.
+        reason: String,
+    },
+
+    /// A node did not answer within the request deadline. The command may have run.
+    #[error("{node} did not answer within {timeout:?}; the command may or may not have run")]
+    Timeout {
+        /// The silent node.
+        node: NodeAddr,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+
+    /// The connection broke while a command was in flight. The command may have run.
+    #[error("connection to {node} lost: {reason}; the command may or may not have run")]
+    ConnectionLost {
+        /// The node whose connection broke.
+        node: NodeAddr,
+        /// What the I/O layer reported.
+        reason: String,
+    },
+
+    /// The node is marked down after recent failures; the call was not sent.
+    #[error("node {node} is down (recent failures); not sent")]
+    NodeDown {
+        /// The node that is down.
+        node: NodeAddr,
+    },
+
+    /// No master serves this slot in the current slot map.
+    #[error("slot {slot} is not served by any master")]
+    SlotUncovered {
+        /// The uncovered slot.
+        slot: u16,
+    },
+
+    /// The cluster kept answering TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN until the
+    /// call's deadline.
+    #[error("cluster unavailable at {node}: {code} {message}")]
+    ClusterUnavailable {
+        /// The node that answered.
+        node: NodeAddr,
+        /// The error code (e.g. `CLUSTERDOWN`).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+
+    /// The slot kept moving: more MOVED/ASK redirects than allowed for one call.
+    #[error("gave up on slot {slot} after {count} redirects")]
+    TooManyRedirects {
+        /// The slot being routed.
+        slot: u16,
+        /// How many redirects were followed.
+        count: u32,
+    },
+
+    /// A cluster was required but the server runs with cluster mode disabled.
+    #[error("{node} is a standalone Redis server, but a cluster was required")]
+    NotACluster {
+        /// The standalone server.
+        node: NodeAddr,
+    },
+
+    /// The server answered with an error that is not about routing.
+    #[error("{node} replied with an error: {code} {message}")]
+    Server {
+        /// The node that answered.
+        node: NodeAddr,
+        /// The error code (`ERR`, `WRONGTYPE`, `NOSCRIPT`, ...).
+        code: String,
+        /// The rest of the message.
+        message: String,
+    },
+
+    /// A reply had an unexpected shape.
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// Whether the same call may succeed if tried again later (after a failover, a
+    /// migration step, a reconnect).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. }
+                | Error::Timeout { .. }
+                | Error::ConnectionLost { .. }
+                | Error::NodeDown { .. }
+                | Error::SlotUncovered { .. }
+                | Error::ClusterUnavailable { .. }
+                | Error::TooManyRedirects { .. }
+        )
+    }
+
+    /// Whether the failed command may nevertheless have been executed by the server.
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, Error::Timeout { .. } | Error::ConnectionLost { .. })
+    }
+
+    /// The node the error is about, when there is one.
+    pub fn node(&self) -> Option<&NodeAddr> {
+        match self {
+            Error::Connect { node, .. }
+            | Error::Auth { node, .. }
+            | Error::Tls { node, .. }
+            | Error::Timeout { node, .. }
+            | Error::ConnectionLost { node, .. }
+            | Error::NodeDown { node }
+            | Error::ClusterUnavailable { node, .. }
+            | Error::NotACluster { node }
+            | Error::Server { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_and_ambiguity_are_distinct() {
+        let node = NodeAddr::new("127.0.0.1", 7000);
+        let timeout = Error::Timeout {
+            node: node.clone(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(timeout.is_retryable() && timeout.may_have_run());
+        let down = Error::NodeDown { node: node.clone() };
+        assert!(down.is_retryable() && !down.may_have_run());
+        let auth = Error::Auth {
+            node,
+            reason: "WRONGPASS".into(),
+        };
+        assert!(!auth.is_retryable());
+        assert!(
+            auth.to_string()
+                .contains("authentication failed at 127.0.0.1:7000")
+        );
+    }
+}

@@ -1,0 +1,47 @@
+//! slotq: one logical queue spread over every master of a Redis Cluster.
+//!
+//! Every widely used Redis queue keeps a whole queue in one hash slot, so one master does
+//! all its work. slotq computes hash slots on the client, places a queue's shards (one
+//! list per shard, each in its own slot) on different masters, and routes every command
+//! itself, surviving MOVED/ASK redirects, slot migrations and node failures.
+//!
+//! # Layout
+//!
+//! Data flows one way: API → producer/consumer → placement → [`cluster`] → [`topology`] /
+//! [`slot`].
+//!
+//! - [`slot`]: CRC16/XMODEM hash slots and hash tags; finding tags for given slots (pure).
+//! - [`topology`]: the slot map from `CLUSTER SHARDS` / `CLUSTER SLOTS`, or one standalone
+//!   node owning every slot; gaps kept visible.
+//! - [`cluster`]: the router: one shared connection per node, routing by slot, redirects,
+//!   retries within deadlines, node health, single-flight refresh.
+//! - [`config`]: settings and their defaults as named constants.
+//! - [`error`]: the one error type.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example() -> slotq::Result<()> {
+//! use slotq::{Cluster, ClusterConfig, slot::key_slot};
+//!
+//! let cluster = Cluster::connect(ClusterConfig::from_url("redis://127.0.0.1:7000")?).await?;
+//! let key = "slotq:{orders#0}:ready";
+//! let len: i64 = cluster.query(key_slot(key), redis::cmd("LLEN").arg(key)).await?;
+//! println!("{len} messages, slot map: {:?}", cluster.topology());
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod slot;
+pub mod topology;
+
+pub use cluster::{Cluster, RequestOpts, RouterStats};
+pub use config::ClusterConfig;
+pub use error::{Error, Result};
+pub use topology::{NodeAddr, Topology};
+
+/// The `redis` crate this library speaks through (for building commands).
+pub use redis;
