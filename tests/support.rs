@@ -1,1 +1,29 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: connecting a router to a testkit cluster.
+
+use std::time::Duration;
+
+use slotq::{Cluster, ClusterConfig};
+
+/// Connects a router to `url` with short deadlines suited to failure tests.
+pub async fn router(url: &str) -> Cluster {
+    Cluster::connect(fast_config(url))
+        .await
+        .expect("router connects")
+}
+
+/// Settings with short deadlines: 500 ms per attempt, 2 s retry budget.
+pub fn fast_config(url: &str) -> ClusterConfig {
+    ClusterConfig::from_url(url)
+        .expect("valid url")
+        .request_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .retry_budget(Duration::from_secs(2))
+}
+
+/// A key whose slot is owned by master index `m` of `cluster`.
+pub fn key_on(cluster: &slotq_testkit::TestCluster, m: usize, prefix: &str) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{{k{n}}}"))
+        .find(|k| cluster.owner_of(slotq::slot::key_slot(k)) == Some(m))
+        .expect("some key lands on every master")
+}

@@ -46,6 +46,7 @@ pub(crate) async fn send_raw(
                 reason: e.to_string(),
             })
         }
+        Ok(Ok(Value::ServerError(e))) => Ok(Err(e.into())),
         Ok(r) => Ok(r),
     }
 }
@@ -240,6 +241,8 @@ async fn send_group(
     // ASKING targets are importing nodes: the map may still call them down or unknown.
     let asking = group.iter().any(|(_, a)| *a);
     if !asking && inner.is_down(addr) {
+        // Keep the map fresh while a node is out: that is how a promotion is noticed.
+        inner.request_refresh();
         return Err(SendError::NotSent(Error::NodeDown { node: addr.clone() }));
     }
     let node = inner.pool.get(addr);
