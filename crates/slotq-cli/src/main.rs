@@ -1,1 +1,98 @@
-fn main() {}
+//! The `slotq` command line.
+
+mod args;
+mod cmd;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use slotq::{Cluster, ClusterConfig};
+
+use args::{Cli, Command};
+
+/// Exit code for success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code for a failure of the operation itself (server error, bad state).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad usage or invalid input (clap uses it too).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when Redis could not be reached or answered with a retryable error.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+/// Errors of the CLI, each with an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Invalid arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// An error from the library.
+    #[error("{0}")]
+    Slotq(#[from] slotq::Error),
+    /// An error from the testkit (local clusters).
+    #[error("{0}")]
+    Testkit(#[from] slotq_testkit::TestkitError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => EXIT_USAGE,
+            CliError::Slotq(slotq::Error::InvalidUrl { .. } | slotq::Error::Config(_)) => {
+                EXIT_USAGE
+            }
+            CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
+            _ => EXIT_FAILURE,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLOTQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("slotq: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<String, CliError> {
+    match &cli.command {
+        Command::Keyslot { keys } => Ok(cmd::keyslot::run(keys, cli.json)),
+        Command::Slots => {
+            let cluster = connect(cli).await?;
+            Ok(cmd::slots::run(&cluster, cli.json).await?)
+        }
+        Command::DevCluster { action } => {
+            tokio::task::block_in_place(|| cmd::dev_cluster::run(action, cli.json))
+        }
+        Command::Demo(args) => cmd::demo::run(args).await,
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Cluster, CliError> {
+    let mut cfg = ClusterConfig::from_url(&cli.url)?;
+    if let Some(path) = &cli.tls_ca {
+        let pem = std::fs::read(path).map_err(|e| {
+            CliError::Usage(format!("cannot read --tls-ca {}: {e}", path.display()))
+        })?;
+        cfg = cfg.tls_root_cert(pem);
+    }
+    Ok(Cluster::connect(cfg).await?)
+}

@@ -20,6 +20,7 @@ pub struct ClusterBuilder {
     security: Security,
     base_port: Option<u16>,
     dir: Option<PathBuf>,
+    own_group: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -31,6 +32,7 @@ impl Default for ClusterBuilder {
             security: Security::default(),
             base_port: None,
             dir: None,
+            own_group: false,
         }
     }
 }
@@ -80,6 +82,12 @@ impl ClusterBuilder {
     /// Keep the nodes' files under `dir` (not deleted on drop).
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// Run every node in a process group of its own (for clusters that outlive the starter).
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
         self
     }
 
@@ -153,6 +161,9 @@ impl ClusterBuilder {
             )?;
         }
         cluster.wait_stable()?;
+        for r in self.masters..total {
+            cluster.wait_replica_synced(r)?;
+        }
         Ok(cluster)
     }
 }
@@ -351,6 +362,16 @@ impl TestCluster {
                 Some(())
             },
         )
+    }
+
+    /// Waits until replica `r` reports `master_link_status:up`.
+    pub fn wait_replica_synced(&self, r: usize) -> Result<()> {
+        wait_for("replica to sync with its master", CLUSTER_TIMEOUT, || {
+            let info: String = self.nodes[r]
+                .cmd(redis::cmd("INFO").arg("replication"))
+                .ok()?;
+            info.contains("master_link_status:up").then_some(())
+        })
     }
 
     /// Kills (kill -9) node `i`.
@@ -570,6 +591,7 @@ impl TestCluster {
             node_timeout_ms: self.builder.node_timeout_ms,
             security: self.builder.security.clone(),
             tls_files: self.tls_files.clone(),
+            own_group: self.builder.own_group,
             ..ServerBuilder::default()
         };
         let dir = self.root.join(format!("node{i}"));

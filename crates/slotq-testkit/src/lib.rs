@@ -11,6 +11,7 @@
 //! Nothing here talks to any address but 127.0.0.1.
 
 mod cluster;
+pub mod dev;
 mod ports;
 mod server;
 mod tls;

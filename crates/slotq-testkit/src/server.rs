@@ -25,6 +25,7 @@ pub struct ServerBuilder {
     pub(crate) security: Security,
     pub(crate) tls_files: Option<TlsFiles>,
     pub(crate) extra: Vec<String>,
+    pub(crate) own_group: bool,
 }
 
 impl Default for ServerBuilder {
@@ -37,6 +38,7 @@ impl Default for ServerBuilder {
             security: Security::default(),
             tls_files: None,
             extra: Vec::new(),
+            own_group: false,
         }
     }
 }
@@ -77,6 +79,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Run in a process group of its own (survives Ctrl-C aimed at the starter).
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
+    }
+
     /// Starts the server and waits until it answers PING.
     pub fn start(self) -> Result<Server> {
         if !crate::redis_server_available() {
@@ -106,6 +114,7 @@ impl ServerBuilder {
                 child: None,
                 security: self.security.clone(),
                 tls_files: tls_files.clone(),
+                own_group: self.own_group,
                 _tmp: None,
             };
             server.write_config(&self, port)?;
@@ -134,6 +143,7 @@ pub struct Server {
     child: Option<Child>,
     security: Security,
     tls_files: Option<TlsFiles>,
+    own_group: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -265,7 +275,12 @@ impl Server {
             .create(true)
             .append(true)
             .open(self.dir.join("stdout.log"))?;
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if self.own_group {
+            // Detached servers must not die with the terminal's Ctrl-C.
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        let child = command
             .arg(self.dir.join("redis.conf"))
             .current_dir(&self.dir)
             .stdin(Stdio::null())

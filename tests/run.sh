@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The project's two entry points on a fresh Debian machine:
+#   bash tests/run.sh        the whole test suite: format, lints, docs, every test (what CI runs)
+#   bash tests/run.sh demo   a local cluster, traffic through slotq, and what it shows
+# Both install redis-server/redis-tools first when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ensure_redis() {
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then return; fi
+  echo "redis-server not found: installing redis-server and redis-tools" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
+  else
+    echo "please install redis-server (Redis 7 or newer) and redis-cli, then run again" >&2
+    exit 1
+  fi
+}
+
+ensure_redis
+case "${1:-test}" in
+  demo)
+    cargo run --release -q -p slotq-cli -- demo
+    ;;
+  test)
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -q -- -D warnings
+    RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps -q
+    if cargo nextest --version >/dev/null 2>&1; then
+      cargo nextest run --workspace --no-fail-fast
+      cargo test --workspace --doc -q
+    else
+      cargo test --workspace --no-fail-fast
+    fi
+    ;;
+  *)
+    echo "usage: bash tests/run.sh [test|demo]" >&2
+    exit 2
+    ;;
+esac
