@@ -126,6 +126,34 @@ pub enum Error {
         message: String,
     },
 
+    /// A queue name is empty, too long, or uses characters outside `[A-Za-z0-9_.:-]`.
+    #[error("invalid queue name {name:?}: {reason}")]
+    InvalidQueueName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A payload was refused before anything was sent (empty, or larger than allowed).
+    #[error("invalid payload: {0}")]
+    InvalidPayload(String),
+
+    /// The shard would grow past the configured maximum depth; nothing was pushed.
+    #[error("queue full: shard {shard} holds {depth} messages (max {max})")]
+    QueueFull {
+        /// The shard's tag.
+        shard: String,
+        /// Its depth when the push was refused.
+        depth: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+
+    /// The queue has no registry in Redis (it was never opened).
+    #[error("queue {0:?} does not exist (no registry found)")]
+    QueueNotFound(String),
+
     /// A reply had an unexpected shape.
     #[error("unexpected reply: {0}")]
     Protocol(String),
@@ -144,6 +172,7 @@ impl Error {
                 | Error::SlotUncovered { .. }
                 | Error::ClusterUnavailable { .. }
                 | Error::TooManyRedirects { .. }
+                | Error::QueueFull { .. }
         )
     }
 

@@ -10,6 +10,10 @@
 //! Data flows one way: API → producer/consumer → placement → [`cluster`] → [`topology`] /
 //! [`slot`].
 //!
+//! - [`client`]: the entry point; [`queue`]: a logical queue, its registry and stats.
+//! - [`producer`]: batching sends, balanced over shards; [`consumer`]: balanced pops and
+//!   server-side blocking when idle.
+//! - [`placement`]: queue names, keys, which shard tags live on which master.
 //! - [`slot`]: CRC16/XMODEM hash slots and hash tags; finding tags for given slots (pure).
 //! - [`topology`]: the slot map from `CLUSTER SHARDS` / `CLUSTER SLOTS`, or one standalone
 //!   node owning every slot; gaps kept visible.
@@ -32,15 +36,25 @@
 //! # }
 //! ```
 
+pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod consumer;
 pub mod error;
+pub mod placement;
+pub mod producer;
+pub mod queue;
+mod script;
 pub mod slot;
 pub mod topology;
 
+pub use client::Client;
 pub use cluster::{Cluster, RequestOpts, RouterStats};
 pub use config::ClusterConfig;
+pub use consumer::{Consumer, Message};
 pub use error::{Error, Result};
+pub use producer::{EmptyPayloads, Producer};
+pub use queue::{Queue, ShardStats};
 pub use topology::{NodeAddr, Topology};
 
 /// The `redis` crate this library speaks through (for building commands).

@@ -1,0 +1,566 @@
+//! The balanced consumer.
+//!
+//! A consumer sweeps every shard of the queue in one round trip: one `LPOP key count` per
+//! shard, pipelined per node, all nodes at once. Shards that returned a full batch get a
+//! larger count next round (deepest first, up to 8x), and every shard is asked every round,
+//! so none starves. Nodes that are down are skipped for the round.
+//!
+//! When a sweep finds every shard empty, the consumer blocks server-side instead of
+//! polling: one waiter per shard holds a dedicated connection to the shard's master and
+//! runs `BLMPOP` with a finite server timeout and a client deadline a bit longer. A waiter
+//! that pops messages hands them to the consumer; new data wakes it within a round trip.
+//! Waiters recover from MOVED / UNBLOCKED / CLUSTERDOWN replies and silent nodes, then
+//! block again. When the consumer is dropped, blocked waiters are unblocked (`CLIENT
+//! UNBLOCK`) and anything popped but not handed out is pushed back to the head of its
+//! shard.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use redis::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::placement::{Shard, ready_key};
+use crate::queue::Queue;
+use crate::slot::Slot;
+use crate::topology::NodeAddr;
+
+/// Messages asked from each shard per sweep (before depth weighting).
+pub const DEFAULT_POP_BATCH: usize = 128;
+/// Server-side timeout of a blocking pop.
+pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much longer than the server timeout the client waits for a blocking pop's reply.
+pub const BLOCK_GRACE: Duration = Duration::from_secs(1);
+/// Pause before a waiter retries after an error.
+const WAITER_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Largest depth weight of a shard that keeps returning full batches.
+const MAX_WEIGHT: usize = 8;
+
+/// One message popped from a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The payload as sent.
+    pub payload: Vec<u8>,
+    /// The shard it came from.
+    pub shard: Arc<str>,
+}
+
+/// Settings of a [`Consumer`].
+#[derive(Debug, Clone)]
+pub struct ConsumerBuilder {
+    queue: Queue,
+    pop_batch: usize,
+    block_timeout: Duration,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(queue: Queue) -> Self {
+        ConsumerBuilder {
+            queue,
+            pop_batch: DEFAULT_POP_BATCH,
+            block_timeout: DEFAULT_BLOCK_TIMEOUT,
+        }
+    }
+
+    /// Messages asked from each shard per sweep.
+    pub fn pop_batch(mut self, n: usize) -> Self {
+        self.pop_batch = n;
+        self
+    }
+
+    /// Server-side timeout of blocking pops (the client waits [`BLOCK_GRACE`] longer).
+    pub fn block_timeout(mut self, d: Duration) -> Self {
+        self.block_timeout = d;
+        self
+    }
+
+    /// Validates the settings and makes the consumer.
+    pub fn build(self) -> Result<Consumer> {
+        if self.pop_batch == 0 {
+            return Err(Error::Config("pop_batch must be at least 1".into()));
+        }
+        if self.block_timeout < Duration::from_millis(10) {
+            return Err(Error::Config("block_timeout must be at least 10 ms".into()));
+        }
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        Ok(Consumer {
+            queue: self.queue,
+            pop_batch: self.pop_batch,
+            block_timeout: self.block_timeout,
+            buffer: VecDeque::new(),
+            inbox_tx,
+            inbox_rx,
+            idle: watch::Sender::new(false),
+            alive: watch::Sender::new(()),
+            waiters: HashMap::new(),
+            weights: HashMap::new(),
+            rotate: 0,
+        })
+    }
+}
+
+/// Receives messages from a queue. One consumer serves one task; make as many as needed.
+pub struct Consumer {
+    queue: Queue,
+    pop_batch: usize,
+    block_timeout: Duration,
+    buffer: VecDeque<Message>,
+    inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
+    inbox_rx: mpsc::UnboundedReceiver<Vec<Message>>,
+    idle: watch::Sender<bool>,
+    /// Never changes; its drop tells the waiters that the consumer is gone.
+    alive: watch::Sender<()>,
+    waiters: HashMap<String, JoinHandle<()>>,
+    weights: HashMap<String, usize>,
+    rotate: usize,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("queue", &self.queue.name())
+            .field("buffered", &self.buffer.len())
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// The next message; waits (blocking server-side) until there is one.
+    pub async fn recv(&mut self) -> Result<Message> {
+        loop {
+            if let Some(m) = self.buffer.pop_front() {
+                return Ok(m);
+            }
+            self.fill(None).await?;
+        }
+    }
+
+    /// Up to `max` messages; waits until there is at least one.
+    pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Message>> {
+        while self.buffer.is_empty() {
+            self.fill(None).await?;
+        }
+        Ok(self.take(max))
+    }
+
+    /// Up to `max` messages, waiting at most `timeout` for the first (empty on timeout).
+    pub async fn recv_batch_timeout(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Message>> {
+        let deadline = Instant::now() + timeout;
+        while self.buffer.is_empty() && Instant::now() < deadline {
+            self.fill(Some(deadline)).await?;
+        }
+        Ok(self.take(max))
+    }
+
+    /// The consumer as a stream of messages.
+    pub fn into_stream(self) -> Pin<Box<dyn Stream<Item = Result<Message>> + Send>> {
+        Box::pin(futures::stream::unfold(self, |mut c| async move {
+            let m = c.recv().await;
+            Some((m, c))
+        }))
+    }
+
+    /// The queue this consumer reads.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    fn take(&mut self, max: usize) -> Vec<Message> {
+        let n = max.min(self.buffer.len());
+        self.buffer.drain(..n).collect()
+    }
+
+    /// Gets at least one message into the buffer, or returns at the deadline.
+    async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            while let Ok(batch) = self.inbox_rx.try_recv() {
+                self.buffer.extend(batch);
+            }
+            if !self.buffer.is_empty() {
+                self.idle.send_replace(false);
+                return Ok(());
+            }
+            if self.sweep().await? > 0 {
+                self.idle.send_replace(false);
+                return Ok(());
+            }
+            self.ensure_waiters();
+            self.idle.send_replace(true);
+            let version = self.queue.shards().version;
+            let wake = Instant::now() + self.block_timeout;
+            let until = deadline.map_or(wake, |d| d.min(wake));
+            tokio::select! {
+                got = self.inbox_rx.recv() => {
+                    if let Some(batch) = got {
+                        self.buffer.extend(batch);
+                    }
+                }
+                _ = tokio::time::sleep_until(until.into()) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(());
+                    }
+                    // Sweep again only if the shard set changed (new shards to watch).
+                    if self.queue.shards().version == version {
+                        continue;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round: `LPOP key count` on every shard, one pipeline per node.
+    async fn sweep(&mut self) -> Result<usize> {
+        let set = self.queue.shards();
+        let shards = &set.shards;
+        if shards.is_empty() {
+            return Ok(0);
+        }
+        self.rotate = (self.rotate + 1) % shards.len();
+        let mut order: Vec<&Shard> = shards[self.rotate..]
+            .iter()
+            .chain(&shards[..self.rotate])
+            .collect();
+        order.sort_by_key(|s| std::cmp::Reverse(self.weights.get(&s.tag).copied().unwrap_or(1)));
+        let prefix = self.queue.inner.prefix.clone();
+        let counts: Vec<usize> = order
+            .iter()
+            .map(|s| self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1))
+            .collect();
+        let cmds = order
+            .iter()
+            .zip(&counts)
+            .map(|(s, n)| {
+                (
+                    s.slot,
+                    redis::cmd("LPOP")
+                        .arg(ready_key(&prefix, &s.tag))
+                        .arg(*n)
+                        .clone(),
+                )
+            })
+            .collect();
+        let cluster = self.queue.cluster();
+        let mut opts = cluster.default_opts();
+        // A node that is down is skipped for this round, not waited for.
+        opts.retry_budget = Duration::ZERO;
+        let replies = cluster.batch(cmds, opts).await;
+        let mut got = 0;
+        for ((shard, n), reply) in order.iter().zip(counts).zip(replies) {
+            match reply {
+                Ok(v) => {
+                    let tag: Arc<str> = Arc::from(shard.tag.as_str());
+                    let payloads = list_items(v)?;
+                    let full = payloads.len() >= n;
+                    got += payloads.len();
+                    self.buffer
+                        .extend(payloads.into_iter().map(|payload| Message {
+                            payload,
+                            shard: tag.clone(),
+                        }));
+                    let w = self.weights.entry(shard.tag.clone()).or_insert(1);
+                    *w = if full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(shard = %shard.tag, cause = %e, "shard skipped this round");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Starts a waiter for every shard that has none running.
+    fn ensure_waiters(&mut self) {
+        let set = self.queue.shards();
+        self.waiters.retain(|_, h| !h.is_finished());
+        for s in &set.shards {
+            if self.waiters.contains_key(&s.tag) {
+                continue;
+            }
+            let w = Waiter {
+                cluster: self.queue.cluster().clone(),
+                slot: s.slot,
+                tag: Arc::from(s.tag.as_str()),
+                key: ready_key(&self.queue.inner.prefix, &s.tag),
+                count: self.pop_batch,
+                block: self.block_timeout,
+                idle: self.idle.subscribe(),
+                alive: self.alive.subscribe(),
+                tx: self.inbox_tx.clone(),
+            };
+            self.waiters.insert(s.tag.clone(), tokio::spawn(w.run()));
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Messages popped but never handed out go back to the head of their shards.
+        let mut left: Vec<Message> = self.buffer.drain(..).collect();
+        while let Ok(batch) = self.inbox_rx.try_recv() {
+            left.extend(batch);
+        }
+        if left.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                count = left.len(),
+                "consumer dropped outside a runtime: messages not returned"
+            );
+            return;
+        };
+        let cluster = self.queue.cluster().clone();
+        let prefix = self.queue.inner.prefix.clone();
+        rt.spawn(async move {
+            let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
+            for m in left {
+                by_shard.entry(m.shard).or_default().push(m.payload);
+            }
+            for (tag, payloads) in by_shard {
+                let key = ready_key(&prefix, &tag);
+                give_back(&cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
+            }
+        });
+    }
+}
+
+/// Pushes popped payloads back to the head of their list, first one first.
+async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
+    if payloads.is_empty() {
+        return;
+    }
+    let n = payloads.len();
+    let mut cmd = redis::cmd("LPUSH");
+    cmd.arg(key);
+    for p in payloads.iter().rev() {
+        cmd.arg(p.as_slice());
+    }
+    if let Err(e) = cluster.query::<Value>(slot, &cmd).await {
+        tracing::error!(key, count = n, cause = %e, "could not return popped messages");
+    }
+}
+
+/// Parses an `LPOP key count` reply (nil or an array of payloads).
+fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::BulkString(b) => Ok(b),
+                other => Err(Error::Protocol(format!("pop: unexpected item {other:?}"))),
+            })
+            .collect(),
+        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
+    }
+}
+
+/// Blocks on one shard while its consumer is idle.
+struct Waiter {
+    cluster: Cluster,
+    slot: Slot,
+    tag: Arc<str>,
+    key: String,
+    count: usize,
+    block: Duration,
+    idle: watch::Receiver<bool>,
+    alive: watch::Receiver<()>,
+    tx: mpsc::UnboundedSender<Vec<Message>>,
+}
+
+struct Blocking {
+    node: NodeAddr,
+    conn: redis::aio::MultiplexedConnection,
+    id: i64,
+}
+
+impl Waiter {
+    async fn run(mut self) {
+        let mut conn: Option<Blocking> = None;
+        loop {
+            // Block only while the consumer is idle.
+            loop {
+                if *self.idle.borrow_and_update() {
+                    break;
+                }
+                tokio::select! {
+                    r = self.idle.changed() => if r.is_err() { return },
+                    _ = self.alive.changed() => return,
+                }
+            }
+            let Some(owner) = self.cluster.topology().owner(self.slot).cloned() else {
+                self.cluster.request_refresh();
+                if self.pause().await {
+                    return;
+                }
+                continue;
+            };
+            if self.cluster.is_node_down(&owner) {
+                self.cluster.request_refresh();
+                if self.pause().await {
+                    return;
+                }
+                continue;
+            }
+            if conn.as_ref().map(|c| &c.node) != Some(&owner) {
+                conn = match self.connect(&owner).await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::debug!(node = %owner, cause = %e, "waiter cannot connect");
+                        if self.pause().await {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+            }
+            let b = conn.as_mut().expect("connected above");
+            let cmd = redis::cmd("BLMPOP")
+                .arg(self.block.as_secs_f64())
+                .arg(1)
+                .arg(&self.key)
+                .arg("LEFT")
+                .arg("COUNT")
+                .arg(self.count)
+                .clone();
+            let reply = {
+                let pop = tokio::time::timeout(
+                    self.block + BLOCK_GRACE,
+                    b.conn.send_packed_command(&cmd),
+                );
+                tokio::pin!(pop);
+                tokio::select! {
+                    r = &mut pop => r,
+                    _ = self.alive.changed() => {
+                        // The consumer is gone: end the blocked pop and return what it took.
+                        let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(b.id).clone();
+                        let _ = self.cluster.node_query::<Value>(&b.node, &unblock).await;
+                        if let Ok(Ok(v)) = pop.await
+                            && let Ok(items) = blmpop_items(v) {
+                                give_back(&self.cluster, self.slot, &self.key, items).await;
+                            }
+                        return;
+                    }
+                }
+            };
+            match reply {
+                Err(_) => {
+                    // No reply by the client deadline: the node is hung or gone.
+                    tracing::debug!(node = %b.node, "blocking pop missed its deadline");
+                    conn = None;
+                    self.cluster.request_refresh();
+                }
+                Ok(Ok(Value::Nil)) => {}
+                Ok(Ok(Value::ServerError(e))) => {
+                    let code = e.code().to_string();
+                    if self.on_error(&code, &mut conn).await {
+                        return;
+                    }
+                }
+                Ok(Ok(v)) => match blmpop_items(v) {
+                    Ok(items) if items.is_empty() => {}
+                    Ok(items) => {
+                        let msgs: Vec<Message> = items
+                            .into_iter()
+                            .map(|payload| Message {
+                                payload,
+                                shard: self.tag.clone(),
+                            })
+                            .collect();
+                        if let Err(back) = self.tx.send(msgs) {
+                            let items = back.0.into_iter().map(|m| m.payload).collect();
+                            give_back(&self.cluster, self.slot, &self.key, items).await;
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = %self.tag, cause = %e, "bad blocking pop reply");
+                        if self.pause().await {
+                            return;
+                        }
+                    }
+                },
+                Ok(Err(e)) => {
+                    let code = e.code().unwrap_or("IO").to_string();
+                    if self.on_error(&code, &mut conn).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reacts to an error reply; returns true when the consumer is gone.
+    async fn on_error(&mut self, code: &str, conn: &mut Option<Blocking>) -> bool {
+        match code {
+            // The slot moved or the node changed role: learn the new map, reconnect.
+            "MOVED" | "ASK" | "UNBLOCKED" | "READONLY" => {
+                *conn = None;
+                self.cluster.request_refresh();
+            }
+            "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN" => {
+                self.cluster.request_refresh();
+            }
+            _ => {
+                tracing::debug!(shard = %self.tag, code, "blocking pop failed");
+                *conn = None;
+            }
+        }
+        self.pause().await
+    }
+
+    /// Sleeps before a retry; returns true when the consumer went away meanwhile.
+    async fn pause(&mut self) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(WAITER_RETRY_PAUSE) => false,
+            _ = self.alive.changed() => true,
+        }
+    }
+
+    async fn connect(&self, node: &NodeAddr) -> Result<Blocking> {
+        let mut conn = self.cluster.dedicated_connection(node).await?;
+        let id = tokio::time::timeout(
+            self.cluster.config().request_timeout_value(),
+            conn.send_packed_command(redis::cmd("CLIENT").arg("ID")),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            node: node.clone(),
+            timeout: self.cluster.config().request_timeout_value(),
+        })?
+        .map_err(|e| Error::Connect {
+            node: node.clone(),
+            reason: e.to_string(),
+        })?;
+        match id {
+            Value::Int(id) => Ok(Blocking {
+                node: node.clone(),
+                conn,
+                id,
+            }),
+            other => Err(Error::Protocol(format!("CLIENT ID: {other:?}"))),
+        }
+    }
+}
+
+/// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.
+fn blmpop_items(v: Value) -> Result<Vec<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(mut parts) if parts.len() == 2 => list_items(parts.pop().expect("two parts")),
+        other => Err(Error::Protocol(format!(
+            "BLMPOP: unexpected reply {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,325 @@
+//! Where a queue's shards live: names, keys, the deterministic placement plan, and the
+//! shard registry as stored in Redis.
+//!
+//! A shard is a tag `<queue>#<n>`; all its keys carry `{<queue>#<n>}`, so they share one
+//! slot. `n` is chosen so that the slot is owned by the master the shard is meant for. The
+//! registry `<prefix>:{<queue>}:meta` (a hash) lists the shards in creation order with a
+//! version that bumps on every change; every client reads the same list.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::slot::{Slot, shard_tag, tag_slot};
+use crate::topology::{NodeAddr, Topology};
+
+/// Key prefix of every key slotq writes.
+pub const DEFAULT_PREFIX: &str = "slotq";
+/// Shards per master when a queue is created. One shard per master already spreads a queue
+/// over every master; more shards per master add no server parallelism (a master runs
+/// commands one at a time) but multiply blocking connections per consumer.
+pub const DEFAULT_SHARDS_PER_MASTER: u32 = 1;
+/// Longest queue name.
+pub const MAX_QUEUE_NAME_LEN: usize = 128;
+/// Registry format written by this version.
+pub const REGISTRY_FORMAT: u32 = 1;
+
+/// Checks a queue name: 1..=128 characters from `[A-Za-z0-9_.:-]`.
+pub fn validate_queue_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::InvalidQueueName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_QUEUE_NAME_LEN {
+        return bad(&format!("longer than {MAX_QUEUE_NAME_LEN} bytes"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
+        return bad(&format!(
+            "character {c:?} is not allowed (use A-Z a-z 0-9 _ . : -; slotq adds hash tags itself)"
+        ));
+    }
+    Ok(())
+}
+
+/// The registry key of a queue.
+pub fn meta_key(prefix: &str, queue: &str) -> String {
+    format!("{prefix}:{{{queue}}}:meta")
+}
+
+/// The ready list of a shard.
+pub fn ready_key(prefix: &str, tag: &str) -> String {
+    format!("{prefix}:{{{tag}}}:ready")
+}
+
+/// Whether a shard takes new messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardState {
+    /// Receives pushes and is popped.
+    Active,
+    /// Receives no pushes; popped until empty.
+    Draining,
+}
+
+/// One shard of a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// `<queue>#<n>`.
+    pub tag: String,
+    /// The `n` of the tag.
+    pub number: u32,
+    /// The slot of the tag (of every key of the shard).
+    pub slot: Slot,
+    /// Active or draining.
+    pub state: ShardState,
+}
+
+impl Shard {
+    fn new(queue: &str, number: u32, state: ShardState) -> Shard {
+        let tag = shard_tag(queue, number);
+        Shard {
+            slot: tag_slot(&tag),
+            tag,
+            number,
+            state,
+        }
+    }
+}
+
+/// A queue's shards as recorded in its registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSet {
+    /// Bumped on every change.
+    pub version: u64,
+    /// Shards in creation order.
+    pub shards: Vec<Shard>,
+    /// Target number of active shards per master.
+    pub shards_per_master: u32,
+}
+
+impl ShardSet {
+    /// Shards that take pushes, in creation order.
+    pub fn active(&self) -> impl Iterator<Item = &Shard> {
+        self.shards.iter().filter(|s| s.state == ShardState::Active)
+    }
+
+    /// Hash fields of the registry.
+    pub fn to_fields(&self) -> Vec<(String, String)> {
+        let list = |state| {
+            self.shards
+                .iter()
+                .filter(|s| s.state == state)
+                .map(|s| s.number.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        vec![
+            ("format".into(), REGISTRY_FORMAT.to_string()),
+            ("version".into(), self.version.to_string()),
+            (
+                "shards_per_master".into(),
+                self.shards_per_master.to_string(),
+            ),
+            ("active".into(), list(ShardState::Active)),
+            ("draining".into(), list(ShardState::Draining)),
+        ]
+    }
+
+    /// Reads the registry hash of `queue`.
+    pub fn from_fields(queue: &str, fields: &BTreeMap<String, String>) -> Result<ShardSet> {
+        let bad = |what: &str| Error::Protocol(format!("registry of {queue:?}: {what}"));
+        let num = |k: &str| -> Result<u64> {
+            fields
+                .get(k)
+                .ok_or_else(|| bad(&format!("missing {k}")))?
+                .parse()
+                .map_err(|_| bad(&format!("bad {k}")))
+        };
+        let numbers = |k: &str| -> Result<Vec<u32>> {
+            fields
+                .get(k)
+                .map(|v| {
+                    v.split_whitespace()
+                        .map(|n| n.parse().map_err(|_| bad(k)))
+                        .collect()
+                })
+                .unwrap_or(Ok(Vec::new()))
+        };
+        let mut shards: Vec<Shard> = numbers("active")?
+            .into_iter()
+            .map(|n| Shard::new(queue, n, ShardState::Active))
+            .collect();
+        shards.extend(
+            numbers("draining")?
+                .into_iter()
+                .map(|n| Shard::new(queue, n, ShardState::Draining)),
+        );
+        if shards.is_empty() {
+            return Err(bad("no shards"));
+        }
+        Ok(ShardSet {
+            version: num("version")?,
+            shards,
+            shards_per_master: num("shards_per_master")? as u32,
+        })
+    }
+}
+
+/// Plans a new queue: `k` shards on every master that owns slots, each in a distinct slot.
+/// Deterministic: the same topology gives the same plan in every process.
+pub fn plan(queue: &str, topology: &Topology, k: u32) -> Vec<Shard> {
+    extend_plan(queue, topology, k, &[])
+}
+
+/// Shards to add so that every master serves at least `k` active shards, given the
+/// existing ones (whose numbers and slots are not reused).
+pub fn extend_plan(queue: &str, topology: &Topology, k: u32, existing: &[Shard]) -> Vec<Shard> {
+    let mut need: BTreeMap<NodeAddr, u32> = topology
+        .masters()
+        .into_iter()
+        .map(|m| (m.addr.clone(), k))
+        .collect();
+    for s in existing.iter().filter(|s| s.state == ShardState::Active) {
+        if let Some(n) = topology.owner(s.slot).and_then(|o| need.get_mut(o)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    let mut used_numbers: HashSet<u32> = existing.iter().map(|s| s.number).collect();
+    let mut used_slots: HashSet<Slot> = existing.iter().map(|s| s.slot).collect();
+    let mut out = Vec::new();
+    let mut remaining: u32 = need.values().sum();
+    let mut n = 0u32;
+    // Each master owns at least one slot, so a tag for it turns up within a bounded search.
+    while remaining > 0 && n < 1 << 24 {
+        if used_numbers.insert(n) {
+            let shard = Shard::new(queue, n, ShardState::Active);
+            if let Some(owner) = topology.owner(shard.slot) {
+                let want = need.get_mut(owner).expect("owners are masters");
+                if *want > 0 && used_slots.insert(shard.slot) {
+                    *want -= 1;
+                    remaining -= 1;
+                    out.push(shard);
+                }
+            }
+        }
+        n += 1;
+    }
+    out
+}
+
+/// Per-master shard counts of `shards` under `topology` (masters without shards included).
+pub fn shards_per_node(shards: &[Shard], topology: &Topology) -> BTreeMap<NodeAddr, usize> {
+    let mut m: BTreeMap<NodeAddr, usize> = topology
+        .masters()
+        .into_iter()
+        .map(|n| (n.addr.clone(), 0))
+        .collect();
+    for s in shards {
+        if let Some(o) = topology.owner(s.slot) {
+            *m.entry(o.clone()).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Health, NodeInfo, Role};
+
+    fn topo(n: usize) -> Topology {
+        let nodes: Vec<NodeInfo> = (0..n)
+            .map(|i| NodeInfo {
+                addr: NodeAddr::new("127.0.0.1", 7000 + i as u16),
+                id: None,
+                role: Role::Master,
+                health: Health::Online,
+                master: None,
+            })
+            .collect();
+        let ranges: Vec<_> = (0..n)
+            .map(|i| {
+                let a = (i * 16384 / n) as u16;
+                let b = ((i + 1) * 16384 / n - 1) as u16;
+                (nodes[i].addr.clone(), a..=b)
+            })
+            .collect();
+        Topology::from_parts(nodes, &ranges)
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["orders", "a", "jobs.high:v2-x_y"] {
+            validate_queue_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "with space",
+            "br{ace}",
+            "hash#tag",
+            "ü",
+            &"x".repeat(129),
+        ] {
+            assert!(
+                matches!(
+                    validate_queue_name(bad),
+                    Err(Error::InvalidQueueName { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(meta_key("slotq", "orders"), "slotq:{orders}:meta");
+        assert_eq!(ready_key("slotq", "orders#3"), "slotq:{orders#3}:ready");
+    }
+
+    #[test]
+    fn plan_puts_k_shards_on_every_master() {
+        let t = topo(3);
+        let p = plan("orders", &t, 2);
+        assert_eq!(p.len(), 6);
+        let per = shards_per_node(&p, &t);
+        assert!(per.values().all(|&c| c == 2), "{per:?}");
+        let slots: HashSet<_> = p.iter().map(|s| s.slot).collect();
+        assert_eq!(slots.len(), 6);
+        assert_eq!(plan("orders", &t, 2), p, "deterministic");
+    }
+
+    #[test]
+    fn extension_fills_only_new_masters() {
+        let t3 = topo(3);
+        let old = plan("q", &t3, 1);
+        // A fourth master took the top quarter of the slots.
+        let t4 = topo(4);
+        let added = extend_plan("q", &t4, 1, &old);
+        let all: Vec<Shard> = old.iter().cloned().chain(added.iter().cloned()).collect();
+        let per = shards_per_node(&all, &t4);
+        assert!(per.values().all(|&c| c >= 1), "{per:?}");
+        assert!(
+            added
+                .iter()
+                .all(|s| !old.iter().any(|o| o.number == s.number))
+        );
+    }
+
+    #[test]
+    fn registry_round_trip() {
+        let set = ShardSet {
+            version: 3,
+            shards: vec![
+                Shard::new("q", 0, ShardState::Active),
+                Shard::new("q", 7, ShardState::Active),
+                Shard::new("q", 2, ShardState::Draining),
+            ],
+            shards_per_master: 1,
+        };
+        let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
+        assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);
+        assert_eq!(set.active().count(), 2);
+    }
+}

@@ -1,0 +1,443 @@
+//! A logical queue: its registry (read or created atomically), its shard set (re-read when
+//! the version changes), expansion onto new masters, and per-shard statistics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use redis::Value;
+
+use crate::cluster::Cluster;
+use crate::consumer::ConsumerBuilder;
+use crate::error::{Error, Result};
+use crate::placement::{
+    self, DEFAULT_PREFIX, DEFAULT_SHARDS_PER_MASTER, ShardSet, ShardState, meta_key, ready_key,
+};
+use crate::producer::ProducerBuilder;
+use crate::script::Script;
+use crate::slot::{Slot, key_slot};
+use crate::topology::NodeAddr;
+
+/// How often clients look for a new registry version (new shards).
+pub const DEFAULT_REGISTRY_POLL: Duration = Duration::from_millis(1000);
+/// How many times a registry update is retried when another client changed it first.
+const REGISTRY_CAS_ATTEMPTS: usize = 16;
+
+/// Opens a queue.
+#[derive(Debug)]
+pub struct QueueBuilder {
+    cluster: Cluster,
+    name: String,
+    prefix: String,
+    shards_per_master: u32,
+    create: bool,
+    registry_poll: Duration,
+}
+
+impl QueueBuilder {
+    pub(crate) fn new(cluster: Cluster, name: &str) -> Self {
+        QueueBuilder {
+            cluster,
+            name: name.to_string(),
+            prefix: DEFAULT_PREFIX.to_string(),
+            shards_per_master: DEFAULT_SHARDS_PER_MASTER,
+            create: true,
+            registry_poll: DEFAULT_REGISTRY_POLL,
+        }
+    }
+
+    /// Key prefix (default `slotq`).
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// Shards per master when the queue is created (ignored for existing queues).
+    pub fn shards_per_master(mut self, k: u32) -> Self {
+        self.shards_per_master = k;
+        self
+    }
+
+    /// Fail with [`Error::QueueNotFound`] instead of creating a missing queue.
+    pub fn must_exist(mut self) -> Self {
+        self.create = false;
+        self
+    }
+
+    /// How often to look for a new registry version.
+    pub fn registry_poll(mut self, d: Duration) -> Self {
+        self.registry_poll = d;
+        self
+    }
+
+    /// Reads the queue's registry, creating it atomically if it does not exist: every
+    /// client that opens the queue ends up with the same shard set.
+    pub async fn open(self) -> Result<Queue> {
+        placement::validate_queue_name(&self.name)?;
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(Error::Config(format!(
+                "key prefix {:?} must be non-empty and brace-free",
+                self.prefix
+            )));
+        }
+        if self.shards_per_master == 0 {
+            return Err(Error::Config("shards_per_master must be at least 1".into()));
+        }
+        let meta = meta_key(&self.prefix, &self.name);
+        let inner = QueueInner {
+            meta_slot: key_slot(&meta),
+            meta,
+            cluster: self.cluster,
+            name: self.name,
+            prefix: self.prefix,
+            shards: RwLock::new(Arc::new(ShardSet {
+                version: 0,
+                shards: Vec::new(),
+                shards_per_master: self.shards_per_master,
+            })),
+            checked: Mutex::new(Instant::now()),
+            checking: AtomicBool::new(false),
+            registry_poll: self.registry_poll,
+            scripts: Scripts::new(),
+        };
+        let set = match inner.read_registry().await? {
+            Some(set) => set,
+            None if !self.create => return Err(Error::QueueNotFound(inner.name.clone())),
+            None => inner.create_registry(self.shards_per_master).await?,
+        };
+        *inner.shards.write().unwrap() = Arc::new(set);
+        Ok(Queue {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+pub(crate) struct Scripts {
+    pub(crate) create: Script,
+    pub(crate) update: Script,
+    pub(crate) push_bounded: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            create: Script::new(include_str!("lua/create_registry.lua")),
+            update: Script::new(include_str!("lua/update_registry.lua")),
+            push_bounded: Script::new(include_str!("lua/push_bounded.lua")),
+        }
+    }
+}
+
+/// A handle to an open queue; clone-able and cheap to share.
+#[derive(Clone)]
+pub struct Queue {
+    pub(crate) inner: Arc<QueueInner>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.inner.name)
+            .field("shards", &self.inner.shards.read().unwrap())
+            .finish()
+    }
+}
+
+pub(crate) struct QueueInner {
+    pub(crate) cluster: Cluster,
+    pub(crate) name: String,
+    pub(crate) prefix: String,
+    meta: String,
+    meta_slot: Slot,
+    shards: RwLock<Arc<ShardSet>>,
+    checked: Mutex<Instant>,
+    checking: AtomicBool,
+    registry_poll: Duration,
+    pub(crate) scripts: Scripts,
+}
+
+/// One shard's numbers, from [`Queue::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStats {
+    /// `<queue>#<n>`.
+    pub tag: String,
+    /// Its slot.
+    pub slot: Slot,
+    /// The master serving the slot now.
+    pub node: Option<NodeAddr>,
+    /// Active or draining.
+    pub state: ShardState,
+    /// Messages ready.
+    pub depth: u64,
+}
+
+/// What [`Queue::expand`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpandReport {
+    /// Tags added (empty when every master already had its shards).
+    pub added: Vec<String>,
+    /// Registry version after the call.
+    pub version: u64,
+}
+
+impl Queue {
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The router underneath.
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
+    }
+
+    /// The current shard set; looks for a newer registry version in the background at
+    /// most once per poll interval.
+    pub fn shards(&self) -> Arc<ShardSet> {
+        self.inner.maybe_check_version();
+        self.inner.shards.read().unwrap().clone()
+    }
+
+    /// Re-reads the registry now.
+    pub async fn reload(&self) -> Result<Arc<ShardSet>> {
+        self.inner.reload().await
+    }
+
+    /// The ready list key of a shard.
+    pub fn ready_key(&self, tag: &str) -> String {
+        ready_key(&self.inner.prefix, tag)
+    }
+
+    /// The registry key.
+    pub fn meta_key(&self) -> &str {
+        &self.inner.meta
+    }
+
+    /// Adds shards on masters that serve fewer than `shards_per_master` active shards
+    /// (after masters were added or slots moved), bumping the registry version. Existing
+    /// shards are never removed.
+    pub async fn expand(&self) -> Result<ExpandReport> {
+        let inner = &self.inner;
+        for _ in 0..REGISTRY_CAS_ATTEMPTS {
+            let current = inner
+                .read_registry()
+                .await?
+                .ok_or_else(|| Error::QueueNotFound(inner.name.clone()))?;
+            let topology = inner.cluster.refresh().await?;
+            let added = placement::extend_plan(
+                &inner.name,
+                &topology,
+                current.shards_per_master,
+                &current.shards,
+            );
+            if added.is_empty() {
+                *inner.shards.write().unwrap() = Arc::new(current.clone());
+                return Ok(ExpandReport {
+                    added: Vec::new(),
+                    version: current.version,
+                });
+            }
+            let mut next = current.clone();
+            next.version += 1;
+            next.shards.extend(added.iter().cloned());
+            if inner.write_registry(current.version, &next).await? {
+                let version = next.version;
+                *inner.shards.write().unwrap() = Arc::new(next);
+                return Ok(ExpandReport {
+                    added: added.into_iter().map(|s| s.tag).collect(),
+                    version,
+                });
+            }
+        }
+        Err(Error::Protocol(format!(
+            "registry of {:?} kept changing; expand gave up",
+            inner.name
+        )))
+    }
+
+    /// Depth of every shard (one LLEN per shard, pipelined per node) and where it sits.
+    pub async fn stats(&self) -> Result<Vec<ShardStats>> {
+        let set = self.reload().await?;
+        let cluster = &self.inner.cluster;
+        let cmds = set
+            .shards
+            .iter()
+            .map(|s| {
+                (
+                    s.slot,
+                    redis::cmd("LLEN").arg(self.ready_key(&s.tag)).clone(),
+                )
+            })
+            .collect();
+        let replies = cluster.batch(cmds, cluster.default_opts()).await;
+        let topology = cluster.topology();
+        set.shards
+            .iter()
+            .zip(replies)
+            .map(|(s, r)| {
+                let depth = match r? {
+                    Value::Int(n) => n as u64,
+                    other => return Err(Error::Protocol(format!("LLEN: {other:?}"))),
+                };
+                Ok(ShardStats {
+                    tag: s.tag.clone(),
+                    slot: s.slot,
+                    node: topology.owner(s.slot).cloned(),
+                    state: s.state,
+                    depth,
+                })
+            })
+            .collect()
+    }
+
+    /// A producer builder for this queue.
+    pub fn producer(&self) -> ProducerBuilder {
+        ProducerBuilder::new(self.clone())
+    }
+
+    /// A consumer builder for this queue.
+    pub fn consumer(&self) -> ConsumerBuilder {
+        ConsumerBuilder::new(self.clone())
+    }
+}
+
+impl QueueInner {
+    async fn read_registry(&self) -> Result<Option<ShardSet>> {
+        let v: Value = self
+            .cluster
+            .query_with(
+                self.meta_slot,
+                redis::cmd("HGETALL").arg(&self.meta),
+                self.idempotent(),
+            )
+            .await?;
+        let fields = hash_fields(v)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        ShardSet::from_fields(&self.name, &fields).map(Some)
+    }
+
+    async fn create_registry(&self, k: u32) -> Result<ShardSet> {
+        let topology = self.cluster.topology();
+        let shards = placement::plan(&self.name, &topology, k);
+        if shards.is_empty() {
+            return Err(Error::SlotUncovered { slot: 0 });
+        }
+        let proposal = ShardSet {
+            version: 1,
+            shards,
+            shards_per_master: k,
+        };
+        let args: Vec<Vec<u8>> = proposal
+            .to_fields()
+            .into_iter()
+            .flat_map(|(k, v)| [k.into_bytes(), v.into_bytes()])
+            .collect();
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let v = self
+            .scripts
+            .create
+            .run(
+                &self.cluster,
+                self.meta_slot,
+                &[&self.meta],
+                &args,
+                self.idempotent(),
+            )
+            .await?;
+        ShardSet::from_fields(&self.name, &hash_fields(v)?)
+    }
+
+    async fn write_registry(&self, expected: u64, next: &ShardSet) -> Result<bool> {
+        let mut args: Vec<Vec<u8>> = vec![expected.to_string().into_bytes()];
+        args.extend(
+            next.to_fields()
+                .into_iter()
+                .flat_map(|(k, v)| [k.into_bytes(), v.into_bytes()]),
+        );
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let v = self
+            .scripts
+            .update
+            .run(
+                &self.cluster,
+                self.meta_slot,
+                &[&self.meta],
+                &args,
+                self.idempotent(),
+            )
+            .await?;
+        Ok(matches!(v, Value::Int(1)))
+    }
+
+    async fn reload(&self) -> Result<Arc<ShardSet>> {
+        let set = self
+            .read_registry()
+            .await?
+            .ok_or_else(|| Error::QueueNotFound(self.name.clone()))?;
+        *self.checked.lock().unwrap() = Instant::now();
+        let mut guard = self.shards.write().unwrap();
+        if set.version >= guard.version {
+            *guard = Arc::new(set);
+        }
+        Ok(guard.clone())
+    }
+
+    fn maybe_check_version(self: &Arc<Self>) {
+        if self.checked.lock().unwrap().elapsed() < self.registry_poll
+            || self.checking.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.checking.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            let known = me.shards.read().unwrap().version;
+            let seen: Result<Option<u64>> = me
+                .cluster
+                .query_with(
+                    me.meta_slot,
+                    redis::cmd("HGET").arg(&me.meta).arg("version"),
+                    me.idempotent(),
+                )
+                .await;
+            match seen {
+                Ok(Some(v)) if v != known => {
+                    if let Err(e) = me.reload().await {
+                        tracing::warn!(queue = %me.name, cause = %e, "registry reload failed");
+                    }
+                }
+                _ => *me.checked.lock().unwrap() = Instant::now(),
+            }
+            me.checking.store(false, Ordering::Release);
+        });
+    }
+
+    fn idempotent(&self) -> crate::cluster::RequestOpts {
+        crate::cluster::RequestOpts {
+            idempotent: true,
+            ..self.cluster.default_opts()
+        }
+    }
+}
+
+fn hash_fields(v: Value) -> Result<BTreeMap<String, String>> {
+    let text = |v: &Value| crate::topology::as_string(v).unwrap_or_default();
+    match v {
+        Value::Nil => Ok(BTreeMap::new()),
+        Value::Map(pairs) => Ok(pairs.iter().map(|(k, v)| (text(k), text(v))).collect()),
+        Value::Array(items) => Ok(items
+            .chunks(2)
+            .filter_map(|c| match c {
+                [k, v] => Some((text(k), text(v))),
+                _ => None,
+            })
+            .collect()),
+        other => Err(Error::Protocol(format!("registry: unexpected {other:?}"))),
+    }
+}

@@ -1,0 +1,65 @@
+//! Lua scripts run by SHA (EVALSHA), loaded on first use per node (EVAL on NOSCRIPT).
+
+use redis::Value;
+
+use crate::cluster::{Cluster, RequestOpts};
+use crate::error::{Error, Result};
+use crate::slot::Slot;
+
+/// A Lua script and its SHA1.
+pub(crate) struct Script {
+    source: &'static str,
+    sha: String,
+}
+
+impl Script {
+    pub(crate) fn new(source: &'static str) -> Self {
+        Script {
+            source,
+            sha: redis::Script::new(source).get_hash().to_string(),
+        }
+    }
+
+    /// Builds `EVALSHA sha n keys... args...` (or `EVAL` when `load`).
+    pub(crate) fn cmd(&self, keys: &[&str], args: &[&[u8]], load: bool) -> redis::Cmd {
+        let mut c = if load {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.source);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&self.sha);
+            c
+        };
+        c.arg(keys.len());
+        for k in keys {
+            c.arg(*k);
+        }
+        for a in args {
+            c.arg(*a);
+        }
+        c
+    }
+
+    /// Runs the script in `slot` (all `keys` must hash there).
+    pub(crate) async fn run(
+        &self,
+        cluster: &Cluster,
+        slot: Slot,
+        keys: &[&str],
+        args: &[&[u8]],
+        opts: RequestOpts,
+    ) -> Result<Value> {
+        match cluster
+            .query_with(slot, &self.cmd(keys, args, false), opts)
+            .await
+        {
+            Err(Error::Server { code, .. }) if code == "NOSCRIPT" => {
+                cluster
+                    .query_with(slot, &self.cmd(keys, args, true), opts)
+                    .await
+            }
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The sharded queue against real clusters: delivery, balance, ordering, agreement on the
+//! shard set, expansion, blocking wake-up, backpressure and bad input.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slotq::redis;
+use slotq::slot::key_slot;
+use slotq::{Client, EmptyPayloads, Error};
+use slotq_testkit::{ClusterBuilder, Server, TestCluster};
+
+async fn client(url: &str) -> Client {
+    Client::from_cluster(slotq_tests::router(url).await)
+}
+
+fn id_payload(producer: u32, seq: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(16);
+    p.extend_from_slice(&producer.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(b"-payload");
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn million_messages_exactly_once_and_balanced() {
+    const PRODUCERS: u32 = 8;
+    const PER_PRODUCER: u32 = 125_000;
+    const TOTAL: usize = (PRODUCERS * PER_PRODUCER) as usize;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("million").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let producer = producer.clone();
+        tasks.push(tokio::spawn(async move {
+            for chunk in (0..PER_PRODUCER).collect::<Vec<_>>().chunks(5_000) {
+                producer
+                    .send_batch(chunk.iter().map(|&s| id_payload(p, s)))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!("pushed {TOTAL} in {:?}", t0.elapsed());
+
+    // Balance, checked with plain commands: each shard's slot and depth.
+    let set = q.shards();
+    let mut masters_with_shards = std::collections::BTreeSet::new();
+    let mut depths = Vec::new();
+    for s in &set.shards {
+        let key = q.ready_key(&s.tag);
+        let owner = c.owner_of(key_slot(&key)).unwrap();
+        let server_slot: u16 = c
+            .node(owner)
+            .cmd(redis::cmd("CLUSTER").arg("KEYSLOT").arg(&key))
+            .unwrap();
+        assert_eq!(server_slot, s.slot);
+        let len: u64 = c.node(owner).cmd(redis::cmd("LLEN").arg(&key)).unwrap();
+        masters_with_shards.insert(owner);
+        depths.push(len);
+    }
+    let (max, min) = (*depths.iter().max().unwrap(), *depths.iter().min().unwrap());
+    let skew = max as f64 / min as f64;
+    eprintln!("shard depths {depths:?}, skew {skew:.4}");
+    assert_eq!(depths.iter().sum::<u64>(), TOTAL as u64);
+    assert!(skew <= 1.10, "skew {skew}");
+    assert_eq!(masters_with_shards.len(), 3, "every master holds shards");
+
+    // Drain with 8 consumers in separate tasks; every id exactly once.
+    let t0 = Instant::now();
+    let seen = Arc::new(std::sync::Mutex::new(vec![0u8; TOTAL]));
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut consumer = q.consumer().build().unwrap();
+        let seen = seen.clone();
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            while count.load(std::sync::atomic::Ordering::Relaxed) < TOTAL {
+                let batch = consumer
+                    .recv_batch_timeout(1000, Duration::from_millis(500))
+                    .await
+                    .unwrap();
+                let mut seen = seen.lock().unwrap();
+                for m in &batch {
+                    let p = u32::from_be_bytes(m.payload[0..4].try_into().unwrap());
+                    let s = u32::from_be_bytes(m.payload[4..8].try_into().unwrap());
+                    seen[(p * PER_PRODUCER + s) as usize] += 1;
+                }
+                count.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!("drained {TOTAL} in {:?}", t0.elapsed());
+    let seen = seen.lock().unwrap();
+    let missing = seen.iter().filter(|&&n| n == 0).count();
+    let dup = seen.iter().filter(|&&n| n > 1).count();
+    assert_eq!((missing, dup), (0, 0), "every message exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_sends_keep_per_key_order() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("keyed").open().await.unwrap();
+    let producer = q.producer().max_buffered(1_000_000).build().unwrap();
+    let mut tasks = Vec::new();
+    for k in 0..100u32 {
+        let producer = producer.clone();
+        tasks.push(tokio::spawn(async move {
+            // One send at a time per key; the 100 keys' sends coalesce into shared batches.
+            for i in 0..1000u32 {
+                producer
+                    .send_keyed(format!("key-{k}"), format!("{k}:{i}"))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut consumer = q.consumer().build().unwrap();
+    let mut last: HashMap<u32, i64> = HashMap::new();
+    let mut shard_of: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut n = 0;
+    while n < 100_000 {
+        for m in consumer.recv_batch(1000).await.unwrap() {
+            let s = String::from_utf8(m.payload).unwrap();
+            let (k, i) = s.split_once(':').unwrap();
+            let (k, i): (u32, i64) = (k.parse().unwrap(), i.parse().unwrap());
+            let prev = last.insert(k, i).unwrap_or(-1);
+            assert_eq!(i, prev + 1, "key {k}: {i} after {prev}");
+            let shard = shard_of.entry(k).or_insert_with(|| m.shard.clone());
+            assert_eq!(*shard, m.shard, "a key stays in one shard");
+            n += 1;
+        }
+    }
+    assert!(last.values().all(|&i| i == 999));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_openers_agree_on_one_shard_set() {
+    let c = TestCluster::start(3, 0).unwrap();
+    for round in 0..5 {
+        let a = client(&c.url()).await;
+        let b = client(&c.url()).await;
+        let name = format!("race{round}");
+        let (qa, qb) = tokio::join!(
+            a.queue(&name).shards_per_master(2).open(),
+            b.queue(&name).shards_per_master(2).open()
+        );
+        let (qa, qb) = (qa.unwrap(), qb.unwrap());
+        assert_eq!(*qa.shards(), *qb.shards());
+        assert_eq!(qa.shards().shards.len(), 6);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansion_adds_shards_on_a_new_master_and_loses_nothing() {
+    let mut c = ClusterBuilder::new().masters(3).start().unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("grow")
+        .registry_poll(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..3000).map(|i| format!("old-{i}")))
+        .await
+        .unwrap();
+    let before = q.shards();
+    assert_eq!(before.shards.len(), 3);
+
+    let new = c.add_master().unwrap();
+    c.reshard(1000, 0, new).unwrap();
+    client.cluster().refresh().await.unwrap();
+    let report = q.expand().await.unwrap();
+    assert_eq!(report.added.len(), 1, "{report:?}");
+    assert_eq!(report.version, before.version + 1);
+    let new_port = c.node(new).port();
+    let added = q
+        .shards()
+        .shards
+        .iter()
+        .find(|s| s.tag == report.added[0])
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        client.cluster().topology().owner(added.slot).unwrap().port,
+        new_port
+    );
+
+    // The running producer picks the new shard up without restart and it gets traffic.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..40 {
+        producer
+            .send_batch((0..100).map(|j| format!("new-{i}-{j}")))
+            .await
+            .unwrap();
+    }
+    let stats = q.stats().await.unwrap();
+    let on_new = stats.iter().find(|s| s.tag == added.tag).unwrap().depth;
+    assert!(on_new > 0, "the new shard received messages: {stats:?}");
+    let total: u64 = stats.iter().map(|s| s.depth).sum();
+    assert_eq!(total, 3000 + 4000);
+
+    // Everything, old and new, is delivered.
+    let mut consumer = q.consumer().build().unwrap();
+    let mut got = std::collections::HashSet::new();
+    while got.len() < 7000 {
+        for m in consumer.recv_batch(1000).await.unwrap() {
+            assert!(got.insert(m.payload), "no duplicates");
+        }
+    }
+    assert!(got.contains(b"old-0".as_slice()) && got.contains(b"new-39-99".as_slice()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_consumer_blocks_and_wakes_on_new_data() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("wake").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let mut consumer = q
+        .consumer()
+        .block_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let commands_before: u64 = total_commands(&c);
+    let waiting = tokio::spawn(async move {
+        let m = consumer.recv().await.unwrap();
+        (m, Instant::now(), consumer)
+    });
+    // Idle for a while: the consumer must not poll.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle_commands = total_commands(&c) - commands_before;
+    eprintln!("commands while idle for 1.5 s: {idle_commands}");
+    assert!(
+        idle_commands < 40,
+        "idle consumer polls: {idle_commands} commands"
+    );
+    let sent = Instant::now();
+    producer.send("ping").await.unwrap();
+    let (m, at, consumer) = waiting.await.unwrap();
+    let wake = at.duration_since(sent);
+    eprintln!("woke {wake:?} after the send");
+    assert_eq!(m.payload, b"ping");
+    assert!(
+        wake < Duration::from_secs(1),
+        "woken by data, not by a timeout: {wake:?}"
+    );
+
+    // A dropped idle consumer takes nothing with it.
+    drop(consumer);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    producer.send("after-drop").await.unwrap();
+    let mut other = q.consumer().build().unwrap();
+    let got = other
+        .recv_batch_timeout(10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"after-drop");
+}
+
+fn total_commands(c: &TestCluster) -> u64 {
+    (0..c.len())
+        .map(|i| {
+            let info: String = c.node(i).cmd(redis::cmd("INFO").arg("stats")).unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_server_holds_every_shard() {
+    let s = Server::start().unwrap();
+    let client = client(&s.url()).await;
+    let q = client
+        .queue("solo")
+        .shards_per_master(2)
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(q.shards().shards.len(), 2);
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..500).map(|i| i.to_string()))
+        .await
+        .unwrap();
+    let mut consumer = q.consumer().build().unwrap();
+    let mut n = 0;
+    while n < 500 {
+        n += consumer.recv_batch(100).await.unwrap().len();
+    }
+    assert_eq!(n, 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_shards_refuse_pushes_with_a_typed_error() {
+    let c = TestCluster::start(2, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("bounded").open().await.unwrap();
+    let producer = q.producer().max_depth(10).build().unwrap();
+    // Two shards of 10: 20 fit (unkeyed pushes move to the other shard when one is full).
+    for i in 0..20 {
+        producer.send(format!("m{i}")).await.unwrap();
+    }
+    let err = producer.send("one too many").await.unwrap_err();
+    assert!(matches!(err, Error::QueueFull { max: 10, .. }), "{err:?}");
+    let total: u64 = q.stats().await.unwrap().iter().map(|s| s.depth).sum();
+    assert_eq!(total, 20, "nothing extra was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_loses_nothing() {
+    let c = TestCluster::start(2, 0).unwrap();
+    let client = client(&c.url()).await;
+    for bad in ["", "has space", "br{ace}", "x#1"] {
+        let err = client.queue(bad).open().await.unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidQueueName { .. }),
+            "{bad:?}: {err:?}"
+        );
+    }
+    let q = client.queue("strict").open().await.unwrap();
+    let producer = q.producer().max_payload(1024).build().unwrap();
+    producer.send("kept").await.unwrap();
+    let err = producer.send(Vec::new()).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidPayload(_)), "{err:?}");
+    let err = producer.send(vec![b'x'; 1025]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("exceeds the maximum of 1024"),
+        "{err}"
+    );
+    let err = producer
+        .send_batch(vec![b"ok".to_vec(), vec![b'x'; 2000]])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidPayload(_)));
+    // A batch with one bad payload sends none of it.
+    let total: u64 = q.stats().await.unwrap().iter().map(|s| s.depth).sum();
+    assert_eq!(total, 1);
+    let lenient = q
+        .producer()
+        .empty_payloads(EmptyPayloads::Allow)
+        .build()
+        .unwrap();
+    lenient.send(Vec::new()).await.unwrap();
+    let mut consumer = q.consumer().build().unwrap();
+    let got = consumer.recv_batch(10).await.unwrap();
+    let mut payloads: Vec<Vec<u8>> = got.into_iter().map(|m| m.payload).collect();
+    while payloads.len() < 2 {
+        payloads.extend(
+            consumer
+                .recv_batch(10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.payload),
+        );
+    }
+    payloads.sort();
+    assert_eq!(payloads, vec![b"".to_vec(), b"kept".to_vec()]);
+
+    assert!(matches!(
+        q.producer().max_batch_messages(0).build(),
+        Err(Error::Config(_))
+    ));
+    let err = client
+        .queue("never-made")
+        .must_exist()
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::QueueNotFound(_)), "{err:?}");
+}
