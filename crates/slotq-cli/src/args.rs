@@ -43,8 +43,65 @@ pub enum Command {
     },
     /// Show the cluster's masters, replicas, slot ranges and keys per node.
     ///
-    /// Example: slotq --url redis://127.0.0.1:7000 slots
-    Slots,
+    /// Example: slotq --url redis://127.0.0.1:7000 slots --queue orders
+    Slots {
+        /// Also show where this queue's shards sit and how even the spread is.
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Push messages: the arguments, or one message per line of standard input.
+    ///
+    /// Example: seq 1 1000 | slotq push orders
+    Push {
+        /// Queue name (created if missing).
+        queue: String,
+        /// Messages; none means one per stdin line.
+        messages: Vec<String>,
+        /// Send keyed: every message goes to the shard this key maps to (FIFO per key).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Pop messages and print one per line.
+    ///
+    /// Example: slotq pop orders -n 10 --wait 5
+    Pop {
+        /// Queue name.
+        queue: String,
+        /// Most messages to pop.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: usize,
+        /// Seconds to wait for the first message when the queue is empty (0: don't wait).
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+    },
+    /// Per-shard depth, slot and node of a queue, with totals.
+    ///
+    /// Example: slotq stats orders
+    Stats {
+        /// Queue name.
+        queue: String,
+    },
+    /// Dry run: where a queue's shards would be placed on this cluster.
+    ///
+    /// Example: slotq plan orders --shards-per-master 2
+    Plan {
+        /// Queue name.
+        queue: String,
+        /// Shards per master for a new queue.
+        #[arg(long, default_value_t = slotq::placement::DEFAULT_SHARDS_PER_MASTER)]
+        shards_per_master: u32,
+    },
+    /// Add shards on masters that have fewer than the queue's shards per master.
+    ///
+    /// Example: slotq expand orders
+    Expand {
+        /// Queue name.
+        queue: String,
+    },
+    /// Benchmark: push only, pop only, then push and pop together.
+    ///
+    /// Example: slotq bench --messages 1000000 --size 64 --producers 4 --consumers 4
+    Bench(BenchArgs),
     /// Start, stop or inspect a local throwaway cluster of redis-server processes.
     #[command(name = "dev-cluster")]
     DevCluster {
@@ -100,4 +157,33 @@ pub struct DemoArgs {
     /// Replicas per master.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+}
+
+/// Options of `bench`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Messages per phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub messages: usize,
+    /// Payload size in bytes (at least 16: the payload carries an id and a timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Concurrent producer tasks.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Concurrent consumer tasks.
+    #[arg(long, default_value_t = 4)]
+    pub consumers: usize,
+    /// Keyed sends (1000 keys) instead of unkeyed.
+    #[arg(long)]
+    pub keyed: bool,
+    /// Also measure one plain list driven by the redis crate's cluster client.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Phases to run, comma-separated: push, pop, e2e (pop drains what push pushed).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["push".to_string(), "pop".to_string(), "e2e".to_string()])]
+    pub phases: Vec<String>,
+    /// Queue name (default: a fresh name per run).
+    #[arg(long)]
+    pub queue: Option<String>,
 }

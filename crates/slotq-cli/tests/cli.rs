@@ -159,3 +159,173 @@ fn dev_cluster_up_status_down() {
     let o = slotq(&["--url", &url, "slots"]);
     assert_eq!(o.status.code(), Some(3));
 }
+
+fn slotq_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slotq"))
+        .args(args)
+        .env_remove("SLOTQ_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("slotq runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn push_pop_stats_plan_expand_round_trip() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+
+    // Dry run on a queue that does not exist: three shards, one per master, nothing written.
+    let o = slotq(&["--url", u, "plan", "jobs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("would be created with 3 shard(s)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = slotq(&["--url", u, "stats", "jobs"]);
+    assert_eq!(o.status.code(), Some(4), "unknown queue: {}", stderr(&o));
+    assert!(stderr(&o).contains("does not exist"));
+
+    // Arguments, then stdin lines.
+    let o = slotq(&["--url", u, "push", "jobs", "a", "b"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: String = (0..100).map(|i| format!("line-{i}\n")).collect();
+    let o = slotq_stdin(&["--url", u, "--json", "push", "jobs"], &lines);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["pushed"], 100);
+
+    let o = slotq(&["--url", u, "--json", "stats", "jobs"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["total_depth"], 102);
+    assert_eq!(v["shards"].as_array().unwrap().len(), 3);
+    let o = slotq(&["--url", u, "stats", "jobs"]);
+    assert!(stdout(&o).contains("total depth 102"), "{}", stdout(&o));
+
+    let o = slotq(&["--url", u, "slots", "--queue", "jobs"]);
+    assert!(
+        stdout(&o).contains("queue jobs (registry version 1)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = slotq(&["--url", u, "--json", "slots", "--queue", "jobs"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["queue"]["shard_skew"], 1.0);
+
+    // Pop exactly n, one per line; the rest stays queued.
+    let o = slotq(&["--url", u, "pop", "jobs", "-n", "10"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 10);
+    let o = slotq(&["--url", u, "--json", "pop", "jobs", "-n", "200"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 92);
+    let o = slotq(&["--url", u, "pop", "jobs", "--wait", "0.2"]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), "", "empty queue, nothing printed");
+
+    // Keyed pushes keep their order.
+    let o = slotq(&["--url", u, "push", "jobs", "--key", "k1", "1", "2", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = slotq(&["--url", u, "pop", "jobs", "-n", "3"]);
+    assert_eq!(stdout(&o), "1\n2\n3\n");
+
+    let o = slotq(&["--url", u, "expand", "jobs"]);
+    assert!(
+        stdout(&o).contains("every master already has its shards"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Bad input: exit code 2, nothing pushed.
+    let o = slotq(&["--url", u, "push", "bad name", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("invalid queue name"));
+    let o = slotq_stdin(&["--url", u, "push", "jobs"], "ok\n\nok\n");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an empty line is an empty payload"
+    );
+    let o = slotq(&["--url", u, "--json", "stats", "jobs"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["total_depth"], 0);
+}
+
+#[test]
+fn two_processes_opening_one_new_queue_agree() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    for round in 0..3 {
+        let q = format!("race{round}");
+        let spawn = || {
+            Command::new(env!("CARGO_BIN_EXE_slotq"))
+                .args(["--url", &url, "push", &q, "x"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let (mut a, mut b) = (spawn(), spawn());
+        assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+        let o = slotq(&["--url", &url, "--json", "stats", &q]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(
+            v["shards"].as_array().unwrap().len(),
+            3,
+            "one shard set: {v}"
+        );
+        assert_eq!(v["total_depth"], 2, "both pushes landed in it");
+        assert_eq!(v["version"], 1);
+    }
+}
+
+#[test]
+fn bench_reports_three_phases() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let o = slotq(&[
+        "--url",
+        &c.url(),
+        "--json",
+        "bench",
+        "--messages",
+        "20000",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["push", "pop", "push+pop"]);
+    assert!(v["phases"][2]["latency_us"]["p99"].as_u64().unwrap() > 0);
+    let per_node = v["messages_per_node"].as_object().unwrap();
+    assert_eq!(per_node.len(), 3);
+    assert_eq!(
+        per_node.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        20000
+    );
+    // The bench cleans up after itself.
+    let keys: i64 = (0..3)
+        .map(|i| c.node(i).cmd::<i64>(&redis::cmd("DBSIZE")).unwrap())
+        .sum();
+    assert_eq!(keys, 0);
+
+    let o = slotq(&["--url", &c.url(), "bench", "--size", "8"]);
+    assert_eq!(o.status.code(), Some(2));
+}

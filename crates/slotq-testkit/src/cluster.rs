@@ -164,6 +164,18 @@ impl ClusterBuilder {
         for r in self.masters..total {
             cluster.wait_replica_synced(r)?;
         }
+        let replicas = self.masters * self.replicas;
+        wait_for("every node to see every replica", CLUSTER_TIMEOUT, || {
+            cluster
+                .nodes
+                .iter()
+                .all(|n| {
+                    n.cmd::<String>(redis::cmd("CLUSTER").arg("NODES"))
+                        .map(|s| s.lines().filter(|l| l.contains("slave")).count() == replicas)
+                        .unwrap_or(false)
+                })
+                .then_some(())
+        })?;
         Ok(cluster)
     }
 }

@@ -170,6 +170,30 @@ impl Consumer {
         }))
     }
 
+    /// Stops the consumer: ends its blocked pops and pushes every message it popped but
+    /// did not hand out back to the head of its shard, and waits until that is done.
+    pub async fn close(mut self) {
+        let left = self.take_unhanded();
+        let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, h)| h).collect();
+        let (cluster, prefix) = (
+            self.queue.cluster().clone(),
+            self.queue.inner.prefix.clone(),
+        );
+        drop(self);
+        return_messages(&cluster, &prefix, left).await;
+        for w in waiters {
+            let _ = w.await;
+        }
+    }
+
+    fn take_unhanded(&mut self) -> Vec<Message> {
+        let mut left: Vec<Message> = self.buffer.drain(..).collect();
+        while let Ok(batch) = self.inbox_rx.try_recv() {
+            left.extend(batch);
+        }
+        left
+    }
+
     /// The queue this consumer reads.
     pub fn queue(&self) -> &Queue {
         &self.queue
@@ -259,14 +283,15 @@ impl Consumer {
             match reply {
                 Ok(v) => {
                     let tag: Arc<str> = Arc::from(shard.tag.as_str());
-                    let payloads = list_items(v)?;
-                    let full = payloads.len() >= n;
-                    got += payloads.len();
-                    self.buffer
-                        .extend(payloads.into_iter().map(|payload| Message {
+                    let buffer = &mut self.buffer;
+                    let popped = each_item(v, |payload| {
+                        buffer.push_back(Message {
                             payload,
                             shard: tag.clone(),
-                        }));
+                        })
+                    })?;
+                    let full = popped >= n;
+                    got += popped;
                     let w = self.weights.entry(shard.tag.clone()).or_insert(1);
                     *w = if full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
                 }
@@ -306,10 +331,7 @@ impl Consumer {
 impl Drop for Consumer {
     fn drop(&mut self) {
         // Messages popped but never handed out go back to the head of their shards.
-        let mut left: Vec<Message> = self.buffer.drain(..).collect();
-        while let Ok(batch) = self.inbox_rx.try_recv() {
-            left.extend(batch);
-        }
+        let left = self.take_unhanded();
         if left.is_empty() {
             return;
         }
@@ -322,16 +344,18 @@ impl Drop for Consumer {
         };
         let cluster = self.queue.cluster().clone();
         let prefix = self.queue.inner.prefix.clone();
-        rt.spawn(async move {
-            let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
-            for m in left {
-                by_shard.entry(m.shard).or_default().push(m.payload);
-            }
-            for (tag, payloads) in by_shard {
-                let key = ready_key(&prefix, &tag);
-                give_back(&cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
-            }
-        });
+        rt.spawn(async move { return_messages(&cluster, &prefix, left).await });
+    }
+}
+
+async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
+    let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
+    for m in left {
+        by_shard.entry(m.shard).or_default().push(m.payload);
+    }
+    for (tag, payloads) in by_shard {
+        let key = ready_key(prefix, &tag);
+        give_back(cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
     }
 }
 
@@ -348,6 +372,26 @@ async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u
     }
     if let Err(e) = cluster.query::<Value>(slot, &cmd).await {
         tracing::error!(key, count = n, cause = %e, "could not return popped messages");
+    }
+}
+
+/// Hands each payload of an `LPOP key count` reply to `f`; returns how many there were.
+fn each_item(v: Value, mut f: impl FnMut(Vec<u8>)) -> Result<usize> {
+    match v {
+        Value::Nil => Ok(0),
+        Value::Array(items) => {
+            let n = items.len();
+            for i in items {
+                match i {
+                    Value::BulkString(b) => f(b),
+                    other => {
+                        return Err(Error::Protocol(format!("pop: unexpected item {other:?}")));
+                    }
+                }
+            }
+            Ok(n)
+        }
+        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
     }
 }
 

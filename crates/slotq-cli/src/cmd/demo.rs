@@ -19,7 +19,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
     .await
     .map_err(|e| CliError::Other(e.to_string()))??;
     let router = Cluster::connect(ClusterConfig::from_url(&cluster.url())?).await?;
-    let mut out = super::slots::run(&router, false).await?;
+    let mut out = super::slots::run(&router, None, false).await?;
     out.push_str("\nwhere keys land (computed client-side, written through the router):\n");
     let mut rows = Vec::new();
     for i in 0..6 {

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod demo;
 pub mod dev_cluster;
 pub mod keyslot;
+pub mod queue;
 pub mod slots;

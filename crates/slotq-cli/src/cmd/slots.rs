@@ -2,7 +2,9 @@
 
 use serde_json::json;
 use slotq::topology::Health;
-use slotq::{Cluster, Result, redis};
+use slotq::{Client, Cluster, redis};
+
+use crate::CliError;
 
 use crate::output::{bar, ranges, table};
 
@@ -17,7 +19,11 @@ struct MasterRow {
 }
 
 /// Renders the slot map of `cluster`.
-pub async fn run(cluster: &Cluster, as_json: bool) -> Result<String> {
+pub async fn run(
+    cluster: &Cluster,
+    queue: Option<&str>,
+    as_json: bool,
+) -> Result<String, CliError> {
     let t = cluster.topology();
     let mut rows = Vec::new();
     for m in t.masters() {
@@ -50,11 +56,14 @@ pub async fn run(cluster: &Cluster, as_json: bool) -> Result<String> {
                 })
             })
             .collect();
-        let v = json!({
+        let mut v = json!({
             "mode": if t.is_standalone() { "standalone" } else { "cluster" },
             "masters": masters,
             "uncovered": gaps,
         });
+        if let Some(q) = queue {
+            v["queue"] = queue_placement(cluster, q).await?.to_json();
+        }
         return Ok(format!("{v}\n"));
     }
     let mut out = String::new();
@@ -100,7 +109,100 @@ pub async fn run(cluster: &Cluster, as_json: bool) -> Result<String> {
     } else {
         out.push_str(&format!("\nUNCOVERED slots: {gaps}\n"));
     }
+    if let Some(q) = queue {
+        out.push_str(&queue_placement(cluster, q).await?.render());
+    }
     Ok(out)
+}
+
+/// Where a queue's shards sit, per master.
+struct Placement {
+    queue: String,
+    version: u64,
+    /// (shard, slot, master, depth)
+    shards: Vec<(String, u16, String, u64)>,
+    /// master -> (shards, depth)
+    per_master: std::collections::BTreeMap<String, (usize, u64)>,
+}
+
+impl Placement {
+    fn shard_skew(&self) -> f64 {
+        skew(self.per_master.values().map(|v| v.0 as f64))
+    }
+
+    fn depth_skew(&self) -> f64 {
+        skew(self.shards.iter().map(|s| s.3 as f64))
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "name": self.queue,
+            "version": self.version,
+            "shards": self.shards.iter().map(|(t, s, m, d)| json!({"tag": t, "slot": s, "master": m, "depth": d})).collect::<Vec<_>>(),
+            "per_master": self.per_master.iter().map(|(m, (n, d))| json!({"master": m, "shards": n, "depth": d})).collect::<Vec<_>>(),
+            "shard_skew": self.shard_skew(),
+            "depth_skew": self.depth_skew(),
+        })
+    }
+
+    fn render(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .per_master
+            .iter()
+            .map(|(m, (n, d))| vec![m.clone(), n.to_string(), d.to_string()])
+            .collect();
+        let shards: Vec<Vec<String>> = self
+            .shards
+            .iter()
+            .map(|(t, s, m, d)| vec![t.clone(), s.to_string(), m.clone(), d.to_string()])
+            .collect();
+        format!(
+            "\nqueue {} (registry version {}): shards per master skew {:.2}, depth skew {:.2} (max/min)\n\n{}\n{}",
+            self.queue,
+            self.version,
+            self.shard_skew(),
+            self.depth_skew(),
+            table(&["MASTER", "SHARDS", "DEPTH"], &rows),
+            table(&["SHARD", "SLOT", "MASTER", "DEPTH"], &shards)
+        )
+    }
+}
+
+/// max/min of the values (1.0 when all equal; infinite when some are zero and others not).
+fn skew(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.collect();
+    let max = v.iter().cloned().fold(0.0, f64::max);
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    if max == 0.0 { 1.0 } else { max / min }
+}
+
+async fn queue_placement(cluster: &Cluster, queue: &str) -> Result<Placement, CliError> {
+    let q = Client::from_cluster(cluster.clone())
+        .queue(queue)
+        .must_exist()
+        .open()
+        .await?;
+    let stats = q.stats().await?;
+    let t = cluster.topology();
+    let mut per_master: std::collections::BTreeMap<String, (usize, u64)> = t
+        .masters()
+        .iter()
+        .map(|m| (m.addr.to_string(), (0, 0)))
+        .collect();
+    let mut shards = Vec::new();
+    for s in &stats {
+        let master = s.node.as_ref().map_or("-".to_string(), |n| n.to_string());
+        let e = per_master.entry(master.clone()).or_default();
+        e.0 += 1;
+        e.1 += s.depth;
+        shards.push((s.tag.clone(), s.slot, master, s.depth));
+    }
+    Ok(Placement {
+        queue: queue.to_string(),
+        version: q.shards().version,
+        shards,
+        per_master,
+    })
 }
 
 fn health(h: Health) -> &'static str {

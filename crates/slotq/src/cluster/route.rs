@@ -81,6 +81,9 @@ pub(crate) async fn run_on_node(
     }
 }
 
+/// One node's share of a round: its address, `(command index, asked)` pairs, the pipeline.
+type NodeWork = (NodeAddr, Vec<(usize, bool)>, redis::Pipeline);
+
 #[derive(Default)]
 struct Item {
     ask: Option<NodeAddr>,
@@ -90,7 +93,7 @@ struct Item {
 /// Routes `cmds` by slot and runs them; see [`super::Cluster::batch`].
 pub(crate) async fn run_batch(
     inner: &Arc<Inner>,
-    cmds: Vec<(Slot, Cmd)>,
+    mut cmds: Vec<(Slot, Cmd)>,
     opts: RequestOpts,
 ) -> Vec<Result<Value>> {
     let n = cmds.len();
@@ -117,19 +120,38 @@ pub(crate) async fn run_batch(
             }
         }
 
-        let sends = groups.into_iter().map(|(addr, group)| {
-            let cmds = &cmds;
-            async move {
-                let r = send_group(inner, &addr, &group, cmds, opts.timeout).await;
-                (addr, group, r)
-            }
+        // Move each group's commands into its pipeline.
+        let work: Vec<NodeWork> = groups
+            .into_iter()
+            .map(|(addr, group)| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for (i, ask) in &group {
+                    if *ask {
+                        pipe.cmd("ASKING").ignore();
+                    }
+                    pipe.add_command(std::mem::take(&mut cmds[*i].1));
+                }
+                (addr, group, pipe)
+            })
+            .collect();
+        let sends = work.into_iter().map(|(addr, group, pipe)| async move {
+            let r = send_group(inner, &addr, &group, &pipe, opts.timeout).await;
+            (addr, group, pipe, r)
         });
-        for (addr, group, sent) in join_all(sends).await {
+        for (addr, group, pipe, sent) in join_all(sends).await {
+            // The group's commands in pipeline order (ASKING skipped), to resend from.
+            let restore = |cmds: &mut Vec<(Slot, Cmd)>, i: usize, pos: usize| {
+                if let Some(c) = pipe.cmd_iter().filter(|c| !is_asking(c)).nth(pos) {
+                    cmds[i].1 = c.clone();
+                }
+            };
             let replies = match sent {
                 Ok(replies) => replies,
                 Err(SendError::NotSent(e)) => {
-                    for (i, _) in group {
+                    for (pos, (i, _)) in group.into_iter().enumerate() {
                         if e.is_retryable() {
+                            restore(&mut cmds, i, pos);
                             later.push((i, e.clone()));
                         } else {
                             results[i] = Some(Err(e.clone()));
@@ -138,8 +160,9 @@ pub(crate) async fn run_batch(
                     continue;
                 }
                 Err(SendError::MaybeSent(e)) => {
-                    for (i, _) in group {
+                    for (pos, (i, _)) in group.into_iter().enumerate() {
                         if opts.idempotent {
+                            restore(&mut cmds, i, pos);
                             later.push((i, e.clone()));
                         } else {
                             results[i] = Some(Err(e.clone()));
@@ -148,12 +171,13 @@ pub(crate) async fn run_batch(
                     continue;
                 }
             };
-            for ((i, _), reply) in group.into_iter().zip(replies) {
+            for (pos, ((i, _), reply)) in group.into_iter().zip(replies).enumerate() {
                 match classify(&addr, reply) {
                     Outcome::Done(v) => results[i] = Some(Ok(v)),
                     Outcome::Failed(e) => results[i] = Some(Err(e)),
                     Outcome::Moved { slot, to } => {
                         inner.apply_moved(slot, &to);
+                        restore(&mut cmds, i, pos);
                         redirect(
                             &mut items[i],
                             &mut results[i],
@@ -166,6 +190,7 @@ pub(crate) async fn run_batch(
                     Outcome::Ask { to } => {
                         inner.counters.asked.fetch_add(1, Ordering::Relaxed);
                         items[i].ask = Some(to);
+                        restore(&mut cmds, i, pos);
                         redirect(
                             &mut items[i],
                             &mut results[i],
@@ -180,6 +205,7 @@ pub(crate) async fn run_batch(
                         if code == "CLUSTERDOWN" || code == "MASTERDOWN" {
                             inner.request_refresh();
                         }
+                        restore(&mut cmds, i, pos);
                         later.push((
                             i,
                             Error::ClusterUnavailable {
@@ -211,6 +237,12 @@ pub(crate) async fn run_batch(
         .collect()
 }
 
+fn is_asking(c: &Cmd) -> bool {
+    c.args_iter()
+        .next()
+        .is_some_and(|a| matches!(a, redis::Arg::Simple(b) if b.eq_ignore_ascii_case(b"ASKING")))
+}
+
 fn redirect(
     item: &mut Item,
     result: &mut Option<Result<Value>>,
@@ -235,7 +267,7 @@ async fn send_group(
     inner: &Arc<Inner>,
     addr: &NodeAddr,
     group: &[(usize, bool)],
-    cmds: &[(Slot, Cmd)],
+    pipe: &redis::Pipeline,
     timeout: Duration,
 ) -> std::result::Result<Vec<RedisResult<Value>>, SendError> {
     // ASKING targets are importing nodes: the map may still call them down or unknown.
@@ -255,14 +287,6 @@ async fn send_group(
             return Err(SendError::NotSent(e));
         }
     };
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for (i, ask) in group {
-        if *ask {
-            pipe.cmd("ASKING").ignore();
-        }
-        pipe.add_command(cmds[*i].1.clone());
-    }
     match tokio::time::timeout(
         timeout,
         pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn),

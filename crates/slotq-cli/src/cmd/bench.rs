@@ -1,0 +1,449 @@
+//! `slotq bench`: push only, pop only, then push and pop together, each reported on its
+//! own; optionally the same traffic through one plain list with the redis crate's cluster
+//! client (the usual way to run a Redis queue on a cluster).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use slotq::{Client, Cluster, Queue};
+
+use crate::CliError;
+use crate::args::BenchArgs;
+use crate::output::table;
+
+/// Messages each producer task hands to the producer per call.
+const PRODUCER_CHUNK: usize = 1000;
+/// Distinct keys of a keyed run.
+const KEYS: u64 = 1000;
+/// Bytes of the id + timestamp header every payload starts with.
+const HEADER: usize = 16;
+
+/// The figures of one phase.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    name: &'static str,
+    messages: usize,
+    secs: f64,
+    latency_us: Option<(u64, u64, u64, u64)>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs
+    }
+}
+
+/// Runs the benchmark and renders its report.
+pub async fn run(
+    cluster: &Cluster,
+    url: &str,
+    args: &BenchArgs,
+    as_json: bool,
+) -> Result<String, CliError> {
+    if args.size < HEADER {
+        return Err(CliError::Usage(format!("--size must be at least {HEADER}")));
+    }
+    if args.messages == 0 || args.producers == 0 || args.consumers == 0 {
+        return Err(CliError::Usage(
+            "--messages, --producers and --consumers must be at least 1".into(),
+        ));
+    }
+    let name = args.queue.clone().unwrap_or_else(|| {
+        format!(
+            "bench-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        )
+    });
+    let q = Client::from_cluster(cluster.clone())
+        .queue(&name)
+        .open()
+        .await?;
+    let show = !as_json;
+    let start = Instant::now();
+
+    for p in &args.phases {
+        if !["push", "pop", "e2e"].contains(&p.as_str()) {
+            return Err(CliError::Usage(format!(
+                "unknown phase {p:?}: use push, pop, e2e"
+            )));
+        }
+    }
+    let want = |p: &str| args.phases.iter().any(|x| x == p);
+    let mut ran = Vec::new();
+    let mut per_node = BTreeMap::new();
+    if want("push") || want("pop") {
+        ran.push(push_phase(&q, args, start, show).await?);
+        per_node = self::per_node(&q).await?;
+    }
+    if want("pop") {
+        ran.push(pop_phase(&q, args, show).await?);
+    }
+    if want("e2e") {
+        ran.push(e2e_phase(&q, args, start, show).await?);
+    }
+    let baseline = if args.baseline {
+        Some(baseline(url, args, show).await?)
+    } else {
+        None
+    };
+    cleanup(&q).await;
+
+    let phases: Vec<&Phase> = ran.iter().chain(baseline.iter().flatten()).collect();
+    if as_json {
+        let v = json!({
+            "queue": name,
+            "messages": args.messages, "size": args.size,
+            "producers": args.producers, "consumers": args.consumers, "keyed": args.keyed,
+            "shards": q.shards().shards.len(),
+            "phases": phases.iter().map(|p| json!({
+                "phase": p.name, "messages": p.messages, "secs": p.secs, "msgs_per_s": p.rate().round(),
+                "latency_us": p.latency_us.map(|(p50, p99, p999, max)| json!({"p50": p50, "p99": p99, "p999": p999, "max": max})),
+            })).collect::<Vec<_>>(),
+            "messages_per_node": per_node,
+        });
+        return Ok(format!("{v}\n"));
+    }
+    let rows: Vec<Vec<String>> = phases
+        .iter()
+        .map(|p| {
+            let lat = |f: fn(&(u64, u64, u64, u64)) -> u64| {
+                p.latency_us.as_ref().map_or("-".into(), |l| fmt_us(f(l)))
+            };
+            vec![
+                p.name.to_string(),
+                p.messages.to_string(),
+                format!("{:.3}", p.secs),
+                format!("{:.0}", p.rate()),
+                lat(|l| l.0),
+                lat(|l| l.1),
+                lat(|l| l.2),
+            ]
+        })
+        .collect();
+    let nodes: Vec<Vec<String>> = per_node
+        .iter()
+        .map(|(n, c)| vec![n.clone(), c.to_string()])
+        .collect();
+    Ok(format!(
+        "slotq bench: {} messages of {} bytes, {} producers, {} consumers, {}, {} shards\n\n{}\nmessages per node after the push phase:\n{}",
+        args.messages,
+        args.size,
+        args.producers,
+        args.consumers,
+        if args.keyed { "keyed" } else { "unkeyed" },
+        q.shards().shards.len(),
+        table(
+            &[
+                "PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999"
+            ],
+            &rows
+        ),
+        table(&["NODE", "MESSAGES"], &nodes)
+    ))
+}
+
+fn fmt_us(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    } else {
+        format!("{us}µs")
+    }
+}
+
+fn bar(total: usize, label: &str, show: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(total as u64),
+        if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// A payload: id, send time (nanoseconds since the bench started), padding.
+fn payload(id: u64, sent_ns: u64, size: usize) -> Vec<u8> {
+    let mut p = vec![b'x'; size];
+    p[..8].copy_from_slice(&id.to_be_bytes());
+    p[8..16].copy_from_slice(&sent_ns.to_be_bytes());
+    p
+}
+
+fn nanos_since(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+/// Splits `total` messages over `tasks` tasks: `(first id, count)` each.
+fn shares(total: usize, tasks: usize) -> Vec<(u64, usize)> {
+    let base = total / tasks;
+    let extra = total % tasks;
+    let mut first = 0u64;
+    (0..tasks)
+        .map(|t| {
+            let n = base + usize::from(t < extra);
+            let s = (first, n);
+            first += n as u64;
+            s
+        })
+        .collect()
+}
+
+async fn produce(
+    q: &Queue,
+    args: &BenchArgs,
+    start: Instant,
+    pb: &ProgressBar,
+) -> Result<(), CliError> {
+    let producer = q.producer().build()?;
+    let mut tasks = Vec::new();
+    for (first, n) in shares(args.messages, args.producers) {
+        let producer = producer.clone();
+        let pb = pb.clone();
+        let (keyed, size) = (args.keyed, args.size);
+        tasks.push(tokio::spawn(async move {
+            let mut id = first;
+            let end = first + n as u64;
+            while id < end {
+                let chunk_end = (id + PRODUCER_CHUNK as u64).min(end);
+                // One clock read per chunk: the chunk is handed over at once.
+                let sent = nanos_since(start);
+                if keyed {
+                    let sends = (id..chunk_end).map(|i| {
+                        let producer = producer.clone();
+                        async move {
+                            producer
+                                .send_keyed((i % KEYS).to_be_bytes(), payload(i, sent, size))
+                                .await
+                        }
+                    });
+                    for r in futures::future::join_all(sends).await {
+                        r?;
+                    }
+                } else {
+                    producer
+                        .send_batch((id..chunk_end).map(|i| payload(i, sent, size)))
+                        .await?;
+                }
+                pb.inc(chunk_end - id);
+                id = chunk_end;
+            }
+            Ok::<_, slotq::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| CliError::Other(e.to_string()))??;
+    }
+    Ok(())
+}
+
+async fn push_phase(
+    q: &Queue,
+    args: &BenchArgs,
+    start: Instant,
+    show: bool,
+) -> Result<Phase, CliError> {
+    let pb = bar(args.messages, "push", show);
+    let t0 = Instant::now();
+    produce(q, args, start, &pb).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    pb.finish();
+    Ok(Phase {
+        name: "push",
+        messages: args.messages,
+        secs,
+        latency_us: None,
+    })
+}
+
+/// Consumer tasks receive until `target` messages arrived in total; returns the merged
+/// latency histogram (send timestamp to receipt).
+async fn consume(
+    q: &Queue,
+    args: &BenchArgs,
+    target: usize,
+    start: Option<Instant>,
+    pb: &ProgressBar,
+) -> Result<Histogram<u64>, CliError> {
+    let got = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.consumers {
+        let mut consumer = q.consumer().build()?;
+        let got = got.clone();
+        let pb = pb.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            while got.load(Ordering::Relaxed) < target {
+                let batch = consumer
+                    .recv_batch_timeout(1000, Duration::from_millis(200))
+                    .await?;
+                if let Some(start) = start {
+                    let now = start.elapsed().as_nanos() as u64;
+                    for m in &batch {
+                        let sent =
+                            u64::from_be_bytes(m.payload[8..16].try_into().unwrap_or_default());
+                        let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
+                    }
+                }
+                got.fetch_add(batch.len(), Ordering::Relaxed);
+                pb.inc(batch.len() as u64);
+            }
+            consumer.close().await;
+            Ok::<_, slotq::Error>(hist)
+        }));
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    for t in tasks {
+        let h = t.await.map_err(|e| CliError::Other(e.to_string()))??;
+        all.add(&h).map_err(|e| CliError::Other(e.to_string()))?;
+    }
+    Ok(all)
+}
+
+async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, CliError> {
+    let pb = bar(args.messages, "pop", show);
+    let t0 = Instant::now();
+    consume(q, args, args.messages, None, &pb).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    pb.finish();
+    Ok(Phase {
+        name: "pop",
+        messages: args.messages,
+        secs,
+        latency_us: None,
+    })
+}
+
+async fn e2e_phase(
+    q: &Queue,
+    args: &BenchArgs,
+    start: Instant,
+    show: bool,
+) -> Result<Phase, CliError> {
+    let pb = bar(args.messages, "push+pop", show);
+    let t0 = Instant::now();
+    let consumers = consume(q, args, args.messages, Some(start), &pb);
+    let hidden = ProgressBar::hidden();
+    let producers = produce(q, args, start, &hidden);
+    let (hist, produced) = tokio::join!(consumers, producers);
+    produced?;
+    let hist = hist?;
+    let secs = t0.elapsed().as_secs_f64();
+    pb.finish();
+    Ok(Phase {
+        name: "push+pop",
+        messages: args.messages,
+        secs,
+        latency_us: Some((
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99),
+            hist.value_at_quantile(0.999),
+            hist.max(),
+        )),
+    })
+}
+
+async fn per_node(q: &Queue) -> Result<BTreeMap<String, u64>, CliError> {
+    let mut m = BTreeMap::new();
+    for s in q.stats().await? {
+        *m.entry(s.node.map_or("-".into(), |n| n.to_string()))
+            .or_default() += s.depth;
+    }
+    Ok(m)
+}
+
+async fn cleanup(q: &Queue) {
+    let cluster = q.cluster();
+    let mut cmds: Vec<_> = q
+        .shards()
+        .shards
+        .iter()
+        .map(|s| {
+            (
+                s.slot,
+                slotq::redis::cmd("DEL").arg(q.ready_key(&s.tag)).clone(),
+            )
+        })
+        .collect();
+    cmds.push((
+        slotq::slot::key_slot(q.meta_key()),
+        slotq::redis::cmd("DEL").arg(q.meta_key()).clone(),
+    ));
+    let _ = cluster.batch(cmds, cluster.default_opts()).await;
+}
+
+/// The usual way: one LPUSH per message and one RPOP per message on a single list, through
+/// the redis crate's cluster client, with as many calls in flight as slotq's tasks have.
+async fn baseline(url: &str, args: &BenchArgs, show: bool) -> Result<Vec<Phase>, CliError> {
+    use redis::AsyncCommands;
+    let client = redis::cluster::ClusterClient::new(vec![url])
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let conn = client
+        .get_async_connection()
+        .await
+        .map_err(|e| CliError::Other(format!("baseline: {e}")))?;
+    let key = "slotq-bench-baseline:{list}";
+    let in_flight = 64;
+    let start = Instant::now();
+    let mut phases = Vec::new();
+    for (name, tasks) in [
+        ("plain list push", args.producers),
+        ("plain list pop", args.consumers),
+    ] {
+        let pb = bar(args.messages, name, show);
+        let t0 = Instant::now();
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..tasks * in_flight {
+            let mut conn = conn.clone();
+            let next = next.clone();
+            let pb = pb.clone();
+            let (total, size, push) = (args.messages, args.size, name.ends_with("push"));
+            handles.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return Ok::<_, redis::RedisError>(());
+                    }
+                    if push {
+                        let _: i64 = conn
+                            .lpush(key, payload(i as u64, nanos_since(start), size))
+                            .await?;
+                    } else {
+                        let _: Option<Vec<u8>> = conn.rpop(key, None).await?;
+                    }
+                    pb.inc(1);
+                }
+            }));
+        }
+        for h in handles {
+            h.await
+                .map_err(|e| CliError::Other(e.to_string()))?
+                .map_err(|e| CliError::Other(format!("baseline: {e}")))?;
+        }
+        pb.finish();
+        phases.push(Phase {
+            name,
+            messages: args.messages,
+            secs: t0.elapsed().as_secs_f64(),
+            latency_us: None,
+        });
+    }
+    let mut conn = conn;
+    let _: Result<i64, _> = conn.del(key).await;
+    Ok(phases)
+}
