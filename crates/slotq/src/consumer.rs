@@ -425,7 +425,7 @@ struct Waiter {
 
 struct Blocking {
     node: NodeAddr,
-    conn: redis::aio::MultiplexedConnection,
+    conn: crate::cluster::Conn,
     id: i64,
 }
 
@@ -479,10 +479,7 @@ impl Waiter {
                 .arg(self.count)
                 .clone();
             let reply = {
-                let pop = tokio::time::timeout(
-                    self.block + BLOCK_GRACE,
-                    b.conn.send_packed_command(&cmd),
-                );
+                let pop = tokio::time::timeout(self.block + BLOCK_GRACE, b.conn.cmd(&cmd));
                 tokio::pin!(pop);
                 tokio::select! {
                     r = &mut pop => r,
@@ -535,9 +532,9 @@ impl Waiter {
                         }
                     }
                 },
-                Ok(Err(e)) => {
-                    let code = e.code().unwrap_or("IO").to_string();
-                    if self.on_error(&code, &mut conn).await {
+                Ok(Err(broken)) => {
+                    tracing::debug!(shard = %self.tag, cause = %broken.0, "blocking connection broke");
+                    if self.on_error("IO", &mut conn).await {
                         return;
                     }
                 }
@@ -573,19 +570,19 @@ impl Waiter {
     }
 
     async fn connect(&self, node: &NodeAddr) -> Result<Blocking> {
-        let mut conn = self.cluster.dedicated_connection(node).await?;
+        let conn = self.cluster.dedicated_connection(node).await?;
         let id = tokio::time::timeout(
             self.cluster.config().request_timeout_value(),
-            conn.send_packed_command(redis::cmd("CLIENT").arg("ID")),
+            conn.cmd(redis::cmd("CLIENT").arg("ID")),
         )
         .await
         .map_err(|_| Error::Timeout {
             node: node.clone(),
             timeout: self.cluster.config().request_timeout_value(),
         })?
-        .map_err(|e| Error::Connect {
+        .map_err(|b| Error::Connect {
             node: node.clone(),
-            reason: e.to_string(),
+            reason: b.0,
         })?;
         match id {
             Value::Int(id) => Ok(Blocking {

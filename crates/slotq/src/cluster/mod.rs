@@ -10,16 +10,17 @@
 //!   is refreshed. Commands that may have run are not resent unless the caller says they
 //!   are idempotent ([`RequestOpts::idempotent`]); commands that were never sent are.
 
+mod conn;
 mod node;
 mod refresh;
 mod reply;
+mod resp;
 mod route;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{Cmd, FromRedisValue, Value};
 use tokio::sync::watch;
 
@@ -28,6 +29,8 @@ use crate::error::{Error, Result};
 use crate::slot::{Slot, key_slot};
 use crate::topology::{NodeAddr, Topology};
 
+pub(crate) use conn::Conn;
+use conn::Dialer;
 use node::NodePool;
 use refresh::RefreshState;
 
@@ -98,21 +101,22 @@ impl Cluster {
     /// cluster, and with the typed connection error of the last seed tried otherwise.
     pub async fn connect(config: ClusterConfig) -> Result<Cluster> {
         config.validate()?;
-        let mut base = config.seeds[0].clone();
-        if let Some(pem) = &config.tls_root_cert {
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            };
-            base = redis::Client::build_with_tls(base, certs)
-                .map_err(|e| Error::Config(format!("TLS settings: {e}")))?
-                .get_connection_info()
-                .clone();
-        }
+        let seed = &config.seeds[0];
+        let tls = if config.is_tls() {
+            Some(conn::tls_config(config.tls_root_cert.as_deref())?)
+        } else {
+            None
+        };
+        let dialer = Dialer {
+            tls,
+            username: seed.redis_settings().username().map(str::to_string),
+            password: seed.redis_settings().password().map(str::to_string),
+            connect_timeout: config.connect_timeout,
+        };
         let seeds = config.seed_addrs();
         let placeholder = Topology::from_parts(Vec::new(), &[]);
         let inner = Arc::new(Inner {
-            pool: NodePool::new(base, config.connect_timeout),
+            pool: NodePool::new(dialer),
             config,
             topology: RwLock::new(Arc::new(placeholder)),
             epoch: watch::Sender::new(0),
@@ -193,7 +197,7 @@ impl Cluster {
     }
 
     /// A connection to `addr` of the caller's own (for blocking commands), not shared.
-    pub async fn dedicated_connection(&self, addr: &NodeAddr) -> Result<MultiplexedConnection> {
+    pub(crate) async fn dedicated_connection(&self, addr: &NodeAddr) -> Result<Conn> {
         self.inner.pool.get(addr).dial().await
     }
 
@@ -266,12 +270,19 @@ impl Inner {
         self.request_refresh();
     }
 
+    /// Whether to skip `addr`: it failed here recently, or the cluster reports it failed
+    /// and no probe is due (a node reported failed may still serve, so one request per
+    /// backoff goes through to find out).
     fn is_down(&self, addr: &NodeAddr) -> bool {
+        let node = self.pool.existing(addr);
+        if node.as_ref().is_some_and(|n| n.is_down()) {
+            return true;
+        }
         let failed = self
             .topology()
             .node(addr)
             .is_some_and(|n| n.health == crate::topology::Health::Failed);
-        failed || self.pool.existing(addr).is_some_and(|n| n.is_down())
+        failed && !node.is_some_and(|n| n.probe_due(self.config.down_backoff))
     }
 }
 

@@ -1,35 +1,33 @@
-//! One node: its shared multiplexed connection (made lazily, once) and its health mark.
+//! One node: its shared connection (dialled lazily, once) and its health mark.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo};
-
-use crate::error::{Error, Result};
+use super::conn::{Conn, Dialer};
+use crate::error::Result;
 use crate::topology::NodeAddr;
 
-/// A node and its connection. Many callers share the one multiplexed connection; their
-/// commands are pipelined on it.
+/// A node and its connection. Many callers share the one connection; their commands are
+/// pipelined on it.
 pub(crate) struct Node {
     pub(crate) addr: NodeAddr,
-    info: ConnectionInfo,
-    connect_timeout: Duration,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    dialer: Dialer,
+    conn: Mutex<Option<Conn>>,
     /// Held while dialling so that concurrent callers wait for one connection attempt.
     dialling: tokio::sync::Mutex<()>,
     down_until: Mutex<Option<Instant>>,
+    last_probe: Mutex<Option<Instant>>,
 }
 
 impl Node {
-    /// The shared connection, dialled on first use.
-    pub(crate) async fn connection(&self) -> Result<MultiplexedConnection> {
-        if let Some(c) = self.conn.lock().unwrap().clone() {
+    /// The shared connection, dialled on first use (and again after it broke).
+    pub(crate) async fn connection(&self) -> Result<Conn> {
+        if let Some(c) = self.live() {
             return Ok(c);
         }
         let _dialling = self.dialling.lock().await;
-        if let Some(c) = self.conn.lock().unwrap().clone() {
+        if let Some(c) = self.live() {
             return Ok(c);
         }
         let c = self.dial().await?;
@@ -37,28 +35,18 @@ impl Node {
         Ok(c)
     }
 
-    /// A new connection of its own (for blocking commands), not shared with anyone.
-    pub(crate) async fn dial(&self) -> Result<MultiplexedConnection> {
-        let client = redis::Client::open(self.info.clone()).map_err(|e| Error::Connect {
-            node: self.addr.clone(),
-            reason: e.to_string(),
-        })?;
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(None);
-        let dial = client.get_multiplexed_async_connection_with_config(&cfg);
-        match tokio::time::timeout(self.connect_timeout * 2, dial).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(connect_error(&self.addr, self.is_tls(), &e)),
-            Err(_) => Err(Error::Connect {
-                node: self.addr.clone(),
-                reason: format!("no handshake within {:?}", self.connect_timeout * 2),
-            }),
-        }
+    fn live(&self) -> Option<Conn> {
+        self.conn
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .cloned()
     }
 
-    fn is_tls(&self) -> bool {
-        matches!(self.info.addr(), ConnectionAddr::TcpTls { .. })
+    /// A new connection of its own (for blocking commands), not shared with anyone.
+    pub(crate) async fn dial(&self) -> Result<Conn> {
+        self.dialer.dial(&self.addr).await
     }
 
     /// Drops the shared connection so that the next caller dials a fresh one.
@@ -72,62 +60,36 @@ impl Node {
         self.reset();
     }
 
+    /// For a node the cluster reports failed: whether one request may go through now to see
+    /// if it serves anyway (at most one per `every`).
+    pub(crate) fn probe_due(&self, every: Duration) -> bool {
+        let mut last = self.last_probe.lock().unwrap();
+        match *last {
+            Some(t) if t.elapsed() < every => false,
+            _ => {
+                *last = Some(Instant::now());
+                true
+            }
+        }
+    }
+
     /// Whether the node is inside its down backoff.
     pub(crate) fn is_down(&self) -> bool {
         matches!(*self.down_until.lock().unwrap(), Some(t) if Instant::now() < t)
     }
 }
 
-/// Maps a failure to connect (or to finish the handshake) to a typed error.
-pub(crate) fn connect_error(node: &NodeAddr, tls: bool, e: &redis::RedisError) -> Error {
-    let text = e.to_string();
-    let code = e.code().unwrap_or_default();
-    if e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
-    {
-        return Error::Auth {
-            node: node.clone(),
-            reason: text,
-        };
-    }
-    let lower = text.to_ascii_lowercase();
-    if tls
-        && !e.is_connection_refusal()
-        && (lower.contains("tls")
-            || lower.contains("certificate")
-            || lower.contains("handshake")
-            || lower.contains("corrupt message")
-            || lower.contains("invalidcontenttype"))
-    {
-        return Error::Tls {
-            node: node.clone(),
-            reason: text,
-        };
-    }
-    let reason = if e.kind() == redis::ErrorKind::Parse {
-        format!("the server did not answer in the Redis protocol ({text})")
-    } else {
-        text
-    };
-    Error::Connect {
-        node: node.clone(),
-        reason,
-    }
-}
-
 /// All nodes known to a router, by address.
 pub(crate) struct NodePool {
-    base: ConnectionInfo,
-    connect_timeout: Duration,
+    dialer: Dialer,
     nodes: Mutex<HashMap<NodeAddr, Arc<Node>>>,
 }
 
 impl NodePool {
-    /// A pool whose connections copy credentials and TLS settings from `base`.
-    pub(crate) fn new(base: ConnectionInfo, connect_timeout: Duration) -> Self {
+    /// A pool whose connections use `dialer` (credentials, TLS, timeouts).
+    pub(crate) fn new(dialer: Dialer) -> Self {
         NodePool {
-            base,
-            connect_timeout,
+            dialer,
             nodes: Mutex::new(HashMap::new()),
         }
     }
@@ -138,26 +100,13 @@ impl NodePool {
         if let Some(n) = nodes.get(addr) {
             return n.clone();
         }
-        let conn_addr = match self.base.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host: addr.host.clone(),
-                port: addr.port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(addr.host.clone(), addr.port),
-        };
         let node = Arc::new(Node {
             addr: addr.clone(),
-            info: self.base.clone().set_addr(conn_addr),
-            connect_timeout: self.connect_timeout,
+            dialer: self.dialer.clone(),
             conn: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             down_until: Mutex::new(None),
+            last_probe: Mutex::new(None),
         });
         nodes.insert(addr.clone(), node.clone());
         node

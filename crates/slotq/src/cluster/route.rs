@@ -30,8 +30,8 @@ pub(crate) async fn send_raw(
     cmd: &Cmd,
     timeout: Duration,
 ) -> Result<RedisResult<Value>> {
-    let mut conn = node.connection().await?;
-    match tokio::time::timeout(timeout, conn.send_packed_command(cmd)).await {
+    let conn = node.connection().await?;
+    match tokio::time::timeout(timeout, conn.cmd(cmd)).await {
         Err(_) => {
             node.reset();
             Err(Error::Timeout {
@@ -39,15 +39,15 @@ pub(crate) async fn send_raw(
                 timeout,
             })
         }
-        Ok(Err(e)) if e.code().is_none() => {
+        Ok(Err(b)) => {
             node.reset();
             Err(Error::ConnectionLost {
                 node: node.addr.clone(),
-                reason: e.to_string(),
+                reason: b.0,
             })
         }
         Ok(Ok(Value::ServerError(e))) => Ok(Err(e.into())),
-        Ok(r) => Ok(r),
+        Ok(Ok(v)) => Ok(Ok(v)),
     }
 }
 
@@ -81,9 +81,6 @@ pub(crate) async fn run_on_node(
     }
 }
 
-/// One node's share of a round: its address, `(command index, asked)` pairs, the pipeline.
-type NodeWork = (NodeAddr, Vec<(usize, bool)>, redis::Pipeline);
-
 #[derive(Default)]
 struct Item {
     ask: Option<NodeAddr>,
@@ -93,7 +90,7 @@ struct Item {
 /// Routes `cmds` by slot and runs them; see [`super::Cluster::batch`].
 pub(crate) async fn run_batch(
     inner: &Arc<Inner>,
-    mut cmds: Vec<(Slot, Cmd)>,
+    cmds: Vec<(Slot, Cmd)>,
     opts: RequestOpts,
 ) -> Vec<Result<Value>> {
     let n = cmds.len();
@@ -120,38 +117,21 @@ pub(crate) async fn run_batch(
             }
         }
 
-        // Move each group's commands into its pipeline.
-        let work: Vec<NodeWork> = groups
-            .into_iter()
-            .map(|(addr, group)| {
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for (i, ask) in &group {
-                    if *ask {
-                        pipe.cmd("ASKING").ignore();
-                    }
-                    pipe.add_command(std::mem::take(&mut cmds[*i].1));
-                }
-                (addr, group, pipe)
-            })
-            .collect();
-        let sends = work.into_iter().map(|(addr, group, pipe)| async move {
-            let r = send_group(inner, &addr, &group, &pipe, opts.timeout).await;
-            (addr, group, pipe, r)
+        // Each node's share goes out as one write; commands are encoded straight from
+        // `cmds` (kept for resending after a redirect).
+        let sends = groups.into_iter().map(|(addr, group)| {
+            let cmds = &cmds;
+            async move {
+                let r = send_group(inner, &addr, &group, cmds, opts.timeout).await;
+                (addr, group, r)
+            }
         });
-        for (addr, group, pipe, sent) in join_all(sends).await {
-            // The group's commands in pipeline order (ASKING skipped), to resend from.
-            let restore = |cmds: &mut Vec<(Slot, Cmd)>, i: usize, pos: usize| {
-                if let Some(c) = pipe.cmd_iter().filter(|c| !is_asking(c)).nth(pos) {
-                    cmds[i].1 = c.clone();
-                }
-            };
+        for (addr, group, sent) in join_all(sends).await {
             let replies = match sent {
                 Ok(replies) => replies,
                 Err(SendError::NotSent(e)) => {
-                    for (pos, (i, _)) in group.into_iter().enumerate() {
+                    for (i, _) in group {
                         if e.is_retryable() {
-                            restore(&mut cmds, i, pos);
                             later.push((i, e.clone()));
                         } else {
                             results[i] = Some(Err(e.clone()));
@@ -160,9 +140,8 @@ pub(crate) async fn run_batch(
                     continue;
                 }
                 Err(SendError::MaybeSent(e)) => {
-                    for (pos, (i, _)) in group.into_iter().enumerate() {
+                    for (i, _) in group {
                         if opts.idempotent {
-                            restore(&mut cmds, i, pos);
                             later.push((i, e.clone()));
                         } else {
                             results[i] = Some(Err(e.clone()));
@@ -171,13 +150,12 @@ pub(crate) async fn run_batch(
                     continue;
                 }
             };
-            for (pos, ((i, _), reply)) in group.into_iter().zip(replies).enumerate() {
+            for ((i, _), reply) in group.into_iter().zip(replies) {
                 match classify(&addr, reply) {
                     Outcome::Done(v) => results[i] = Some(Ok(v)),
                     Outcome::Failed(e) => results[i] = Some(Err(e)),
                     Outcome::Moved { slot, to } => {
                         inner.apply_moved(slot, &to);
-                        restore(&mut cmds, i, pos);
                         redirect(
                             &mut items[i],
                             &mut results[i],
@@ -190,7 +168,6 @@ pub(crate) async fn run_batch(
                     Outcome::Ask { to } => {
                         inner.counters.asked.fetch_add(1, Ordering::Relaxed);
                         items[i].ask = Some(to);
-                        restore(&mut cmds, i, pos);
                         redirect(
                             &mut items[i],
                             &mut results[i],
@@ -205,7 +182,6 @@ pub(crate) async fn run_batch(
                         if code == "CLUSTERDOWN" || code == "MASTERDOWN" {
                             inner.request_refresh();
                         }
-                        restore(&mut cmds, i, pos);
                         later.push((
                             i,
                             Error::ClusterUnavailable {
@@ -237,12 +213,6 @@ pub(crate) async fn run_batch(
         .collect()
 }
 
-fn is_asking(c: &Cmd) -> bool {
-    c.args_iter()
-        .next()
-        .is_some_and(|a| matches!(a, redis::Arg::Simple(b) if b.eq_ignore_ascii_case(b"ASKING")))
-}
-
 fn redirect(
     item: &mut Item,
     result: &mut Option<Result<Value>>,
@@ -262,12 +232,12 @@ fn redirect(
     }
 }
 
-/// Sends one node's share of a batch as one pipeline (`ASKING` before asked commands).
+/// Sends one node's share of a batch as one write (`ASKING` before asked commands).
 async fn send_group(
     inner: &Arc<Inner>,
     addr: &NodeAddr,
     group: &[(usize, bool)],
-    pipe: &redis::Pipeline,
+    cmds: &[(Slot, Cmd)],
     timeout: Duration,
 ) -> std::result::Result<Vec<RedisResult<Value>>, SendError> {
     // ASKING targets are importing nodes: the map may still call them down or unknown.
@@ -278,7 +248,7 @@ async fn send_group(
         return Err(SendError::NotSent(Error::NodeDown { node: addr.clone() }));
     }
     let node = inner.pool.get(addr);
-    let mut conn = match node.connection().await {
+    let conn = match node.connection().await {
         Ok(c) => c,
         Err(e) => {
             if e.is_retryable() {
@@ -287,12 +257,16 @@ async fn send_group(
             return Err(SendError::NotSent(e));
         }
     };
-    match tokio::time::timeout(
-        timeout,
-        pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn),
-    )
-    .await
-    {
+    let mut bytes = Vec::new();
+    let mut replies = group.len();
+    for (i, ask) in group {
+        if *ask {
+            bytes.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+            replies += 1;
+        }
+        cmds[*i].1.write_packed_command(&mut bytes);
+    }
+    match tokio::time::timeout(timeout, conn.exec(bytes, replies)).await {
         Err(_) => {
             inner.mark_down(addr);
             Err(SendError::MaybeSent(Error::Timeout {
@@ -300,19 +274,25 @@ async fn send_group(
                 timeout,
             }))
         }
-        Ok(Err(e)) => {
+        Ok(Err(b)) => {
             node.reset();
             inner.mark_down(addr);
             Err(SendError::MaybeSent(Error::ConnectionLost {
                 node: addr.clone(),
-                reason: e.to_string(),
+                reason: b.0,
             }))
         }
-        Ok(Ok(replies)) if replies.len() == group.len() => Ok(replies),
-        Ok(Ok(replies)) => Err(SendError::MaybeSent(Error::Protocol(format!(
-            "{addr}: {} replies for {} commands",
-            replies.len(),
-            group.len()
-        )))),
+        Ok(Ok(values)) => {
+            // Drop the replies to ASKING (each precedes the command it applies to).
+            let mut out = Vec::with_capacity(group.len());
+            let mut values = values.into_iter();
+            for (_, ask) in group {
+                if *ask {
+                    values.next();
+                }
+                out.push(Ok(values.next().unwrap_or(Value::Nil)));
+            }
+            Ok(out)
+        }
     }
 }

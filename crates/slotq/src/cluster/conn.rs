@@ -1,0 +1,323 @@
+//! One connection to one node: a writer task that coalesces queued requests into large
+//! writes, a reader task that parses replies and hands them to their callers in order.
+//! Any number of callers share it; their commands are pipelined.
+//!
+//! The connection speaks RESP2 over TCP or TLS, authenticates with `AUTH` when the URL
+//! carries credentials, and checks with `PING` that the peer speaks Redis at all.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use redis::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::resp;
+use crate::error::Error;
+use crate::topology::NodeAddr;
+
+/// Writes are coalesced up to this many bytes.
+const MAX_WRITE: usize = 1 << 20;
+/// Initial read buffer.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// How to reach and log in to nodes.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Why a request got no reply.
+#[derive(Debug, Clone)]
+pub(crate) struct Broken(pub(crate) String);
+
+struct Request {
+    bytes: Vec<u8>,
+    replies: usize,
+    tx: oneshot::Sender<Result<Vec<Value>, Broken>>,
+}
+
+struct Waiting {
+    replies: usize,
+    got: Vec<Value>,
+    tx: oneshot::Sender<Result<Vec<Value>, Broken>>,
+}
+
+struct Shared {
+    waiting: Mutex<VecDeque<Waiting>>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn fail_all(&self, why: &str) {
+        self.closed.store(true, Ordering::Release);
+        let waiting: Vec<Waiting> = self.waiting.lock().unwrap().drain(..).collect();
+        for w in waiting {
+            let _ = w.tx.send(Err(Broken(why.to_string())));
+        }
+    }
+}
+
+/// A shared, pipelined connection; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    tx: mpsc::UnboundedSender<Request>,
+    shared: Arc<Shared>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Dialer {
+    /// Connects, upgrades to TLS if configured, authenticates, and checks the protocol.
+    pub(crate) async fn dial(&self, node: &NodeAddr) -> Result<Conn, Error> {
+        let connect_err = |reason: String| Error::Connect {
+            node: node.clone(),
+            reason,
+        };
+        let tcp = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((node.host.as_str(), node.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(connect_err(e.to_string())),
+            Err(_) => {
+                return Err(connect_err(format!(
+                    "no connection within {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(cfg) => {
+                let name =
+                    rustls::pki_types::ServerName::try_from(node.host.clone()).map_err(|e| {
+                        Error::Tls {
+                            node: node.clone(),
+                            reason: format!("bad server name: {e}"),
+                        }
+                    })?;
+                let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+                match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await
+                {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        return Err(Error::Tls {
+                            node: node.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    Err(_) => {
+                        return Err(Error::Tls {
+                            node: node.clone(),
+                            reason: format!("no TLS handshake within {:?}", self.connect_timeout),
+                        });
+                    }
+                }
+            }
+        };
+        let conn = Conn::start(io);
+        let handshake = async {
+            if let Some(password) = &self.password {
+                let mut auth = redis::cmd("AUTH");
+                if let Some(user) = &self.username {
+                    auth.arg(user);
+                }
+                auth.arg(password);
+                match conn.cmd(&auth).await {
+                    Ok(Value::ServerError(e)) => {
+                        return Err(Error::Auth {
+                            node: node.clone(),
+                            reason: format!("{} {}", e.code(), e.details().unwrap_or_default()),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(b) => return Err(not_redis(node, &b)),
+                }
+            }
+            match conn.cmd(&redis::cmd("PING")).await {
+                Ok(Value::ServerError(e))
+                    if matches!(e.code(), "NOAUTH" | "WRONGPASS" | "NOPERM") =>
+                {
+                    Err(Error::Auth {
+                        node: node.clone(),
+                        reason: format!("{} {}", e.code(), e.details().unwrap_or_default()),
+                    })
+                }
+                Ok(Value::SimpleString(s)) if s == "PONG" => Ok(()),
+                Ok(other) => Err(connect_err(format!("unexpected reply to PING: {other:?}"))),
+                Err(b) => Err(not_redis(node, &b)),
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(connect_err(format!(
+                "no handshake within {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
+}
+
+fn not_redis(node: &NodeAddr, b: &Broken) -> Error {
+    Error::Connect {
+        node: node.clone(),
+        reason: format!("the server did not answer in the Redis protocol ({})", b.0),
+    }
+}
+
+impl Conn {
+    fn start(io: Box<dyn Io>) -> Conn {
+        let (mut reader, mut writer) = tokio::io::split(io);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+        let shared = Arc::new(Shared {
+            waiting: Mutex::new(VecDeque::new()),
+            closed: AtomicBool::new(false),
+        });
+
+        let rshared = shared.clone();
+        let read_task = tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(READ_BUFFER);
+            loop {
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) => return rshared.fail_all("connection closed by the server"),
+                    Ok(_) => {}
+                    Err(e) => return rshared.fail_all(&e.to_string()),
+                }
+                let mut used = 0;
+                loop {
+                    match resp::parse(&buf[used..]) {
+                        Ok(Some((v, n))) => {
+                            used += n;
+                            if !deliver(&rshared, v) {
+                                return rshared.fail_all("reply without a request");
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return rshared.fail_all(&e.0),
+                    }
+                }
+                buf.advance(used);
+                if buf.capacity() - buf.len() < READ_BUFFER / 4 {
+                    // A large reply is arriving: grow so that it is parsed in few passes.
+                    buf.reserve(buf.len().max(READ_BUFFER));
+                }
+            }
+        });
+
+        let wshared = shared.clone();
+        tokio::spawn(async move {
+            let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+            while let Some(first) = rx.recv().await {
+                out.clear();
+                let mut next = Some(first);
+                while let Some(r) = next.take() {
+                    wshared.waiting.lock().unwrap().push_back(Waiting {
+                        replies: r.replies,
+                        got: Vec::with_capacity(r.replies),
+                        tx: r.tx,
+                    });
+                    out.extend_from_slice(&r.bytes);
+                    if out.len() < MAX_WRITE {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if wshared.closed.load(Ordering::Acquire) {
+                    wshared.fail_all("connection closed");
+                    continue;
+                }
+                if let Err(e) = writer.write_all(&out).await {
+                    wshared.fail_all(&e.to_string());
+                }
+            }
+            // Every handle is gone: close the socket and stop reading.
+            let _ = writer.shutdown().await;
+            read_task.abort();
+        });
+        Conn { tx, shared }
+    }
+
+    /// Whether the connection broke (it will never answer again).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends packed commands and waits for `replies` replies (in order).
+    pub(crate) async fn exec(&self, bytes: Vec<u8>, replies: usize) -> Result<Vec<Value>, Broken> {
+        if self.is_closed() {
+            return Err(Broken("connection closed".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request { bytes, replies, tx })
+            .map_err(|_| Broken("connection closed".into()))?;
+        rx.await.map_err(|_| Broken("connection closed".into()))?
+    }
+
+    /// Sends one command and waits for its reply.
+    pub(crate) async fn cmd(&self, cmd: &redis::Cmd) -> Result<Value, Broken> {
+        let mut v = self.exec(cmd.get_packed_command(), 1).await?;
+        Ok(v.pop().unwrap_or(Value::Nil))
+    }
+}
+
+/// Hands a reply to the oldest request still waiting; false if none waits.
+fn deliver(shared: &Shared, v: Value) -> bool {
+    let mut waiting = shared.waiting.lock().unwrap();
+    let Some(front) = waiting.front_mut() else {
+        return false;
+    };
+    front.got.push(v);
+    if front.got.len() >= front.replies {
+        let done = waiting.pop_front().expect("front exists");
+        drop(waiting);
+        let _ = done.tx.send(Ok(done.got));
+    }
+    true
+}
+
+/// The TLS settings for `rediss://`: the given CA, else the platform's roots.
+pub(crate) fn tls_config(root_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match root_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| Error::Config(format!("TLS root certificate: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::Config(format!("TLS root certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::Config(
+                    "TLS root certificate: no certificate in the PEM".into(),
+                ));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,166 @@
+//! A lean RESP2 reply parser for the hot path.
+//!
+//! Replies are parsed straight from the read buffer into [`redis::Value`]s, so the rest of
+//! the crate (and its users) keep the `redis` crate's types. Error replies, which are rare,
+//! are handed to `redis::parse_redis_value` so that they become the same
+//! `Value::ServerError` the `redis` crate would produce.
+
+use redis::Value;
+
+/// A reply that does not follow the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProtocolError(pub(crate) String);
+
+/// Parses one value from the front of `buf`: `Ok(Some((value, bytes used)))`, or
+/// `Ok(None)` when `buf` does not hold a whole value yet.
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, ProtocolError> {
+    parse_at(buf, 0, 0)
+}
+
+const MAX_DEPTH: usize = 64;
+
+fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
+    let rest = buf.get(from..)?;
+    let nl = rest.iter().position(|&b| b == b'\n')?;
+    if nl == 0 || rest[nl - 1] != b'\r' {
+        return Some((&rest[..0], usize::MAX));
+    }
+    Some((&rest[..nl - 1], from + nl + 1))
+}
+
+fn int(s: &[u8]) -> Result<i64, ProtocolError> {
+    std::str::from_utf8(s)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| ProtocolError(format!("bad integer {:?}", String::from_utf8_lossy(s))))
+}
+
+fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize)>, ProtocolError> {
+    if depth > MAX_DEPTH {
+        return Err(ProtocolError("reply nested too deeply".into()));
+    }
+    let Some(&kind) = buf.get(pos) else {
+        return Ok(None);
+    };
+    let Some((text, next)) = line(buf, pos + 1) else {
+        return Ok(None);
+    };
+    if next == usize::MAX {
+        return Err(ProtocolError("line not ended by CRLF".into()));
+    }
+    match kind {
+        b'+' => {
+            let v = if text == b"OK" {
+                Value::Okay
+            } else {
+                Value::SimpleString(String::from_utf8_lossy(text).into_owned())
+            };
+            Ok(Some((v, next)))
+        }
+        b'-' => match redis::parse_redis_value(&buf[pos..next]) {
+            Ok(v) => Ok(Some((v, next))),
+            Err(e) => Err(ProtocolError(format!("bad error reply: {e}"))),
+        },
+        b':' => Ok(Some((Value::Int(int(text)?), next))),
+        b'$' => {
+            let n = int(text)?;
+            if n < 0 {
+                return Ok(Some((Value::Nil, next)));
+            }
+            let end = next + n as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(ProtocolError("bulk string not ended by CRLF".into()));
+            }
+            Ok(Some((Value::BulkString(buf[next..end].to_vec()), end + 2)))
+        }
+        b'*' => {
+            let n = int(text)?;
+            if n < 0 {
+                return Ok(Some((Value::Nil, next)));
+            }
+            // Do not trust a huge announced length with an allocation up front.
+            let mut items = Vec::with_capacity((n as usize).min(4096));
+            let mut at = next;
+            for _ in 0..n {
+                match parse_at(buf, at, depth + 1)? {
+                    Some((v, after)) => {
+                        items.push(v);
+                        at = after;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some((Value::Array(items), at)))
+        }
+        b'_' => Ok(Some((Value::Nil, next))),
+        other => Err(ProtocolError(format!(
+            "unexpected reply type byte {:?}",
+            other as char
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalars() {
+        assert_eq!(parse(b"+OK\r\n").unwrap(), Some((Value::Okay, 5)));
+        assert_eq!(
+            parse(b"+PONG\r\n").unwrap(),
+            Some((Value::SimpleString("PONG".into()), 7))
+        );
+        assert_eq!(parse(b":-42\r\n").unwrap(), Some((Value::Int(-42), 6)));
+        assert_eq!(parse(b"$-1\r\n").unwrap(), Some((Value::Nil, 5)));
+        assert_eq!(
+            parse(b"$3\r\nabc\r\n").unwrap(),
+            Some((Value::BulkString(b"abc".to_vec()), 9))
+        );
+        assert_eq!(
+            parse(b"$0\r\n\r\n").unwrap(),
+            Some((Value::BulkString(Vec::new()), 6))
+        );
+    }
+
+    #[test]
+    fn arrays_and_partial_input() {
+        let full = b"*3\r\n$1\r\na\r\n:1\r\n*-1\r\n";
+        let (v, used) = parse(full).unwrap().unwrap();
+        assert_eq!(used, full.len());
+        assert_eq!(
+            v,
+            Value::Array(vec![
+                Value::BulkString(b"a".to_vec()),
+                Value::Int(1),
+                Value::Nil
+            ])
+        );
+        for cut in 0..full.len() {
+            assert_eq!(parse(&full[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        // Binary payloads with CR/LF inside are taken by length.
+        let bin = b"$4\r\n\r\n\r\n\r\n";
+        assert_eq!(
+            parse(bin).unwrap().unwrap().0,
+            Value::BulkString(b"\r\n\r\n".to_vec())
+        );
+    }
+
+    #[test]
+    fn errors() {
+        match parse(b"-MOVED 3999 127.0.0.1:6381\r\n").unwrap().unwrap().0 {
+            Value::ServerError(e) => {
+                assert_eq!(e.code(), "MOVED");
+                assert_eq!(e.details(), Some("3999 127.0.0.1:6381"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(b"HTTP/1.1 400 Bad Request\r\n").is_err());
+        assert!(parse(b":12x\r\n").is_err());
+        assert!(parse(b"$3\r\nabcd\r\n").is_err());
+    }
+}
