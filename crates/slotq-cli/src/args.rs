@@ -183,6 +183,10 @@ pub struct BenchArgs {
     /// Phases to run, comma-separated: push, pop, e2e (pop drains what push pushed).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["push".to_string(), "pop".to_string(), "e2e".to_string()])]
     pub phases: Vec<String>,
+    /// Run this anchor script (the machine's physical limit, e.g. shared/bench/anchor.sh)
+    /// against the same cluster first, and report every phase as a ratio to it.
+    #[arg(long)]
+    pub anchor: Option<std::path::PathBuf>,
     /// Queue name (default: a fresh name per run).
     #[arg(long)]
     pub queue: Option<String>,

@@ -75,6 +75,10 @@ pub async fn run(
             )));
         }
     }
+    let anchor = match &args.anchor {
+        Some(script) => Some(run_anchor(script, cluster, args.size, show).await?),
+        None => None,
+    };
     let want = |p: &str| args.phases.iter().any(|x| x == p);
     let mut ran = Vec::new();
     let mut per_node = BTreeMap::new();
@@ -107,6 +111,8 @@ pub async fn run(
                 "latency_us": p.latency_us.map(|(p50, p99, p999, max)| json!({"p50": p50, "p99": p99, "p999": p999, "max": max})),
             })).collect::<Vec<_>>(),
             "messages_per_node": per_node,
+            "anchor": anchor.as_ref().map(|a| json!({"push_msgs_per_s": a.push, "pop_msgs_per_s": a.pop})),
+            "ratios": anchor.as_ref().map(|a| phases.iter().map(|p| json!({"phase": p.name, "ratio": a.ratio(p)})).collect::<Vec<_>>()),
         });
         return Ok(format!("{v}\n"));
     }
@@ -124,6 +130,7 @@ pub async fn run(
                 lat(|l| l.0),
                 lat(|l| l.1),
                 lat(|l| l.2),
+                anchor.as_ref().map_or("-".into(), |a| format!("{:.2}", a.ratio(p))),
             ]
         })
         .collect();
@@ -132,17 +139,19 @@ pub async fn run(
         .map(|(n, c)| vec![n.clone(), c.to_string()])
         .collect();
     Ok(format!(
-        "slotq bench: {} messages of {} bytes, {} producers, {} consumers, {}, {} shards\n\n{}\nmessages per node after the push phase:\n{}",
+        "slotq bench: {} messages of {} bytes, {} producers, {} consumers, {}, {} shards\n{}\n{}\nmessages per node after the push phase:\n{}",
         args.messages,
         args.size,
         args.producers,
         args.consumers,
         if args.keyed { "keyed" } else { "unkeyed" },
         q.shards().shards.len(),
+        anchor.as_ref().map_or(String::new(), |a| format!(
+            "anchor (redis-benchmark, same cluster, this run): push {:.0} msgs/s, pop {:.0} msgs/s\n",
+            a.push, a.pop
+        )),
         table(
-            &[
-                "PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999"
-            ],
+            &["PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999", "X ANCHOR"],
             &rows
         ),
         table(&["NODE", "MESSAGES"], &nodes)
@@ -446,4 +455,55 @@ async fn baseline(url: &str, args: &BenchArgs, show: bool) -> Result<Vec<Phase>,
     let mut conn = conn;
     let _: Result<i64, _> = conn.del(key).await;
     Ok(phases)
+}
+
+/// The anchor's figures.
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    push: f64,
+    pop: f64,
+}
+
+impl Anchor {
+    /// Pops compare with the anchor's pops; pushes and end-to-end runs with its pushes.
+    fn ratio(&self, p: &Phase) -> f64 {
+        let base = if p.name.ends_with("pop") && !p.name.contains('+') { self.pop } else { self.push };
+        p.rate() / base
+    }
+}
+
+async fn run_anchor(script: &std::path::Path, cluster: &Cluster, size: usize, show: bool) -> Result<Anchor, CliError> {
+    let seed = cluster
+        .topology()
+        .masters()
+        .first()
+        .map(|m| m.addr.to_string())
+        .ok_or_else(|| CliError::Other("the cluster has no master".into()))?;
+    if show {
+        eprintln!("running the anchor {} against {seed} ...", script.display());
+    }
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .arg(&seed)
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|e| CliError::Other(format!("cannot run the anchor {}: {e}", script.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |op: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with("ANCHOR") && l.contains(&format!("op={op} ")))?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("msgs_per_s="))?
+            .parse()
+            .ok()
+    };
+    match (rate("push"), rate("pop")) {
+        (Some(push), Some(pop)) if push > 0.0 && pop > 0.0 => Ok(Anchor { push, pop }),
+        _ => Err(CliError::Other(format!(
+            "the anchor printed no figures:\n{}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ))),
+    }
 }
