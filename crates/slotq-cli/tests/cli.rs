@@ -329,3 +329,19 @@ fn bench_reports_three_phases() {
     let o = slotq(&["--url", &c.url(), "bench", "--size", "8"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn demo_shows_placement_and_traffic_then_cleans_up() {
+    let o = slotq(&["demo", "--replicas", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "cluster, 3 masters",
+        "queue \"orders\": 3 shards",
+        "shards per master skew 1.00",
+        "throughput: pushed 300000",
+        "the cluster is stopped",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}

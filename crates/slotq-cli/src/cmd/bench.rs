@@ -130,7 +130,9 @@ pub async fn run(
                 lat(|l| l.0),
                 lat(|l| l.1),
                 lat(|l| l.2),
-                anchor.as_ref().map_or("-".into(), |a| format!("{:.2}", a.ratio(p))),
+                anchor
+                    .as_ref()
+                    .map_or("-".into(), |a| format!("{:.2}", a.ratio(p))),
             ]
         })
         .collect();
@@ -467,12 +469,21 @@ struct Anchor {
 impl Anchor {
     /// Pops compare with the anchor's pops; pushes and end-to-end runs with its pushes.
     fn ratio(&self, p: &Phase) -> f64 {
-        let base = if p.name.ends_with("pop") && !p.name.contains('+') { self.pop } else { self.push };
+        let base = if p.name.ends_with("pop") && !p.name.contains('+') {
+            self.pop
+        } else {
+            self.push
+        };
         p.rate() / base
     }
 }
 
-async fn run_anchor(script: &std::path::Path, cluster: &Cluster, size: usize, show: bool) -> Result<Anchor, CliError> {
+async fn run_anchor(
+    script: &std::path::Path,
+    cluster: &Cluster,
+    size: usize,
+    show: bool,
+) -> Result<Anchor, CliError> {
     let seed = cluster
         .topology()
         .masters()

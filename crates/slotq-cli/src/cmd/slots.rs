@@ -176,6 +176,11 @@ fn skew(values: impl Iterator<Item = f64>) -> f64 {
     if max == 0.0 { 1.0 } else { max / min }
 }
 
+/// The queue section of `slots --queue`, on its own.
+pub async fn queue_section(cluster: &Cluster, queue: &str) -> Result<String, CliError> {
+    Ok(queue_placement(cluster, queue).await?.render())
+}
+
 async fn queue_placement(cluster: &Cluster, queue: &str) -> Result<Placement, CliError> {
     let q = Client::from_cluster(cluster.clone())
         .queue(queue)
@@ -209,6 +214,8 @@ fn health(h: Health) -> &'static str {
     match h {
         Health::Online => "online",
         Health::Failed => "failed",
-        Health::Loading => "loading",
+        // CLUSTER SHARDS says "loading" for a replica that has not reported any
+        // replication offset yet (a new replica of an empty master, too).
+        Health::Loading => "syncing",
     }
 }
