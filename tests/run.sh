@@ -30,8 +30,9 @@ case "${1:-test}" in
     cargo clippy --workspace --all-targets -q -- -D warnings
     RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps -q
     if cargo nextest --version >/dev/null 2>&1; then
-      cargo nextest run --workspace --no-fail-fast
+      # Doc examples first, so that the run ends with the suite's summary line.
       cargo test --workspace --doc -q
+      cargo nextest run --workspace --no-fail-fast
     else
       cargo test --workspace --no-fail-fast
     fi
