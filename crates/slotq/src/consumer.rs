@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::lease::{self, Lease, LeaseRef, MessageId, Settle, SettleReport, Settled, ShardKeys};
+use crate::placement::DeliveryMode;
 use crate::placement::{Shard, ready_key};
 use crate::queue::Queue;
 use crate::slot::Slot;
@@ -41,14 +43,81 @@ pub const BLOCK_GRACE: Duration = Duration::from_secs(1);
 const WAITER_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Largest depth weight of a shard that keeps returning full batches.
 const MAX_WEIGHT: usize = 8;
+/// Most messages in one lease.
+const MAX_LEASE_BATCH: usize = 4096;
 
 /// One message popped from a queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// From an at-least-once queue a message also carries its id, its delivery number and a
+/// lease: settle it with [`Message::ack`] or [`Message::nack`] (or in bulk with
+/// [`Consumer::ack_all`]) before the lease expires, or it is delivered again.
+#[derive(Debug, Clone)]
 pub struct Message {
     /// The payload as sent.
     pub payload: Vec<u8>,
     /// The shard it came from.
     pub shard: Arc<str>,
+    /// At-least-once queues: the message id, the same on every delivery.
+    pub id: Option<MessageId>,
+    /// Which delivery this is (1 for the first; always 1 for at-most-once queues).
+    pub attempt: u32,
+    /// At-least-once queues: when it was first enqueued (ms since the Unix epoch).
+    pub enqueued_ms: Option<u64>,
+    lease: Option<LeaseRef>,
+}
+
+/// The name the at-least-once documentation uses for a leased message.
+pub type Delivery = Message;
+
+impl Message {
+    fn plain(payload: Vec<u8>, shard: Arc<str>) -> Message {
+        Message {
+            payload,
+            shard,
+            id: None,
+            attempt: 1,
+            enqueued_ms: None,
+            lease: None,
+        }
+    }
+
+    fn lease(&self) -> Result<&LeaseRef> {
+        self.lease.as_ref().ok_or_else(|| {
+            Error::NotReliable(
+                "this message came from an at-most-once queue: there is nothing to settle".into(),
+            )
+        })
+    }
+
+    /// Acknowledges the message: it is done and will not be delivered again.
+    pub async fn ack(&self) -> Result<Settled> {
+        lease::settle_one(self.lease()?, Settle::Ack).await
+    }
+
+    /// Negatively acknowledges the message: it is delivered again (after `delay`, if
+    /// given), or goes to the dead letters once it used up its attempts.
+    pub async fn nack(&self, delay: Option<Duration>) -> Result<Settled> {
+        lease::settle_one(self.lease()?, Settle::Nack(delay.unwrap_or_default())).await
+    }
+
+    /// Extends the lease of this message (and of the messages popped with it) to `by` from
+    /// now. Returns the new deadline, or `None` when the lease had already expired.
+    pub async fn extend(&self, by: Duration) -> Result<Option<std::time::SystemTime>> {
+        lease::extend(self.lease()?, by).await
+    }
+
+    /// At-least-once queues: which lease holds the message (shard, lease number). Messages
+    /// popped together share a lease; settling a lease's messages is one script call.
+    pub fn lease_id(&self) -> Option<(Arc<str>, i64)> {
+        self.lease
+            .as_ref()
+            .map(|l| (l.lease.keys.tag.clone(), l.lease.id))
+    }
+
+    /// The lease deadline (server clock, ms since the Unix epoch) as of the pop.
+    pub fn lease_deadline_ms(&self) -> Option<i64> {
+        self.lease.as_ref().map(|l| l.lease.deadline_ms)
+    }
 }
 
 /// Settings of a [`Consumer`].
@@ -57,6 +126,7 @@ pub struct ConsumerBuilder {
     queue: Queue,
     pop_batch: usize,
     block_timeout: Duration,
+    lease: Duration,
 }
 
 impl ConsumerBuilder {
@@ -65,7 +135,15 @@ impl ConsumerBuilder {
             queue,
             pop_batch: DEFAULT_POP_BATCH,
             block_timeout: DEFAULT_BLOCK_TIMEOUT,
+            lease: lease::DEFAULT_LEASE,
         }
+    }
+
+    /// At-least-once queues: how long a popped message may stay unsettled before it is
+    /// delivered again (the visibility timeout).
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
     }
 
     /// Messages asked from each shard per sweep.
@@ -88,11 +166,27 @@ impl ConsumerBuilder {
         if self.block_timeout < Duration::from_millis(10) {
             return Err(Error::Config("block_timeout must be at least 10 ms".into()));
         }
+        if self.lease < Duration::from_millis(10) {
+            return Err(Error::Config("lease must be at least 10 ms".into()));
+        }
+        // A lease is one script reply; keep it well inside Lua's limits.
+        let pop_batch = self.pop_batch.min(MAX_LEASE_BATCH / MAX_WEIGHT);
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let max_attempts = match self.queue.mode() {
+            DeliveryMode::AtMostOnce => None,
+            DeliveryMode::AtLeastOnce { max_attempts } => Some(max_attempts),
+        };
         Ok(Consumer {
+            pop_batch: if max_attempts.is_some() {
+                pop_batch
+            } else {
+                self.pop_batch
+            },
             queue: self.queue,
-            pop_batch: self.pop_batch,
             block_timeout: self.block_timeout,
+            lease: self.lease,
+            max_attempts,
+            keys: HashMap::new(),
             buffer: VecDeque::new(),
             inbox_tx,
             inbox_rx,
@@ -110,6 +204,10 @@ pub struct Consumer {
     queue: Queue,
     pop_batch: usize,
     block_timeout: Duration,
+    lease: Duration,
+    /// `Some` for at-least-once queues.
+    max_attempts: Option<u32>,
+    keys: HashMap<String, Arc<ShardKeys>>,
     buffer: VecDeque<Message>,
     inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
     inbox_rx: mpsc::UnboundedReceiver<Vec<Message>>,
@@ -194,6 +292,22 @@ impl Consumer {
         left
     }
 
+    /// Acknowledges many messages at once: one script call per lease, pipelined per node.
+    pub async fn ack_all(&self, msgs: &[Message]) -> Result<SettleReport> {
+        let refs: Vec<&LeaseRef> = msgs.iter().map(Message::lease).collect::<Result<_>>()?;
+        lease::settle_many(&refs, Settle::Ack).await
+    }
+
+    /// Negatively acknowledges many messages at once (see [`Message::nack`]).
+    pub async fn nack_all(
+        &self,
+        msgs: &[Message],
+        delay: Option<Duration>,
+    ) -> Result<SettleReport> {
+        let refs: Vec<&LeaseRef> = msgs.iter().map(Message::lease).collect::<Result<_>>()?;
+        lease::settle_many(&refs, Settle::Nack(delay.unwrap_or_default())).await
+    }
+
     /// The queue this consumer reads.
     pub fn queue(&self) -> &Queue {
         &self.queue
@@ -220,7 +334,6 @@ impl Consumer {
             }
             self.ensure_waiters();
             self.idle.send_replace(true);
-            let version = self.queue.shards().version;
             let wake = Instant::now() + self.block_timeout;
             let until = deadline.map_or(wake, |d| d.min(wake));
             tokio::select! {
@@ -233,10 +346,8 @@ impl Consumer {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Ok(());
                     }
-                    // Sweep again only if the shard set changed (new shards to watch).
-                    if self.queue.shards().version == version {
-                        continue;
-                    }
+                    // Sweep again after each block timeout: it picks up new shards and, for
+                    // at-least-once queues, returns expired leases to the ready lists.
                 }
             }
         }
@@ -255,53 +366,119 @@ impl Consumer {
             .chain(&shards[..self.rotate])
             .collect();
         order.sort_by_key(|s| std::cmp::Reverse(self.weights.get(&s.tag).copied().unwrap_or(1)));
-        let prefix = self.queue.inner.prefix.clone();
         let counts: Vec<usize> = order
             .iter()
             .map(|s| self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1))
             .collect();
-        let cmds = order
-            .iter()
-            .zip(&counts)
-            .map(|(s, n)| {
-                (
-                    s.slot,
-                    redis::cmd("LPOP")
-                        .arg(ready_key(&prefix, &s.tag))
-                        .arg(*n)
-                        .clone(),
-                )
-            })
-            .collect();
-        let cluster = self.queue.cluster();
+        let cluster = self.queue.cluster().clone();
         let mut opts = cluster.default_opts();
         // A node that is down is skipped for this round, not waited for.
         opts.retry_budget = Duration::ZERO;
-        let replies = cluster.batch(cmds, opts).await;
+        let keys: Vec<Arc<ShardKeys>> = order.iter().map(|s| self.keys_of(&s.tag)).collect();
+        let replies = match self.max_attempts {
+            None => {
+                let cmds = keys
+                    .iter()
+                    .zip(&counts)
+                    .map(|(k, n)| (k.slot, redis::cmd("LPOP").arg(&k.ready).arg(*n).clone()))
+                    .collect();
+                cluster.batch(cmds, opts).await
+            }
+            Some(max_attempts) => {
+                let scripts = self.queue.inner.lease_scripts.clone();
+                let calls: Vec<crate::script::Call<'_>> = keys
+                    .iter()
+                    .zip(&counts)
+                    .map(|(k, n)| k.pop_call(&scripts, *n, self.lease, max_attempts))
+                    .collect();
+                crate::script::run_batch(&cluster, &calls, opts).await
+            }
+        };
         let mut got = 0;
-        for ((shard, n), reply) in order.iter().zip(counts).zip(replies) {
+        for ((k, n), reply) in keys.iter().zip(counts).zip(replies) {
             match reply {
                 Ok(v) => {
-                    let tag: Arc<str> = Arc::from(shard.tag.as_str());
-                    let buffer = &mut self.buffer;
-                    let popped = each_item(v, |payload| {
-                        buffer.push_back(Message {
-                            payload,
-                            shard: tag.clone(),
-                        })
-                    })?;
+                    let popped = match self.max_attempts {
+                        None => {
+                            let buffer = &mut self.buffer;
+                            each_item(v, |payload| {
+                                buffer.push_back(Message::plain(payload, k.tag.clone()))
+                            })?
+                        }
+                        Some(max_attempts) => self.take_lease(&cluster, k, v, max_attempts)?,
+                    };
                     let full = popped >= n;
                     got += popped;
-                    let w = self.weights.entry(shard.tag.clone()).or_insert(1);
+                    let w = self.weights.entry(k.tag.to_string()).or_insert(1);
                     *w = if full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
                 }
                 Err(e) if e.is_retryable() => {
-                    tracing::debug!(shard = %shard.tag, cause = %e, "shard skipped this round");
+                    tracing::debug!(shard = %k.tag, cause = %e, "shard skipped this round");
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(got)
+    }
+
+    fn keys_of(&mut self, tag: &str) -> Arc<ShardKeys> {
+        let prefix = &self.queue.inner.prefix;
+        self.keys
+            .entry(tag.to_string())
+            .or_insert_with(|| Arc::new(ShardKeys::new(prefix, tag)))
+            .clone()
+    }
+
+    /// Buffers the messages of a reliable pop reply `[lease, deadline, reaped, envelope...]`.
+    fn take_lease(
+        &mut self,
+        cluster: &Cluster,
+        keys: &Arc<ShardKeys>,
+        v: Value,
+        max_attempts: u32,
+    ) -> Result<usize> {
+        let Value::Array(items) = v else {
+            return Err(Error::Protocol(format!(
+                "reliable pop: unexpected reply {v:?}"
+            )));
+        };
+        let mut items = items.into_iter();
+        let (Some(Value::Int(id)), Some(Value::Int(deadline_ms)), Some(_reaped)) =
+            (items.next(), items.next(), items.next())
+        else {
+            return Err(Error::Protocol("reliable pop: short reply".into()));
+        };
+        if id == 0 {
+            return Ok(0);
+        }
+        let lease = Arc::new(Lease {
+            cluster: cluster.clone(),
+            scripts: self.queue.inner.lease_scripts.clone(),
+            keys: keys.clone(),
+            id,
+            deadline_ms,
+            max_attempts,
+        });
+        let mut n = 0;
+        for (i, item) in items.enumerate() {
+            let Value::BulkString(e) = item else {
+                return Err(Error::Protocol("reliable pop: item is not a string".into()));
+            };
+            let env = lease::decode_envelope(e)?;
+            self.buffer.push_back(Message {
+                payload: env.payload,
+                shard: keys.tag.clone(),
+                id: Some(env.id),
+                attempt: env.deliveries as u32 + 1,
+                enqueued_ms: Some(env.enqueued_ms),
+                lease: Some(LeaseRef {
+                    lease: lease.clone(),
+                    position: i as u32 + 1,
+                }),
+            });
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Starts a waiter for every shard that has none running.
@@ -322,6 +499,7 @@ impl Consumer {
                 idle: self.idle.subscribe(),
                 alive: self.alive.subscribe(),
                 tx: self.inbox_tx.clone(),
+                reliable: self.max_attempts.is_some(),
             };
             self.waiters.insert(s.tag.clone(), tokio::spawn(w.run()));
         }
@@ -349,6 +527,16 @@ impl Drop for Consumer {
 }
 
 async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
+    // Leased messages go back through their lease (so the lease ends with them).
+    let (leased, plain): (Vec<Message>, Vec<Message>) =
+        left.into_iter().partition(|m| m.lease.is_some());
+    if !leased.is_empty() {
+        let refs: Vec<&LeaseRef> = leased.iter().filter_map(|m| m.lease.as_ref()).collect();
+        if let Err(e) = lease::settle_many(&refs, Settle::Nack(Duration::ZERO)).await {
+            tracing::warn!(cause = %e, "could not return leased messages; they return when their lease expires");
+        }
+    }
+    let left = plain;
     let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
     for m in left {
         by_shard.entry(m.shard).or_default().push(m.payload);
@@ -421,6 +609,9 @@ struct Waiter {
     idle: watch::Receiver<bool>,
     alive: watch::Receiver<()>,
     tx: mpsc::UnboundedSender<Vec<Message>>,
+    /// At-least-once: wait without popping (`BLMOVE key key RIGHT RIGHT` leaves the list
+    /// as it was) and let the consumer lease what arrived.
+    reliable: bool,
 }
 
 struct Blocking {
@@ -470,14 +661,24 @@ impl Waiter {
                 };
             }
             let b = conn.as_mut().expect("connected above");
-            let cmd = redis::cmd("BLMPOP")
-                .arg(self.block.as_secs_f64())
-                .arg(1)
-                .arg(&self.key)
-                .arg("LEFT")
-                .arg("COUNT")
-                .arg(self.count)
-                .clone();
+            let cmd = if self.reliable {
+                redis::cmd("BLMOVE")
+                    .arg(&self.key)
+                    .arg(&self.key)
+                    .arg("RIGHT")
+                    .arg("RIGHT")
+                    .arg(self.block.as_secs_f64())
+                    .clone()
+            } else {
+                redis::cmd("BLMPOP")
+                    .arg(self.block.as_secs_f64())
+                    .arg(1)
+                    .arg(&self.key)
+                    .arg("LEFT")
+                    .arg("COUNT")
+                    .arg(self.count)
+                    .clone()
+            };
             let reply = {
                 let pop = tokio::time::timeout(self.block + BLOCK_GRACE, b.conn.cmd(&cmd));
                 tokio::pin!(pop);
@@ -488,6 +689,7 @@ impl Waiter {
                         let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(b.id).clone();
                         let _ = self.cluster.node_query::<Value>(&b.node, &unblock).await;
                         if let Ok(Ok(v)) = pop.await
+                            && !self.reliable
                             && let Ok(items) = blmpop_items(v) {
                                 give_back(&self.cluster, self.slot, &self.key, items).await;
                             }
@@ -503,6 +705,12 @@ impl Waiter {
                     self.cluster.request_refresh();
                 }
                 Ok(Ok(Value::Nil)) => {}
+                Ok(Ok(Value::BulkString(_))) if self.reliable => {
+                    // Data arrived (and is still in the list): wake the consumer.
+                    if self.tx.send(Vec::new()).is_err() {
+                        return;
+                    }
+                }
                 Ok(Ok(Value::ServerError(e))) => {
                     let code = e.code().to_string();
                     if self.on_error(&code, &mut conn).await {
@@ -514,10 +722,7 @@ impl Waiter {
                     Ok(items) => {
                         let msgs: Vec<Message> = items
                             .into_iter()
-                            .map(|payload| Message {
-                                payload,
-                                shard: self.tag.clone(),
-                            })
+                            .map(|payload| Message::plain(payload, self.tag.clone()))
                             .collect();
                         if let Err(back) = self.tx.send(msgs) {
                             let items = back.0.into_iter().map(|m| m.payload).collect();

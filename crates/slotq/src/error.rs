@@ -150,6 +150,24 @@ pub enum Error {
         max: u64,
     },
 
+    /// The write is stored on the master but fewer replicas than asked acknowledged it in
+    /// time: it may be lost if the master fails now.
+    #[error(
+        "written to {node} but only {acked} of {wanted} replicas acknowledged it in time; it may not survive a failover"
+    )]
+    NotReplicated {
+        /// The master.
+        node: NodeAddr,
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged.
+        acked: u32,
+    },
+
+    /// A reliable-mode operation on an at-most-once queue (or its messages).
+    #[error("{0}")]
+    NotReliable(String),
+
     /// The queue has no registry in Redis (it was never opened).
     #[error("queue {0:?} does not exist (no registry found)")]
     QueueNotFound(String),
@@ -178,7 +196,10 @@ impl Error {
 
     /// Whether the failed command may nevertheless have been executed by the server.
     pub fn may_have_run(&self) -> bool {
-        matches!(self, Error::Timeout { .. } | Error::ConnectionLost { .. })
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::ConnectionLost { .. } | Error::NotReplicated { .. }
+        )
     }
 
     /// The node the error is about, when there is one.
@@ -192,6 +213,7 @@ impl Error {
             | Error::NodeDown { node }
             | Error::ClusterUnavailable { node, .. }
             | Error::NotACluster { node }
+            | Error::NotReplicated { node, .. }
             | Error::Server { node, .. } => Some(node),
             _ => None,
         }

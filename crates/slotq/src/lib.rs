@@ -13,6 +13,7 @@
 //! - [`client`]: the entry point; [`queue`]: a logical queue, its registry and stats.
 //! - [`producer`]: batching sends, balanced over shards; [`consumer`]: balanced pops and
 //!   server-side blocking when idle.
+//! - [`lease`]: at-least-once delivery: envelope, leases, ack / nack, dead letters.
 //! - [`placement`]: queue names, keys, which shard tags live on which master.
 //! - [`slot`]: CRC16/XMODEM hash slots and hash tags; finding tags for given slots (pure).
 //! - [`topology`]: the slot map from `CLUSTER SHARDS` / `CLUSTER SLOTS`, or one standalone
@@ -41,6 +42,7 @@ pub mod cluster;
 pub mod config;
 pub mod consumer;
 pub mod error;
+pub mod lease;
 pub mod placement;
 pub mod producer;
 pub mod queue;
@@ -53,6 +55,8 @@ pub use cluster::{Cluster, RequestOpts, RouterStats};
 pub use config::ClusterConfig;
 pub use consumer::{Consumer, Message};
 pub use error::{Error, Result};
+pub use lease::{MessageId, SettleReport, Settled};
+pub use placement::DeliveryMode;
 pub use producer::{EmptyPayloads, Producer};
 pub use queue::{Queue, ShardStats};
 pub use topology::{NodeAddr, Topology};

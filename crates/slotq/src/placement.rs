@@ -55,7 +55,13 @@ pub fn meta_key(prefix: &str, queue: &str) -> String {
 
 /// The ready list of a shard.
 pub fn ready_key(prefix: &str, tag: &str) -> String {
-    format!("{prefix}:{{{tag}}}:ready")
+    shard_key(prefix, tag, "ready")
+}
+
+/// A key of a shard: `<prefix>:{<tag>}:<kind>` (ready, leases, inflight, acks, delayed,
+/// dead, leaseseq).
+pub fn shard_key(prefix: &str, tag: &str, kind: &str) -> String {
+    format!("{prefix}:{{{tag}}}:{kind}")
 }
 
 /// Whether a shard takes new messages.
@@ -92,6 +98,22 @@ impl Shard {
     }
 }
 
+/// How a queue hands out messages; fixed when the queue is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Plain list pops: fastest; a consumer that dies loses what it popped.
+    AtMostOnce,
+    /// Pops take leases; unacknowledged messages come back after the lease expires, and go
+    /// to the shard's dead letters after `max_attempts` deliveries.
+    AtLeastOnce {
+        /// Deliveries before a message is dead-lettered.
+        max_attempts: u32,
+    },
+}
+
+/// Deliveries before a message is dead-lettered, by default.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
 /// A queue's shards as recorded in its registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardSet {
@@ -101,6 +123,8 @@ pub struct ShardSet {
     pub shards: Vec<Shard>,
     /// Target number of active shards per master.
     pub shards_per_master: u32,
+    /// At-most-once or at-least-once.
+    pub mode: DeliveryMode,
 }
 
 impl ShardSet {
@@ -128,6 +152,20 @@ impl ShardSet {
             ),
             ("active".into(), list(ShardState::Active)),
             ("draining".into(), list(ShardState::Draining)),
+            (
+                "mode".into(),
+                match self.mode {
+                    DeliveryMode::AtMostOnce => "at-most-once".into(),
+                    DeliveryMode::AtLeastOnce { .. } => "at-least-once".into(),
+                },
+            ),
+            (
+                "max_attempts".into(),
+                match self.mode {
+                    DeliveryMode::AtMostOnce => "0".into(),
+                    DeliveryMode::AtLeastOnce { max_attempts } => max_attempts.to_string(),
+                },
+            ),
         ]
     }
 
@@ -163,10 +201,18 @@ impl ShardSet {
         if shards.is_empty() {
             return Err(bad("no shards"));
         }
+        let mode = match fields.get("mode").map(String::as_str) {
+            None | Some("at-most-once") => DeliveryMode::AtMostOnce,
+            Some("at-least-once") => DeliveryMode::AtLeastOnce {
+                max_attempts: num("max_attempts")?.max(1) as u32,
+            },
+            Some(other) => return Err(bad(&format!("unknown mode {other:?}"))),
+        };
         Ok(ShardSet {
             version: num("version")?,
             shards,
             shards_per_master: num("shards_per_master")? as u32,
+            mode,
         })
     }
 }
@@ -317,6 +363,7 @@ mod tests {
                 Shard::new("q", 2, ShardState::Draining),
             ],
             shards_per_master: 1,
+            mode: DeliveryMode::AtLeastOnce { max_attempts: 3 },
         };
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);

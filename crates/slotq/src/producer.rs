@@ -60,6 +60,7 @@ pub struct ProducerBuilder {
     max_depth: Option<u64>,
     max_payload: usize,
     empty: EmptyPayloads,
+    durability: Option<(u32, Duration)>,
 }
 
 impl ProducerBuilder {
@@ -73,7 +74,16 @@ impl ProducerBuilder {
             max_depth: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
             empty: EmptyPayloads::Reject,
+            durability: None,
         }
+    }
+
+    /// After each push, `WAIT` until `replicas` replicas acknowledged it (at most
+    /// `timeout`); sends resolve only then, or fail with [`Error::NotReplicated`] (the write
+    /// is on the master but may not survive a failover).
+    pub fn durability(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.durability = Some((replicas, timeout));
+        self
     }
 
     /// Most messages per push.
@@ -138,8 +148,17 @@ impl ProducerBuilder {
         if self.max_buffered > Semaphore::MAX_PERMITS {
             return cfg("max_buffered is too large".into());
         }
+        if let Some((n, t)) = self.durability
+            && (n == 0 || t.is_zero())
+        {
+            return cfg("durability needs at least 1 replica and a timeout above zero".into());
+        }
+        let reliable = self.queue.mode() != crate::placement::DeliveryMode::AtMostOnce;
         Ok(Producer {
             inner: Arc::new(ProducerInner {
+                reliable,
+                id_prefix: seed().to_be_bytes(),
+                id_counter: AtomicU64::new(0),
                 permits: Semaphore::new(self.max_buffered),
                 lanes: RwLock::new(Lanes::default()),
                 sticky: AtomicUsize::new(usize::MAX),
@@ -167,6 +186,10 @@ impl std::fmt::Debug for Producer {
 
 struct ProducerInner {
     cfg: ProducerBuilder,
+    /// Wrap payloads in envelopes (at-least-once queues).
+    reliable: bool,
+    id_prefix: [u8; 8],
+    id_counter: AtomicU64,
     permits: Semaphore,
     lanes: RwLock<Lanes>,
     sticky: AtomicUsize,
@@ -235,6 +258,7 @@ impl Producer {
     pub async fn send(&self, payload: impl Into<Vec<u8>>) -> Result<()> {
         let payload = payload.into();
         self.inner.check(&payload)?;
+        let payload = self.inner.wrap(payload);
         self.inner.acquire(1).await;
         let lane = self.inner.pick(None)?;
         let signal = self.inner.enqueue(&lane, vec![payload], false);
@@ -250,6 +274,7 @@ impl Producer {
     ) -> Result<()> {
         let payload = payload.into();
         self.inner.check(&payload)?;
+        let payload = self.inner.wrap(payload);
         self.inner.acquire(1).await;
         let lane = self.inner.pick(Some(key.as_ref()))?;
         let signal = self.inner.enqueue(&lane, vec![payload], true);
@@ -267,7 +292,7 @@ impl Producer {
             self.inner.check(p)?;
         }
         let mut signals = Vec::new();
-        let mut iter = payloads.into_iter().peekable();
+        let mut iter = payloads.into_iter().map(|p| self.inner.wrap(p)).peekable();
         while iter.peek().is_some() {
             let chunk: Vec<Vec<u8>> = iter
                 .by_ref()
@@ -295,6 +320,22 @@ impl Producer {
 impl ProducerInner {
     fn check(&self, payload: &[u8]) -> Result<()> {
         check_payload(payload.len(), self.cfg.max_payload, self.cfg.empty)
+    }
+
+    /// For at-least-once queues: the payload in an envelope with a fresh id.
+    fn wrap(&self, payload: Vec<u8>) -> Vec<u8> {
+        if !self.reliable {
+            return payload;
+        }
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.id_prefix);
+        id[8..].copy_from_slice(
+            &self
+                .id_counter
+                .fetch_add(1, Ordering::Relaxed)
+                .to_be_bytes(),
+        );
+        crate::lease::encode_envelope(crate::lease::MessageId(id), &payload)
     }
 
     async fn acquire(&self, n: usize) {
@@ -498,14 +539,14 @@ impl ProducerInner {
         if fail_fast {
             opts.retry_budget = Duration::ZERO;
         }
-        let reply = match self.cfg.max_depth {
+        let cmd = match self.cfg.max_depth {
             None => {
                 let mut cmd = redis::cmd("RPUSH");
                 cmd.arg(&lane.key);
                 for p in &batch.payloads {
                     cmd.arg(p.as_slice());
                 }
-                cluster.query_with::<Value>(lane.slot, &cmd, opts).await?
+                cmd
             }
             Some(max) => {
                 let max_s = max.to_string();
@@ -513,10 +554,42 @@ impl ProducerInner {
                 args.push(max_s.as_bytes());
                 args.extend(batch.payloads.iter().map(Vec::as_slice));
                 let scripts = &self.cfg.queue.inner.scripts;
-                scripts
-                    .push_bounded
-                    .run(cluster, lane.slot, &[&lane.key], &args, opts)
-                    .await?
+                scripts.push_bounded.cmd(&[&lane.key], &args, true)
+            }
+        };
+        let reply = match self.cfg.durability {
+            None => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
+            Some((replicas, timeout)) => {
+                // WAIT on the same connection, right behind the push: it counts the
+                // replicas that acknowledged every write of that connection so far.
+                opts.timeout += timeout;
+                let wait = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(timeout.as_millis() as u64)
+                    .clone();
+                let mut out = cluster
+                    .batch(vec![(lane.slot, cmd), (lane.slot, wait)], opts)
+                    .await;
+                let waited = out.pop().expect("two replies");
+                let pushed = out.pop().expect("two replies")?;
+                if !matches!(pushed, Value::Int(n) if n < 0) {
+                    let acked = match waited? {
+                        Value::Int(n) => n.max(0) as u32,
+                        other => return Err(Error::Protocol(format!("WAIT: {other:?}"))),
+                    };
+                    if acked < replicas {
+                        return Err(Error::NotReplicated {
+                            node: cluster
+                                .topology()
+                                .owner(lane.slot)
+                                .cloned()
+                                .unwrap_or_else(|| crate::topology::NodeAddr::new("?", 0)),
+                            wanted: replicas,
+                            acked,
+                        });
+                    }
+                }
+                pushed
             }
         };
         match reply {

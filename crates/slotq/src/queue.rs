@@ -33,6 +33,7 @@ pub struct QueueBuilder {
     shards_per_master: u32,
     create: bool,
     registry_poll: Duration,
+    mode: placement::DeliveryMode,
 }
 
 impl QueueBuilder {
@@ -44,6 +45,7 @@ impl QueueBuilder {
             shards_per_master: DEFAULT_SHARDS_PER_MASTER,
             create: true,
             registry_poll: DEFAULT_REGISTRY_POLL,
+            mode: placement::DeliveryMode::AtMostOnce,
         }
     }
 
@@ -56,6 +58,20 @@ impl QueueBuilder {
     /// Shards per master when the queue is created (ignored for existing queues).
     pub fn shards_per_master(mut self, k: u32) -> Self {
         self.shards_per_master = k;
+        self
+    }
+
+    /// Create the queue in at-least-once mode (leases, acks, redelivery, dead letters) with
+    /// [`placement::DEFAULT_MAX_ATTEMPTS`] deliveries per message. Ignored for existing
+    /// queues: the mode is fixed at creation and read from the registry.
+    pub fn reliable(self) -> Self {
+        self.max_attempts(placement::DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// Create the queue in at-least-once mode with this many deliveries before a message
+    /// is dead-lettered.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.mode = placement::DeliveryMode::AtLeastOnce { max_attempts: n };
         self
     }
 
@@ -81,6 +97,10 @@ impl QueueBuilder {
                 self.prefix
             )));
         }
+        if matches!(self.mode, placement::DeliveryMode::AtLeastOnce { max_attempts } if max_attempts == 0 || max_attempts > 65_535)
+        {
+            return Err(Error::Config("max_attempts must be in 1..=65535".into()));
+        }
         if self.shards_per_master == 0 {
             return Err(Error::Config("shards_per_master must be at least 1".into()));
         }
@@ -95,16 +115,22 @@ impl QueueBuilder {
                 version: 0,
                 shards: Vec::new(),
                 shards_per_master: self.shards_per_master,
+                mode: self.mode,
             })),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
             registry_poll: self.registry_poll,
             scripts: Scripts::new(),
+            lease_scripts: Arc::new(crate::lease::LeaseScripts::new()),
         };
         let set = match inner.read_registry().await? {
             Some(set) => set,
             None if !self.create => return Err(Error::QueueNotFound(inner.name.clone())),
-            None => inner.create_registry(self.shards_per_master).await?,
+            None => {
+                inner
+                    .create_registry(self.shards_per_master, self.mode)
+                    .await?
+            }
         };
         *inner.shards.write().unwrap() = Arc::new(set);
         Ok(Queue {
@@ -155,6 +181,7 @@ pub(crate) struct QueueInner {
     checking: AtomicBool,
     registry_poll: Duration,
     pub(crate) scripts: Scripts,
+    pub(crate) lease_scripts: Arc<crate::lease::LeaseScripts>,
 }
 
 /// One shard's numbers, from [`Queue::stats`].
@@ -170,6 +197,14 @@ pub struct ShardStats {
     pub state: ShardState,
     /// Messages ready.
     pub depth: u64,
+    /// Reliable queues: messages leased and not yet settled.
+    pub in_flight: Option<u64>,
+    /// Reliable queues: dead letters.
+    pub dead: Option<u64>,
+    /// Reliable queues: messages waiting for a delayed redelivery.
+    pub delayed: Option<u64>,
+    /// Reliable queues: age of the message at the head of the ready list (producer clock).
+    pub oldest_age: Option<Duration>,
 }
 
 /// What [`Queue::expand`] did.
@@ -256,39 +291,184 @@ impl Queue {
         )))
     }
 
-    /// Depth of every shard (one LLEN per shard, pipelined per node) and where it sits.
+    /// Depth of every shard (one LLEN per shard, pipelined per node) and where it sits; for
+    /// reliable queues also in-flight, delayed and dead counts and the oldest message's age.
     pub async fn stats(&self) -> Result<Vec<ShardStats>> {
         let set = self.reload().await?;
         let cluster = &self.inner.cluster;
-        let cmds = set
+        let reliable = set.mode != placement::DeliveryMode::AtMostOnce;
+        let mut cmds = Vec::new();
+        let mut inflight_calls = Vec::new();
+        for s in &set.shards {
+            let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
+            cmds.push((s.slot, redis::cmd("LLEN").arg(&k.ready).clone()));
+            if reliable {
+                cmds.push((s.slot, redis::cmd("LLEN").arg(&k.dead).clone()));
+                cmds.push((s.slot, redis::cmd("ZCARD").arg(&k.delayed).clone()));
+                cmds.push((s.slot, redis::cmd("LINDEX").arg(&k.ready).arg(0).clone()));
+                inflight_calls.push(crate::script::Call {
+                    slot: s.slot,
+                    script: &self.inner.lease_scripts.inflight,
+                    keys: vec![k.acks.clone()],
+                    args: Vec::new(),
+                });
+            }
+        }
+        let opts = crate::cluster::RequestOpts {
+            idempotent: true,
+            ..cluster.default_opts()
+        };
+        let mut replies = cluster.batch(cmds, opts).await.into_iter();
+        let mut inflight = crate::script::run_batch(cluster, &inflight_calls, opts)
+            .await
+            .into_iter();
+        let topology = cluster.topology();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut out = Vec::with_capacity(set.shards.len());
+        for s in &set.shards {
+            let mut next = || replies.next().expect("one reply per command");
+            let depth = int(next()?)?;
+            let (mut dead, mut delayed, mut oldest_age, mut in_flight) = (None, None, None, None);
+            if reliable {
+                dead = Some(int(next()?)?);
+                delayed = Some(int(next()?)?);
+                oldest_age = match next()? {
+                    Value::BulkString(e) => crate::lease::decode_envelope(e)
+                        .ok()
+                        .map(|e| Duration::from_millis(now_ms.saturating_sub(e.enqueued_ms))),
+                    _ => None,
+                };
+                in_flight = Some(int(inflight.next().expect("one reply per shard")?)?);
+            }
+            out.push(ShardStats {
+                tag: s.tag.clone(),
+                slot: s.slot,
+                node: topology.owner(s.slot).cloned(),
+                state: s.state,
+                depth,
+                in_flight,
+                dead,
+                delayed,
+                oldest_age,
+            });
+        }
+        Ok(out)
+    }
+
+    /// At-most-once or at-least-once (fixed at creation).
+    pub fn mode(&self) -> placement::DeliveryMode {
+        self.inner.shards.read().unwrap().mode
+    }
+
+    fn require_reliable(&self) -> Result<()> {
+        match self.mode() {
+            placement::DeliveryMode::AtMostOnce => Err(Error::NotReliable(format!(
+                "queue {:?} is at-most-once: it has no leases or dead letters",
+                self.name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Up to `max` dead letters per shard, oldest first, without removing them.
+    pub async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        self.require_reliable()?;
+        let set = self.reload().await?;
+        let cluster = &self.inner.cluster;
+        let keys: Vec<crate::lease::ShardKeys> = set
             .shards
             .iter()
-            .map(|s| {
+            .map(|s| crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag))
+            .collect();
+        let cmds = keys
+            .iter()
+            .map(|k| {
                 (
-                    s.slot,
-                    redis::cmd("LLEN").arg(self.ready_key(&s.tag)).clone(),
+                    k.slot,
+                    redis::cmd("LRANGE")
+                        .arg(&k.dead)
+                        .arg(0)
+                        .arg(max as i64 - 1)
+                        .clone(),
                 )
             })
             .collect();
-        let replies = cluster.batch(cmds, cluster.default_opts()).await;
-        let topology = cluster.topology();
-        set.shards
+        let mut out = Vec::new();
+        for (k, r) in keys
             .iter()
-            .zip(replies)
-            .map(|(s, r)| {
-                let depth = match r? {
-                    Value::Int(n) => n as u64,
-                    other => return Err(Error::Protocol(format!("LLEN: {other:?}"))),
-                };
-                Ok(ShardStats {
-                    tag: s.tag.clone(),
-                    slot: s.slot,
-                    node: topology.owner(s.slot).cloned(),
-                    state: s.state,
-                    depth,
-                })
+            .zip(cluster.batch(cmds, cluster.default_opts()).await)
+        {
+            if let Value::Array(items) = r? {
+                for item in items {
+                    if let Value::BulkString(e) = item {
+                        let env = crate::lease::decode_envelope(e)?;
+                        out.push(DeadLetter {
+                            shard: k.tag.to_string(),
+                            id: env.id,
+                            deliveries: env.deliveries as u32,
+                            enqueued_ms: env.enqueued_ms,
+                            payload: env.payload,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves up to `max` dead letters per shard back to the ready lists (delivery counts
+    /// reset); returns how many moved.
+    pub async fn replay_dead(&self, max: usize) -> Result<u64> {
+        self.require_reliable()?;
+        let set = self.reload().await?;
+        let scripts = self.inner.lease_scripts.clone();
+        let calls: Vec<crate::script::Call<'_>> = set
+            .shards
+            .iter()
+            .map(|s| {
+                let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
+                crate::script::Call {
+                    slot: k.slot,
+                    script: &scripts.replay,
+                    keys: vec![k.dead.clone(), k.ready.clone()],
+                    args: vec![max.to_string().into_bytes()],
+                }
             })
-            .collect()
+            .collect();
+        let cluster = &self.inner.cluster;
+        let mut moved = 0;
+        for r in crate::script::run_batch(cluster, &calls, cluster.default_opts()).await {
+            moved += int(r?)?;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes every dead letter; returns how many there were.
+    pub async fn purge_dead(&self) -> Result<u64> {
+        self.require_reliable()?;
+        let set = self.reload().await?;
+        let cluster = &self.inner.cluster;
+        let mut cmds = Vec::new();
+        for s in &set.shards {
+            let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
+            cmds.push((k.slot, redis::cmd("LLEN").arg(&k.dead).clone()));
+            cmds.push((k.slot, redis::cmd("DEL").arg(&k.dead).clone()));
+        }
+        let mut purged = 0;
+        for (i, r) in cluster
+            .batch(cmds, cluster.default_opts())
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let v = r?;
+            if i % 2 == 0 {
+                purged += int(v)?;
+            }
+        }
+        Ok(purged)
     }
 
     /// A producer builder for this queue.
@@ -319,7 +499,7 @@ impl QueueInner {
         ShardSet::from_fields(&self.name, &fields).map(Some)
     }
 
-    async fn create_registry(&self, k: u32) -> Result<ShardSet> {
+    async fn create_registry(&self, k: u32, mode: placement::DeliveryMode) -> Result<ShardSet> {
         let topology = self.cluster.topology();
         let shards = placement::plan(&self.name, &topology, k);
         if shards.is_empty() {
@@ -329,6 +509,7 @@ impl QueueInner {
             version: 1,
             shards,
             shards_per_master: k,
+            mode,
         };
         let args: Vec<Vec<u8>> = proposal
             .to_fields()
@@ -423,6 +604,31 @@ impl QueueInner {
             idempotent: true,
             ..self.cluster.default_opts()
         }
+    }
+}
+
+/// A message in the dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its shard.
+    pub shard: String,
+    /// Its id.
+    pub id: crate::lease::MessageId,
+    /// How many times it was delivered.
+    pub deliveries: u32,
+    /// When it was first enqueued (ms since the Unix epoch, producer clock).
+    pub enqueued_ms: u64,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+fn int(v: Value) -> Result<u64> {
+    match v {
+        Value::Int(n) => Ok(n.max(0) as u64),
+        Value::Nil => Ok(0),
+        other => Err(Error::Protocol(format!(
+            "expected an integer, got {other:?}"
+        ))),
     }
 }
 

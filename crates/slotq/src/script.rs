@@ -63,3 +63,46 @@ impl Script {
         }
     }
 }
+
+/// One script call for [`run_batch`].
+pub(crate) struct Call<'a> {
+    pub(crate) slot: Slot,
+    pub(crate) script: &'a Script,
+    pub(crate) keys: Vec<String>,
+    pub(crate) args: Vec<Vec<u8>>,
+}
+
+impl Call<'_> {
+    fn cmd(&self, load: bool) -> redis::Cmd {
+        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        let args: Vec<&[u8]> = self.args.iter().map(Vec::as_slice).collect();
+        self.script.cmd(&keys, &args, load)
+    }
+}
+
+/// Runs many script calls, one pipeline per node; calls that met a node without the
+/// script (NOSCRIPT) are sent again with the script's source.
+pub(crate) async fn run_batch(
+    cluster: &Cluster,
+    calls: &[Call<'_>],
+    opts: RequestOpts,
+) -> Vec<Result<Value>> {
+    let cmds = calls.iter().map(|c| (c.slot, c.cmd(false))).collect();
+    let mut results = cluster.batch(cmds, opts).await;
+    let missing: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, Err(Error::Server { code, .. }) if code == "NOSCRIPT"))
+        .map(|(i, _)| i)
+        .collect();
+    if !missing.is_empty() {
+        let cmds = missing
+            .iter()
+            .map(|&i| (calls[i].slot, calls[i].cmd(true)))
+            .collect();
+        for (i, r) in missing.into_iter().zip(cluster.batch(cmds, opts).await) {
+            results[i] = r;
+        }
+    }
+    results
+}

@@ -1,0 +1,378 @@
+//! At-least-once delivery: the message envelope, leases, settling (ack / nack), lease
+//! extension, and dead letters.
+//!
+//! A reliable pop (`lua/lease_pop.lua`) moves up to N envelopes from a shard's ready list
+//! into one lease with a deadline taken from the server's clock; the same script first
+//! returns the messages of expired leases to the ready list (or to the dead letters after
+//! `max_attempts` deliveries) and releases delayed messages that are due, so every consumer
+//! that pops also reaps — no separate reaper process, and no lock, since each script runs
+//! atomically. Settling (`lua/settle.lua`) marks positions of a lease in a bitmap; when every
+//! position is settled the lease is deleted. Every step is O(1) or O(log n) per message
+//! (hash and sorted-set operations); nothing scans a list.
+//!
+//! Envelope (the bytes stored in the lists, so that other languages can interoperate):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..2 | magic `0xA5 0x01` (format 1) |
+//! | 2..18 | message id, 16 bytes, stable across redeliveries |
+//! | 18..20 | deliveries before the current one, u16 big-endian |
+//! | 20..28 | enqueue time, ms since the Unix epoch (producer clock), u64 big-endian |
+//! | 28.. | payload |
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Value;
+
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::placement::shard_key;
+use crate::script::{Call, Script};
+use crate::slot::{Slot, tag_slot};
+
+/// Bytes before the payload in an envelope.
+pub const ENVELOPE_HEADER: usize = 28;
+/// First two bytes of every envelope.
+pub const ENVELOPE_MAGIC: [u8; 2] = [0xA5, 0x01];
+/// Lease length of a reliable pop, by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Most expired leases (and most due delayed messages) one pop returns to the ready list.
+pub const REAP_LIMIT: usize = 100;
+
+/// A message id: 16 bytes, unique per message, the same on every delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 16]);
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Wraps a payload in an envelope.
+pub fn encode_envelope(id: MessageId, payload: &[u8]) -> Vec<u8> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut e = Vec::with_capacity(ENVELOPE_HEADER + payload.len());
+    e.extend_from_slice(&ENVELOPE_MAGIC);
+    e.extend_from_slice(&id.0);
+    e.extend_from_slice(&0u16.to_be_bytes());
+    e.extend_from_slice(&now.to_be_bytes());
+    e.extend_from_slice(payload);
+    e
+}
+
+/// A decoded envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The message id.
+    pub id: MessageId,
+    /// Deliveries before the current one.
+    pub deliveries: u16,
+    /// Enqueue time, ms since the Unix epoch.
+    pub enqueued_ms: u64,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Unwraps an envelope.
+pub fn decode_envelope(mut e: Vec<u8>) -> Result<Envelope> {
+    if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
+        return Err(Error::Protocol(
+            "not a slotq envelope (was the queue written by an at-most-once producer?)".into(),
+        ));
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&e[2..18]);
+    let deliveries = u16::from_be_bytes([e[18], e[19]]);
+    let enqueued_ms = u64::from_be_bytes(e[20..28].try_into().expect("8 bytes"));
+    e.drain(..ENVELOPE_HEADER);
+    Ok(Envelope {
+        id: MessageId(id),
+        deliveries,
+        enqueued_ms,
+        payload: e,
+    })
+}
+
+/// The Lua scripts of reliable delivery.
+pub(crate) struct LeaseScripts {
+    pub(crate) pop: Script,
+    pub(crate) settle: Script,
+    pub(crate) extend: Script,
+    pub(crate) replay: Script,
+    pub(crate) inflight: Script,
+}
+
+impl LeaseScripts {
+    pub(crate) fn new() -> Self {
+        LeaseScripts {
+            pop: Script::new(include_str!("lua/lease_pop.lua")),
+            settle: Script::new(include_str!("lua/settle.lua")),
+            extend: Script::new(include_str!("lua/extend.lua")),
+            replay: Script::new(include_str!("lua/replay_dead.lua")),
+            inflight: Script::new(include_str!("lua/inflight_count.lua")),
+        }
+    }
+}
+
+/// The keys of one shard.
+#[derive(Debug, Clone)]
+pub(crate) struct ShardKeys {
+    pub(crate) tag: Arc<str>,
+    pub(crate) slot: Slot,
+    pub(crate) ready: String,
+    pub(crate) leases: String,
+    pub(crate) inflight: String,
+    pub(crate) acks: String,
+    pub(crate) delayed: String,
+    pub(crate) dead: String,
+    pub(crate) seq: String,
+}
+
+impl ShardKeys {
+    pub(crate) fn new(prefix: &str, tag: &str) -> Self {
+        let k = |kind| shard_key(prefix, tag, kind);
+        ShardKeys {
+            tag: Arc::from(tag),
+            slot: tag_slot(tag),
+            ready: k("ready"),
+            leases: k("leases"),
+            inflight: k("inflight"),
+            acks: k("acks"),
+            delayed: k("delayed"),
+            dead: k("dead"),
+            seq: k("leaseseq"),
+        }
+    }
+
+    pub(crate) fn pop_call<'a>(
+        &self,
+        scripts: &'a LeaseScripts,
+        count: usize,
+        lease: Duration,
+        max_attempts: u32,
+    ) -> Call<'a> {
+        Call {
+            slot: self.slot,
+            script: &scripts.pop,
+            keys: vec![
+                self.ready.clone(),
+                self.leases.clone(),
+                self.inflight.clone(),
+                self.acks.clone(),
+                self.delayed.clone(),
+                self.dead.clone(),
+                self.seq.clone(),
+            ],
+            args: vec![
+                count.to_string().into_bytes(),
+                (lease.as_millis().max(1) as u64).to_string().into_bytes(),
+                max_attempts.to_string().into_bytes(),
+                REAP_LIMIT.to_string().into_bytes(),
+            ],
+        }
+    }
+
+    fn settle_call<'a>(
+        &self,
+        scripts: &'a LeaseScripts,
+        lease: i64,
+        how: &Settle,
+        max_attempts: u32,
+        positions: &[u32],
+    ) -> Call<'a> {
+        let (mode, delay) = match how {
+            Settle::Ack => ("ack", 0),
+            Settle::Nack(d) => ("nack", d.as_millis() as u64),
+        };
+        let mut args = vec![
+            lease.to_string().into_bytes(),
+            mode.as_bytes().to_vec(),
+            delay.to_string().into_bytes(),
+            max_attempts.to_string().into_bytes(),
+        ];
+        args.extend(positions.iter().map(|p| p.to_string().into_bytes()));
+        Call {
+            slot: self.slot,
+            script: &scripts.settle,
+            keys: vec![
+                self.leases.clone(),
+                self.inflight.clone(),
+                self.acks.clone(),
+                self.ready.clone(),
+                self.delayed.clone(),
+                self.dead.clone(),
+            ],
+            args,
+        }
+    }
+}
+
+/// One lease: a batch of messages popped together, settled one by one.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pub(crate) cluster: Cluster,
+    pub(crate) scripts: Arc<LeaseScripts>,
+    pub(crate) keys: Arc<ShardKeys>,
+    pub(crate) id: i64,
+    pub(crate) deadline_ms: i64,
+    pub(crate) max_attempts: u32,
+}
+
+impl std::fmt::Debug for LeaseScripts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseScripts")
+    }
+}
+
+/// A message's place in its lease.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseRef {
+    pub(crate) lease: Arc<Lease>,
+    /// 1-based position in the lease.
+    pub(crate) position: u32,
+}
+
+/// How to settle a message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Settle {
+    Ack,
+    Nack(Duration),
+}
+
+/// What settling a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Done: acknowledged (removed), or negatively acknowledged (requeued or dead-lettered).
+    Done,
+    /// Settled before (by an earlier ack or nack of the same delivery): nothing changed.
+    AlreadySettled,
+    /// The lease no longer exists: it expired (the message was or will be delivered again)
+    /// or every message of it was settled already. This settle changed nothing.
+    LeaseGone,
+}
+
+/// Totals of a batched settle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettleReport {
+    /// Messages settled now.
+    pub settled: usize,
+    /// Messages whose lease had expired (they will be delivered again).
+    pub expired: usize,
+    /// Messages sent to the dead letters by this nack.
+    pub dead_lettered: usize,
+}
+
+/// Settles many messages: one script call per lease, pipelined per node.
+pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<SettleReport> {
+    let Some(first) = refs.first() else {
+        return Ok(SettleReport::default());
+    };
+    // Group positions by lease, keeping the first-seen order.
+    let mut groups: Vec<(Arc<Lease>, Vec<u32>)> = Vec::new();
+    for r in refs {
+        match groups.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &r.lease)) {
+            Some((_, ps)) => ps.push(r.position),
+            None => groups.push((r.lease.clone(), vec![r.position])),
+        }
+    }
+    let scripts = first.lease.scripts.clone();
+    let calls: Vec<Call<'_>> = groups
+        .iter()
+        .map(|(l, ps)| l.keys.settle_call(&scripts, l.id, &how, l.max_attempts, ps))
+        .collect();
+    let cluster = &first.lease.cluster;
+    let results = crate::script::run_batch(cluster, &calls, cluster.default_opts()).await;
+    let mut report = SettleReport::default();
+    for ((_, ps), r) in groups.iter().zip(results) {
+        let v = ints(r?)?;
+        match v.as_slice() {
+            [-1, ..] => report.expired += ps.len(),
+            [n, _, dead] => {
+                report.settled += *n as usize;
+                report.dead_lettered += *dead as usize;
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "settle: unexpected reply {other:?}"
+                )));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Settles one message.
+pub(crate) async fn settle_one(r: &LeaseRef, how: Settle) -> Result<Settled> {
+    let report = settle_many(&[r], how).await?;
+    Ok(if report.expired > 0 {
+        Settled::LeaseGone
+    } else if report.settled > 0 {
+        Settled::Done
+    } else {
+        Settled::AlreadySettled
+    })
+}
+
+/// Extends a lease by `by` from now; `None` when it already expired.
+pub(crate) async fn extend(r: &LeaseRef, by: Duration) -> Result<Option<SystemTime>> {
+    let l = &r.lease;
+    let call = Call {
+        slot: l.keys.slot,
+        script: &l.scripts.extend,
+        keys: vec![l.keys.leases.clone()],
+        args: vec![
+            l.id.to_string().into_bytes(),
+            (by.as_millis().max(1) as u64).to_string().into_bytes(),
+        ],
+    };
+    let mut out = crate::script::run_batch(&l.cluster, &[call], l.cluster.default_opts()).await;
+    match out.pop().expect("one reply")? {
+        Value::Int(-1) => Ok(None),
+        Value::Int(ms) => Ok(Some(UNIX_EPOCH + Duration::from_millis(ms as u64))),
+        other => Err(Error::Protocol(format!(
+            "extend: unexpected reply {other:?}"
+        ))),
+    }
+}
+
+fn ints(v: Value) -> Result<Vec<i64>> {
+    match v {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::Int(n) => Ok(n),
+                other => Err(Error::Protocol(format!(
+                    "expected an integer, got {other:?}"
+                ))),
+            })
+            .collect(),
+        other => Err(Error::Protocol(format!("expected an array, got {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trip() {
+        let id = MessageId([7; 16]);
+        let e = encode_envelope(id, b"hello");
+        assert_eq!(e.len(), ENVELOPE_HEADER + 5);
+        assert_eq!(&e[..2], &ENVELOPE_MAGIC);
+        let d = decode_envelope(e).unwrap();
+        assert_eq!(d.id, id);
+        assert_eq!(d.deliveries, 0);
+        assert_eq!(d.payload, b"hello");
+        assert!(d.enqueued_ms > 1_600_000_000_000);
+        assert!(decode_envelope(b"raw payload".to_vec()).is_err());
+        assert_eq!(id.to_string(), "07".repeat(16));
+    }
+}

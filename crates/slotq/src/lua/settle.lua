@@ -1,0 +1,62 @@
+-- Settles messages of one lease: ack (done), or nack (requeue now, later, or dead-letter).
+-- KEYS: 1 leases, 2 inflight, 3 acks, 4 ready, 5 delayed, 6 dead
+-- ARGV: 1 lease, 2 mode ('ack' | 'nack'), 3 delay ms (nack), 4 max attempts (nack),
+--       5.. message positions in the lease (1-based)
+-- Returns {settled now, lease complete (0/1), dead-lettered}; {-1, 0, 0} when the lease no
+-- longer exists (it expired and its messages were requeued, or it was never issued).
+local acks = redis.call('HGET', KEYS[3], ARGV[1])
+if not acks then
+  return {-1, 0, 0}
+end
+local n = string.byte(acks, 1) * 256 + string.byte(acks, 2)
+local done = string.byte(acks, 3) * 256 + string.byte(acks, 4)
+local bytes = {string.byte(acks, 5, -1)}
+local nack = ARGV[2] == 'nack'
+local msgs = nil
+local now = 0
+if nack then
+  msgs = cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local delay = tonumber(ARGV[3])
+local max_attempts = tonumber(ARGV[4])
+local newly, dead = 0, 0
+for j = 5, #ARGV do
+  local i = tonumber(ARGV[j])
+  if i and i >= 1 and i <= n then
+    local k = math.floor((i - 1) / 8) + 1
+    local m = bit.lshift(1, (i - 1) % 8)
+    if bit.band(bytes[k], m) == 0 then
+      bytes[k] = bit.bor(bytes[k], m)
+      newly = newly + 1
+      if nack then
+        local e = msgs[i]
+        local a = string.byte(e, 19) * 256 + string.byte(e, 20) + 1
+        if a > 65535 then a = 65535 end
+        e = string.sub(e, 1, 18) .. string.char(math.floor(a / 256), a % 256) .. string.sub(e, 21)
+        if a >= max_attempts then
+          redis.call('RPUSH', KEYS[6], e)
+          dead = dead + 1
+        elseif delay > 0 then
+          redis.call('ZADD', KEYS[5], now + delay, e)
+        else
+          redis.call('RPUSH', KEYS[4], e)
+        end
+      end
+    end
+  end
+end
+done = done + newly
+if done >= n then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return {newly, 1, dead}
+end
+local chunks = {string.char(math.floor(n / 256), n % 256, math.floor(done / 256), done % 256)}
+for k = 1, #bytes, 4000 do
+  chunks[#chunks + 1] = string.char(unpack(bytes, k, math.min(k + 3999, #bytes)))
+end
+redis.call('HSET', KEYS[3], ARGV[1], table.concat(chunks))
+return {newly, 0, dead}

@@ -1,0 +1,62 @@
+//! A consumer process for the at-least-once tests, killed with SIGKILL by them.
+//!
+//! `slotq-test-consumer URL QUEUE LEASE_MS hold N`: leases N messages, prints
+//! `LEASED <n>`, then never settles them (waits to be killed).
+//! `slotq-test-consumer URL QUEUE LEASE_MS work [MS]`: forever: receive a batch, spend MS
+//! milliseconds on it, print `DONE <payload>` for each message (flushed), then acknowledge.
+
+use std::io::Write;
+use std::time::Duration;
+
+use slotq::Client;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (url, queue, lease_ms, mode) = (
+        &args[1],
+        &args[2],
+        args[3].parse::<u64>().unwrap(),
+        &args[4],
+    );
+    let client = Client::open(url).await.expect("connect");
+    let q = client
+        .queue(queue)
+        .must_exist()
+        .open()
+        .await
+        .expect("queue exists");
+    let mut consumer = q
+        .consumer()
+        .lease(Duration::from_millis(lease_ms))
+        .pop_batch(50)
+        .block_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut out = std::io::stdout();
+    if mode == "hold" {
+        let n: usize = args[5].parse().unwrap();
+        let mut held = Vec::new();
+        while held.len() < n {
+            held.extend(consumer.recv_batch(n - held.len()).await.unwrap());
+        }
+        writeln!(out, "LEASED {}", held.len()).unwrap();
+        out.flush().unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return;
+    }
+    let work = Duration::from_millis(args.get(5).and_then(|a| a.parse().ok()).unwrap_or(0));
+    loop {
+        let batch = consumer.recv_batch(100).await.unwrap();
+        tokio::time::sleep(work).await;
+        let mut text = String::new();
+        for m in &batch {
+            text.push_str("DONE ");
+            text.push_str(&String::from_utf8_lossy(&m.payload));
+            text.push('\n');
+        }
+        out.write_all(text.as_bytes()).unwrap();
+        out.flush().unwrap();
+        consumer.ack_all(&batch).await.unwrap();
+    }
+}

@@ -1,0 +1,335 @@
+//! At-least-once delivery against real clusters: leases, ack / nack / extend, redelivery
+//! after consumer crashes (real processes killed with SIGKILL), dead letters, durability.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use slotq::{Client, Error, Settled, redis};
+use slotq_testkit::{ClusterBuilder, TestCluster};
+
+async fn client(url: &str) -> Client {
+    Client::from_cluster(slotq_tests::router(url).await)
+}
+
+fn consumer_process(url: &str, queue: &str, lease_ms: u64, mode: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
+        .args([url, queue, &lease_ms.to_string()])
+        .args(mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("consumer process starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_consumer_process_leases_come_back() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("crash").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..100).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+
+    let mut holder = consumer_process(&c.url(), "crash", 1500, &["hold", "100"]);
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "LEASED 100");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let killed_at = Instant::now();
+
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 100);
+    assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
+
+    let mut consumer = q.consumer().build().unwrap();
+    let mut got = HashMap::new();
+    while got.len() < 100 {
+        let batch = consumer
+            .recv_batch_timeout(100, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "redelivery after the lease");
+        for m in &batch {
+            assert_eq!(m.attempt, 2, "second delivery");
+            got.insert(m.payload.clone(), m.id.unwrap());
+        }
+        consumer.ack_all(&batch).await.unwrap();
+    }
+    let after = killed_at.elapsed();
+    eprintln!(
+        "100 leased messages of a killed process redelivered {after:?} after the kill (lease 1.5 s)"
+    );
+    assert!(
+        after >= Duration::from_millis(1000),
+        "not before the lease expired: {after:?}"
+    );
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_messages_survive_random_consumer_kills() {
+    const TOTAL: usize = 200_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let url = c.url();
+    let client = client(&url).await;
+    let q = client.queue("chaos").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..TOTAL).map(|i| format!("{i}")))
+        .await
+        .unwrap();
+
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(vec![0; TOTAL]));
+    let spawn = |seen: Arc<Mutex<Vec<u32>>>| {
+        // 3 ms of "work" per batch of 100 keeps the run long enough for the kills.
+        let mut child = consumer_process(&url, "chaos", 1000, &["work", "3"]);
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(i) = line
+                    .strip_prefix("DONE ")
+                    .and_then(|s| s.parse::<usize>().ok())
+                {
+                    seen.lock().unwrap()[i] += 1;
+                }
+            }
+        });
+        child
+    };
+    let mut workers: Vec<Child> = (0..3).map(|_| spawn(seen.clone())).collect();
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let deadline = started + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let done = seen.lock().unwrap().iter().filter(|&&n| n > 0).count();
+        if done == TOTAL {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {TOTAL} processed after 120 s"
+        );
+        if kills < 10 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let victim = (rng % workers.len() as u64) as usize;
+            workers[victim].kill().unwrap();
+            workers[victim].wait().unwrap();
+            workers[victim] = spawn(seen.clone());
+            kills += 1;
+        }
+    }
+    for mut w in workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let seen = seen.lock().unwrap();
+    let missing = seen.iter().filter(|&&n| n == 0).count();
+    let duplicates: u32 = seen.iter().map(|&n| n.saturating_sub(1)).sum();
+    eprintln!(
+        "{TOTAL} messages, {kills} consumer processes killed: missing {missing}, duplicate deliveries {duplicates}, took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(missing, 0, "every message processed at least once");
+    // Nothing is left behind: no ready, in-flight or dead messages.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = q.stats().await.unwrap();
+    let left: u64 = stats.iter().map(|s| s.depth + s.dead.unwrap()).sum();
+    assert_eq!(left, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_delay_extend_dead_letters_and_replay() {
+    let c = TestCluster::start(2, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("settle").max_attempts(2).open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let mut consumer = q
+        .consumer()
+        .lease(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    let quick = Duration::from_millis(50);
+
+    // nack: delivered again at once, attempt 2, same id.
+    producer.send("a").await.unwrap();
+    let m = consumer.recv().await.unwrap();
+    assert_eq!((m.attempt, m.payload.as_slice()), (1, b"a".as_slice()));
+    let id = m.id.unwrap();
+    assert_eq!(m.nack(None).await.unwrap(), Settled::Done);
+    assert_eq!(
+        m.nack(None).await.unwrap(),
+        Settled::LeaseGone,
+        "settled twice"
+    );
+    let m2 = consumer.recv().await.unwrap();
+    assert_eq!((m2.attempt, m2.id.unwrap()), (2, id));
+
+    // After max_attempts (2) deliveries a nack dead-letters it.
+    assert_eq!(m2.nack(None).await.unwrap(), Settled::Done);
+    assert!(
+        consumer
+            .recv_batch_timeout(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dead = q.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].id, dead[0].deliveries, dead[0].payload.as_slice()),
+        (id, 2, b"a".as_slice())
+    );
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.dead.unwrap()).sum::<u64>(), 1);
+
+    // Replay: back in the ready list, delivery count reset.
+    assert_eq!(q.replay_dead(100).await.unwrap(), 1);
+    let m3 = consumer.recv().await.unwrap();
+    assert_eq!((m3.attempt, m3.id.unwrap()), (1, id));
+    assert_eq!(m3.ack().await.unwrap(), Settled::Done);
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+
+    // Delayed nack: invisible for the delay, then delivered.
+    producer.send("b").await.unwrap();
+    let m = consumer.recv().await.unwrap();
+    m.nack(Some(Duration::from_millis(700))).await.unwrap();
+    let t0 = Instant::now();
+    assert!(
+        consumer
+            .recv_batch_timeout(10, Duration::from_millis(400))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = consumer
+        .recv_batch_timeout(10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(650),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(again[0].attempt, 2);
+    again[0].ack().await.unwrap();
+
+    // Extension: a lease extended past its deadline is not redelivered.
+    producer.send("c").await.unwrap();
+    let m = consumer.recv().await.unwrap();
+    let new_deadline = m.extend(Duration::from_secs(5)).await.unwrap();
+    assert!(new_deadline.is_some());
+    let mut other = q.consumer().build().unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        other
+            .recv_batch_timeout(10, quick)
+            .await
+            .unwrap()
+            .is_empty(),
+        "still leased"
+    );
+    assert_eq!(m.ack().await.unwrap(), Settled::Done);
+
+    // An expired lease: ack says so, the message comes back.
+    producer.send("d").await.unwrap();
+    let m = consumer.recv().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let back = other
+        .recv_batch_timeout(10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 1, "redelivered after expiry");
+    assert_eq!(m.ack().await.unwrap(), Settled::LeaseGone);
+    assert_eq!(m.extend(Duration::from_secs(1)).await.unwrap(), None);
+    assert_eq!(back[0].ack().await.unwrap(), Settled::Done);
+
+    assert_eq!(q.purge_dead().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_messages_have_nothing_to_settle() {
+    let c = TestCluster::start(2, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("plain").open().await.unwrap();
+    q.producer().build().unwrap().send("x").await.unwrap();
+    let m = q.consumer().build().unwrap().recv().await.unwrap();
+    assert!(m.id.is_none());
+    assert!(matches!(m.ack().await, Err(Error::NotReliable(_))));
+    assert!(matches!(
+        q.dead_letters(1).await,
+        Err(Error::NotReliable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_sends_wait_for_replicas_or_fail_typed() {
+    let c = ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .start()
+        .unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("durable").reliable().open().await.unwrap();
+    let producer = q
+        .producer()
+        .durability(1, Duration::from_millis(500))
+        .build()
+        .unwrap();
+    for i in 0..100 {
+        producer.send(format!("d{i}")).await.unwrap();
+    }
+    // The replicas hold what was acknowledged: the shard's list, all 100 messages.
+    let stats = q.stats().await.unwrap();
+    let shard = stats.iter().find(|s| s.depth > 0).unwrap();
+    assert_eq!(shard.depth, 100);
+    let master = c.owner_of(shard.slot).unwrap();
+    let replica = c.replicas_of(master)[0];
+    let mut conn = c.node(replica).conn().unwrap();
+    let _: () = redis::cmd("READONLY").query(&mut conn).unwrap();
+    let on_replica: i64 = redis::cmd("LLEN")
+        .arg(q.ready_key(&shard.tag))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(on_replica, 100, "acknowledged sends are on the replica");
+    let replicas: Vec<usize> = (3..6).collect();
+    for &r in &replicas {
+        c.pause(r).unwrap();
+    }
+    let t0 = Instant::now();
+    let err = producer.send("unreplicated").await.unwrap_err();
+    let took = t0.elapsed();
+    for &r in &replicas {
+        c.resume(r).unwrap();
+    }
+    eprintln!("with replicas stopped: {err} after {took:?}");
+    assert!(
+        matches!(
+            err,
+            Error::NotReplicated {
+                wanted: 1,
+                acked: 0,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.may_have_run());
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
