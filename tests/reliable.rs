@@ -135,9 +135,12 @@ async fn two_hundred_thousand_messages_survive_random_consumer_kills() {
         let _ = w.kill();
         let _ = w.wait();
     }
-    let seen = seen.lock().unwrap();
-    let missing = seen.iter().filter(|&&n| n == 0).count();
-    let duplicates: u32 = seen.iter().map(|&n| n.saturating_sub(1)).sum();
+    let (missing, duplicates) = {
+        let seen = seen.lock().unwrap();
+        let missing = seen.iter().filter(|&&n| n == 0).count();
+        let duplicates: u32 = seen.iter().map(|&n| n.saturating_sub(1)).sum();
+        (missing, duplicates)
+    };
     eprintln!(
         "{TOTAL} messages, {kills} consumer processes killed: missing {missing}, duplicate deliveries {duplicates}, took {:?}",
         started.elapsed()
