@@ -60,6 +60,12 @@ pub enum Command {
         /// Send keyed: every message goes to the shard this key maps to (FIFO per key).
         #[arg(long)]
         key: Option<String>,
+        /// Create a missing queue in at-least-once mode (leases, acks, dead letters).
+        #[arg(long)]
+        reliable: bool,
+        /// With --reliable: deliveries before a message is dead-lettered.
+        #[arg(long, default_value_t = slotq::placement::DEFAULT_MAX_ATTEMPTS)]
+        max_attempts: u32,
     },
     /// Pop messages and print one per line.
     ///
@@ -73,6 +79,23 @@ pub enum Command {
         /// Seconds to wait for the first message when the queue is empty (0: don't wait).
         #[arg(long, default_value_t = 0.0)]
         wait: f64,
+        /// At-least-once queues: acknowledge what was printed. Without it, popped messages
+        /// stay leased and come back when the lease expires.
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Dead letters of an at-least-once queue: list, replay into the queue, or purge.
+    ///
+    /// Example: slotq dead orders list -n 20
+    Dead {
+        /// Queue name.
+        queue: String,
+        /// What to do.
+        #[arg(value_enum)]
+        action: DeadAction,
+        /// Most messages per shard (list, replay).
+        #[arg(short = 'n', long = "count", default_value_t = 100)]
+        count: usize,
     },
     /// Per-shard depth, slot and node of a queue, with totals.
     ///
@@ -111,6 +134,17 @@ pub enum Command {
     },
     /// Start a throwaway local cluster, show how slotq routes over it, and clean up.
     Demo(DemoArgs),
+}
+
+/// What `dead` does.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DeadAction {
+    /// Print dead letters (oldest first).
+    List,
+    /// Move dead letters back into the queue (delivery counts reset).
+    Replay,
+    /// Delete every dead letter.
+    Purge,
 }
 
 /// `dev-cluster` actions.
@@ -177,6 +211,9 @@ pub struct BenchArgs {
     /// Keyed sends (1000 keys) instead of unkeyed.
     #[arg(long)]
     pub keyed: bool,
+    /// At-least-once: consumers lease and acknowledge every message.
+    #[arg(long)]
+    pub reliable: bool,
     /// Also measure one plain list driven by the redis crate's cluster client.
     #[arg(long)]
     pub baseline: bool,

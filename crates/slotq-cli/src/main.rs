@@ -56,6 +56,7 @@ impl CliError {
                 slotq::Error::InvalidQueueName { .. } | slotq::Error::InvalidPayload(_),
             ) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::QueueNotFound(_)) => EXIT_NOT_FOUND,
+            CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
             _ => EXIT_FAILURE,
         }
@@ -95,13 +96,29 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             queue,
             messages,
             key,
+            reliable,
+            max_attempts,
         } => {
             let cluster = connect(cli).await?;
-            cmd::queue::push(&cluster, queue, messages, key.as_deref(), cli.json).await
+            let mode = reliable.then_some(*max_attempts);
+            cmd::queue::push(&cluster, queue, messages, key.as_deref(), mode, cli.json).await
         }
-        Command::Pop { queue, count, wait } => {
+        Command::Pop {
+            queue,
+            count,
+            wait,
+            ack,
+        } => {
             let cluster = connect(cli).await?;
-            cmd::queue::pop(&cluster, queue, *count, *wait, cli.json).await
+            cmd::queue::pop(&cluster, queue, *count, *wait, *ack, cli.json).await
+        }
+        Command::Dead {
+            queue,
+            action,
+            count,
+        } => {
+            let cluster = connect(cli).await?;
+            cmd::queue::dead(&cluster, queue, *action, *count, cli.json).await
         }
         Command::Stats { queue } => {
             let cluster = connect(cli).await?;

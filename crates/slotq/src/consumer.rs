@@ -298,6 +298,13 @@ impl Consumer {
         lease::settle_many(&refs, Settle::Ack).await
     }
 
+    /// Gives messages back without counting a delivery: they go to the head of their shard
+    /// at once (for messages taken but not worked on).
+    pub async fn release_all(&self, msgs: &[Message]) -> Result<SettleReport> {
+        let refs: Vec<&LeaseRef> = msgs.iter().map(Message::lease).collect::<Result<_>>()?;
+        lease::settle_many(&refs, Settle::Release).await
+    }
+
     /// Negatively acknowledges many messages at once (see [`Message::nack`]).
     pub async fn nack_all(
         &self,
@@ -451,19 +458,27 @@ impl Consumer {
         if id == 0 {
             return Ok(0);
         }
-        let lease = Arc::new(Lease {
+        let lease = Lease {
             cluster: cluster.clone(),
             scripts: self.queue.inner.lease_scripts.clone(),
             keys: keys.clone(),
             id,
             deadline_ms,
             max_attempts,
+            count: 0,
+        };
+        let Some(Value::BulkString(packed)) = items.next() else {
+            return Err(Error::Protocol(
+                "reliable pop: no messages in the reply".into(),
+            ));
+        };
+        let envelopes = lease::unpack_strings(&packed)?;
+        let lease = Arc::new(Lease {
+            count: envelopes.len(),
+            ..lease
         });
-        let mut n = 0;
-        for (i, item) in items.enumerate() {
-            let Value::BulkString(e) = item else {
-                return Err(Error::Protocol("reliable pop: item is not a string".into()));
-            };
+        let n = envelopes.len();
+        for (i, e) in envelopes.into_iter().enumerate() {
             let env = lease::decode_envelope(e)?;
             self.buffer.push_back(Message {
                 payload: env.payload,
@@ -476,7 +491,6 @@ impl Consumer {
                     position: i as u32 + 1,
                 }),
             });
-            n += 1;
         }
         Ok(n)
     }
@@ -532,7 +546,7 @@ async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
         left.into_iter().partition(|m| m.lease.is_some());
     if !leased.is_empty() {
         let refs: Vec<&LeaseRef> = leased.iter().filter_map(|m| m.lease.as_ref()).collect();
-        if let Err(e) = lease::settle_many(&refs, Settle::Nack(Duration::ZERO)).await {
+        if let Err(e) = lease::settle_many(&refs, Settle::Release).await {
             tracing::warn!(cause = %e, "could not return leased messages; they return when their lease expires");
         }
     }

@@ -183,13 +183,17 @@ impl ShardKeys {
         &self,
         scripts: &'a LeaseScripts,
         lease: i64,
+        whole: usize,
         how: &Settle,
         max_attempts: u32,
         positions: &[u32],
     ) -> Call<'a> {
         let (mode, delay) = match how {
+            // The whole lease at once (the usual batch ack) needs no positions.
+            Settle::Ack if positions.len() == whole => ("ackall", 0),
             Settle::Ack => ("ack", 0),
             Settle::Nack(d) => ("nack", d.as_millis() as u64),
+            Settle::Release => ("release", 0),
         };
         let mut args = vec![
             lease.to_string().into_bytes(),
@@ -197,7 +201,9 @@ impl ShardKeys {
             delay.to_string().into_bytes(),
             max_attempts.to_string().into_bytes(),
         ];
-        args.extend(positions.iter().map(|p| p.to_string().into_bytes()));
+        if mode != "ackall" {
+            args.extend(positions.iter().map(|p| p.to_string().into_bytes()));
+        }
         Call {
             slot: self.slot,
             script: &scripts.settle,
@@ -223,6 +229,8 @@ pub(crate) struct Lease {
     pub(crate) id: i64,
     pub(crate) deadline_ms: i64,
     pub(crate) max_attempts: u32,
+    /// Messages in the lease.
+    pub(crate) count: usize,
 }
 
 impl std::fmt::Debug for LeaseScripts {
@@ -244,6 +252,8 @@ pub(crate) struct LeaseRef {
 pub(crate) enum Settle {
     Ack,
     Nack(Duration),
+    /// Back to the head of the ready list, not counted as a delivery (never handed out).
+    Release,
 }
 
 /// What settling a message did.
@@ -285,7 +295,17 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     let scripts = first.lease.scripts.clone();
     let calls: Vec<Call<'_>> = groups
         .iter()
-        .map(|(l, ps)| l.keys.settle_call(&scripts, l.id, &how, l.max_attempts, ps))
+        .map(|(l, ps)| {
+            // Duplicate positions (the same message settled twice in one call) rule out
+            // the whole-lease fast path.
+            let whole = if distinct(ps) == l.count {
+                l.count
+            } else {
+                usize::MAX
+            };
+            l.keys
+                .settle_call(&scripts, l.id, whole, &how, l.max_attempts, ps)
+        })
         .collect();
     let cluster = &first.lease.cluster;
     let results = crate::script::run_batch(cluster, &calls, cluster.default_opts()).await;
@@ -342,6 +362,46 @@ pub(crate) async fn extend(r: &LeaseRef, by: Duration) -> Result<Option<SystemTi
     }
 }
 
+/// Decodes a msgpack array of strings (what `cmsgpack.pack` makes of a Lua list of
+/// strings), borrowing nothing: each string is copied out once.
+pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let bad = || Error::Protocol("lease: malformed msgpack".into());
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8]> {
+        let s = b.get(at..at + n).ok_or_else(bad)?;
+        at += n;
+        Ok(s)
+    };
+    let be = |s: &[u8]| s.iter().fold(0usize, |acc, &x| (acc << 8) | x as usize);
+    let head = take(1)?[0];
+    let len = match head {
+        0x90..=0x9f => (head & 0x0f) as usize,
+        0xdc => be(take(2)?),
+        0xdd => be(take(4)?),
+        _ => return Err(bad()),
+    };
+    let mut out = Vec::with_capacity(len);
+    for _ in 0..len {
+        let h = take(1)?[0];
+        let n = match h {
+            0xa0..=0xbf => (h & 0x1f) as usize,
+            0xd9 | 0xc4 => be(take(1)?),
+            0xda | 0xc5 => be(take(2)?),
+            0xdb | 0xc6 => be(take(4)?),
+            _ => return Err(bad()),
+        };
+        out.push(take(n)?.to_vec());
+    }
+    Ok(out)
+}
+
+fn distinct(ps: &[u32]) -> usize {
+    let mut v = ps.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v.len()
+}
+
 fn ints(v: Value) -> Result<Vec<i64>> {
     match v {
         Value::Array(items) => items
@@ -360,6 +420,23 @@ fn ints(v: Value) -> Result<Vec<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn msgpack_arrays_of_strings() {
+        // fixarray of fixstr "a", str8 of 40 bytes.
+        let mut b = vec![0x92, 0xa1, b'a', 0xd9, 40];
+        b.extend_from_slice(&[b'x'; 40]);
+        assert_eq!(
+            unpack_strings(&b).unwrap(),
+            vec![b"a".to_vec(), vec![b'x'; 40]]
+        );
+        // array16 of one str16.
+        let mut b = vec![0xdc, 0, 1, 0xda, 1, 0];
+        b.extend_from_slice(&[7; 256]);
+        assert_eq!(unpack_strings(&b).unwrap(), vec![vec![7; 256]]);
+        assert!(unpack_strings(&[0x92, 0xa1]).is_err());
+        assert!(unpack_strings(&[0x01]).is_err());
+    }
 
     #[test]
     fn envelope_round_trip() {

@@ -61,10 +61,11 @@ pub async fn run(
                 .map_or(0, |d| d.as_millis())
         )
     });
-    let q = Client::from_cluster(cluster.clone())
-        .queue(&name)
-        .open()
-        .await?;
+    let mut builder = Client::from_cluster(cluster.clone()).queue(&name);
+    if args.reliable {
+        builder = builder.reliable();
+    }
+    let q = builder.open().await?;
     let show = !as_json;
     let start = Instant::now();
 
@@ -104,7 +105,7 @@ pub async fn run(
         let v = json!({
             "queue": name,
             "messages": args.messages, "size": args.size,
-            "producers": args.producers, "consumers": args.consumers, "keyed": args.keyed,
+            "producers": args.producers, "consumers": args.consumers, "keyed": args.keyed, "reliable": args.reliable,
             "shards": q.shards().shards.len(),
             "phases": phases.iter().map(|p| json!({
                 "phase": p.name, "messages": p.messages, "secs": p.secs, "msgs_per_s": p.rate().round(),
@@ -146,7 +147,12 @@ pub async fn run(
         args.size,
         args.producers,
         args.consumers,
-        if args.keyed { "keyed" } else { "unkeyed" },
+        match (args.keyed, args.reliable) {
+            (false, false) => "unkeyed",
+            (true, false) => "keyed",
+            (false, true) => "unkeyed, at-least-once (lease + ack)",
+            (true, true) => "keyed, at-least-once (lease + ack)",
+        },
         q.shards().shards.len(),
         anchor.as_ref().map_or(String::new(), |a| format!(
             "anchor (redis-benchmark, same cluster, this run): push {:.0} msgs/s, pop {:.0} msgs/s\n",
@@ -291,6 +297,7 @@ async fn consume(
 ) -> Result<Histogram<u64>, CliError> {
     let got = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
+    let reliable = args.reliable;
     for _ in 0..args.consumers {
         let mut consumer = q.consumer().build()?;
         let got = got.clone();
@@ -302,6 +309,9 @@ async fn consume(
                 let batch = consumer
                     .recv_batch_timeout(1000, Duration::from_millis(200))
                     .await?;
+                if reliable && !batch.is_empty() {
+                    consumer.ack_all(&batch).await?;
+                }
                 if let Some(start) = start {
                     let now = start.elapsed().as_nanos() as u64;
                     for m in &batch {

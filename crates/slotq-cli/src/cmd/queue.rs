@@ -16,12 +16,14 @@ pub async fn push(
     queue: &str,
     messages: &[String],
     key: Option<&str>,
+    reliable: Option<u32>,
     as_json: bool,
 ) -> Result<String, CliError> {
-    let q = Client::from_cluster(cluster.clone())
-        .queue(queue)
-        .open()
-        .await?;
+    let mut builder = Client::from_cluster(cluster.clone()).queue(queue);
+    if let Some(max_attempts) = reliable {
+        builder = builder.max_attempts(max_attempts);
+    }
+    let q = builder.open().await?;
     let producer = q.producer().build()?;
     let mut payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.clone().into_bytes()).collect();
     if messages.is_empty() {
@@ -62,6 +64,7 @@ pub async fn pop(
     queue: &str,
     count: usize,
     wait: f64,
+    ack: bool,
     as_json: bool,
 ) -> Result<String, CliError> {
     if count == 0 {
@@ -77,6 +80,12 @@ pub async fn pop(
         .must_exist()
         .open()
         .await?;
+    let reliable = q.mode() != slotq::DeliveryMode::AtMostOnce;
+    if ack && !reliable {
+        return Err(CliError::Usage(format!(
+            "--ack needs an at-least-once queue; {queue} is at-most-once (pops are final)"
+        )));
+    }
     let per_shard = count.div_ceil(q.shards().shards.len().max(1)).max(1);
     let mut consumer = q.consumer().pop_batch(per_shard).build()?;
     let wait = Duration::from_secs_f64(wait).max(Duration::from_millis(1));
@@ -97,11 +106,38 @@ pub async fn pop(
         }
         out.extend(got);
     }
+    if reliable {
+        if ack {
+            consumer.ack_all(&out).await?;
+        } else if !out.is_empty() {
+            eprintln!(
+                "{} message(s) leased, not acknowledged: they return when the lease expires (use --ack)",
+                out.len()
+            );
+        }
+        // Whatever the consumer popped beyond `count` must not sit out a lease.
+        let mut rest = Vec::new();
+        while let Ok(more) = consumer
+            .recv_batch_timeout(10_000, Duration::from_millis(1))
+            .await
+        {
+            if more.is_empty() {
+                break;
+            }
+            rest.extend(more);
+        }
+        if !rest.is_empty() {
+            consumer.release_all(&rest).await?;
+        }
+    }
     consumer.close().await;
     Ok(if as_json {
         let items: Vec<_> = out
             .iter()
-            .map(|m| json!({"shard": &*m.shard, "payload": String::from_utf8_lossy(&m.payload)}))
+            .map(|m| {
+                json!({"shard": &*m.shard, "payload": String::from_utf8_lossy(&m.payload),
+                       "id": m.id.map(|i| i.to_string()), "attempt": m.attempt})
+            })
             .collect();
         format!("{}\n", serde_json::Value::Array(items))
     } else {
@@ -126,7 +162,9 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             .iter()
             .map(|s| {
                 json!({"tag": s.tag, "slot": s.slot, "node": s.node.as_ref().map(|n| n.to_string()),
-                       "state": state(s.state), "depth": s.depth})
+                       "state": state(s.state), "depth": s.depth, "in_flight": s.in_flight,
+                       "delayed": s.delayed, "dead": s.dead,
+                       "oldest_age_ms": s.oldest_age.map(|a| a.as_millis() as u64)})
             })
             .collect();
         return Ok(format!(
@@ -134,6 +172,7 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             json!({"queue": queue, "version": set.version, "shards": shards, "total_depth": total})
         ));
     }
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
     let rows: Vec<Vec<String>> = stats
         .iter()
         .map(|s| {
@@ -143,14 +182,38 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
                 s.node.as_ref().map_or("-".into(), |n| n.to_string()),
                 state(s.state).into(),
                 s.depth.to_string(),
+                opt(s.in_flight),
+                opt(s.delayed),
+                opt(s.dead),
+                s.oldest_age
+                    .map_or("-".into(), |a| format!("{:.1}s", a.as_secs_f64())),
             ]
         })
         .collect();
+    let mode = match set.mode {
+        slotq::DeliveryMode::AtMostOnce => "at-most-once".to_string(),
+        slotq::DeliveryMode::AtLeastOnce { max_attempts } => {
+            format!("at-least-once, {max_attempts} attempts")
+        }
+    };
     Ok(format!(
-        "queue {queue}: {} shards, registry version {}\n\n{}\ntotal depth {total}\n",
+        "queue {queue}: {} shards, {mode}, registry version {}\n\n{}\ntotal depth {total}\n",
         stats.len(),
         set.version,
-        table(&["SHARD", "SLOT", "NODE", "STATE", "DEPTH"], &rows)
+        table(
+            &[
+                "SHARD",
+                "SLOT",
+                "NODE",
+                "STATE",
+                "DEPTH",
+                "IN-FLIGHT",
+                "DELAYED",
+                "DEAD",
+                "OLDEST"
+            ],
+            &rows
+        )
     ))
 }
 
@@ -255,5 +318,68 @@ fn state(s: ShardState) -> &'static str {
     match s {
         ShardState::Active => "active",
         ShardState::Draining => "draining",
+    }
+}
+
+/// `slotq dead QUEUE list|replay|purge`.
+pub async fn dead(
+    cluster: &Cluster,
+    queue: &str,
+    action: crate::args::DeadAction,
+    count: usize,
+    as_json: bool,
+) -> Result<String, CliError> {
+    use crate::args::DeadAction;
+    let q = Client::from_cluster(cluster.clone())
+        .queue(queue)
+        .must_exist()
+        .open()
+        .await?;
+    match action {
+        DeadAction::List => {
+            let dead = q.dead_letters(count).await?;
+            if as_json {
+                let items: Vec<_> = dead
+                    .iter()
+                    .map(|d| {
+                        json!({"shard": d.shard, "id": d.id.to_string(), "deliveries": d.deliveries,
+                               "enqueued_ms": d.enqueued_ms, "payload": String::from_utf8_lossy(&d.payload)})
+                    })
+                    .collect();
+                return Ok(format!("{}\n", serde_json::Value::Array(items)));
+            }
+            let rows: Vec<Vec<String>> = dead
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.shard.clone(),
+                        d.id.to_string(),
+                        d.deliveries.to_string(),
+                        String::from_utf8_lossy(&d.payload).into_owned(),
+                    ]
+                })
+                .collect();
+            Ok(format!(
+                "{} dead letter(s) in {queue}\n\n{}",
+                rows.len(),
+                table(&["SHARD", "ID", "DELIVERIES", "PAYLOAD"], &rows)
+            ))
+        }
+        DeadAction::Replay => {
+            let n = q.replay_dead(count).await?;
+            Ok(if as_json {
+                format!("{}\n", json!({"replayed": n}))
+            } else {
+                format!("{n} dead letter(s) moved back into {queue}\n")
+            })
+        }
+        DeadAction::Purge => {
+            let n = q.purge_dead().await?;
+            Ok(if as_json {
+                format!("{}\n", json!({"purged": n}))
+            } else {
+                format!("{n} dead letter(s) deleted from {queue}\n")
+            })
+        }
     }
 }

@@ -3,7 +3,9 @@
 --       msgpack of the leased envelopes), 4 acks (HASH lease -> u16 n, u16 settled, bitmap),
 --       5 delayed (ZSET envelope -> due ms), 6 dead (LIST), 7 lease sequence (STRING)
 -- ARGV: 1 count, 2 lease ms, 3 max attempts, 4 reap limit
--- Returns {lease, deadline ms, reaped, envelope...}; lease 0 when nothing was leased.
+-- Returns {lease, deadline ms, reaped, msgpack array of the envelopes}; lease 0 when
+-- nothing was leased. (One msgpack string instead of N replies: the same bytes are stored
+-- for the lease, and Redis builds one reply item instead of N.)
 -- Envelope: 2 bytes magic 0xA5 0x01, 16 bytes id, u16 BE deliveries so far, u64 BE
 -- enqueue time (ms), payload.
 local t = redis.call('TIME')
@@ -63,12 +65,9 @@ end
 local lease = redis.call('INCR', KEYS[7])
 local deadline = now + tonumber(ARGV[2])
 local count = #msgs
-redis.call('HSET', KEYS[3], lease, cmsgpack.pack(msgs))
+local packed = cmsgpack.pack(msgs)
+redis.call('HSET', KEYS[3], lease, packed)
 redis.call('HSET', KEYS[4], lease,
   string.char(math.floor(count / 256), count % 256, 0, 0) .. string.rep('\0', math.ceil(count / 8)))
 redis.call('ZADD', KEYS[2], deadline, lease)
-local out = {lease, deadline, reaped}
-for i = 1, count do
-  out[i + 3] = msgs[i]
-end
-return out
+return {lease, deadline, reaped, packed}

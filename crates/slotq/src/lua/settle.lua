@@ -1,7 +1,10 @@
--- Settles messages of one lease: ack (done), or nack (requeue now, later, or dead-letter).
+-- Settles messages of one lease: ack (done), nack (requeue now, later, or dead-letter), or
+-- release (back to the head of the ready list, not counted as a delivery).
 -- KEYS: 1 leases, 2 inflight, 3 acks, 4 ready, 5 delayed, 6 dead
--- ARGV: 1 lease, 2 mode ('ack' | 'nack'), 3 delay ms (nack), 4 max attempts (nack),
---       5.. message positions in the lease (1-based)
+-- ARGV: 1 lease, 2 mode ('ack' | 'nack' | 'release' | 'ackall'), 3 delay ms (nack),
+--       4 max attempts (nack), 5.. message positions in the lease (1-based)
+-- 'ackall' acknowledges every message of a lease none of whose messages was settled yet,
+-- in O(1).
 -- Returns {settled now, lease complete (0/1), dead-lettered}; {-1, 0, 0} when the lease no
 -- longer exists (it expired and its messages were requeued, or it was never issued).
 local acks = redis.call('HGET', KEYS[3], ARGV[1])
@@ -10,10 +13,20 @@ if not acks then
 end
 local n = string.byte(acks, 1) * 256 + string.byte(acks, 2)
 local done = string.byte(acks, 3) * 256 + string.byte(acks, 4)
+if ARGV[2] == 'ackall' and done == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return {n, 1, 0}
+end
 local bytes = {string.byte(acks, 5, -1)}
 local nack = ARGV[2] == 'nack'
+local release = ARGV[2] == 'release'
 local msgs = nil
 local now = 0
+if release then
+  msgs = cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))
+end
 if nack then
   msgs = cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))
   local t = redis.call('TIME')
@@ -30,7 +43,9 @@ for j = 5, #ARGV do
     if bit.band(bytes[k], m) == 0 then
       bytes[k] = bit.bor(bytes[k], m)
       newly = newly + 1
-      if nack then
+      if release then
+        redis.call('LPUSH', KEYS[4], msgs[i])
+      elseif nack then
         local e = msgs[i]
         local a = string.byte(e, 19) * 256 + string.byte(e, 20) + 1
         if a > 65535 then a = 65535 end
