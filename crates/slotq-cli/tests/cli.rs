@@ -345,3 +345,75 @@ fn demo_shows_placement_and_traffic_then_cleans_up() {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
 }
+
+#[test]
+fn reliable_pop_ack_dead_letters_and_stats() {
+    let c = ClusterBuilder::new().masters(2).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+    let o = slotq(&[
+        "--url",
+        u,
+        "push",
+        "rq",
+        "--reliable",
+        "--max-attempts",
+        "1",
+        "a",
+        "b",
+        "c",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Without --ack the messages stay leased (in flight).
+    let o = slotq(&["--url", u, "pop", "rq", "-n", "2"]);
+    assert_eq!(stdout(&o).lines().count(), 2);
+    assert!(stderr(&o).contains("not acknowledged"), "{}", stderr(&o));
+    let o = slotq(&["--url", u, "--json", "stats", "rq"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let sum = |f: &str| -> u64 {
+        v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s[f].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((sum("depth"), sum("in_flight")), (1, 2));
+    let o = slotq(&["--url", u, "stats", "rq"]);
+    assert!(
+        stdout(&o).contains("at-least-once, 1 attempts"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("IN-FLIGHT"));
+
+    // --ack settles what was printed; the JSON carries id and attempt.
+    let o = slotq(&["--url", u, "--json", "pop", "rq", "-n", "5", "--ack"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["attempt"], 1);
+    assert_eq!(v[0]["id"].as_str().unwrap().len(), 32);
+
+    // --ack on an at-most-once queue is refused.
+    slotq(&["--url", u, "push", "plain", "x"]);
+    let o = slotq(&["--url", u, "pop", "plain", "--ack"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = slotq(&["--url", u, "dead", "plain", "list"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("at-most-once"), "{}", stderr(&o));
+
+    // Dead letters: list, replay, purge (empty here), with JSON.
+    let o = slotq(&["--url", u, "--json", "dead", "rq", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 0);
+    let o = slotq(&["--url", u, "dead", "rq", "replay"]);
+    assert!(
+        stdout(&o).contains("0 dead letter(s) moved back"),
+        "{}",
+        stdout(&o)
+    );
+    let o = slotq(&["--url", u, "--json", "dead", "rq", "purge"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["purged"], 0);
+}
