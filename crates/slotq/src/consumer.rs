@@ -467,12 +467,13 @@ impl Consumer {
             max_attempts,
             count: 0,
         };
-        let Some(Value::BulkString(packed)) = items.next() else {
-            return Err(Error::Protocol(
-                "reliable pop: no messages in the reply".into(),
-            ));
-        };
-        let envelopes = lease::unpack_strings(&packed)?;
+        let mut envelopes = Vec::new();
+        for item in items {
+            let Value::BulkString(f) = item else {
+                return Err(Error::Protocol("reliable pop: a frame is not a string".into()));
+            };
+            envelopes.extend(lease::decode_frame(&f)?);
+        }
         let lease = Arc::new(Lease {
             count: envelopes.len(),
             ..lease

@@ -1,8 +1,14 @@
 //! At-least-once delivery: the message envelope, leases, settling (ack / nack), lease
 //! extension, and dead letters.
 //!
-//! A reliable pop (`lua/lease_pop.lua`) moves up to N envelopes from a shard's ready list
-//! into one lease with a deadline taken from the server's clock; the same script first
+//! Reliable queues store **frames** in their ready lists: one list element per producer
+//! batch, holding many envelopes. Redis then does per-batch work (one `RPUSH` element, one
+//! `LPOP`, one lease) instead of per-message work in Lua, which is what makes leasing
+//! nearly as cheap as a plain pop. A frame is `0xA5 0x02`, a u16 big-endian message count,
+//! and a msgpack array of envelopes.
+//!
+//! A reliable pop (`lua/lease_pop.lua`) moves whole frames (at least N messages' worth)
+//! from a shard's ready list into one lease with a deadline taken from the server's clock; the same script first
 //! returns the messages of expired leases to the ready list (or to the dead letters after
 //! `max_attempts` deliveries) and releases delayed messages that are due, so every consumer
 //! that pops also reaps — no separate reaper process, and no lock, since each script runs
@@ -39,6 +45,57 @@ pub const ENVELOPE_MAGIC: [u8; 2] = [0xA5, 0x01];
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Most expired leases (and most due delayed messages) one pop returns to the ready list.
 pub const REAP_LIMIT: usize = 100;
+
+/// First two bytes of every frame.
+pub const FRAME_MAGIC: [u8; 2] = [0xA5, 0x02];
+/// Most messages in one frame.
+pub const MAX_FRAME: usize = 8192;
+
+/// Packs envelopes into a frame.
+pub fn encode_frame(envelopes: &[Vec<u8>]) -> Vec<u8> {
+    let bytes: usize = envelopes.iter().map(|e| e.len() + 5).sum();
+    let mut f = Vec::with_capacity(bytes + 9);
+    f.extend_from_slice(&FRAME_MAGIC);
+    f.extend_from_slice(&(envelopes.len() as u16).to_be_bytes());
+    let n = envelopes.len();
+    if n < 16 {
+        f.push(0x90 | n as u8);
+    } else if n <= 0xffff {
+        f.push(0xdc);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0xdd);
+        f.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    for e in envelopes {
+        let len = e.len();
+        if len < 32 {
+            f.push(0xa0 | len as u8);
+        } else if len <= 0xff {
+            f.extend_from_slice(&[0xd9, len as u8]);
+        } else if len <= 0xffff {
+            f.push(0xda);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(0xdb);
+            f.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        f.extend_from_slice(e);
+    }
+    f
+}
+
+/// Unpacks a frame into its envelopes.
+pub fn decode_frame(f: &[u8]) -> Result<Vec<Vec<u8>>> {
+    if f.len() < 5 || f[0..2] != FRAME_MAGIC {
+        return Err(Error::Protocol("not a slotq frame".into()));
+    }
+    let envelopes = unpack_strings(&f[4..])?;
+    if envelopes.len() != u16::from_be_bytes([f[2], f[3]]) as usize {
+        return Err(Error::Protocol("frame count does not match its contents".into()));
+    }
+    Ok(envelopes)
+}
 
 /// A message id: 16 bytes, unique per message, the same on every delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,6 +190,8 @@ pub(crate) struct ShardKeys {
     pub(crate) delayed: String,
     pub(crate) dead: String,
     pub(crate) seq: String,
+    /// Messages in the ready list (frames hold many; producers and scripts keep it).
+    pub(crate) count: String,
 }
 
 impl ShardKeys {
@@ -148,6 +207,7 @@ impl ShardKeys {
             delayed: k("delayed"),
             dead: k("dead"),
             seq: k("leaseseq"),
+            count: k("count"),
         }
     }
 
@@ -169,6 +229,7 @@ impl ShardKeys {
                 self.delayed.clone(),
                 self.dead.clone(),
                 self.seq.clone(),
+                self.count.clone(),
             ],
             args: vec![
                 count.to_string().into_bytes(),
@@ -202,7 +263,10 @@ impl ShardKeys {
             max_attempts.to_string().into_bytes(),
         ];
         if mode != "ackall" {
-            args.extend(positions.iter().map(|p| p.to_string().into_bytes()));
+            for (first, last) in ranges(positions) {
+                args.push(first.to_string().into_bytes());
+                args.push(last.to_string().into_bytes());
+            }
         }
         Call {
             slot: self.slot,
@@ -214,6 +278,7 @@ impl ShardKeys {
                 self.ready.clone(),
                 self.delayed.clone(),
                 self.dead.clone(),
+                self.count.clone(),
             ],
             args,
         }
@@ -395,6 +460,21 @@ pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Positions as sorted, merged inclusive ranges (what the settle script takes).
+fn ranges(ps: &[u32]) -> Vec<(u32, u32)> {
+    let mut v = ps.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for p in v {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == p => *last = p,
+            _ => out.push((p, p)),
+        }
+    }
+    out
+}
+
 fn distinct(ps: &[u32]) -> usize {
     let mut v = ps.to_vec();
     v.sort_unstable();
@@ -420,6 +500,22 @@ fn ints(v: Value) -> Result<Vec<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_become_ranges() {
+        assert_eq!(ranges(&[5, 1, 2, 3, 9, 10, 3]), vec![(1, 3), (5, 5), (9, 10)]);
+        assert!(ranges(&[]).is_empty());
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for n in [0usize, 1, 15, 16, 300] {
+            let envs: Vec<Vec<u8>> = (0..n).map(|i| encode_envelope(MessageId([i as u8; 16]), &vec![b'p'; i * 3])).collect();
+            let f = encode_frame(&envs);
+            assert_eq!(decode_frame(&f).unwrap(), envs, "{n} envelopes");
+        }
+        assert!(decode_frame(b"\xA5\x01junk").is_err());
+    }
 
     #[test]
     fn msgpack_arrays_of_strings() {

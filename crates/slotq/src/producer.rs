@@ -154,6 +154,15 @@ impl ProducerBuilder {
             return cfg("durability needs at least 1 replica and a timeout above zero".into());
         }
         let reliable = self.queue.mode() != crate::placement::DeliveryMode::AtMostOnce;
+        if reliable && self.max_depth.is_some() {
+            return cfg("max_depth is not supported for at-least-once queues".into());
+        }
+        if reliable && self.max_batch_messages > crate::lease::MAX_FRAME {
+            return cfg(format!(
+                "at-least-once queues take at most {} messages per batch",
+                crate::lease::MAX_FRAME
+            ));
+        }
         Ok(Producer {
             inner: Arc::new(ProducerInner {
                 reliable,
@@ -540,6 +549,11 @@ impl ProducerInner {
             opts.retry_budget = Duration::ZERO;
         }
         let cmd = match self.cfg.max_depth {
+            // At-least-once queues: the whole batch is one frame, one list element.
+            None if self.reliable => redis::cmd("RPUSH")
+                .arg(&lane.key)
+                .arg(crate::lease::encode_frame(&batch.payloads))
+                .clone(),
             None => {
                 let mut cmd = redis::cmd("RPUSH");
                 cmd.arg(&lane.key);
@@ -557,9 +571,26 @@ impl ProducerInner {
                 scripts.push_bounded.cmd(&[&lane.key], &args, true)
             }
         };
-        let reply = match self.cfg.durability {
-            None => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
-            Some((replicas, timeout)) => {
+        // At-least-once shards keep a count of ready messages (a frame holds many): it
+        // goes in the same write, right behind the push.
+        let count = self.reliable.then(|| {
+            redis::cmd("INCRBY")
+                .arg(crate::placement::shard_key(&self.cfg.queue.inner.prefix, &lane.tag, "count"))
+                .arg(batch.payloads.len())
+                .clone()
+        });
+        let reply = match (self.cfg.durability, count) {
+            (None, None) => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
+            (None, Some(count)) => {
+                let mut out = cluster.batch(vec![(lane.slot, cmd), (lane.slot, count)], opts).await;
+                let counted = out.pop().expect("two replies");
+                let pushed = out.pop().expect("two replies")?;
+                if let Err(e) = counted {
+                    tracing::warn!(shard = %lane.tag, cause = %e, "ready count not updated");
+                }
+                pushed
+            }
+            (Some((replicas, timeout)), count) => {
                 // WAIT on the same connection, right behind the push: it counts the
                 // replicas that acknowledged every write of that connection so far.
                 opts.timeout += timeout;
@@ -567,11 +598,12 @@ impl ProducerInner {
                     .arg(replicas)
                     .arg(timeout.as_millis() as u64)
                     .clone();
-                let mut out = cluster
-                    .batch(vec![(lane.slot, cmd), (lane.slot, wait)], opts)
-                    .await;
-                let waited = out.pop().expect("two replies");
-                let pushed = out.pop().expect("two replies")?;
+                let mut cmds = vec![(lane.slot, cmd)];
+                cmds.extend(count.map(|c| (lane.slot, c)));
+                cmds.push((lane.slot, wait));
+                let mut out = cluster.batch(cmds, opts).await;
+                let waited = out.pop().expect("a reply per command");
+                let pushed = out.remove(0)?;
                 if !matches!(pushed, Value::Int(n) if n < 0) {
                     let acked = match waited? {
                         Value::Int(n) => n.max(0) as u32,

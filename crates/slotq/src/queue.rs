@@ -301,8 +301,10 @@ impl Queue {
         let mut inflight_calls = Vec::new();
         for s in &set.shards {
             let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
-            cmds.push((s.slot, redis::cmd("LLEN").arg(&k.ready).clone()));
-            if reliable {
+            if !reliable {
+                cmds.push((s.slot, redis::cmd("LLEN").arg(&k.ready).clone()));
+            } else {
+                cmds.push((s.slot, redis::cmd("GET").arg(&k.count).clone()));
                 cmds.push((s.slot, redis::cmd("LLEN").arg(&k.dead).clone()));
                 cmds.push((s.slot, redis::cmd("ZCARD").arg(&k.delayed).clone()));
                 cmds.push((s.slot, redis::cmd("LINDEX").arg(&k.ready).arg(0).clone()));
@@ -329,18 +331,26 @@ impl Queue {
         let mut out = Vec::with_capacity(set.shards.len());
         for s in &set.shards {
             let mut next = || replies.next().expect("one reply per command");
-            let depth = int(next()?)?;
             let (mut dead, mut delayed, mut oldest_age, mut in_flight) = (None, None, None, None);
+            let depth;
             if reliable {
+                depth = match next()? {
+                    Value::BulkString(b) => String::from_utf8_lossy(&b).parse::<i64>().unwrap_or(0).max(0) as u64,
+                    other => int(other)?,
+                };
                 dead = Some(int(next()?)?);
                 delayed = Some(int(next()?)?);
                 oldest_age = match next()? {
-                    Value::BulkString(e) => crate::lease::decode_envelope(e)
+                    Value::BulkString(f) => crate::lease::decode_frame(&f)
                         .ok()
+                        .and_then(|envs| envs.into_iter().next())
+                        .and_then(|e| crate::lease::decode_envelope(e).ok())
                         .map(|e| Duration::from_millis(now_ms.saturating_sub(e.enqueued_ms))),
                     _ => None,
                 };
                 in_flight = Some(int(inflight.next().expect("one reply per shard")?)?);
+            } else {
+                depth = int(next()?)?;
             }
             out.push(ShardStats {
                 tag: s.tag.clone(),
@@ -403,14 +413,24 @@ impl Queue {
             if let Value::Array(items) = r? {
                 for item in items {
                     if let Value::BulkString(e) = item {
-                        let env = crate::lease::decode_envelope(e)?;
-                        out.push(DeadLetter {
-                            shard: k.tag.to_string(),
-                            id: env.id,
-                            deliveries: env.deliveries as u32,
-                            enqueued_ms: env.enqueued_ms,
-                            payload: env.payload,
-                        });
+                        // Something that is not an envelope (pushed by hand) is shown raw.
+                        let letter = match crate::lease::decode_envelope(e.clone()) {
+                            Ok(env) => DeadLetter {
+                                shard: k.tag.to_string(),
+                                id: env.id,
+                                deliveries: env.deliveries as u32,
+                                enqueued_ms: env.enqueued_ms,
+                                payload: env.payload,
+                            },
+                            Err(_) => DeadLetter {
+                                shard: k.tag.to_string(),
+                                id: crate::lease::MessageId([0; 16]),
+                                deliveries: 0,
+                                enqueued_ms: 0,
+                                payload: e,
+                            },
+                        };
+                        out.push(letter);
                     }
                 }
             }
@@ -432,7 +452,7 @@ impl Queue {
                 crate::script::Call {
                     slot: k.slot,
                     script: &scripts.replay,
-                    keys: vec![k.dead.clone(), k.ready.clone()],
+                    keys: vec![k.dead.clone(), k.ready.clone(), k.count.clone()],
                     args: vec![max.to_string().into_bytes()],
                 }
             })

@@ -1,17 +1,30 @@
--- Reliable pop: reap expired leases and due delayed messages, then lease up to N messages.
--- KEYS: 1 ready (LIST), 2 leases (ZSET lease -> deadline ms), 3 inflight (HASH lease ->
---       msgpack of the leased envelopes), 4 acks (HASH lease -> u16 n, u16 settled, bitmap),
---       5 delayed (ZSET envelope -> due ms), 6 dead (LIST), 7 lease sequence (STRING)
--- ARGV: 1 count, 2 lease ms, 3 max attempts, 4 reap limit
--- Returns {lease, deadline ms, reaped, msgpack array of the envelopes}; lease 0 when
--- nothing was leased. (One msgpack string instead of N replies: the same bytes are stored
--- for the lease, and Redis builds one reply item instead of N.)
--- Envelope: 2 bytes magic 0xA5 0x01, 16 bytes id, u16 BE deliveries so far, u64 BE
--- enqueue time (ms), payload.
+-- Reliable pop: reap expired leases and due delayed messages, then lease messages.
+-- KEYS: 1 ready (LIST of frames), 2 leases (ZSET lease -> deadline ms), 3 inflight (HASH
+--       lease -> msgpack array of the leased frames), 4 acks (HASH lease -> u16 count,
+--       u16 settled, bitmap), 5 delayed (ZSET envelope -> due ms), 6 dead (LIST of
+--       envelopes), 7 lease sequence (STRING), 8 ready count (STRING: messages in 1)
+-- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit
+-- Returns {lease, deadline ms, reaped, frame...}; lease 0 when nothing was leased.
+-- Frame: 0xA5 0x02, u16 BE message count, msgpack array of envelopes. Envelope: 0xA5 0x01,
+-- 16 bytes id, u16 BE deliveries so far, u64 BE enqueue ms, payload.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[4])
 local max_attempts = tonumber(ARGV[3])
+local MAX_LEASE = 16384
+
+local function is_frame(f)
+  return string.byte(f, 1) == 0xA5 and string.byte(f, 2) == 0x02 and #f >= 5
+end
+
+local function count(f)
+  return string.byte(f, 3) * 256 + string.byte(f, 4)
+end
+
+local function frame(list)
+  local n = #list
+  return string.char(0xA5, 0x02, math.floor(n / 256), n % 256) .. cmsgpack.pack(list)
+end
 
 local function bump(e)
   local a = string.byte(e, 19) * 256 + string.byte(e, 20) + 1
@@ -30,17 +43,25 @@ for _, lease in ipairs(expired) do
   local packed = redis.call('HGET', KEYS[3], lease)
   if packed then
     local acks = redis.call('HGET', KEYS[4], lease) or ''
-    local msgs = cmsgpack.unpack(packed)
-    for i = #msgs, 1, -1 do
-      if not settled(acks, i) then
-        local e, a = bump(msgs[i])
-        if a >= max_attempts then
-          redis.call('RPUSH', KEYS[6], e)
-        else
-          redis.call('LPUSH', KEYS[1], e)
+    local back = {}
+    local i = 0
+    for _, f in ipairs(cmsgpack.unpack(packed)) do
+      for _, e in ipairs(cmsgpack.unpack(string.sub(f, 5))) do
+        i = i + 1
+        if not settled(acks, i) then
+          local e2, a = bump(e)
+          if a >= max_attempts then
+            redis.call('RPUSH', KEYS[6], e2)
+          else
+            back[#back + 1] = e2
+          end
+          reaped = reaped + 1
         end
-        reaped = reaped + 1
       end
+    end
+    if #back > 0 then
+      redis.call('LPUSH', KEYS[1], frame(back))
+      redis.call('INCRBY', KEYS[8], #back)
     end
   end
   redis.call('HDEL', KEYS[3], lease)
@@ -50,24 +71,39 @@ end
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, limit)
 if #due > 0 then
-  redis.call('RPUSH', KEYS[1], unpack(due))
+  redis.call('RPUSH', KEYS[1], frame(due))
+  redis.call('INCRBY', KEYS[8], #due)
   redis.call('ZREM', KEYS[5], unpack(due))
 end
 
-local n = tonumber(ARGV[1])
-if n == 0 then
+local want = tonumber(ARGV[1])
+local frames = {}
+local total = 0
+while total < want and total < MAX_LEASE and #frames < 256 do
+  local f = redis.call('LPOP', KEYS[1])
+  if not f then
+    break
+  end
+  if is_frame(f) then
+    frames[#frames + 1] = f
+    total = total + count(f)
+  else
+    -- Not written by a slotq producer: park it with the dead letters, never block the shard.
+    redis.call('RPUSH', KEYS[6], f)
+  end
+end
+if total == 0 then
   return {0, 0, reaped}
 end
-local msgs = redis.call('LPOP', KEYS[1], n)
-if not msgs then
-  return {0, 0, reaped}
-end
+redis.call('DECRBY', KEYS[8], total)
 local lease = redis.call('INCR', KEYS[7])
 local deadline = now + tonumber(ARGV[2])
-local count = #msgs
-local packed = cmsgpack.pack(msgs)
-redis.call('HSET', KEYS[3], lease, packed)
+redis.call('HSET', KEYS[3], lease, cmsgpack.pack(frames))
 redis.call('HSET', KEYS[4], lease,
-  string.char(math.floor(count / 256), count % 256, 0, 0) .. string.rep('\0', math.ceil(count / 8)))
+  string.char(math.floor(total / 256), total % 256, 0, 0) .. string.rep('\0', math.ceil(total / 8)))
 redis.call('ZADD', KEYS[2], deadline, lease)
-return {lease, deadline, reaped, packed}
+local out = {lease, deadline, reaped}
+for k = 1, #frames do
+  out[k + 3] = frames[k]
+end
+return out

@@ -1,12 +1,13 @@
 -- Settles messages of one lease: ack (done), nack (requeue now, later, or dead-letter), or
 -- release (back to the head of the ready list, not counted as a delivery).
--- KEYS: 1 leases, 2 inflight, 3 acks, 4 ready, 5 delayed, 6 dead
+-- KEYS: 1 leases, 2 inflight, 3 acks, 4 ready, 5 delayed, 6 dead, 7 ready count
 -- ARGV: 1 lease, 2 mode ('ack' | 'nack' | 'release' | 'ackall'), 3 delay ms (nack),
---       4 max attempts (nack), 5.. message positions in the lease (1-based)
+--       4 max attempts (nack), 5.. ranges of message positions in the lease as pairs
+--       first, last (1-based, inclusive)
 -- 'ackall' acknowledges every message of a lease none of whose messages was settled yet,
 -- in O(1).
 -- Returns {settled now, lease complete (0/1), dead-lettered}; {-1, 0, 0} when the lease no
--- longer exists (it expired and its messages were requeued, or it was never issued).
+-- longer exists (it expired and its messages were requeued, or it was settled in full).
 local acks = redis.call('HGET', KEYS[3], ARGV[1])
 if not acks then
   return {-1, 0, 0}
@@ -19,34 +20,60 @@ if ARGV[2] == 'ackall' and done == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return {n, 1, 0}
 end
+
+local function frame(list)
+  local c = #list
+  return string.char(0xA5, 0x02, math.floor(c / 256), c % 256) .. cmsgpack.pack(list)
+end
+
 local bytes = {string.byte(acks, 5, -1)}
 local nack = ARGV[2] == 'nack'
 local release = ARGV[2] == 'release'
-local msgs = nil
+local envs = nil
 local now = 0
-if release then
-  msgs = cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))
-end
-if nack then
-  msgs = cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))
+if nack or release then
+  envs = {}
+  for _, f in ipairs(cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))) do
+    for _, e in ipairs(cmsgpack.unpack(string.sub(f, 5))) do
+      envs[#envs + 1] = e
+    end
+  end
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local delay = tonumber(ARGV[3])
 local max_attempts = tonumber(ARGV[4])
 local newly, dead = 0, 0
-for j = 5, #ARGV do
-  local i = tonumber(ARGV[j])
-  if i and i >= 1 and i <= n then
+local back = {}
+local function popcount(b)
+  local c = 0
+  while b > 0 do
+    c = c + bit.band(b, 1)
+    b = bit.rshift(b, 1)
+  end
+  return c
+end
+
+for j = 5, #ARGV - 1, 2 do
+  local first = math.max(tonumber(ARGV[j]) or 1, 1)
+  local last = math.min(tonumber(ARGV[j + 1]) or 0, n)
+  -- Plain acks of whole bytes of the bitmap are set eight at a time.
+  while not nack and not release and first <= last and (first - 1) % 8 == 0 and first + 7 <= last do
+    local k = math.floor((first - 1) / 8) + 1
+    newly = newly + 8 - popcount(bytes[k])
+    bytes[k] = 255
+    first = first + 8
+  end
+  for i = first, last do
     local k = math.floor((i - 1) / 8) + 1
     local m = bit.lshift(1, (i - 1) % 8)
     if bit.band(bytes[k], m) == 0 then
       bytes[k] = bit.bor(bytes[k], m)
       newly = newly + 1
       if release then
-        redis.call('LPUSH', KEYS[4], msgs[i])
+        back[#back + 1] = envs[i]
       elseif nack then
-        local e = msgs[i]
+        local e = envs[i]
         local a = string.byte(e, 19) * 256 + string.byte(e, 20) + 1
         if a > 65535 then a = 65535 end
         e = string.sub(e, 1, 18) .. string.char(math.floor(a / 256), a % 256) .. string.sub(e, 21)
@@ -56,10 +83,18 @@ for j = 5, #ARGV do
         elseif delay > 0 then
           redis.call('ZADD', KEYS[5], now + delay, e)
         else
-          redis.call('RPUSH', KEYS[4], e)
+          back[#back + 1] = e
         end
       end
     end
+  end
+end
+if #back > 0 then
+  redis.call('INCRBY', KEYS[7], #back)
+  if release then
+    redis.call('LPUSH', KEYS[4], frame(back))
+  else
+    redis.call('RPUSH', KEYS[4], frame(back))
   end
 end
 done = done + newly
