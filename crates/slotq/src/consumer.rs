@@ -470,7 +470,9 @@ impl Consumer {
         let mut envelopes = Vec::new();
         for item in items {
             let Value::BulkString(f) = item else {
-                return Err(Error::Protocol("reliable pop: a frame is not a string".into()));
+                return Err(Error::Protocol(
+                    "reliable pop: a frame is not a string".into(),
+                ));
             };
             envelopes.extend(lease::decode_frame(&f)?);
         }

@@ -92,7 +92,9 @@ pub fn decode_frame(f: &[u8]) -> Result<Vec<Vec<u8>>> {
     }
     let envelopes = unpack_strings(&f[4..])?;
     if envelopes.len() != u16::from_be_bytes([f[2], f[3]]) as usize {
-        return Err(Error::Protocol("frame count does not match its contents".into()));
+        return Err(Error::Protocol(
+            "frame count does not match its contents".into(),
+        ));
     }
     Ok(envelopes)
 }
@@ -503,14 +505,19 @@ mod tests {
 
     #[test]
     fn positions_become_ranges() {
-        assert_eq!(ranges(&[5, 1, 2, 3, 9, 10, 3]), vec![(1, 3), (5, 5), (9, 10)]);
+        assert_eq!(
+            ranges(&[5, 1, 2, 3, 9, 10, 3]),
+            vec![(1, 3), (5, 5), (9, 10)]
+        );
         assert!(ranges(&[]).is_empty());
     }
 
     #[test]
     fn frames_round_trip() {
         for n in [0usize, 1, 15, 16, 300] {
-            let envs: Vec<Vec<u8>> = (0..n).map(|i| encode_envelope(MessageId([i as u8; 16]), &vec![b'p'; i * 3])).collect();
+            let envs: Vec<Vec<u8>> = (0..n)
+                .map(|i| encode_envelope(MessageId([i as u8; 16]), &vec![b'p'; i * 3]))
+                .collect();
             let f = encode_frame(&envs);
             assert_eq!(decode_frame(&f).unwrap(), envs, "{n} envelopes");
         }

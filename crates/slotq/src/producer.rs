@@ -575,14 +575,20 @@ impl ProducerInner {
         // goes in the same write, right behind the push.
         let count = self.reliable.then(|| {
             redis::cmd("INCRBY")
-                .arg(crate::placement::shard_key(&self.cfg.queue.inner.prefix, &lane.tag, "count"))
+                .arg(crate::placement::shard_key(
+                    &self.cfg.queue.inner.prefix,
+                    &lane.tag,
+                    "count",
+                ))
                 .arg(batch.payloads.len())
                 .clone()
         });
         let reply = match (self.cfg.durability, count) {
             (None, None) => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
             (None, Some(count)) => {
-                let mut out = cluster.batch(vec![(lane.slot, cmd), (lane.slot, count)], opts).await;
+                let mut out = cluster
+                    .batch(vec![(lane.slot, cmd), (lane.slot, count)], opts)
+                    .await;
                 let counted = out.pop().expect("two replies");
                 let pushed = out.pop().expect("two replies")?;
                 if let Err(e) = counted {

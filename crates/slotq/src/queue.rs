@@ -335,7 +335,10 @@ impl Queue {
             let depth;
             if reliable {
                 depth = match next()? {
-                    Value::BulkString(b) => String::from_utf8_lossy(&b).parse::<i64>().unwrap_or(0).max(0) as u64,
+                    Value::BulkString(b) => String::from_utf8_lossy(&b)
+                        .parse::<i64>()
+                        .unwrap_or(0)
+                        .max(0) as u64,
                     other => int(other)?,
                 };
                 dead = Some(int(next()?)?);
