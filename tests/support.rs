@@ -1,4 +1,8 @@
-//! Shared helpers for the integration tests: connecting a router to a testkit cluster.
+//! Shared helpers for the integration tests: connecting a router to a testkit cluster, and
+//! a load driver for failure tests ([`load`]).
+
+#[path = "load.rs"]
+pub mod load;
 
 use std::time::Duration;
 

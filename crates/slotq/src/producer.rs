@@ -61,6 +61,7 @@ pub struct ProducerBuilder {
     max_payload: usize,
     empty: EmptyPayloads,
     durability: Option<(u32, Duration)>,
+    resend_ambiguous: Option<bool>,
 }
 
 impl ProducerBuilder {
@@ -75,7 +76,18 @@ impl ProducerBuilder {
             max_payload: DEFAULT_MAX_PAYLOAD,
             empty: EmptyPayloads::Reject,
             durability: None,
+            resend_ambiguous: None,
         }
+    }
+
+    /// Whether an unkeyed batch whose push may or may not have been stored (the node timed
+    /// out, the connection broke, or too few replicas confirmed) is sent again to another
+    /// shard. That keeps sends succeeding through a node failure at the price of possible
+    /// duplicates. Default: on for at-least-once queues (they allow duplicates anyway), off
+    /// for at-most-once queues (the error is returned instead).
+    pub fn resend_ambiguous(mut self, yes: bool) -> Self {
+        self.resend_ambiguous = Some(yes);
+        self
     }
 
     /// After each push, `WAIT` until `replicas` replicas acknowledged it (at most
@@ -165,6 +177,7 @@ impl ProducerBuilder {
         }
         Ok(Producer {
             inner: Arc::new(ProducerInner {
+                resend_ambiguous: self.resend_ambiguous.unwrap_or(reliable),
                 reliable,
                 id_prefix: seed().to_be_bytes(),
                 id_counter: AtomicU64::new(0),
@@ -197,6 +210,7 @@ struct ProducerInner {
     cfg: ProducerBuilder,
     /// Wrap payloads in envelopes (at-least-once queues).
     reliable: bool,
+    resend_ambiguous: bool,
     id_prefix: [u8; 8],
     id_counter: AtomicU64,
     permits: Semaphore,
@@ -533,7 +547,7 @@ impl ProducerInner {
             let lanes = self.lanes();
             let last = lanes.iter().all(|l| tried.contains(&l.tag));
             match self.push(&target, batch, !last).await {
-                Err(e) if !last && rerouteable(&e) => {
+                Err(e) if !last && rerouteable(&e, self.resend_ambiguous) => {
                     tracing::debug!(shard = %target.tag, cause = %e, "rerouting batch");
                     target = self.choose(&lanes, &tried);
                 }
@@ -600,6 +614,7 @@ impl ProducerInner {
                 // WAIT on the same connection, right behind the push: it counts the
                 // replicas that acknowledged every write of that connection so far.
                 opts.timeout += timeout;
+                opts.isolated = true;
                 let wait = redis::cmd("WAIT")
                     .arg(replicas)
                     .arg(timeout.as_millis() as u64)
@@ -649,8 +664,16 @@ impl ProducerInner {
     }
 }
 
-fn rerouteable(e: &Error) -> bool {
-    matches!(e, Error::QueueFull { .. }) || (e.is_retryable() && !e.may_have_run())
+/// Whether an unkeyed batch that failed with `e` may go to another shard. Batches that may
+/// already be stored (timeout, lost connection, unreplicated) only when `ambiguous` allows
+/// duplicates.
+fn rerouteable(e: &Error, ambiguous: bool) -> bool {
+    match e {
+        Error::QueueFull { .. } => true,
+        Error::NotReplicated { .. } => ambiguous,
+        e if e.may_have_run() => ambiguous && e.is_retryable(),
+        e => e.is_retryable(),
+    }
 }
 
 /// Checks a payload's size against the limits.

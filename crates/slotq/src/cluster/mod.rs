@@ -44,6 +44,9 @@ pub struct RequestOpts {
     /// The command may be resent after a timeout or a broken connection (it is harmless to
     /// apply twice).
     pub idempotent: bool,
+    /// Send on the node's second connection, kept for commands that may hold a connection
+    /// for a while (`WAIT`), so that they never delay the shared one.
+    pub isolated: bool,
 }
 
 /// Counters of routing events since the router was created.
@@ -154,6 +157,7 @@ impl Cluster {
             timeout: self.inner.config.request_timeout,
             retry_budget: self.inner.config.retry_budget,
             idempotent: false,
+            isolated: false,
         }
     }
 

@@ -14,6 +14,8 @@ pub(crate) struct Node {
     pub(crate) addr: NodeAddr,
     dialer: Dialer,
     conn: Mutex<Option<Conn>>,
+    /// The second shared connection, for commands that may wait (see `RequestOpts::isolated`).
+    side: Mutex<Option<Conn>>,
     /// Held while dialling so that concurrent callers wait for one connection attempt.
     dialling: tokio::sync::Mutex<()>,
     down_until: Mutex<Option<Instant>>,
@@ -21,27 +23,20 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    /// The shared connection, dialled on first use (and again after it broke).
-    pub(crate) async fn connection(&self) -> Result<Conn> {
-        if let Some(c) = self.live() {
+    /// The shared connection, dialled on first use (and again after it broke); `isolated`
+    /// picks the second one.
+    pub(crate) async fn connection(&self, isolated: bool) -> Result<Conn> {
+        let slot = if isolated { &self.side } else { &self.conn };
+        if let Some(c) = live(slot) {
             return Ok(c);
         }
         let _dialling = self.dialling.lock().await;
-        if let Some(c) = self.live() {
+        if let Some(c) = live(slot) {
             return Ok(c);
         }
         let c = self.dial().await?;
-        *self.conn.lock().unwrap() = Some(c.clone());
+        *slot.lock().unwrap() = Some(c.clone());
         Ok(c)
-    }
-
-    fn live(&self) -> Option<Conn> {
-        self.conn
-            .lock()
-            .unwrap()
-            .as_ref()
-            .filter(|c| !c.is_closed())
-            .cloned()
     }
 
     /// A new connection of its own (for blocking commands), not shared with anyone.
@@ -49,9 +44,10 @@ impl Node {
         self.dialer.dial(&self.addr).await
     }
 
-    /// Drops the shared connection so that the next caller dials a fresh one.
+    /// Drops the shared connections so that the next caller dials a fresh one.
     pub(crate) fn reset(&self) {
         self.conn.lock().unwrap().take();
+        self.side.lock().unwrap().take();
     }
 
     /// Marks the node down for `backoff` and drops its connection.
@@ -79,6 +75,14 @@ impl Node {
     }
 }
 
+fn live(slot: &Mutex<Option<Conn>>) -> Option<Conn> {
+    slot.lock()
+        .unwrap()
+        .as_ref()
+        .filter(|c| !c.is_closed())
+        .cloned()
+}
+
 /// All nodes known to a router, by address.
 pub(crate) struct NodePool {
     dialer: Dialer,
@@ -104,6 +108,7 @@ impl NodePool {
             addr: addr.clone(),
             dialer: self.dialer.clone(),
             conn: Mutex::new(None),
+            side: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             down_until: Mutex::new(None),
             last_probe: Mutex::new(None),

@@ -30,7 +30,7 @@ pub(crate) async fn send_raw(
     cmd: &Cmd,
     timeout: Duration,
 ) -> Result<RedisResult<Value>> {
-    let conn = node.connection().await?;
+    let conn = node.connection(false).await?;
     match tokio::time::timeout(timeout, conn.cmd(cmd)).await {
         Err(_) => {
             node.reset();
@@ -122,7 +122,7 @@ pub(crate) async fn run_batch(
         let sends = groups.into_iter().map(|(addr, group)| {
             let cmds = &cmds;
             async move {
-                let r = send_group(inner, &addr, &group, cmds, opts.timeout).await;
+                let r = send_group(inner, &addr, &group, cmds, opts).await;
                 (addr, group, r)
             }
         });
@@ -238,8 +238,9 @@ async fn send_group(
     addr: &NodeAddr,
     group: &[(usize, bool)],
     cmds: &[(Slot, Cmd)],
-    timeout: Duration,
+    opts: RequestOpts,
 ) -> std::result::Result<Vec<RedisResult<Value>>, SendError> {
+    let timeout = opts.timeout;
     // ASKING targets are importing nodes: the map may still call them down or unknown.
     let asking = group.iter().any(|(_, a)| *a);
     if !asking && inner.is_down(addr) {
@@ -248,7 +249,7 @@ async fn send_group(
         return Err(SendError::NotSent(Error::NodeDown { node: addr.clone() }));
     }
     let node = inner.pool.get(addr);
-    let conn = match node.connection().await {
+    let conn = match node.connection(opts.isolated).await {
         Ok(c) => c,
         Err(e) => {
             if e.is_retryable() {

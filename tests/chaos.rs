@@ -1,0 +1,148 @@
+//! Failures under load, against real clusters with replicas and a small node timeout:
+//! master killed, master frozen, manual failover. Each test prints the load driver's report.
+
+use std::time::{Duration, Instant};
+
+use slotq::producer::{fnv1a, jump_hash};
+use slotq::{Client, Queue};
+use slotq_testkit::{ClusterBuilder, TestCluster};
+use slotq_tests::load::{Load, LoadConfig};
+
+async fn client(url: &str) -> Client {
+    Client::from_cluster(slotq_tests::router(url).await)
+}
+
+fn cluster(node_timeout_ms: u64) -> TestCluster {
+    ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .node_timeout_ms(node_timeout_ms)
+        .start()
+        .expect("cluster starts")
+}
+
+/// The shard of `q` that master `m` serves, and a key that maps to it.
+fn shard_on(c: &TestCluster, q: &Queue, m: usize) -> (String, String) {
+    let set = q.shards();
+    let active: Vec<_> = set.active().collect();
+    let (i, shard) = active
+        .iter()
+        .enumerate()
+        .find(|(_, s)| c.owner_of(s.slot) == Some(m))
+        .expect("every master has a shard");
+    let key = (0..)
+        .map(|n| format!("key{n}"))
+        .find(|k| jump_hash(fnv1a(k.as_bytes()), active.len()) == i)
+        .expect("some key maps to every shard");
+    (shard.tag.clone(), key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_master_under_load_loses_no_acknowledged_message() {
+    let mut c = cluster(1000);
+    let client = client(&c.url()).await;
+    let q = client.queue("kill").reliable().open().await.unwrap();
+    let producer = q
+        .producer()
+        .durability(1, Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let marker = q.producer().build().unwrap();
+    let load = Load::start(&q, producer, LoadConfig::default());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let victim = 1;
+    let (victim_shard, key) = shard_on(&c, &q, victim);
+    c.kill(victim).unwrap();
+    let killed = Instant::now();
+    let promoted =
+        tokio::task::block_in_place(|| c.wait_for_promotion(victim, Duration::from_secs(30)))
+            .unwrap();
+    let promoted_at = Instant::now();
+    // A message for the killed master's shard, sent right after the promotion.
+    let t0 = Instant::now();
+    marker.send_keyed(&key, "marker").await.unwrap();
+    let marker_sent_in = t0.elapsed();
+    let deadline = promoted_at + c.node_timeout() + Duration::from_secs(3);
+    let resumed = loop {
+        if let Some(t) = load.first_delivery_after(&victim_shard, promoted_at) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pops of {victim_shard} did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish(Duration::from_secs(20)).await;
+    eprintln!(
+        "kill -9 of master {victim} (node timeout {:?}): promoted node {promoted} after {:?}; pops of {victim_shard} resumed {:?} after the promotion (marker sent in {marker_sent_in:?}); {report}",
+        c.node_timeout(),
+        promoted_at - killed,
+        resumed - promoted_at
+    );
+    assert_eq!(report.failed, 0, "unkeyed sends never fail: {report}");
+    assert_eq!(report.lost, 0, "no acknowledged message lost: {report}");
+    assert!(report.acked > 1000, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_master_for_10s_under_load_blocks_no_call() {
+    let c = cluster(2000);
+    let client = client(&c.url()).await;
+    let q = client.queue("freeze").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let load = Load::start(&q, producer, LoadConfig::default());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let victim = 2;
+    c.pause(victim).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    c.resume(victim).unwrap();
+    tokio::task::block_in_place(|| c.wait_stable()).unwrap();
+    let acked_at_resume = load.acked();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let acked_after = load.acked();
+    let report = load.finish(Duration::from_secs(20)).await;
+    eprintln!("SIGSTOP of master {victim} for 10 s: {report}");
+    // Bound of one call: a 500 ms attempt, a reroute, the consumer's own waits.
+    let bound = Duration::from_secs(4);
+    assert!(report.longest_send < bound, "{report}");
+    assert!(report.longest_recv < bound, "{report}");
+    assert!(acked_after > acked_at_resume, "sends go on after SIGCONT");
+    assert_eq!(report.failed, 0, "{report}");
+    assert_eq!(report.lost, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_failover_wakes_blocked_consumers_within_a_second() {
+    let c = cluster(2000);
+    let client = client(&c.url()).await;
+    let q = client.queue("switch").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let mut consumer = q.consumer().build().unwrap();
+    // Block the consumer (empty queue), then fail master 0 over to its replica.
+    let waiting = tokio::spawn(async move {
+        let m = consumer.recv().await.unwrap();
+        (m, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (shard, key) = shard_on(&c, &q, 0);
+    let replica = c.replicas_of(0)[0];
+    tokio::task::block_in_place(|| c.failover(replica)).unwrap();
+    let promoted_at = Instant::now();
+    producer.send_keyed(&key, "after failover").await.unwrap();
+    let (m, got_at) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the blocked consumer got going again")
+        .unwrap();
+    let after = got_at - promoted_at;
+    eprintln!(
+        "manual failover: blocked consumer received from {} {after:?} after the promotion",
+        m.shard
+    );
+    assert_eq!(m.payload, b"after failover");
+    assert_eq!(&*m.shard, shard.as_str());
+    assert!(after < Duration::from_secs(1), "{after:?}");
+}
