@@ -146,3 +146,46 @@ async fn manual_failover_wakes_blocked_consumers_within_a_second() {
     assert_eq!(&*m.shard, shard.as_str());
     assert!(after < Duration::from_secs(1), "{after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_reshard_of_2000_slots_under_load_is_invisible() {
+    let c = ClusterBuilder::new().masters(3).node_timeout_ms(2000).start().unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("reshard").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let load = Load::start(&q, producer, LoadConfig::default());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Step by step: 1000 slots of master 0 to master 1, the queue's shard slot among them.
+    let (shard0, _) = shard_on(&c, &q, 0);
+    let slot0 = q.shards().shards.iter().find(|s| s.tag == shard0).unwrap().slot;
+    let mut slots: Vec<u16> = vec![slot0];
+    slots.extend(c.slots_of(0).into_iter().filter(|&s| s != slot0).take(999));
+    let t0 = Instant::now();
+    tokio::task::block_in_place(|| c.migrate_slots(&slots, 1)).unwrap();
+    let step_by_step = t0.elapsed();
+
+    // As an operator would: redis-cli moves master 2's lowest slots, through its shard.
+    let (shard2, _) = shard_on(&c, &q, 2);
+    let slot2 = q.shards().shards.iter().find(|s| s.tag == shard2).unwrap().slot;
+    let first2 = c.slots_of(2)[0];
+    let count = ((slot2 - first2) as usize + 1).max(1000);
+    let t0 = Instant::now();
+    tokio::task::block_in_place(|| c.redis_cli_reshard(2, 1, count)).unwrap();
+    let with_cli = t0.elapsed();
+    assert_eq!(c.owner_of(slot0), Some(1));
+    assert_eq!(c.owner_of(slot2), Some(1));
+    let moved_at = Instant::now();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resumed0 = load.first_delivery_after(&shard0, moved_at);
+    let resumed2 = load.first_delivery_after(&shard2, moved_at);
+    let report = load.finish(Duration::from_secs(20)).await;
+    eprintln!(
+        "reshard under load: 1000 slots step by step in {step_by_step:?}, {count} slots with redis-cli in {with_cli:?}; {report}"
+    );
+    assert!(resumed0.is_some() && resumed2.is_some(), "moved shards keep being consumed");
+    assert_eq!(report.failed, 0, "{report}");
+    assert!(report.errors.is_empty(), "no error reaches the user: {report}");
+    assert_eq!(report.lost, 0, "{report}");
+}

@@ -546,6 +546,56 @@ impl TestCluster {
         self.wait_stable()
     }
 
+    /// Moves the given slots (with their keys) to node `to`, one by one, then waits until
+    /// the cluster agrees.
+    pub fn migrate_slots(&self, slots: &[u16], to: usize) -> Result<()> {
+        for &s in slots {
+            if self.owner_of(s) != Some(to) {
+                self.migrate_slot(s, to)?;
+            }
+        }
+        self.wait_stable()
+    }
+
+    /// Every slot master `m` owns, ascending.
+    pub fn slots_of(&self, m: usize) -> Vec<u16> {
+        let mut v: Vec<u16> = self
+            .slot_owners()
+            .iter()
+            .filter(|(_, i)| **i == m)
+            .flat_map(|((a, b), _)| *a..=*b)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Moves `count` slots from master `from` to master `to` with
+    /// `redis-cli --cluster reshard` (as an operator would), then waits until the cluster
+    /// agrees.
+    pub fn redis_cli_reshard(&self, from: usize, to: usize, count: usize) -> Result<()> {
+        let mut cmd = std::process::Command::new("redis-cli");
+        cmd.args(["--cluster", "reshard", &self.nodes[to].addr()])
+            .args(["--cluster-from", &self.ids[from]])
+            .args(["--cluster-to", &self.ids[to]])
+            .args(["--cluster-slots", &count.to_string()])
+            .arg("--cluster-yes");
+        if let Some((u, p)) = &self.builder.security.user {
+            cmd.args(["--user", u, "--pass", p]);
+        }
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| TestkitError::Setup(format!("redis-cli: {e} (apt-get install redis-tools)")))?;
+        if !out.status.success() {
+            return Err(TestkitError::Setup(format!(
+                "redis-cli --cluster reshard failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        self.wait_stable()
+    }
+
     /// Starts a new empty node and joins it to the cluster as a master without slots.
     pub fn add_master(&mut self) -> Result<usize> {
         let i = self.spawn_node()?;
