@@ -149,7 +149,11 @@ async fn manual_failover_wakes_blocked_consumers_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_reshard_of_2000_slots_under_load_is_invisible() {
-    let c = ClusterBuilder::new().masters(3).node_timeout_ms(2000).start().unwrap();
+    let c = ClusterBuilder::new()
+        .masters(3)
+        .node_timeout_ms(2000)
+        .start()
+        .unwrap();
     let client = client(&c.url()).await;
     let q = client.queue("reshard").reliable().open().await.unwrap();
     let producer = q.producer().build().unwrap();
@@ -158,7 +162,13 @@ async fn live_reshard_of_2000_slots_under_load_is_invisible() {
 
     // Step by step: 1000 slots of master 0 to master 1, the queue's shard slot among them.
     let (shard0, _) = shard_on(&c, &q, 0);
-    let slot0 = q.shards().shards.iter().find(|s| s.tag == shard0).unwrap().slot;
+    let slot0 = q
+        .shards()
+        .shards
+        .iter()
+        .find(|s| s.tag == shard0)
+        .unwrap()
+        .slot;
     let mut slots: Vec<u16> = vec![slot0];
     slots.extend(c.slots_of(0).into_iter().filter(|&s| s != slot0).take(999));
     let t0 = Instant::now();
@@ -167,7 +177,13 @@ async fn live_reshard_of_2000_slots_under_load_is_invisible() {
 
     // As an operator would: redis-cli moves master 2's lowest slots, through its shard.
     let (shard2, _) = shard_on(&c, &q, 2);
-    let slot2 = q.shards().shards.iter().find(|s| s.tag == shard2).unwrap().slot;
+    let slot2 = q
+        .shards()
+        .shards
+        .iter()
+        .find(|s| s.tag == shard2)
+        .unwrap()
+        .slot;
     let first2 = c.slots_of(2)[0];
     let count = ((slot2 - first2) as usize + 1).max(1000);
     let t0 = Instant::now();
@@ -184,8 +200,116 @@ async fn live_reshard_of_2000_slots_under_load_is_invisible() {
     eprintln!(
         "reshard under load: 1000 slots step by step in {step_by_step:?}, {count} slots with redis-cli in {with_cli:?}; {report}"
     );
-    assert!(resumed0.is_some() && resumed2.is_some(), "moved shards keep being consumed");
+    assert!(
+        resumed0.is_some() && resumed2.is_some(),
+        "moved shards keep being consumed"
+    );
     assert_eq!(report.failed, 0, "{report}");
-    assert!(report.errors.is_empty(), "no error reaches the user: {report}");
+    assert!(
+        report.errors.is_empty(),
+        "no error reaches the user: {report}"
+    );
     assert_eq!(report.lost, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_a_master_then_remove_one_under_load() {
+    let mut c = ClusterBuilder::new()
+        .masters(3)
+        .node_timeout_ms(2000)
+        .start()
+        .unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("grow-shrink")
+        .reliable()
+        .registry_poll(Duration::from_millis(200))
+        .open()
+        .await
+        .unwrap();
+    let producer = q.producer().build().unwrap();
+    let load = Load::start(&q, producer, LoadConfig::default());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Grow: a fourth master takes 1000 slots; the queue gains a shard there.
+    let new = tokio::task::block_in_place(|| {
+        let new = c.add_master()?;
+        c.reshard(1000, 0, new)?;
+        Ok::<_, slotq_testkit::TestkitError>(new)
+    })
+    .unwrap();
+    client.cluster().refresh().await.unwrap();
+    let report = q.expand().await.unwrap();
+    assert_eq!(report.added.len(), 1, "{report:?}");
+    let grown_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let new_used = load.first_delivery_after(&report.added[0], grown_at);
+
+    // Shrink: master 0 hands every slot (and its shard) to master 1 and leaves.
+    let gone = c.node(0).port();
+    tokio::task::block_in_place(|| {
+        let slots = c.slots_of(0);
+        c.migrate_slots(&slots, 1)?;
+        c.remove_node(0)
+    })
+    .unwrap();
+    let removed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The next map (periodic, or on any error) no longer has it.
+    let topology = client.cluster().refresh().await.unwrap();
+    let report = load.finish(Duration::from_secs(20)).await;
+    eprintln!(
+        "grow to 4 masters (new shard on node {new}) and shrink to 3 under load: {report}; removed node in the slot map: {}",
+        topology.nodes().iter().any(|n| n.addr.port == gone)
+    );
+    assert!(new_used.is_some(), "the new shard is used");
+    assert!(
+        !topology.nodes().iter().any(|n| n.addr.port == gone),
+        "removed node forgotten"
+    );
+    assert!(removed_at.elapsed() > Duration::from_secs(1));
+    assert_eq!(report.failed, 0, "{report}");
+    assert_eq!(report.lost, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_master_kills_with_restarts_account_for_every_message() {
+    let mut c = cluster(1000);
+    let client = client(&c.url()).await;
+    let q = client.queue("loop").reliable().open().await.unwrap();
+    let producer = q
+        .producer()
+        .durability(1, Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let load = Load::start(&q, producer, LoadConfig::default());
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut recoveries = Vec::new();
+    for round in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let masters = c.masters();
+        let victim = masters[(rng % masters.len() as u64) as usize];
+        let took = tokio::task::block_in_place(|| {
+            let t0 = Instant::now();
+            c.kill(victim)?;
+            c.wait_for_promotion(victim, Duration::from_secs(30))?;
+            let promoted = t0.elapsed();
+            c.restart(victim)?;
+            c.wait_stable()?;
+            c.wait_replica_synced(victim)?;
+            Ok::<_, slotq_testkit::TestkitError>(promoted)
+        })
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        recoveries.push(took);
+    }
+    let report = load.finish(Duration::from_secs(30)).await;
+    eprintln!("10 master kills with restarts (promotions after {recoveries:?}): {report}");
+    assert_eq!(
+        report.lost, 0,
+        "every acknowledged message delivered: {report}"
+    );
+    assert_eq!(report.failed, 0, "{report}");
 }

@@ -585,7 +585,9 @@ impl TestCluster {
         let out = cmd
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| TestkitError::Setup(format!("redis-cli: {e} (apt-get install redis-tools)")))?;
+            .map_err(|e| {
+                TestkitError::Setup(format!("redis-cli: {e} (apt-get install redis-tools)"))
+            })?;
         if !out.status.success() {
             return Err(TestkitError::Setup(format!(
                 "redis-cli --cluster reshard failed: {}{}",

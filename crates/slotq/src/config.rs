@@ -22,6 +22,9 @@ pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_millis(3000);
 pub const DEFAULT_MAX_REDIRECTS: u32 = 16;
 /// Least time between two full slot-map refreshes.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the slot map is re-read even when nothing went wrong (new replicas, removed
+/// nodes, moved slots nobody has touched yet).
+pub const DEFAULT_PERIODIC_REFRESH: Duration = Duration::from_secs(10);
 /// How long a node that failed is skipped before it is tried again.
 pub const DEFAULT_DOWN_BACKOFF: Duration = Duration::from_millis(500);
 /// First pause between retries; it doubles up to [`MAX_RETRY_PAUSE`].
@@ -40,6 +43,7 @@ pub struct ClusterConfig {
     pub(crate) max_redirects: u32,
     pub(crate) refresh_interval: Duration,
     pub(crate) down_backoff: Duration,
+    pub(crate) periodic_refresh: Option<Duration>,
     pub(crate) require_cluster: bool,
     pub(crate) tls_root_cert: Option<Vec<u8>>,
 }
@@ -73,6 +77,7 @@ impl ClusterConfig {
             max_redirects: DEFAULT_MAX_REDIRECTS,
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
             down_backoff: DEFAULT_DOWN_BACKOFF,
+            periodic_refresh: Some(DEFAULT_PERIODIC_REFRESH),
             require_cluster: false,
             tls_root_cert: None,
         })
@@ -117,6 +122,12 @@ impl ClusterConfig {
     /// How long a failing node is skipped before it is tried again.
     pub fn down_backoff(mut self, d: Duration) -> Self {
         self.down_backoff = d;
+        self
+    }
+
+    /// Re-read the slot map this often even without errors; `None` turns it off.
+    pub fn periodic_refresh(mut self, every: Option<Duration>) -> Self {
+        self.periodic_refresh = every;
         self
     }
 

@@ -133,6 +133,16 @@ impl Cluster {
             });
         }
         inner.install(topology);
+        if let Some(every) = inner.config.periodic_refresh {
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.request_refresh();
+                }
+            });
+        }
         Ok(Cluster { inner })
     }
 

@@ -68,10 +68,11 @@ impl Inner {
     pub(crate) async fn refresh_topology(&self) -> Result<Arc<Topology>> {
         let current = self.topology();
         // Masters first (they know their own slots best), then replicas, then the seeds.
+        // Masters that serve slots first: a master without slots may be on its way out.
         let mut candidates: Vec<NodeAddr> = current
-            .nodes()
-            .iter()
-            .filter(|n| n.role == Role::Master && n.health == Health::Online)
+            .masters()
+            .into_iter()
+            .filter(|n| n.health == Health::Online)
             .map(|n| n.addr.clone())
             .collect();
         candidates.extend(
