@@ -48,6 +48,8 @@ struct Shared {
     deliveries_by_shard: Mutex<HashMap<String, Vec<Instant>>>,
     longest_send: Mutex<Duration>,
     longest_recv: Mutex<Duration>,
+    last_delivery: Mutex<Option<Instant>>,
+    longest_gap: Mutex<Duration>,
     errors: Mutex<Vec<String>>,
     stop_producers: AtomicBool,
     stop_consumers: AtomicBool,
@@ -80,6 +82,8 @@ pub struct Report {
     pub longest_send: Duration,
     /// Longest single receive call.
     pub longest_recv: Duration,
+    /// Longest time without any delivery while producers ran (the stall).
+    pub longest_gap: Duration,
     /// Distinct error messages seen (first 10).
     pub errors: Vec<String>,
     /// How long the run took.
@@ -90,7 +94,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "attempted {} acked {} failed {} delivered {} lost {} duplicated {} longest send {:?} longest receive {:?} in {:?}",
+            "attempted {} acked {} failed {} delivered {} lost {} duplicated {} longest send {:?} longest receive {:?} longest stall {:?} in {:?}",
             self.attempted,
             self.acked,
             self.failed,
@@ -99,6 +103,7 @@ impl std::fmt::Display for Report {
             self.duplicated,
             self.longest_send,
             self.longest_recv,
+            self.longest_gap,
             self.elapsed
         )?;
         if !self.errors.is_empty() {
@@ -188,6 +193,13 @@ impl Load {
                             continue;
                         }
                         let now = Instant::now();
+                        if !shared.stop_producers.load(Ordering::Relaxed) {
+                            let mut last = shared.last_delivery.lock().unwrap();
+                            if let Some(prev) = *last {
+                                note_max(&shared.longest_gap, now - prev);
+                            }
+                            *last = Some(now);
+                        }
                         {
                             let mut d = shared.delivered.lock().unwrap();
                             let mut by_shard = shared.deliveries_by_shard.lock().unwrap();
@@ -265,6 +277,7 @@ impl Load {
             duplicated: d.values().map(|&n| n as u64 - 1).sum(),
             longest_send: *self.shared.longest_send.lock().unwrap(),
             longest_recv: *self.shared.longest_recv.lock().unwrap(),
+            longest_gap: *self.shared.longest_gap.lock().unwrap(),
             errors: self.shared.errors.lock().unwrap().clone(),
             elapsed: self.started.elapsed(),
         }
