@@ -246,9 +246,9 @@ async fn idle_consumer_blocks_and_wakes_on_new_data() {
     // Let it connect and block, then count every command the cluster sees in 3 s (the
     // count itself included: one INFO per node, plus the registry's version checks).
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let commands_before: u64 = total_commands(&c);
+    let commands_before: u64 = slotq_tests::total_commands(&c);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_commands = total_commands(&c) - commands_before;
+    let idle_commands = slotq_tests::total_commands(&c) - commands_before;
     eprintln!("commands while idle for 3 s (block timeout 5 s): {idle_commands} in all");
     assert!(
         idle_commands <= 12,
@@ -276,20 +276,6 @@ async fn idle_consumer_blocks_and_wakes_on_new_data() {
         .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].payload, b"after-drop");
-}
-
-fn total_commands(c: &TestCluster) -> u64 {
-    (0..c.len())
-        .map(|i| {
-            let info: String = c.node(i).cmd(redis::cmd("INFO").arg("stats")).unwrap();
-            info.lines()
-                .find_map(|l| l.strip_prefix("total_commands_processed:"))
-                .unwrap()
-                .trim()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

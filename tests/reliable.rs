@@ -377,19 +377,7 @@ async fn idle_reliable_consumer_blocks_and_wakes() {
         .block_timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let commands = || -> u64 {
-        (0..c.len())
-            .map(|i| {
-                let info: String = c.node(i).cmd(redis::cmd("INFO").arg("stats")).unwrap();
-                info.lines()
-                    .find_map(|l| l.strip_prefix("total_commands_processed:"))
-                    .unwrap()
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap()
-            })
-            .sum()
-    };
+    let commands = || slotq_tests::total_commands(&c);
     let waiting = tokio::spawn(async move {
         let m = consumer.recv().await.unwrap();
         m.ack().await.unwrap();

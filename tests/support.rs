@@ -31,3 +31,19 @@ pub fn key_on(cluster: &slotq_testkit::TestCluster, m: usize, prefix: &str) -> S
         .find(|k| cluster.owner_of(slotq::slot::key_slot(k)) == Some(m))
         .expect("some key lands on every master")
 }
+
+/// Commands processed by every node of `c` so far (`INFO stats`; each call adds one per node).
+pub fn total_commands(c: &slotq_testkit::TestCluster) -> u64 {
+    (0..c.len())
+        .map(|i| {
+            let info: String = c
+                .node(i)
+                .cmd(slotq::redis::cmd("INFO").arg("stats"))
+                .expect("INFO stats");
+            info.lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("total_commands_processed")
+        })
+        .sum()
+}

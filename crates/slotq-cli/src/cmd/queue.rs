@@ -75,11 +75,7 @@ pub async fn pop(
             "--wait must be between 0 and 86400 seconds".into(),
         ));
     }
-    let q = Client::from_cluster(cluster.clone())
-        .queue(queue)
-        .must_exist()
-        .open()
-        .await?;
+    let q = open_existing(cluster, queue).await?;
     let reliable = q.mode() != slotq::DeliveryMode::AtMostOnce;
     if ack && !reliable {
         return Err(CliError::Usage(format!(
@@ -149,11 +145,7 @@ pub async fn pop(
 
 /// `slotq stats QUEUE`.
 pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<String, CliError> {
-    let q = Client::from_cluster(cluster.clone())
-        .queue(queue)
-        .must_exist()
-        .open()
-        .await?;
+    let q = open_existing(cluster, queue).await?;
     let stats = q.stats().await?;
     let total: u64 = stats.iter().map(|s| s.depth).sum();
     let set = q.shards();
@@ -289,11 +281,7 @@ pub async fn plan(
 
 /// `slotq expand QUEUE`.
 pub async fn expand(cluster: &Cluster, queue: &str, as_json: bool) -> Result<String, CliError> {
-    let q = Client::from_cluster(cluster.clone())
-        .queue(queue)
-        .must_exist()
-        .open()
-        .await?;
+    let q = open_existing(cluster, queue).await?;
     let report = q.expand().await?;
     Ok(if as_json {
         format!(
@@ -330,11 +318,7 @@ pub async fn dead(
     as_json: bool,
 ) -> Result<String, CliError> {
     use crate::args::DeadAction;
-    let q = Client::from_cluster(cluster.clone())
-        .queue(queue)
-        .must_exist()
-        .open()
-        .await?;
+    let q = open_existing(cluster, queue).await?;
     match action {
         DeadAction::List => {
             let dead = q.dead_letters(count).await?;
@@ -382,4 +366,13 @@ pub async fn dead(
             })
         }
     }
+}
+
+/// Opens a queue that must already exist (exit code 4 otherwise).
+pub async fn open_existing(cluster: &Cluster, queue: &str) -> Result<slotq::Queue, CliError> {
+    Ok(Client::from_cluster(cluster.clone())
+        .queue(queue)
+        .must_exist()
+        .open()
+        .await?)
 }

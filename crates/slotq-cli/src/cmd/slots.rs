@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use slotq::topology::Health;
-use slotq::{Client, Cluster, redis};
+use slotq::{Cluster, redis};
 
 use crate::CliError;
 
@@ -182,11 +182,7 @@ pub async fn queue_section(cluster: &Cluster, queue: &str) -> Result<String, Cli
 }
 
 async fn queue_placement(cluster: &Cluster, queue: &str) -> Result<Placement, CliError> {
-    let q = Client::from_cluster(cluster.clone())
-        .queue(queue)
-        .must_exist()
-        .open()
-        .await?;
+    let q = super::queue::open_existing(cluster, queue).await?;
     let stats = q.stats().await?;
     let t = cluster.topology();
     let mut per_master: std::collections::BTreeMap<String, (usize, u64)> = t
