@@ -7,15 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ensure_redis() {
-  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then return; fi
-  echo "redis-server not found: installing redis-server and redis-tools" >&2
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null && command -v tmux >/dev/null; then return; fi
+  echo "installing redis-server, redis-tools and tmux (terminal tests)" >&2
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   if command -v apt-get >/dev/null; then
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools tmux >/dev/null
   else
-    echo "please install redis-server (Redis 7 or newer) and redis-cli, then run again" >&2
+    echo "please install redis-server (Redis 7 or newer), redis-cli and tmux, then run again" >&2
     exit 1
   fi
 }

@@ -99,10 +99,17 @@ pub enum Command {
     },
     /// Per-shard depth, slot and node of a queue, with totals.
     ///
-    /// Example: slotq stats orders
+    /// Example: slotq stats orders --watch 1
     Stats {
         /// Queue name.
         queue: String,
+        /// Refresh every SECS seconds, in place on a terminal (one JSON line per refresh
+        /// with --json), until Ctrl-C.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<f64>,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, requires = "watch")]
+        count: Option<u32>,
     },
     /// Dry run: where a queue's shards would be placed on this cluster.
     ///

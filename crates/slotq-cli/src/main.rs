@@ -120,9 +120,19 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             let cluster = connect(cli).await?;
             cmd::queue::dead(&cluster, queue, *action, *count, cli.json).await
         }
-        Command::Stats { queue } => {
+        Command::Stats {
+            queue, watch: None, ..
+        } => {
             let cluster = connect(cli).await?;
             cmd::queue::stats(&cluster, queue, cli.json).await
+        }
+        Command::Stats {
+            queue,
+            watch: Some(every),
+            count,
+        } => {
+            let cluster = connect(cli).await?;
+            cmd::queue::watch(&cluster, queue, *every, *count, cli.json).await
         }
         Command::Plan {
             queue,

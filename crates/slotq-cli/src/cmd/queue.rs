@@ -376,3 +376,48 @@ pub async fn open_existing(cluster: &Cluster, queue: &str) -> Result<slotq::Queu
         .open()
         .await?)
 }
+
+/// `slotq stats QUEUE --watch SECS`: redraws in place on a terminal, one block (or JSON
+/// line) per refresh otherwise; stops on Ctrl-C or after `count` refreshes.
+pub async fn watch(
+    cluster: &Cluster,
+    queue: &str,
+    every: f64,
+    count: Option<u32>,
+    as_json: bool,
+) -> Result<String, CliError> {
+    use std::io::{IsTerminal, Write};
+    if !(0.05..=3600.0).contains(&every) {
+        return Err(CliError::Usage("--watch takes 0.05 to 3600 seconds".into()));
+    }
+    let tty = std::io::stdout().is_terminal();
+    let mut out = std::io::stdout();
+    let mut n = 0u32;
+    loop {
+        let text = stats(cluster, queue, as_json).await?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let frame = if as_json {
+            text
+        } else if tty {
+            // Home the cursor and clear the screen, then draw.
+            format!(
+                "\x1b[H\x1b[2J{text}\nrefreshing every {every} s (unix time {stamp}), Ctrl-C to stop\n"
+            )
+        } else {
+            format!("{text}\n")
+        };
+        out.write_all(frame.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return Ok(String::new());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(every)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(String::new()),
+        }
+    }
+}
