@@ -89,7 +89,7 @@ fn compose_has_six_healthy_cluster_nodes_and_a_creator() {
 }
 
 #[test]
-fn dockerfile_builds_in_one_stage_and_runs_slim() {
+fn dockerfile_is_multi_stage_with_a_slim_runtime() {
     let text = repo_file("docker/Dockerfile");
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(froms.len(), 2, "multi-stage: {froms:?}");
