@@ -84,6 +84,23 @@ pub enum Command {
         #[arg(long)]
         ack: bool,
     },
+    /// Run as a consumer: print messages as they arrive (one per line) until Ctrl-C,
+    /// optionally serving metrics for Prometheus.
+    ///
+    /// Example: slotq consume orders --ack --metrics 127.0.0.1:9464
+    Consume {
+        /// Queue name.
+        queue: String,
+        /// At-least-once queues: acknowledge every message once printed.
+        #[arg(long)]
+        ack: bool,
+        /// Serve the library's metrics at http://ADDR/metrics (Prometheus text format).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Dead letters of an at-least-once queue: list, replay into the queue, or purge.
     ///
     /// Example: slotq dead orders list -n 20

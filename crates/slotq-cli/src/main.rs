@@ -112,6 +112,20 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             let cluster = connect(cli).await?;
             cmd::queue::pop(&cluster, queue, *count, *wait, *ack, cli.json).await
         }
+        Command::Consume {
+            queue,
+            ack,
+            metrics,
+            count,
+        } => {
+            // The recorder goes in before the router exists, so that nothing is missed.
+            let handle = match metrics {
+                Some(addr) => Some((*addr, cmd::consume::install_recorder()?)),
+                None => None,
+            };
+            let cluster = connect(cli).await?;
+            cmd::consume::run(&cluster, queue, *ack, handle, *count).await
+        }
         Command::Dead {
             queue,
             action,

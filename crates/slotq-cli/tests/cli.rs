@@ -417,3 +417,78 @@ fn reliable_pop_ack_dead_letters_and_stats() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["purged"], 0);
 }
+
+#[test]
+fn consume_prints_acks_and_serves_metrics() {
+    use std::io::{Read, Write};
+    let c = ClusterBuilder::new().masters(2).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+    assert!(
+        slotq(&["--url", u, "push", "mq", "--reliable", "a", "b", "c"])
+            .status
+            .success()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slotq"))
+        .args(["--url", u, "consume", "mq", "--ack", "--metrics", &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        slotq(&["--url", u, "push", "mq", "d", "e"])
+            .status
+            .success()
+    );
+    let scrape = || -> String {
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let body = loop {
+        let body = scrape();
+        if body.contains("slotq_messages_settled_total{kind=\"ack\"} 5") {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed 5 acks:\n{body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["a", "b", "c", "d", "e"]);
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    for name in [
+        "slotq_messages_popped_total{queue=\"mq\"} 5",
+        "slotq_pop_round_seconds_count",
+    ] {
+        assert!(body.contains(name), "missing {name}:\n{body}");
+    }
+    let o = slotq(&["--url", u, "--json", "stats", "mq"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let open: u64 = v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["depth"].as_u64().unwrap() + s["in_flight"].as_u64().unwrap())
+        .sum();
+    assert_eq!(open, 0, "everything acknowledged");
+}

@@ -382,6 +382,7 @@ impl Consumer {
         // A node that is down is skipped for this round, not waited for.
         opts.retry_budget = Duration::ZERO;
         let keys: Vec<Arc<ShardKeys>> = order.iter().map(|s| self.keys_of(&s.tag)).collect();
+        let started = Instant::now();
         let replies = match self.max_attempts {
             None => {
                 let cmds = keys
@@ -425,6 +426,10 @@ impl Consumer {
                 Err(e) => return Err(e),
             }
         }
+        let queue = self.queue.name().to_string();
+        metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::telemetry::POPPED, "queue" => queue).increment(got as u64);
         Ok(got)
     }
 

@@ -377,6 +377,11 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     let cluster = &first.lease.cluster;
     let results = crate::script::run_batch(cluster, &calls, cluster.default_opts()).await;
     let mut report = SettleReport::default();
+    let kind = match how {
+        Settle::Ack => "ack",
+        Settle::Nack(_) => "nack",
+        Settle::Release => "release",
+    };
     for ((_, ps), r) in groups.iter().zip(results) {
         let v = ints(r?)?;
         match v.as_slice() {
@@ -392,6 +397,7 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
             }
         }
     }
+    metrics::counter!(crate::telemetry::SETTLED, "kind" => kind).increment(report.settled as u64);
     Ok(report)
 }
 

@@ -20,6 +20,7 @@
 //!   node owning every slot; gaps kept visible.
 //! - [`cluster`]: the router: one shared connection per node, routing by slot, redirects,
 //!   retries within deadlines, node health, single-flight refresh.
+//! - [`telemetry`]: metric names (the `metrics` facade).
 //! - [`config`]: settings and their defaults as named constants.
 //! - [`error`]: the one error type.
 //!
@@ -48,6 +49,7 @@ pub mod producer;
 pub mod queue;
 mod script;
 pub mod slot;
+pub mod telemetry;
 pub mod topology;
 
 pub use client::Client;

@@ -528,7 +528,19 @@ impl ProducerInner {
                 }
             };
             let n = batch.payloads.len();
+            let started = std::time::Instant::now();
             let result = self.push_routed(&lane, &batch).await;
+            let queue = self.cfg.queue.name().to_string();
+            metrics::histogram!(crate::telemetry::PUSH_SECONDS, "queue" => queue.clone())
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::telemetry::PUSH_BATCH, "queue" => queue.clone())
+                .record(n as f64);
+            let counter = if result.is_ok() {
+                crate::telemetry::PUSHED
+            } else {
+                crate::telemetry::PUSH_FAILURES
+            };
+            metrics::counter!(counter, "queue" => queue).increment(n as u64);
             self.permits.add_permits(n);
             batch.signal.complete(result);
         }

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod consume;
 pub mod demo;
 pub mod dev_cluster;
 pub mod keyslot;

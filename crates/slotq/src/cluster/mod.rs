@@ -263,6 +263,7 @@ impl Inner {
     /// After a MOVED: `slot` is now served by `to`.
     fn apply_moved(self: &Arc<Self>, slot: Slot, to: &NodeAddr) {
         self.counters.moved.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::REDIRECTS, "kind" => "moved").increment(1);
         {
             let mut guard = self.topology.write().unwrap();
             if guard.owner(slot) != Some(to) {

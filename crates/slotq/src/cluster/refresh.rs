@@ -89,6 +89,7 @@ impl Inner {
         let t = self.fetch_topology(&candidates).await?;
         self.install(t);
         self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::REFRESHES).increment(1);
         Ok(self.topology())
     }
 

@@ -167,6 +167,8 @@ pub(crate) async fn run_batch(
                     }
                     Outcome::Ask { to } => {
                         inner.counters.asked.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(crate::telemetry::REDIRECTS, "kind" => "ask")
+                            .increment(1);
                         items[i].ask = Some(to);
                         redirect(
                             &mut items[i],
@@ -179,6 +181,7 @@ pub(crate) async fn run_batch(
                     }
                     Outcome::Busy { code, message } => {
                         inner.counters.busy.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(crate::telemetry::BUSY_RETRIES).increment(1);
                         if code == "CLUSTERDOWN" || code == "MASTERDOWN" {
                             inner.request_refresh();
                         }

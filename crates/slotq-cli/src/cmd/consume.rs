@@ -1,0 +1,95 @@
+//! `slotq consume`: a long-running consumer that can serve metrics for Prometheus.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use slotq::Cluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::CliError;
+
+/// Installs the Prometheus recorder for the library's metrics.
+pub fn install_recorder() -> Result<PrometheusHandle, CliError> {
+    PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| CliError::Other(format!("metrics: {e}")))
+}
+
+/// Serves `GET /metrics` (any path) with the current metrics, one response per connection.
+async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
+            let body = handle.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+/// Consumes `queue` until Ctrl-C (or `count` messages), printing one message per line.
+pub async fn run(
+    cluster: &Cluster,
+    queue: &str,
+    ack: bool,
+    metrics: Option<(SocketAddr, PrometheusHandle)>,
+    count: Option<u64>,
+) -> Result<String, CliError> {
+    let q = super::queue::open_existing(cluster, queue).await?;
+    let reliable = q.mode() != slotq::DeliveryMode::AtMostOnce;
+    if ack && !reliable {
+        return Err(CliError::Usage(format!(
+            "--ack needs an at-least-once queue; {queue} is at-most-once"
+        )));
+    }
+    if let Some((addr, handle)) = metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::Usage(format!("--metrics {addr}: {e}")))?;
+        eprintln!(
+            "serving metrics at http://{}/metrics",
+            listener
+                .local_addr()
+                .map_err(|e| CliError::Other(e.to_string()))?
+        );
+        tokio::spawn(serve(listener, handle));
+    }
+    let mut consumer = q.consumer().build()?;
+    let mut out = std::io::stdout();
+    let mut seen = 0u64;
+    loop {
+        let want = count.map_or(1000, |c| (c - seen).min(1000) as usize);
+        let batch = tokio::select! {
+            b = consumer.recv_batch(want) => b?,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let mut text = Vec::new();
+        for m in &batch {
+            text.extend_from_slice(&m.payload);
+            text.push(b'\n');
+        }
+        out.write_all(&text)
+            .and_then(|_| out.flush())
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        if ack {
+            consumer.ack_all(&batch).await?;
+        }
+        seen += batch.len() as u64;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    consumer.close().await;
+    Ok(String::new())
+}
