@@ -156,7 +156,10 @@ pub enum Command {
         #[command(subcommand)]
         action: DevAction,
     },
-    /// Start a throwaway local cluster, show how slotq routes over it, and clean up.
+    /// Start a throwaway local cluster, spread queues over it, run traffic, show where
+    /// everything went, and clean up.
+    ///
+    /// Example: slotq demo            (or: slotq demo --on redis://127.0.0.1:7000)
     Demo(DemoArgs),
 }
 
@@ -215,6 +218,10 @@ pub struct DemoArgs {
     /// Replicas per master.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// Run against this existing cluster (any node) instead of starting one; the demo's
+    /// queues are deleted afterwards.
+    #[arg(long = "on", value_name = "URL")]
+    pub on: Option<String>,
 }
 
 /// Options of `bench`.

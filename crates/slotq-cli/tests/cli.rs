@@ -337,9 +337,11 @@ fn demo_shows_placement_and_traffic_then_cleans_up() {
     let out = stdout(&o);
     for needle in [
         "cluster, 3 masters",
-        "queue \"orders\": 3 shards",
+        "queue orders: 3 shards, one per master",
         "shards per master skew 1.00",
         "throughput: pushed 300000",
+        "latency from send to receive while both run: p50",
+        "at-least-once queue payments: 999 acknowledged, 2 failed deliveries, 1 dead letter(s)",
         "the cluster is stopped",
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
@@ -491,4 +493,40 @@ fn consume_prints_acks_and_serves_metrics() {
         .map(|s| s["depth"].as_u64().unwrap() + s["in_flight"].as_u64().unwrap())
         .sum();
     assert_eq!(open, 0, "everything acknowledged");
+}
+
+#[test]
+fn plan_expand_and_dev_cluster_json() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+    let o = slotq(&[
+        "--url",
+        u,
+        "--json",
+        "plan",
+        "fresh",
+        "--shards-per-master",
+        "2",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["action"], "create");
+    assert_eq!(v["shards"].as_array().unwrap().len(), 6);
+    assert!(slotq(&["--url", u, "push", "fresh", "x"]).status.success());
+    let o = slotq(&["--url", u, "--json", "plan", "fresh"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["action"], "expand");
+    assert_eq!(v["shards"].as_array().unwrap().len(), 0);
+    let o = slotq(&["--url", u, "--json", "expand", "fresh"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (v["added"].as_array().unwrap().len(), v["version"].as_u64()),
+        (0, Some(1))
+    );
+    let o = slotq(&["--url", u, "expand", "missing"]);
+    assert_eq!(o.status.code(), Some(4));
+    let o = slotq(&["--url", u, "plan", "bad name"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = slotq(&["--url", u, "stats", "fresh", "--watch", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }

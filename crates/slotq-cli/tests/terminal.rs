@@ -16,7 +16,17 @@ impl Tmux {
         let socket = format!("slotq-test-{}", std::process::id());
         let t = Tmux { socket };
         let ok = t
-            .run(&["new-session", "-d", "-s", "t", "-x", "120", "-y", "60", cmd])
+            .run(&[
+                "new-session",
+                "-d",
+                "-s",
+                "t",
+                "-x",
+                "130",
+                "-y",
+                "120",
+                cmd,
+            ])
             .status
             .success();
         assert!(ok, "tmux starts (tests/run.sh installs it)");

@@ -24,7 +24,27 @@
 //! - [`config`]: settings and their defaults as named constants.
 //! - [`error`]: the one error type.
 //!
-//! # Example
+//! # Example: a queue over the whole cluster
+//!
+//! ```no_run
+//! # async fn example() -> slotq::Result<()> {
+//! let client = slotq::Client::open("redis://127.0.0.1:7000").await?;
+//! let queue = client.queue("orders").open().await?; // one shard per master
+//! let producer = queue.producer().build()?;
+//! producer.send("order 1").await?; // resolves once Redis stored it
+//! producer.send_keyed("customer-7", "order 2").await?; // FIFO per key
+//!
+//! let mut consumer = queue.consumer().build()?;
+//! let msg = consumer.recv().await?; // blocks server-side while the queue is empty
+//! assert_eq!(msg.attempt, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! At-least-once queues (`client.queue("payments").reliable()`) hand out leased messages:
+//! settle them with [`Message::ack`], [`Message::nack`] or [`Consumer::ack_all`].
+//!
+//! # Example: the router alone
 //!
 //! ```no_run
 //! # async fn example() -> slotq::Result<()> {
