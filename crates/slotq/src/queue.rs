@@ -534,37 +534,37 @@ impl QueueInner {
             shards_per_master: k,
             mode,
         };
-        let args: Vec<Vec<u8>> = proposal
-            .to_fields()
-            .into_iter()
-            .flat_map(|(k, v)| [k.into_bytes(), v.into_bytes()])
-            .collect();
-        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let v = self
-            .scripts
-            .create
-            .run(
-                &self.cluster,
-                self.meta_slot,
-                &[&self.meta],
-                &args,
-                self.idempotent(),
-            )
+            .registry_script(&self.scripts.create, None, &proposal)
             .await?;
         ShardSet::from_fields(&self.name, &hash_fields(v)?)
     }
 
     async fn write_registry(&self, expected: u64, next: &ShardSet) -> Result<bool> {
-        let mut args: Vec<Vec<u8>> = vec![expected.to_string().into_bytes()];
+        let v = self
+            .registry_script(&self.scripts.update, Some(expected), next)
+            .await?;
+        Ok(matches!(v, Value::Int(1)))
+    }
+
+    /// Runs a registry script on the registry key: ARGV = [`lead`], then the set's fields.
+    async fn registry_script(
+        &self,
+        script: &Script,
+        lead: Option<u64>,
+        set: &ShardSet,
+    ) -> Result<Value> {
+        let mut args: Vec<Vec<u8>> = lead
+            .map(|v| v.to_string().into_bytes())
+            .into_iter()
+            .collect();
         args.extend(
-            next.to_fields()
+            set.to_fields()
                 .into_iter()
                 .flat_map(|(k, v)| [k.into_bytes(), v.into_bytes()]),
         );
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        let v = self
-            .scripts
-            .update
+        script
             .run(
                 &self.cluster,
                 self.meta_slot,
@@ -572,8 +572,7 @@ impl QueueInner {
                 &args,
                 self.idempotent(),
             )
-            .await?;
-        Ok(matches!(v, Value::Int(1)))
+            .await
     }
 
     async fn reload(&self) -> Result<Arc<ShardSet>> {
