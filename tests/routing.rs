@@ -174,3 +174,43 @@ async fn standalone_server_is_one_node_owning_every_slot() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_of_a_silent_node_share_one_connection_attempt() {
+    use std::time::{Duration, Instant};
+    let server = Server::start().unwrap();
+    let timeout = Duration::from_millis(200);
+    let cluster = slotq::Cluster::connect(
+        slotq::ClusterConfig::from_url(&server.url())
+            .unwrap()
+            .connect_timeout(timeout)
+            .request_timeout(timeout),
+    )
+    .await
+    .unwrap();
+    // Accepts connections (the kernel's backlog does) and never answers, like a stopped node.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = slotq::NodeAddr::new("127.0.0.1", silent.local_addr().unwrap().port());
+    let calls = (0..50).map(|_| {
+        let (cluster, addr) = (cluster.clone(), addr.clone());
+        async move {
+            let t = Instant::now();
+            let r = cluster
+                .node_query::<redis::Value>(&addr, &redis::cmd("PING"))
+                .await;
+            (t.elapsed(), r)
+        }
+    });
+    let out = futures::future::join_all(calls).await;
+    let slowest = out.iter().map(|(t, _)| *t).max().unwrap();
+    assert!(
+        out.iter().all(|(_, r)| r.is_err()),
+        "a silent node answered"
+    );
+    // One attempt for everyone: the slowest caller waits about one connect timeout, not
+    // fifty of them one after the other.
+    assert!(
+        slowest < timeout * 5,
+        "slowest of 50 callers took {slowest:?} (connect timeout {timeout:?})"
+    );
+}

@@ -99,6 +99,30 @@ pub fn decode_frame(f: &[u8]) -> Result<Vec<Vec<u8>>> {
     Ok(envelopes)
 }
 
+/// The member, field or list head that keeps a reliable shard's keys in existence (see
+/// `lua/lease_pop.lua`): in a slot being migrated, Redis runs a multi-key script only when
+/// all of its keys exist on the node or none do.
+pub const KEEP: &[u8] = b"~";
+
+/// The name of a lease: 128 random bits chosen by the consumer that takes it, so that no two
+/// leases share a name, not even across a failover that lost the last writes of a master
+/// (a counter kept in Redis would be rolled back and hand out the same names again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub u128);
+
+impl LeaseId {
+    /// A new random lease id.
+    pub fn random() -> LeaseId {
+        LeaseId(rand::random::<u128>())
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 /// A message id: 16 bytes, unique per message, the same on every delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(pub [u8; 16]);
@@ -166,6 +190,7 @@ pub(crate) struct LeaseScripts {
     pub(crate) extend: Script,
     pub(crate) replay: Script,
     pub(crate) inflight: Script,
+    pub(crate) keep: Script,
 }
 
 impl LeaseScripts {
@@ -176,6 +201,7 @@ impl LeaseScripts {
             extend: Script::new(include_str!("lua/extend.lua")),
             replay: Script::new(include_str!("lua/replay_dead.lua")),
             inflight: Script::new(include_str!("lua/inflight_count.lua")),
+            keep: Script::new(include_str!("lua/keep.lua")),
         }
     }
 }
@@ -191,7 +217,6 @@ pub(crate) struct ShardKeys {
     pub(crate) acks: String,
     pub(crate) delayed: String,
     pub(crate) dead: String,
-    pub(crate) seq: String,
     /// Messages in the ready list (frames hold many; producers and scripts keep it).
     pub(crate) count: String,
 }
@@ -208,7 +233,6 @@ impl ShardKeys {
             acks: k("acks"),
             delayed: k("delayed"),
             dead: k("dead"),
-            seq: k("leaseseq"),
             count: k("count"),
         }
     }
@@ -219,6 +243,7 @@ impl ShardKeys {
         count: usize,
         lease: Duration,
         max_attempts: u32,
+        id: LeaseId,
     ) -> Call<'a> {
         Call {
             slot: self.slot,
@@ -230,7 +255,6 @@ impl ShardKeys {
                 self.acks.clone(),
                 self.delayed.clone(),
                 self.dead.clone(),
-                self.seq.clone(),
                 self.count.clone(),
             ],
             args: vec![
@@ -238,6 +262,7 @@ impl ShardKeys {
                 (lease.as_millis().max(1) as u64).to_string().into_bytes(),
                 max_attempts.to_string().into_bytes(),
                 REAP_LIMIT.to_string().into_bytes(),
+                id.to_string().into_bytes(),
             ],
         }
     }
@@ -245,24 +270,23 @@ impl ShardKeys {
     fn settle_call<'a>(
         &self,
         scripts: &'a LeaseScripts,
-        lease: i64,
-        whole: usize,
+        lease: &Lease,
         how: &Settle,
-        max_attempts: u32,
         positions: &[u32],
     ) -> Call<'a> {
         let (mode, delay) = match how {
             // The whole lease at once (the usual batch ack) needs no positions.
-            Settle::Ack if positions.len() == whole => ("ackall", 0),
+            Settle::Ack if distinct(positions) == lease.count => ("ackall", 0),
             Settle::Ack => ("ack", 0),
             Settle::Nack(d) => ("nack", d.as_millis() as u64),
             Settle::Release => ("release", 0),
         };
         let mut args = vec![
-            lease.to_string().into_bytes(),
+            lease.id.to_string().into_bytes(),
             mode.as_bytes().to_vec(),
             delay.to_string().into_bytes(),
-            max_attempts.to_string().into_bytes(),
+            lease.max_attempts.to_string().into_bytes(),
+            lease.count.to_string().into_bytes(),
         ];
         if mode != "ackall" {
             for (first, last) in ranges(positions) {
@@ -270,18 +294,23 @@ impl ShardKeys {
                 args.push(last.to_string().into_bytes());
             }
         }
-        Call {
-            slot: self.slot,
-            script: &scripts.settle,
-            keys: vec![
-                self.leases.clone(),
-                self.inflight.clone(),
-                self.acks.clone(),
+        let mut keys = vec![
+            self.leases.clone(),
+            self.inflight.clone(),
+            self.acks.clone(),
+        ];
+        if matches!(how, Settle::Nack(_) | Settle::Release) {
+            keys.extend([
                 self.ready.clone(),
                 self.delayed.clone(),
                 self.dead.clone(),
                 self.count.clone(),
-            ],
+            ]);
+        }
+        Call {
+            slot: self.slot,
+            script: &scripts.settle,
+            keys,
             args,
         }
     }
@@ -293,8 +322,10 @@ pub(crate) struct Lease {
     pub(crate) cluster: Cluster,
     pub(crate) scripts: Arc<LeaseScripts>,
     pub(crate) keys: Arc<ShardKeys>,
-    pub(crate) id: i64,
+    pub(crate) id: LeaseId,
     pub(crate) deadline_ms: i64,
+    /// The deadline on this process's clock (estimated from the pop's send time).
+    pub(crate) local_deadline: std::time::Instant,
     pub(crate) max_attempts: u32,
     /// Messages in the lease.
     pub(crate) count: usize,
@@ -362,17 +393,7 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     let scripts = first.lease.scripts.clone();
     let calls: Vec<Call<'_>> = groups
         .iter()
-        .map(|(l, ps)| {
-            // Duplicate positions (the same message settled twice in one call) rule out
-            // the whole-lease fast path.
-            let whole = if distinct(ps) == l.count {
-                l.count
-            } else {
-                usize::MAX
-            };
-            l.keys
-                .settle_call(&scripts, l.id, whole, &how, l.max_attempts, ps)
-        })
+        .map(|(l, ps)| l.keys.settle_call(&scripts, l, &how, ps))
         .collect();
     let cluster = &first.lease.cluster;
     let results = crate::script::run_batch(cluster, &calls, cluster.default_opts()).await;
@@ -382,10 +403,16 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
         Settle::Nack(_) => "nack",
         Settle::Release => "release",
     };
-    for ((_, ps), r) in groups.iter().zip(results) {
+    for ((l, ps), r) in groups.iter().zip(results) {
         let v = ints(r?)?;
         match v.as_slice() {
             [-1, ..] => report.expired += ps.len(),
+            [-2, n, _] => {
+                return Err(Error::Protocol(format!(
+                    "settle: lease {} holds {n} messages, not the {} this consumer took",
+                    l.id, l.count
+                )));
+            }
             [n, _, dead] => {
                 report.settled += *n as usize;
                 report.dead_lettered += *dead as usize;
@@ -399,6 +426,70 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     }
     metrics::counter!(crate::telemetry::SETTLED, "kind" => kind).increment(report.settled as u64);
     Ok(report)
+}
+
+/// Gives back a whole lease whose pop reply never arrived (a timeout or a lost connection):
+/// none of its messages was handed out, so none counts as a delivery. Returns whether the
+/// lease was found; `false` when the pop never ran (or its lease expired already).
+pub(crate) async fn release_lost(
+    cluster: &Cluster,
+    scripts: &LeaseScripts,
+    keys: &ShardKeys,
+    id: LeaseId,
+) -> Result<bool> {
+    let call = Call {
+        slot: keys.slot,
+        script: &scripts.settle,
+        keys: vec![
+            keys.leases.clone(),
+            keys.inflight.clone(),
+            keys.acks.clone(),
+            keys.ready.clone(),
+            keys.delayed.clone(),
+            keys.dead.clone(),
+            keys.count.clone(),
+        ],
+        args: vec![
+            id.to_string().into_bytes(),
+            b"releaseall".to_vec(),
+            b"0".to_vec(),
+            b"0".to_vec(),
+            b"-1".to_vec(),
+        ],
+    };
+    let mut out = crate::script::run_batch(cluster, &[call], cluster.default_opts()).await;
+    let v = ints(out.pop().expect("one reply")?)?;
+    Ok(v.first().is_some_and(|&n| n >= 0))
+}
+
+/// Gives every key of these reliable shards but the ready lists their KEEP entry (see
+/// `lua/keep.lua`), one script call per shard, pipelined per node. Failures are logged:
+/// the next reliable pop on the shard does the same.
+pub(crate) async fn keep_shards(cluster: &Cluster, scripts: &LeaseScripts, keys: &[ShardKeys]) {
+    let calls: Vec<Call<'_>> = keys
+        .iter()
+        .map(|k| Call {
+            slot: k.slot,
+            script: &scripts.keep,
+            keys: vec![
+                k.leases.clone(),
+                k.inflight.clone(),
+                k.acks.clone(),
+                k.delayed.clone(),
+                k.dead.clone(),
+                k.count.clone(),
+            ],
+            args: Vec::new(),
+        })
+        .collect();
+    for (k, r) in keys
+        .iter()
+        .zip(crate::script::run_batch(cluster, &calls, cluster.default_opts()).await)
+    {
+        if let Err(e) = r {
+            tracing::warn!(shard = %k.tag, cause = %e, "could not prepare the shard's keys");
+        }
+    }
 }
 
 /// Settles one message.

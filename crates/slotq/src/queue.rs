@@ -132,6 +132,9 @@ impl QueueBuilder {
                     .await?
             }
         };
+        if set.mode != placement::DeliveryMode::AtMostOnce {
+            inner.keep_shards(&set.shards).await;
+        }
         *inner.shards.write().unwrap() = Arc::new(set);
         Ok(Queue {
             inner: Arc::new(inner),
@@ -277,6 +280,9 @@ impl Queue {
             next.version += 1;
             next.shards.extend(added.iter().cloned());
             if inner.write_registry(current.version, &next).await? {
+                if next.mode != placement::DeliveryMode::AtMostOnce {
+                    inner.keep_shards(&added).await;
+                }
                 let version = next.version;
                 *inner.shards.write().unwrap() = Arc::new(next);
                 return Ok(ExpandReport {
@@ -341,8 +347,9 @@ impl Queue {
                         .max(0) as u64,
                     other => int(other)?,
                 };
-                dead = Some(int(next()?)?);
-                delayed = Some(int(next()?)?);
+                // Both hold a KEEP entry once the shard was popped (see `lease::KEEP`).
+                dead = Some(int(next()?)?.saturating_sub(1));
+                delayed = Some(int(next()?)?.saturating_sub(1));
                 oldest_age = match next()? {
                     Value::BulkString(f) => crate::lease::decode_frame(&f)
                         .ok()
@@ -388,6 +395,9 @@ impl Queue {
     /// Up to `max` dead letters per shard, oldest first, without removing them.
     pub async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>> {
         self.require_reliable()?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let set = self.reload().await?;
         let cluster = &self.inner.cluster;
         let keys: Vec<crate::lease::ShardKeys> = set
@@ -400,10 +410,11 @@ impl Queue {
             .map(|k| {
                 (
                     k.slot,
+                    // One more than wanted: the list starts with its KEEP entry.
                     redis::cmd("LRANGE")
                         .arg(&k.dead)
                         .arg(0)
-                        .arg(max as i64 - 1)
+                        .arg(max.min(i64::MAX as usize - 1) as i64)
                         .clone(),
                 )
             })
@@ -414,7 +425,11 @@ impl Queue {
             .zip(cluster.batch(cmds, cluster.default_opts()).await)
         {
             if let Value::Array(items) = r? {
-                for item in items {
+                let letters = items
+                    .into_iter()
+                    .filter(|i| !matches!(i, Value::BulkString(b) if b == crate::lease::KEEP))
+                    .take(max);
+                for item in letters {
                     if let Value::BulkString(e) = item {
                         // Something that is not an envelope (pushed by hand) is shown raw.
                         let letter = match crate::lease::decode_envelope(e.clone()) {
@@ -476,6 +491,7 @@ impl Queue {
         let mut cmds = Vec::new();
         for s in &set.shards {
             let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
+            // The list's KEEP entry goes too; the next reliable pop puts it back.
             cmds.push((k.slot, redis::cmd("LLEN").arg(&k.dead).clone()));
             cmds.push((k.slot, redis::cmd("DEL").arg(&k.dead).clone()));
         }
@@ -488,7 +504,7 @@ impl Queue {
         {
             let v = r?;
             if i % 2 == 0 {
-                purged += int(v)?;
+                purged += int(v)?.saturating_sub(1);
             }
         }
         Ok(purged)
@@ -506,6 +522,15 @@ impl Queue {
 }
 
 impl QueueInner {
+    /// Reliable queues: makes the shards' keys exist for good (see `lease::keep_shards`).
+    async fn keep_shards(&self, shards: &[placement::Shard]) {
+        let keys: Vec<crate::lease::ShardKeys> = shards
+            .iter()
+            .map(|s| crate::lease::ShardKeys::new(&self.prefix, &s.tag))
+            .collect();
+        crate::lease::keep_shards(&self.cluster, &self.lease_scripts, &keys).await;
+    }
+
     async fn read_registry(&self) -> Result<Option<ShardSet>> {
         let v: Value = self
             .cluster

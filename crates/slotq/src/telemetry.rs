@@ -9,6 +9,7 @@
 //! | `slotq_push_batch_messages` | histogram | queue | messages per push |
 //! | `slotq_push_seconds` | histogram | queue | time of one push (with reroutes) |
 //! | `slotq_messages_popped_total` | counter | queue | messages taken by consumers |
+//! | `slotq_pop_replies_lost_total` | counter | | at-most-once pops whose reply was lost (their messages may be gone) |
 //! | `slotq_pop_round_seconds` | histogram | queue | time of one sweep over every shard |
 //! | `slotq_messages_settled_total` | counter | kind (ack, nack, release) | settled messages |
 //! | `slotq_redirects_total` | counter | kind (moved, ask) | redirects followed |
@@ -26,6 +27,8 @@ pub const PUSH_BATCH: &str = "slotq_push_batch_messages";
 pub const PUSH_SECONDS: &str = "slotq_push_seconds";
 /// Messages taken by consumers.
 pub const POPPED: &str = "slotq_messages_popped_total";
+/// At-most-once pops whose reply was lost: if the pop ran, its messages are gone.
+pub const POP_REPLIES_LOST: &str = "slotq_pop_replies_lost_total";
 /// Time of one sweep over every shard.
 pub const POP_ROUND_SECONDS: &str = "slotq_pop_round_seconds";
 /// Settled messages, by kind.

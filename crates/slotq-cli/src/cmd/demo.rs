@@ -194,7 +194,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         let mut cmds = Vec::new();
         for s in &q.shards().shards {
             for kind in [
-                "ready", "leases", "inflight", "acks", "delayed", "dead", "leaseseq", "count",
+                "ready", "leases", "inflight", "acks", "delayed", "dead", "count",
             ] {
                 cmds.push((
                     s.slot,

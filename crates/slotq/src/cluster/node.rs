@@ -4,6 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+
 use super::conn::{Conn, Dialer};
 use crate::error::Result;
 use crate::topology::NodeAddr;
@@ -16,8 +19,10 @@ pub(crate) struct Node {
     conn: Mutex<Option<Conn>>,
     /// The second shared connection, for commands that may wait (see `RequestOpts::isolated`).
     side: Mutex<Option<Conn>>,
-    /// Held while dialling so that concurrent callers wait for one connection attempt.
-    dialling: tokio::sync::Mutex<()>,
+    /// The connection attempt in flight, per connection (shared, side): concurrent
+    /// callers all wait for this one attempt and all get its outcome, so K callers of a
+    /// node that does not answer wait one connect timeout, not K of them.
+    dialling: [Mutex<Option<Dial>>; 2],
     down_until: Mutex<Option<Instant>>,
     last_probe: Mutex<Option<Instant>>,
 }
@@ -30,13 +35,32 @@ impl Node {
         if let Some(c) = live(slot) {
             return Ok(c);
         }
-        let _dialling = self.dialling.lock().await;
-        if let Some(c) = live(slot) {
-            return Ok(c);
+        let dialling = &self.dialling[usize::from(isolated)];
+        let attempt = {
+            let mut d = dialling.lock().unwrap();
+            if let Some(c) = live(slot) {
+                return Ok(c);
+            }
+            match &*d {
+                Some(a) => a.clone(),
+                None => {
+                    let (dialer, addr) = (self.dialer.clone(), self.addr.clone());
+                    let a = async move { dialer.dial(&addr).await }.boxed().shared();
+                    *d = Some(a.clone());
+                    a
+                }
+            }
+        };
+        let outcome = attempt.clone().await;
+        let mut d = dialling.lock().unwrap();
+        if d.as_ref().is_some_and(|a| a.ptr_eq(&attempt)) {
+            // The first caller back publishes the outcome; later callers dial anew.
+            *d = None;
+            if let Ok(c) = &outcome {
+                *slot.lock().unwrap() = Some(c.clone());
+            }
         }
-        let c = self.dial().await?;
-        *slot.lock().unwrap() = Some(c.clone());
-        Ok(c)
+        outcome
     }
 
     /// A new connection of its own (for blocking commands), not shared with anyone.
@@ -75,6 +99,9 @@ impl Node {
     }
 }
 
+/// One connection attempt, awaited by every caller that needs the connection meanwhile.
+type Dial = Shared<BoxFuture<'static, Result<Conn>>>;
+
 fn live(slot: &Mutex<Option<Conn>>) -> Option<Conn> {
     slot.lock()
         .unwrap()
@@ -109,7 +136,7 @@ impl NodePool {
             dialer: self.dialer.clone(),
             conn: Mutex::new(None),
             side: Mutex::new(None),
-            dialling: tokio::sync::Mutex::new(()),
+            dialling: [Mutex::new(None), Mutex::new(None)],
             down_until: Mutex::new(None),
             last_probe: Mutex::new(None),
         });

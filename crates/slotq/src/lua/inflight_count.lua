@@ -1,6 +1,11 @@
 -- Messages leased and not yet settled, over all leases of a shard. KEYS: 1 acks.
+-- The KEEP field '~' (see lease_pop.lua) holds no lease.
 local total = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-  total = total + (string.byte(v, 1) * 256 + string.byte(v, 2)) - (string.byte(v, 3) * 256 + string.byte(v, 4))
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= '~' then
+    local v = all[i + 1]
+    total = total + (string.byte(v, 1) * 256 + string.byte(v, 2)) - (string.byte(v, 3) * 256 + string.byte(v, 4))
+  end
 end
 return total

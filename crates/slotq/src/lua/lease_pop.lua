@@ -2,16 +2,32 @@
 -- KEYS: 1 ready (LIST of frames), 2 leases (ZSET lease -> deadline ms), 3 inflight (HASH
 --       lease -> msgpack array of the leased frames), 4 acks (HASH lease -> u16 count,
 --       u16 settled, bitmap), 5 delayed (ZSET envelope -> due ms), 6 dead (LIST of
---       envelopes), 7 lease sequence (STRING), 8 ready count (STRING: messages in 1)
--- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit
--- Returns {lease, deadline ms, reaped, frame...}; lease 0 when nothing was leased.
+--       envelopes), 7 ready count (STRING: messages in 1)
+-- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit, 5 lease id (chosen
+--       by the client: 128 random bits, so no two leases ever share a name, not even
+--       across a failover that lost the last writes)
+-- Returns {leased (0/1), deadline ms, reaped, frame...}.
 -- Frame: 0xA5 0x02, u16 BE message count, msgpack array of envelopes. Envelope: 0xA5 0x01,
 -- 16 bytes id, u16 BE deliveries so far, u64 BE enqueue ms, payload.
+--
+-- Every key but the ready list always exists (a KEEP member, never removed): in a slot
+-- that is being migrated, Redis serves a multi-key script only when all of its keys are on
+-- the node, and answers TRYAGAIN for as long as some exist and others do not.
+local KEEP = '~'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[4])
 local max_attempts = tonumber(ARGV[3])
 local MAX_LEASE = 16384
+
+redis.call('ZADD', KEYS[2], 'NX', '+inf', KEEP)
+redis.call('HSETNX', KEYS[3], KEEP, 1)
+redis.call('HSETNX', KEYS[4], KEEP, 1)
+redis.call('ZADD', KEYS[5], 'NX', '+inf', KEEP)
+if redis.call('LINDEX', KEYS[6], 0) ~= KEEP then
+  redis.call('LPUSH', KEYS[6], KEEP)
+end
+redis.call('SETNX', KEYS[7], 0)
 
 local function is_frame(f)
   return string.byte(f, 1) == 0xA5 and string.byte(f, 2) == 0x02 and #f >= 5
@@ -61,7 +77,7 @@ for _, lease in ipairs(expired) do
     end
     if #back > 0 then
       redis.call('LPUSH', KEYS[1], frame(back))
-      redis.call('INCRBY', KEYS[8], #back)
+      redis.call('INCRBY', KEYS[7], #back)
     end
   end
   redis.call('HDEL', KEYS[3], lease)
@@ -72,37 +88,76 @@ end
 local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, limit)
 if #due > 0 then
   redis.call('RPUSH', KEYS[1], frame(due))
-  redis.call('INCRBY', KEYS[8], #due)
+  redis.call('INCRBY', KEYS[7], #due)
   redis.call('ZREM', KEYS[5], unpack(due))
 end
 
-local want = tonumber(ARGV[1])
+-- Lease exactly the messages wanted: the last frame taken is split when it holds more.
+-- The ready list is never touched once it may be gone (after its last frame is popped):
+-- in a migrating slot, touching a missing key fails the script halfway (Redis answers ASK
+-- inside scripts), so the list's length is tracked here instead of asked.
+local want = math.min(tonumber(ARGV[1]), MAX_LEASE)
 local frames = {}
 local total = 0
-while total < want and total < MAX_LEASE and #frames < 256 do
-  local f = redis.call('LPOP', KEYS[1])
-  if not f then
-    break
+local avail = redis.call('LLEN', KEYS[1])
+while total < want and avail > 0 and #frames < 256 do
+  -- The last frame is read in place and popped only when taken whole.
+  local last = avail == 1
+  local f
+  if last then
+    f = redis.call('LINDEX', KEYS[1], 0)
+  else
+    f = redis.call('LPOP', KEYS[1])
+    avail = avail - 1
+  end
+  local c = is_frame(f) and count(f) or 0
+  if c > 0 and total + c > want then
+    local envs = cmsgpack.unpack(string.sub(f, 5))
+    local head, rest = {}, {}
+    for i = 1, #envs do
+      if total + i <= want then
+        head[#head + 1] = envs[i]
+      else
+        rest[#rest + 1] = envs[i]
+      end
+    end
+    if last then
+      redis.call('LSET', KEYS[1], 0, frame(rest))
+    else
+      redis.call('LPUSH', KEYS[1], frame(rest))
+      avail = avail + 1
+    end
+    f = frame(head)
+    c = #head
+  elseif last then
+    redis.call('LPOP', KEYS[1])
+    avail = 0
   end
   if is_frame(f) then
     frames[#frames + 1] = f
-    total = total + count(f)
+    total = total + c
   else
     -- Not written by a slotq producer: park it with the dead letters, never block the shard.
     redis.call('RPUSH', KEYS[6], f)
   end
 end
+if total > 0 then
+  redis.call('DECRBY', KEYS[7], total)
+end
+if avail == 0 then
+  -- An empty shard holds nothing: heal a count that a partly failed push left behind.
+  redis.call('SET', KEYS[7], 0)
+end
 if total == 0 then
   return {0, 0, reaped}
 end
-redis.call('DECRBY', KEYS[8], total)
-local lease = redis.call('INCR', KEYS[7])
+local lease = ARGV[5]
 local deadline = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[3], lease, cmsgpack.pack(frames))
 redis.call('HSET', KEYS[4], lease,
   string.char(math.floor(total / 256), total % 256, 0, 0) .. string.rep('\0', math.ceil(total / 8)))
 redis.call('ZADD', KEYS[2], deadline, lease)
-local out = {lease, deadline, reaped}
+local out = {1, deadline, reaped}
 for k = 1, #frames do
   out[k + 3] = frames[k]
 end

@@ -1,16 +1,27 @@
 -- Moves up to N dead letters back to the tail of the ready list (as one frame) with their
 -- delivery count reset; entries that are not envelopes stay dead.
 -- KEYS: 1 dead, 2 ready, 3 ready count. ARGV: 1 count. Returns how many moved.
-local msgs = redis.call('LPOP', KEYS[1], math.min(tonumber(ARGV[1]), 8192))
-if not msgs then
+-- The dead list starts with a KEEP element (see lease_pop.lua) and never goes away: the
+-- last element taken becomes the new KEEP head, so no key is ever touched while missing.
+local KEEP = '~'
+local len = redis.call('LLEN', KEYS[1])
+local first = 0
+if len > 0 and redis.call('LINDEX', KEYS[1], 0) == KEEP then
+  first = 1
+end
+local last = math.min(len - 1, first + math.min(tonumber(ARGV[1]), 8192) - 1)
+if last < first then
   return 0
 end
+local msgs = redis.call('LRANGE', KEYS[1], first, last)
+redis.call('LSET', KEYS[1], last, KEEP)
+redis.call('LTRIM', KEYS[1], last, -1)
 local back, keep = {}, {}
 for i = 1, #msgs do
   local e = msgs[i]
   if string.byte(e, 1) == 0xA5 and string.byte(e, 2) == 0x01 and #e >= 28 then
     back[#back + 1] = string.sub(e, 1, 18) .. '\0\0' .. string.sub(e, 21)
-  else
+  elseif e ~= KEEP then
     keep[#keep + 1] = e
   end
 end
@@ -19,7 +30,8 @@ if #back > 0 then
   redis.call('RPUSH', KEYS[2], string.char(0xA5, 0x02, math.floor(n / 256), n % 256) .. cmsgpack.pack(back))
   redis.call('INCRBY', KEYS[3], n)
 end
-for k = 1, #keep, 4000 do
-  redis.call('RPUSH', KEYS[1], unpack(keep, k, math.min(k + 3999, #keep)))
+-- What is not an envelope stays dead, right behind the KEEP head, in its order.
+for k = #keep, 1, -1 do
+  redis.call('LINSERT', KEYS[1], 'AFTER', KEEP, keep[k])
 end
 return #back

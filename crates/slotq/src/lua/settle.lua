@@ -1,24 +1,31 @@
 -- Settles messages of one lease: ack (done), nack (requeue now, later, or dead-letter), or
 -- release (back to the head of the ready list, not counted as a delivery).
--- KEYS: 1 leases, 2 inflight, 3 acks, 4 ready, 5 delayed, 6 dead, 7 ready count
--- ARGV: 1 lease, 2 mode ('ack' | 'nack' | 'release' | 'ackall'), 3 delay ms (nack),
---       4 max attempts (nack), 5.. ranges of message positions in the lease as pairs
---       first, last (1-based, inclusive)
--- 'ackall' acknowledges every message of a lease none of whose messages was settled yet,
--- in O(1).
+-- KEYS: 1 leases, 2 inflight, 3 acks; nack and release also 4 ready, 5 delayed, 6 dead,
+--       7 ready count (acks declare only the first three: those exist while the lease
+--       does, so acks go through in a slot that is being migrated)
+-- ARGV: 1 lease id, 2 mode ('ack' | 'nack' | 'release' | 'ackall' | 'releaseall'), 3 delay
+--       ms (nack), 4 max attempts (nack), 5 messages the caller holds in the lease (-1: not
+--       known), 6.. ranges of message positions in the lease as pairs first, last (1-based,
+--       inclusive)
+-- 'ackall' acknowledges every message of the lease not settled yet, in O(1); 'releaseall'
+-- releases them (a lease whose pop reply was lost: nothing of it was handed out).
 -- Returns {settled now, lease complete (0/1), dead-lettered}; {-1, 0, 0} when the lease no
--- longer exists (it expired and its messages were requeued, or it was settled in full).
+-- longer exists (it expired and its messages were requeued, or it was settled in full);
+-- {-2, n, 0} when the lease holds n messages, not as many as the caller says.
 local acks = redis.call('HGET', KEYS[3], ARGV[1])
 if not acks then
   return {-1, 0, 0}
 end
 local n = string.byte(acks, 1) * 256 + string.byte(acks, 2)
 local done = string.byte(acks, 3) * 256 + string.byte(acks, 4)
-if ARGV[2] == 'ackall' and done == 0 then
+if ARGV[5] ~= '-1' and n ~= tonumber(ARGV[5]) then
+  return {-2, n, 0}
+end
+if ARGV[2] == 'ackall' then
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[1], ARGV[1])
-  return {n, 1, 0}
+  return {n - done, 1, 0}
 end
 
 local function frame(list)
@@ -28,7 +35,15 @@ end
 
 local bytes = {string.byte(acks, 5, -1)}
 local nack = ARGV[2] == 'nack'
-local release = ARGV[2] == 'release'
+local release = ARGV[2] == 'release' or ARGV[2] == 'releaseall'
+local ranges = {}
+if ARGV[2] == 'releaseall' then
+  ranges = {1, n}
+else
+  for j = 6, #ARGV do
+    ranges[#ranges + 1] = tonumber(ARGV[j])
+  end
+end
 local envs = nil
 local now = 0
 if nack or release then
@@ -54,9 +69,9 @@ local function popcount(b)
   return c
 end
 
-for j = 5, #ARGV - 1, 2 do
-  local first = math.max(tonumber(ARGV[j]) or 1, 1)
-  local last = math.min(tonumber(ARGV[j + 1]) or 0, n)
+for j = 1, #ranges - 1, 2 do
+  local first = math.max(ranges[j] or 1, 1)
+  local last = math.min(ranges[j + 1] or 0, n)
   -- Plain acks of whole bytes of the bitmap are set eight at a time.
   while not nack and not release and first <= last and (first - 1) % 8 == 0 and first + 7 <= last do
     local k = math.floor((first - 1) / 8) + 1

@@ -24,14 +24,18 @@ use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+mod round;
+mod waiter;
+
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
-use crate::lease::{self, Lease, LeaseRef, MessageId, Settle, SettleReport, Settled, ShardKeys};
+use crate::lease::{self, LeaseId, LeaseRef, MessageId, Settle, SettleReport, Settled, ShardKeys};
 use crate::placement::DeliveryMode;
 use crate::placement::{Shard, ready_key};
 use crate::queue::Queue;
 use crate::slot::Slot;
-use crate::topology::NodeAddr;
+use round::{Ask, Round};
+use waiter::Waiter;
 
 /// Messages asked from each shard per sweep (before depth weighting).
 pub const DEFAULT_POP_BATCH: usize = 128;
@@ -39,8 +43,6 @@ pub const DEFAULT_POP_BATCH: usize = 128;
 pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much longer than the server timeout the client waits for a blocking pop's reply.
 pub const BLOCK_GRACE: Duration = Duration::from_secs(1);
-/// Pause before a waiter retries after an error.
-const WAITER_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Largest depth weight of a shard that keeps returning full batches.
 const MAX_WEIGHT: usize = 8;
 /// Most messages in one lease.
@@ -108,7 +110,7 @@ impl Message {
 
     /// At-least-once queues: which lease holds the message (shard, lease number). Messages
     /// popped together share a lease; settling a lease's messages is one script call.
-    pub fn lease_id(&self) -> Option<(Arc<str>, i64)> {
+    pub fn lease_id(&self) -> Option<(Arc<str>, LeaseId)> {
         self.lease
             .as_ref()
             .map(|l| (l.lease.keys.tag.clone(), l.lease.id))
@@ -182,10 +184,15 @@ impl ConsumerBuilder {
             } else {
                 self.pop_batch
             },
+            ctx: round::Ctx {
+                cluster: self.queue.cluster().clone(),
+                scripts: self.queue.inner.lease_scripts.clone(),
+                max_attempts,
+                lease: self.lease,
+            },
+            round: None,
             queue: self.queue,
             block_timeout: self.block_timeout,
-            lease: self.lease,
-            max_attempts,
             keys: HashMap::new(),
             buffer: VecDeque::new(),
             inbox_tx,
@@ -204,9 +211,9 @@ pub struct Consumer {
     queue: Queue,
     pop_batch: usize,
     block_timeout: Duration,
-    lease: Duration,
-    /// `Some` for at-least-once queues.
-    max_attempts: Option<u32>,
+    ctx: round::Ctx,
+    /// The poll round in flight, kept across a cancelled call.
+    round: Option<Round>,
     keys: HashMap<String, Arc<ShardKeys>>,
     buffer: VecDeque<Message>,
     inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
@@ -232,6 +239,7 @@ impl Consumer {
     /// The next message; waits (blocking server-side) until there is one.
     pub async fn recv(&mut self) -> Result<Message> {
         loop {
+            self.release_stale();
             if let Some(m) = self.buffer.pop_front() {
                 return Ok(m);
             }
@@ -241,10 +249,13 @@ impl Consumer {
 
     /// Up to `max` messages; waits until there is at least one.
     pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Message>> {
-        while self.buffer.is_empty() {
+        loop {
+            self.release_stale();
+            if !self.buffer.is_empty() {
+                return Ok(self.take(max));
+            }
             self.fill(None).await?;
         }
-        Ok(self.take(max))
     }
 
     /// Up to `max` messages, waiting at most `timeout` for the first (empty on timeout).
@@ -254,10 +265,13 @@ impl Consumer {
         timeout: Duration,
     ) -> Result<Vec<Message>> {
         let deadline = Instant::now() + timeout;
-        while self.buffer.is_empty() && Instant::now() < deadline {
+        loop {
+            self.release_stale();
+            if !self.buffer.is_empty() || Instant::now() >= deadline {
+                return Ok(self.take(max));
+            }
             self.fill(Some(deadline)).await?;
         }
-        Ok(self.take(max))
     }
 
     /// The consumer as a stream of messages.
@@ -271,6 +285,12 @@ impl Consumer {
     /// Stops the consumer: ends its blocked pops and pushes every message it popped but
     /// did not hand out back to the head of its shard, and waits until that is done.
     pub async fn close(mut self) {
+        if let Some(round) = self.round.as_mut() {
+            let replies = round.replies().await;
+            let round = self.round.take().expect("a round in flight");
+            let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
+            self.buffer.extend(out.messages);
+        }
         let left = self.take_unhanded();
         let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, h)| h).collect();
         let (cluster, prefix) = (
@@ -360,12 +380,49 @@ impl Consumer {
         }
     }
 
-    /// One round: `LPOP key count` on every shard, one pipeline per node.
+    /// One round: a pop on every shard, one pipeline per node. Cancel-safe: a round cut
+    /// short by a cancelled caller is resumed by the next call (see [`round`]).
     async fn sweep(&mut self) -> Result<usize> {
+        if self.round.is_none() {
+            let asks = self.plan_round();
+            if asks.is_empty() {
+                return Ok(0);
+            }
+            self.round = Some(Round::start(&self.ctx, asks));
+        }
+        let replies = self
+            .round
+            .as_mut()
+            .expect("a round in flight")
+            .replies()
+            .await;
+        let round = self.round.take().expect("a round in flight");
+        let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
+        for (ask, full) in round.asks.iter().zip(&out.full) {
+            let w = self.weights.entry(ask.keys.tag.to_string()).or_insert(1);
+            *w = if *full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
+        }
+        let got = out.messages.len();
+        self.buffer.extend(out.messages);
+        let queue = self.queue.name().to_string();
+        metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
+            .record(round.started.elapsed().as_secs_f64());
+        metrics::counter!(crate::telemetry::POPPED, "queue" => queue).increment(got as u64);
+        match out.error {
+            // What other shards gave is handed out; the error comes back when the queue
+            // had nothing else to give.
+            Some(e) if got == 0 => Err(e),
+            _ => Ok(got),
+        }
+    }
+
+    /// What to ask of each shard this round: deepest first, starting from a rotating
+    /// shard, every shard every round.
+    fn plan_round(&mut self) -> Vec<Ask> {
         let set = self.queue.shards();
         let shards = &set.shards;
         if shards.is_empty() {
-            return Ok(0);
+            return Vec::new();
         }
         self.rotate = (self.rotate + 1) % shards.len();
         let mut order: Vec<&Shard> = shards[self.rotate..]
@@ -373,64 +430,15 @@ impl Consumer {
             .chain(&shards[..self.rotate])
             .collect();
         order.sort_by_key(|s| std::cmp::Reverse(self.weights.get(&s.tag).copied().unwrap_or(1)));
-        let counts: Vec<usize> = order
-            .iter()
-            .map(|s| self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1))
-            .collect();
-        let cluster = self.queue.cluster().clone();
-        let mut opts = cluster.default_opts();
-        // A node that is down is skipped for this round, not waited for.
-        opts.retry_budget = Duration::ZERO;
-        let keys: Vec<Arc<ShardKeys>> = order.iter().map(|s| self.keys_of(&s.tag)).collect();
-        let started = Instant::now();
-        let replies = match self.max_attempts {
-            None => {
-                let cmds = keys
-                    .iter()
-                    .zip(&counts)
-                    .map(|(k, n)| (k.slot, redis::cmd("LPOP").arg(&k.ready).arg(*n).clone()))
-                    .collect();
-                cluster.batch(cmds, opts).await
-            }
-            Some(max_attempts) => {
-                let scripts = self.queue.inner.lease_scripts.clone();
-                let calls: Vec<crate::script::Call<'_>> = keys
-                    .iter()
-                    .zip(&counts)
-                    .map(|(k, n)| k.pop_call(&scripts, *n, self.lease, max_attempts))
-                    .collect();
-                crate::script::run_batch(&cluster, &calls, opts).await
-            }
-        };
-        let mut got = 0;
-        for ((k, n), reply) in keys.iter().zip(counts).zip(replies) {
-            match reply {
-                Ok(v) => {
-                    let popped = match self.max_attempts {
-                        None => {
-                            let buffer = &mut self.buffer;
-                            each_item(v, |payload| {
-                                buffer.push_back(Message::plain(payload, k.tag.clone()))
-                            })?
-                        }
-                        Some(max_attempts) => self.take_lease(&cluster, k, v, max_attempts)?,
-                    };
-                    let full = popped >= n;
-                    got += popped;
-                    let w = self.weights.entry(k.tag.to_string()).or_insert(1);
-                    *w = if full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
-                }
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(shard = %k.tag, cause = %e, "shard skipped this round");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let queue = self.queue.name().to_string();
-        metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!(crate::telemetry::POPPED, "queue" => queue).increment(got as u64);
-        Ok(got)
+        let reliable = self.ctx.max_attempts.is_some();
+        order
+            .into_iter()
+            .map(|s| Ask {
+                keys: self.keys_of(&s.tag),
+                count: self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1),
+                lease: reliable.then(LeaseId::random),
+            })
+            .collect()
     }
 
     fn keys_of(&mut self, tag: &str) -> Arc<ShardKeys> {
@@ -441,66 +449,36 @@ impl Consumer {
             .clone()
     }
 
-    /// Buffers the messages of a reliable pop reply `[lease, deadline, reaped, envelope...]`.
-    fn take_lease(
-        &mut self,
-        cluster: &Cluster,
-        keys: &Arc<ShardKeys>,
-        v: Value,
-        max_attempts: u32,
-    ) -> Result<usize> {
-        let Value::Array(items) = v else {
-            return Err(Error::Protocol(format!(
-                "reliable pop: unexpected reply {v:?}"
-            )));
+    /// At-least-once: messages at the front of the buffer whose lease has less than a
+    /// quarter of its length left are released (no delivery counted) instead of handed out,
+    /// so that a slow application never gets a message it cannot settle in time, and the
+    /// reaper never counts an attempt for a message nobody saw.
+    fn release_stale(&mut self) {
+        let Some(lease_len) = self.ctx.max_attempts.map(|_| self.ctx.lease) else {
+            return;
         };
-        let mut items = items.into_iter();
-        let (Some(Value::Int(id)), Some(Value::Int(deadline_ms)), Some(_reaped)) =
-            (items.next(), items.next(), items.next())
-        else {
-            return Err(Error::Protocol("reliable pop: short reply".into()));
-        };
-        if id == 0 {
-            return Ok(0);
+        let cutoff = Instant::now() + lease_len / 4;
+        let mut stale = Vec::new();
+        while let Some(m) = self.buffer.front() {
+            match &m.lease {
+                Some(l) if l.lease.local_deadline < cutoff => {
+                    stale.push(self.buffer.pop_front().expect("a front message"));
+                }
+                _ => break,
+            }
         }
-        let lease = Lease {
-            cluster: cluster.clone(),
-            scripts: self.queue.inner.lease_scripts.clone(),
-            keys: keys.clone(),
-            id,
-            deadline_ms,
-            max_attempts,
-            count: 0,
-        };
-        let mut envelopes = Vec::new();
-        for item in items {
-            let Value::BulkString(f) = item else {
-                return Err(Error::Protocol(
-                    "reliable pop: a frame is not a string".into(),
-                ));
-            };
-            envelopes.extend(lease::decode_frame(&f)?);
+        if stale.is_empty() {
+            return;
         }
-        let lease = Arc::new(Lease {
-            count: envelopes.len(),
-            ..lease
-        });
-        let n = envelopes.len();
-        for (i, e) in envelopes.into_iter().enumerate() {
-            let env = lease::decode_envelope(e)?;
-            self.buffer.push_back(Message {
-                payload: env.payload,
-                shard: keys.tag.clone(),
-                id: Some(env.id),
-                attempt: env.deliveries as u32 + 1,
-                enqueued_ms: Some(env.enqueued_ms),
-                lease: Some(LeaseRef {
-                    lease: lease.clone(),
-                    position: i as u32 + 1,
-                }),
-            });
-        }
-        Ok(n)
+        tracing::debug!(
+            count = stale.len(),
+            "releasing buffered messages whose lease is nearly over"
+        );
+        let (cluster, prefix) = (
+            self.queue.cluster().clone(),
+            self.queue.inner.prefix.clone(),
+        );
+        tokio::spawn(async move { return_messages(&cluster, &prefix, stale).await });
     }
 
     /// Starts a waiter for every shard that has none running.
@@ -521,7 +499,7 @@ impl Consumer {
                 idle: self.idle.subscribe(),
                 alive: self.alive.subscribe(),
                 tx: self.inbox_tx.clone(),
-                reliable: self.max_attempts.is_some(),
+                reliable: self.ctx.max_attempts.is_some(),
             };
             self.waiters.insert(s.tag.clone(), tokio::spawn(w.run()));
         }
@@ -530,9 +508,11 @@ impl Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        // Messages popped but never handed out go back to the head of their shards.
+        // Messages popped but never handed out go back to the head of their shards, and so
+        // do those of a round still in flight, once it ends.
         let left = self.take_unhanded();
-        if left.is_empty() {
+        let round = self.round.take();
+        if left.is_empty() && round.is_none() {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -544,7 +524,15 @@ impl Drop for Consumer {
         };
         let cluster = self.queue.cluster().clone();
         let prefix = self.queue.inner.prefix.clone();
-        rt.spawn(async move { return_messages(&cluster, &prefix, left).await });
+        let ctx = self.ctx.clone();
+        rt.spawn(async move {
+            let mut left = left;
+            if let Some(mut round) = round {
+                let replies = round.replies().await;
+                left.extend(round::absorb(&ctx, &round.asks, round.started, replies).messages);
+            }
+            return_messages(&cluster, &prefix, left).await
+        });
     }
 }
 
@@ -570,7 +558,7 @@ async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
 }
 
 /// Pushes popped payloads back to the head of their list, first one first.
-async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
+pub(super) async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
     if payloads.is_empty() {
         return;
     }
@@ -585,28 +573,8 @@ async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u
     }
 }
 
-/// Hands each payload of an `LPOP key count` reply to `f`; returns how many there were.
-fn each_item(v: Value, mut f: impl FnMut(Vec<u8>)) -> Result<usize> {
-    match v {
-        Value::Nil => Ok(0),
-        Value::Array(items) => {
-            let n = items.len();
-            for i in items {
-                match i {
-                    Value::BulkString(b) => f(b),
-                    other => {
-                        return Err(Error::Protocol(format!("pop: unexpected item {other:?}")));
-                    }
-                }
-            }
-            Ok(n)
-        }
-        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
-    }
-}
-
 /// Parses an `LPOP key count` reply (nil or an array of payloads).
-fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
+pub(super) fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
     match v {
         Value::Nil => Ok(Vec::new()),
         Value::Array(items) => items
@@ -617,218 +585,5 @@ fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
             })
             .collect(),
         other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
-    }
-}
-
-/// Blocks on one shard while its consumer is idle.
-struct Waiter {
-    cluster: Cluster,
-    slot: Slot,
-    tag: Arc<str>,
-    key: String,
-    count: usize,
-    block: Duration,
-    idle: watch::Receiver<bool>,
-    alive: watch::Receiver<()>,
-    tx: mpsc::UnboundedSender<Vec<Message>>,
-    /// At-least-once: wait without popping (`BLMOVE key key RIGHT RIGHT` leaves the list
-    /// as it was) and let the consumer lease what arrived.
-    reliable: bool,
-}
-
-struct Blocking {
-    node: NodeAddr,
-    conn: crate::cluster::Conn,
-    id: i64,
-}
-
-impl Waiter {
-    async fn run(mut self) {
-        let mut conn: Option<Blocking> = None;
-        loop {
-            // Block only while the consumer is idle.
-            loop {
-                if *self.idle.borrow_and_update() {
-                    break;
-                }
-                tokio::select! {
-                    r = self.idle.changed() => if r.is_err() { return },
-                    _ = self.alive.changed() => return,
-                }
-            }
-            let Some(owner) = self.cluster.topology().owner(self.slot).cloned() else {
-                self.cluster.request_refresh();
-                if self.pause().await {
-                    return;
-                }
-                continue;
-            };
-            if self.cluster.is_node_down(&owner) {
-                self.cluster.request_refresh();
-                if self.pause().await {
-                    return;
-                }
-                continue;
-            }
-            if conn.as_ref().map(|c| &c.node) != Some(&owner) {
-                conn = match self.connect(&owner).await {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::debug!(node = %owner, cause = %e, "waiter cannot connect");
-                        if self.pause().await {
-                            return;
-                        }
-                        continue;
-                    }
-                };
-            }
-            let b = conn.as_mut().expect("connected above");
-            let cmd = if self.reliable {
-                redis::cmd("BLMOVE")
-                    .arg(&self.key)
-                    .arg(&self.key)
-                    .arg("RIGHT")
-                    .arg("RIGHT")
-                    .arg(self.block.as_secs_f64())
-                    .clone()
-            } else {
-                redis::cmd("BLMPOP")
-                    .arg(self.block.as_secs_f64())
-                    .arg(1)
-                    .arg(&self.key)
-                    .arg("LEFT")
-                    .arg("COUNT")
-                    .arg(self.count)
-                    .clone()
-            };
-            let reply = {
-                let pop = tokio::time::timeout(self.block + BLOCK_GRACE, b.conn.cmd(&cmd));
-                tokio::pin!(pop);
-                tokio::select! {
-                    r = &mut pop => r,
-                    _ = self.alive.changed() => {
-                        // The consumer is gone: end the blocked pop and return what it took.
-                        let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(b.id).clone();
-                        let _ = self.cluster.node_query::<Value>(&b.node, &unblock).await;
-                        if let Ok(Ok(v)) = pop.await
-                            && !self.reliable
-                            && let Ok(items) = blmpop_items(v) {
-                                give_back(&self.cluster, self.slot, &self.key, items).await;
-                            }
-                        return;
-                    }
-                }
-            };
-            match reply {
-                Err(_) => {
-                    // No reply by the client deadline: the node is hung or gone.
-                    tracing::debug!(node = %b.node, "blocking pop missed its deadline");
-                    conn = None;
-                    self.cluster.request_refresh();
-                }
-                Ok(Ok(Value::Nil)) => {}
-                Ok(Ok(Value::BulkString(_))) if self.reliable => {
-                    // Data arrived (and is still in the list): wake the consumer.
-                    if self.tx.send(Vec::new()).is_err() {
-                        return;
-                    }
-                }
-                Ok(Ok(Value::ServerError(e))) => {
-                    let code = e.code().to_string();
-                    if self.on_error(&code, &mut conn).await {
-                        return;
-                    }
-                }
-                Ok(Ok(v)) => match blmpop_items(v) {
-                    Ok(items) if items.is_empty() => {}
-                    Ok(items) => {
-                        let msgs: Vec<Message> = items
-                            .into_iter()
-                            .map(|payload| Message::plain(payload, self.tag.clone()))
-                            .collect();
-                        if let Err(back) = self.tx.send(msgs) {
-                            let items = back.0.into_iter().map(|m| m.payload).collect();
-                            give_back(&self.cluster, self.slot, &self.key, items).await;
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = %self.tag, cause = %e, "bad blocking pop reply");
-                        if self.pause().await {
-                            return;
-                        }
-                    }
-                },
-                Ok(Err(broken)) => {
-                    tracing::debug!(shard = %self.tag, cause = %broken.0, "blocking connection broke");
-                    if self.on_error("IO", &mut conn).await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Reacts to an error reply; returns true when the consumer is gone.
-    async fn on_error(&mut self, code: &str, conn: &mut Option<Blocking>) -> bool {
-        match code {
-            // The slot moved or the node changed role: learn the new map, reconnect.
-            "MOVED" | "ASK" | "UNBLOCKED" | "READONLY" => {
-                *conn = None;
-                self.cluster.request_refresh();
-            }
-            "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN" => {
-                self.cluster.request_refresh();
-            }
-            _ => {
-                tracing::debug!(shard = %self.tag, code, "blocking pop failed");
-                *conn = None;
-            }
-        }
-        self.pause().await
-    }
-
-    /// Sleeps before a retry; returns true when the consumer went away meanwhile.
-    async fn pause(&mut self) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(WAITER_RETRY_PAUSE) => false,
-            _ = self.alive.changed() => true,
-        }
-    }
-
-    async fn connect(&self, node: &NodeAddr) -> Result<Blocking> {
-        let conn = self.cluster.dedicated_connection(node).await?;
-        let id = tokio::time::timeout(
-            self.cluster.config().request_timeout_value(),
-            conn.cmd(redis::cmd("CLIENT").arg("ID")),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            node: node.clone(),
-            timeout: self.cluster.config().request_timeout_value(),
-        })?
-        .map_err(|b| Error::Connect {
-            node: node.clone(),
-            reason: b.0,
-        })?;
-        match id {
-            Value::Int(id) => Ok(Blocking {
-                node: node.clone(),
-                conn,
-                id,
-            }),
-            other => Err(Error::Protocol(format!("CLIENT ID: {other:?}"))),
-        }
-    }
-}
-
-/// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.
-fn blmpop_items(v: Value) -> Result<Vec<Vec<u8>>> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(mut parts) if parts.len() == 2 => list_items(parts.pop().expect("two parts")),
-        other => Err(Error::Protocol(format!(
-            "BLMPOP: unexpected reply {other:?}"
-        ))),
     }
 }

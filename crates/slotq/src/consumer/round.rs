@@ -1,0 +1,269 @@
+//! One poll round: a pop on every shard (`LPOP key count`, or the lease script on
+//! at-least-once queues), one pipeline per node, all nodes at once.
+//!
+//! Invariants (what makes a round lose nothing):
+//! - A round is a future the consumer owns. When `recv` is cancelled mid-round (a
+//!   `select!`, a timeout, Ctrl-C) the round stays with the consumer and the next call
+//!   resumes it; a consumer dropped mid-round hands it to a task that gives back what it
+//!   took.
+//! - Every reply that arrived is used, whatever the other shards answered: one shard's
+//!   error never discards another shard's messages.
+//! - A reply that was lost (timeout, broken connection) may hide a pop that ran. On an
+//!   at-least-once queue the lease was named by the consumer before it was sent, so it is
+//!   released by name (no delivery counted). On an at-most-once queue the messages of such a
+//!   pop are lost; this is counted (`slotq_pop_replies_lost_total`) and logged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+
+use super::Message;
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::lease::{self, Lease, LeaseId, LeaseRef, LeaseScripts, ShardKeys};
+
+/// What one shard is asked in a round.
+pub(super) struct Ask {
+    pub(super) keys: Arc<ShardKeys>,
+    pub(super) count: usize,
+    /// At-least-once: the name of the lease this pop creates.
+    pub(super) lease: Option<LeaseId>,
+}
+
+/// What a round needs besides its asks.
+#[derive(Clone)]
+pub(super) struct Ctx {
+    pub(super) cluster: Cluster,
+    pub(super) scripts: Arc<LeaseScripts>,
+    /// `Some` on at-least-once queues.
+    pub(super) max_attempts: Option<u32>,
+    pub(super) lease: Duration,
+}
+
+type Replies = Pin<Box<dyn Future<Output = Vec<Result<Value>>> + Send>>;
+
+/// A round in flight.
+pub(super) struct Round {
+    pub(super) asks: Arc<Vec<Ask>>,
+    pub(super) started: Instant,
+    /// In a mutex only so that the consumer stays `Sync`; reached by `get_mut`, never locked.
+    replies: std::sync::Mutex<Replies>,
+}
+
+impl Round {
+    /// Waits for the replies. Cancel-safe: awaiting again resumes the same round.
+    pub(super) async fn replies(&mut self) -> Vec<Result<Value>> {
+        let fut = self.replies.get_mut().unwrap_or_else(|p| p.into_inner());
+        fut.await
+    }
+}
+
+/// What a finished round brought.
+pub(super) struct Outcome {
+    pub(super) messages: Vec<Message>,
+    /// Per ask: whether the shard filled it (so it gets a larger count next round).
+    pub(super) full: Vec<bool>,
+    /// The first error that was not a shard skipped for the round.
+    pub(super) error: Option<Error>,
+}
+
+impl Round {
+    /// Sends the round.
+    pub(super) fn start(ctx: &Ctx, asks: Vec<Ask>) -> Round {
+        let asks = Arc::new(asks);
+        let (cluster, scripts, lease) = (ctx.cluster.clone(), ctx.scripts.clone(), ctx.lease);
+        let max_attempts = ctx.max_attempts;
+        let sent = asks.clone();
+        let replies = Box::pin(async move {
+            let mut opts = cluster.default_opts();
+            // A node that is down is skipped for this round, not waited for.
+            opts.retry_budget = Duration::ZERO;
+            match max_attempts {
+                None => {
+                    let cmds = sent
+                        .iter()
+                        .map(|a| {
+                            let k = &a.keys;
+                            (
+                                k.slot,
+                                redis::cmd("LPOP").arg(&k.ready).arg(a.count).clone(),
+                            )
+                        })
+                        .collect();
+                    cluster.batch(cmds, opts).await
+                }
+                Some(max_attempts) => {
+                    let calls: Vec<crate::script::Call<'_>> = sent
+                        .iter()
+                        .map(|a| {
+                            let id = a.lease.expect("at-least-once asks name their lease");
+                            a.keys.pop_call(&scripts, a.count, lease, max_attempts, id)
+                        })
+                        .collect();
+                    crate::script::run_batch(&cluster, &calls, opts).await
+                }
+            }
+        });
+        Round {
+            asks,
+            started: Instant::now(),
+            replies: std::sync::Mutex::new(replies),
+        }
+    }
+}
+
+/// Turns every reply of a finished round into messages; releases the leases of lost replies.
+pub(super) fn absorb(
+    ctx: &Ctx,
+    asks: &[Ask],
+    started: Instant,
+    replies: Vec<Result<Value>>,
+) -> Outcome {
+    let mut out = Outcome {
+        messages: Vec::new(),
+        full: Vec::with_capacity(asks.len()),
+        error: None,
+    };
+    for (ask, reply) in asks.iter().zip(replies) {
+        let taken = match reply {
+            Ok(v) => match ctx.max_attempts {
+                None => each_item(v, |payload| {
+                    out.messages
+                        .push(Message::plain(payload, ask.keys.tag.clone()))
+                }),
+                Some(max_attempts) => {
+                    take_lease(ctx, ask, v, max_attempts, started, &mut out.messages)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match taken {
+            Ok(n) => out.full.push(n >= ask.count),
+            Err(e) => {
+                out.full.push(false);
+                if e.may_have_run() {
+                    lost_reply(ctx, ask, &e);
+                } else if e.is_retryable() {
+                    tracing::debug!(shard = %ask.keys.tag, cause = %e, "shard skipped this round");
+                } else {
+                    tracing::warn!(shard = %ask.keys.tag, cause = %e, "pop failed on a shard");
+                    out.error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A pop whose reply was lost may have run.
+fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
+    match ask.lease {
+        None => {
+            metrics::counter!(crate::telemetry::POP_REPLIES_LOST).increment(1);
+            tracing::warn!(
+                shard = %ask.keys.tag, cause = %e, count = ask.count,
+                "pop reply lost: if the pop ran, up to this many messages are gone (at-most-once)"
+            );
+        }
+        Some(id) => {
+            // The pop may still be queued behind a stalled node: try a few times, a
+            // request timeout apart, until the lease is found or surely never made.
+            let (cluster, scripts, keys) =
+                (ctx.cluster.clone(), ctx.scripts.clone(), ask.keys.clone());
+            tracing::debug!(shard = %keys.tag, lease = %id, cause = %e, "releasing a lease whose pop reply was lost");
+            tokio::spawn(async move {
+                let pause = cluster.config().request_timeout_value();
+                for _ in 0..3 {
+                    match lease::release_lost(&cluster, &scripts, &keys, id).await {
+                        Ok(true) => return,
+                        Ok(false) | Err(_) => tokio::time::sleep(pause).await,
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Buffers the messages of a reliable pop reply `[leased, deadline, reaped, frame...]`.
+fn take_lease(
+    ctx: &Ctx,
+    ask: &Ask,
+    v: Value,
+    max_attempts: u32,
+    started: Instant,
+    into: &mut Vec<Message>,
+) -> Result<usize> {
+    let Value::Array(items) = v else {
+        return Err(Error::Protocol(format!(
+            "reliable pop: unexpected reply {v:?}"
+        )));
+    };
+    let mut items = items.into_iter();
+    let (Some(Value::Int(leased)), Some(Value::Int(deadline_ms)), Some(_reaped)) =
+        (items.next(), items.next(), items.next())
+    else {
+        return Err(Error::Protocol("reliable pop: short reply".into()));
+    };
+    if leased == 0 {
+        return Ok(0);
+    }
+    let mut envelopes = Vec::new();
+    for item in items {
+        let Value::BulkString(f) = item else {
+            return Err(Error::Protocol(
+                "reliable pop: a frame is not a string".into(),
+            ));
+        };
+        envelopes.extend(lease::decode_frame(&f)?);
+    }
+    let lease = Arc::new(Lease {
+        cluster: ctx.cluster.clone(),
+        scripts: ctx.scripts.clone(),
+        keys: ask.keys.clone(),
+        id: ask.lease.expect("at-least-once asks name their lease"),
+        deadline_ms,
+        // The server's deadline, on this process's clock (conservative: from the send).
+        local_deadline: started + ctx.lease,
+        max_attempts,
+        count: envelopes.len(),
+    });
+    let n = envelopes.len();
+    for (i, e) in envelopes.into_iter().enumerate() {
+        let env = lease::decode_envelope(e)?;
+        into.push(Message {
+            payload: env.payload,
+            shard: ask.keys.tag.clone(),
+            id: Some(env.id),
+            attempt: env.deliveries as u32 + 1,
+            enqueued_ms: Some(env.enqueued_ms),
+            lease: Some(LeaseRef {
+                lease: lease.clone(),
+                position: i as u32 + 1,
+            }),
+        });
+    }
+    Ok(n)
+}
+
+/// Hands each payload of an `LPOP key count` reply to `f`; returns how many there were.
+fn each_item(v: Value, mut f: impl FnMut(Vec<u8>)) -> Result<usize> {
+    match v {
+        Value::Nil => Ok(0),
+        Value::Array(items) => {
+            let n = items.len();
+            for i in items {
+                match i {
+                    Value::BulkString(b) => f(b),
+                    other => {
+                        return Err(Error::Protocol(format!("pop: unexpected item {other:?}")));
+                    }
+                }
+            }
+            Ok(n)
+        }
+        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
+    }
+}

@@ -1,0 +1,230 @@
+//! The blocking waiter: one task per shard that blocks server-side while its consumer is
+//! idle, so that an idle consumer sends nothing between block timeouts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use tokio::sync::{mpsc, watch};
+
+use super::{BLOCK_GRACE, Message, give_back, list_items};
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::slot::Slot;
+use crate::topology::NodeAddr;
+
+/// Pause before a waiter retries after an error.
+const WAITER_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Blocks on one shard while its consumer is idle.
+pub(super) struct Waiter {
+    pub(super) cluster: Cluster,
+    pub(super) slot: Slot,
+    pub(super) tag: Arc<str>,
+    pub(super) key: String,
+    pub(super) count: usize,
+    pub(super) block: Duration,
+    pub(super) idle: watch::Receiver<bool>,
+    pub(super) alive: watch::Receiver<()>,
+    pub(super) tx: mpsc::UnboundedSender<Vec<Message>>,
+    /// At-least-once: wait without popping (`BLMOVE key key RIGHT RIGHT` leaves the list
+    /// as it was) and let the consumer lease what arrived.
+    pub(super) reliable: bool,
+}
+
+struct Blocking {
+    node: NodeAddr,
+    conn: crate::cluster::Conn,
+    id: i64,
+}
+
+impl Waiter {
+    pub(super) async fn run(mut self) {
+        let mut conn: Option<Blocking> = None;
+        loop {
+            // Block only while the consumer is idle.
+            loop {
+                if *self.idle.borrow_and_update() {
+                    break;
+                }
+                tokio::select! {
+                    r = self.idle.changed() => if r.is_err() { return },
+                    _ = self.alive.changed() => return,
+                }
+            }
+            let Some(owner) = self.cluster.topology().owner(self.slot).cloned() else {
+                self.cluster.request_refresh();
+                if self.pause().await {
+                    return;
+                }
+                continue;
+            };
+            if self.cluster.is_node_down(&owner) {
+                self.cluster.request_refresh();
+                if self.pause().await {
+                    return;
+                }
+                continue;
+            }
+            if conn.as_ref().map(|c| &c.node) != Some(&owner) {
+                conn = match self.connect(&owner).await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::debug!(node = %owner, cause = %e, "waiter cannot connect");
+                        if self.pause().await {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+            }
+            let b = conn.as_mut().expect("connected above");
+            let cmd = if self.reliable {
+                redis::cmd("BLMOVE")
+                    .arg(&self.key)
+                    .arg(&self.key)
+                    .arg("RIGHT")
+                    .arg("RIGHT")
+                    .arg(self.block.as_secs_f64())
+                    .clone()
+            } else {
+                redis::cmd("BLMPOP")
+                    .arg(self.block.as_secs_f64())
+                    .arg(1)
+                    .arg(&self.key)
+                    .arg("LEFT")
+                    .arg("COUNT")
+                    .arg(self.count)
+                    .clone()
+            };
+            let reply = {
+                let pop = tokio::time::timeout(self.block + BLOCK_GRACE, b.conn.cmd(&cmd));
+                tokio::pin!(pop);
+                tokio::select! {
+                    r = &mut pop => r,
+                    _ = self.alive.changed() => {
+                        // The consumer is gone: end the blocked pop and return what it took.
+                        let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(b.id).clone();
+                        let _ = self.cluster.node_query::<Value>(&b.node, &unblock).await;
+                        if let Ok(Ok(v)) = pop.await
+                            && !self.reliable
+                            && let Ok(items) = blmpop_items(v) {
+                                give_back(&self.cluster, self.slot, &self.key, items).await;
+                            }
+                        return;
+                    }
+                }
+            };
+            match reply {
+                Err(_) => {
+                    // No reply by the client deadline: the node is hung or gone.
+                    tracing::debug!(node = %b.node, "blocking pop missed its deadline");
+                    conn = None;
+                    self.cluster.request_refresh();
+                }
+                Ok(Ok(Value::Nil)) => {}
+                Ok(Ok(Value::BulkString(_))) if self.reliable => {
+                    // Data arrived (and is still in the list): wake the consumer.
+                    if self.tx.send(Vec::new()).is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(Value::ServerError(e))) => {
+                    let code = e.code().to_string();
+                    if self.on_error(&code, &mut conn).await {
+                        return;
+                    }
+                }
+                Ok(Ok(v)) => match blmpop_items(v) {
+                    Ok(items) if items.is_empty() => {}
+                    Ok(items) => {
+                        let msgs: Vec<Message> = items
+                            .into_iter()
+                            .map(|payload| Message::plain(payload, self.tag.clone()))
+                            .collect();
+                        if let Err(back) = self.tx.send(msgs) {
+                            let items = back.0.into_iter().map(|m| m.payload).collect();
+                            give_back(&self.cluster, self.slot, &self.key, items).await;
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = %self.tag, cause = %e, "bad blocking pop reply");
+                        if self.pause().await {
+                            return;
+                        }
+                    }
+                },
+                Ok(Err(broken)) => {
+                    tracing::debug!(shard = %self.tag, cause = %broken.0, "blocking connection broke");
+                    if self.on_error("IO", &mut conn).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reacts to an error reply; returns true when the consumer is gone.
+    async fn on_error(&mut self, code: &str, conn: &mut Option<Blocking>) -> bool {
+        match code {
+            // The slot moved or the node changed role: learn the new map, reconnect.
+            "MOVED" | "ASK" | "UNBLOCKED" | "READONLY" => {
+                *conn = None;
+                self.cluster.request_refresh();
+            }
+            "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN" => {
+                self.cluster.request_refresh();
+            }
+            _ => {
+                tracing::debug!(shard = %self.tag, code, "blocking pop failed");
+                *conn = None;
+            }
+        }
+        self.pause().await
+    }
+
+    /// Sleeps before a retry; returns true when the consumer went away meanwhile.
+    async fn pause(&mut self) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(WAITER_RETRY_PAUSE) => false,
+            _ = self.alive.changed() => true,
+        }
+    }
+
+    async fn connect(&self, node: &NodeAddr) -> Result<Blocking> {
+        let conn = self.cluster.dedicated_connection(node).await?;
+        let id = tokio::time::timeout(
+            self.cluster.config().request_timeout_value(),
+            conn.cmd(redis::cmd("CLIENT").arg("ID")),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            node: node.clone(),
+            timeout: self.cluster.config().request_timeout_value(),
+        })?
+        .map_err(|b| Error::Connect {
+            node: node.clone(),
+            reason: b.0,
+        })?;
+        match id {
+            Value::Int(id) => Ok(Blocking {
+                node: node.clone(),
+                conn,
+                id,
+            }),
+            other => Err(Error::Protocol(format!("CLIENT ID: {other:?}"))),
+        }
+    }
+}
+
+/// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.
+fn blmpop_items(v: Value) -> Result<Vec<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(mut parts) if parts.len() == 2 => list_items(parts.pop().expect("two parts")),
+        other => Err(Error::Protocol(format!(
+            "BLMPOP: unexpected reply {other:?}"
+        ))),
+    }
+}

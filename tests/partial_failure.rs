@@ -1,0 +1,379 @@
+//! What one failing shard, a failover that lost writes, a cancelled call or a slot being
+//! migrated must not cost: messages of other shards, leases of other consumers, or
+//! deliveries of messages nobody saw. Real clusters throughout.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use slotq::{Client, Message, Settled, redis};
+use slotq_testkit::TestCluster;
+
+async fn client(url: &str) -> Client {
+    Client::from_cluster(slotq_tests::router(url).await)
+}
+
+/// Index of the node that serves the shard holding messages (the only non-empty one).
+async fn deep_shard(c: &TestCluster, q: &slotq::Queue) -> (String, u16, usize) {
+    let stats = q.stats().await.unwrap();
+    let s = stats
+        .iter()
+        .max_by_key(|s| s.depth)
+        .expect("the queue has shards");
+    let node = s.node.clone().expect("the shard's slot is served");
+    let idx = c.index_of_port(node.port).expect("a node of the cluster");
+    (s.tag.clone(), s.slot, idx)
+}
+
+/// Receives until `want` distinct messages were seen or `within` passed; acks everything.
+async fn drain_acking(
+    consumer: &mut slotq::Consumer,
+    want: usize,
+    within: Duration,
+) -> HashSet<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut seen = HashSet::new();
+    while seen.len() < want && Instant::now() < deadline {
+        let batch = consumer
+            .recv_batch_timeout(1000, Duration::from_millis(300))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            continue;
+        }
+        consumer.ack_all(&batch).await.unwrap();
+        seen.extend(batch.into_iter().map(|m| m.payload));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_a_lease_lost_in_a_failover_settles_nobody_elses() {
+    let c = TestCluster::start(3, 1).unwrap();
+    let url = c.url();
+    let client = client(&url).await;
+    let q = client
+        .queue("failover-lease")
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let producer = q
+        .producer()
+        .durability(1, Duration::from_secs(2))
+        .build()
+        .unwrap();
+    for i in 0..30 {
+        producer
+            .send_keyed("one-key", format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let (_, _, master) = deep_shard(&c, &q).await;
+    let replica = c.replicas_of(master)[0];
+
+    // The replica misses the lease C1 takes (it sits behind 32 MB the stopped replica's
+    // socket cannot take); then the master dies and the replica takes over.
+    c.pause(replica).unwrap();
+    let junk = slotq_tests::key_on(&c, master, "junk");
+    c.node(master)
+        .cmd::<()>(redis::cmd("SET").arg(&junk).arg(vec![b'x'; 32 << 20]))
+        .unwrap();
+    let mut c1 = q.consumer().pop_batch(1).build().unwrap();
+    let held = c1.recv().await.unwrap();
+    let mut c = c;
+    c.kill(master).unwrap();
+    c.resume(replica).unwrap();
+    c.node(replica)
+        .cmd::<()>(redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"))
+        .unwrap();
+    c.wait_for_promotion(master, Duration::from_secs(20))
+        .unwrap();
+    c.wait_stable().unwrap();
+
+    // C2 leases what it finds on the promoted replica (C1's message among it), then dies.
+    let mut c2 = q
+        .consumer()
+        .pop_batch(1)
+        .lease(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let taken = loop {
+        match c2.recv_batch_timeout(1, Duration::from_millis(500)).await {
+            Ok(b) if !b.is_empty() => break b,
+            _ if Instant::now() < deadline => continue,
+            other => panic!("C2 got nothing after the failover: {other:?}"),
+        }
+    };
+    assert_eq!(taken.len(), 1);
+
+    // C1's ack names a lease the promoted replica never had: it must settle nothing.
+    let settled = held.ack().await.unwrap();
+    assert_eq!(
+        settled,
+        Settled::LeaseGone,
+        "C1's lease did not survive the failover"
+    );
+    std::mem::forget(c2); // dies without settling or releasing
+
+    // Every one of the 30 messages is still delivered (C2's after its lease expires).
+    let mut c3 = q.consumer().build().unwrap();
+    let seen = drain_acking(&mut c3, 30, Duration::from_secs(20)).await;
+    assert_eq!(seen.len(), 30, "messages lost to a reused lease name");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_all_after_a_nack_acknowledges_the_rest() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("nack-then-ack")
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let producer = q.producer().build().unwrap();
+    producer.send_batch(["a", "b", "c"]).await.unwrap();
+    let mut consumer = q.consumer().build().unwrap();
+    let mut batch: Vec<Message> = Vec::new();
+    while batch.len() < 3 {
+        batch.extend(consumer.recv_batch(3).await.unwrap());
+    }
+    let nacked = batch[0].payload.clone();
+    assert_eq!(batch[0].nack(None).await.unwrap(), Settled::Done);
+    let report = consumer.ack_all(&batch).await.unwrap();
+    assert_eq!(report.settled, 2, "the two messages not nacked: {report:?}");
+
+    // Only the nacked message comes back.
+    let again = consumer
+        .recv_batch_timeout(10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].payload, nacked);
+    assert_eq!(again[0].attempt, 2);
+    consumer.ack_all(&again).await.unwrap();
+    let rest = consumer
+        .recv_batch_timeout(10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(
+        rest.is_empty(),
+        "{} acknowledged messages came back",
+        rest.len()
+    );
+    assert!(q.dead_letters(0).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_refusing_pops_does_not_swallow_the_other_shards_messages() {
+    const TOTAL: usize = 30_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("noreplicas").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..TOTAL).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+    // One master now refuses writes (LPOP is one): NOREPLICAS.
+    let refusing = c.masters()[0];
+    c.node(refusing)
+        .cmd::<()>(
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(1),
+        )
+        .unwrap();
+
+    let mut got = Vec::new();
+    let mut errors = 0;
+    let mut consumer = q.consumer().build().unwrap();
+    for _ in 0..20 {
+        match consumer
+            .recv_batch_timeout(700, Duration::from_millis(500))
+            .await
+        {
+            Ok(b) => got.extend(b.into_iter().map(|m| m.payload)),
+            Err(_) => errors += 1,
+        }
+    }
+    consumer.close().await;
+    assert!(
+        !got.is_empty(),
+        "the healthy shards gave nothing ({errors} errors)"
+    );
+
+    c.node(refusing)
+        .cmd::<()>(
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(0),
+        )
+        .unwrap();
+    let mut rest = q.consumer().build().unwrap();
+    loop {
+        let b = rest
+            .recv_batch_timeout(5000, Duration::from_millis(500))
+            .await
+            .unwrap();
+        if b.is_empty() {
+            break;
+        }
+        got.extend(b.into_iter().map(|m| m.payload));
+    }
+    let distinct: HashSet<&Vec<u8>> = got.iter().collect();
+    assert_eq!(got.len(), TOTAL, "popped = pushed");
+    assert_eq!(distinct.len(), TOTAL, "no duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_receives_and_dropped_consumers_lose_nothing() {
+    const TOTAL: usize = 20_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("cancel-safe").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..TOTAL).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+
+    let mut got = Vec::new();
+    let mut cancelled = 0;
+    let mut consumer = q.consumer().pop_batch(50).build().unwrap();
+    for i in 0..400u64 {
+        // Cut receives short at every point of a round.
+        let cut = Duration::from_micros(20 + (i * 37) % 400);
+        match tokio::time::timeout(cut, consumer.recv_batch(100)).await {
+            Ok(b) => got.extend(b.unwrap().into_iter().map(|m| m.payload)),
+            Err(_) => cancelled += 1,
+        }
+    }
+    // Consumers dropped in the middle of a round.
+    for i in 0..50u64 {
+        let mut dropped = q.consumer().pop_batch(50).build().unwrap();
+        let cut = Duration::from_micros(20 + (i * 53) % 400);
+        if let Ok(b) = tokio::time::timeout(cut, dropped.recv_batch(100)).await {
+            got.extend(b.unwrap().into_iter().map(|m| m.payload));
+        }
+    }
+    assert!(cancelled > 0, "no receive was cut short");
+    loop {
+        let b = consumer
+            .recv_batch_timeout(5000, Duration::from_millis(1500))
+            .await
+            .unwrap();
+        if b.is_empty() {
+            break;
+        }
+        got.extend(b.into_iter().map(|m| m.payload));
+    }
+    let distinct: HashSet<&Vec<u8>> = got.iter().collect();
+    assert_eq!(distinct.len(), got.len(), "no duplicates");
+    assert_eq!(
+        got.len(),
+        TOTAL,
+        "{cancelled} cancelled receives lost messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reliable_shard_keeps_working_while_its_slot_is_migrating() {
+    const TOTAL: usize = 3_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("migrating").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    send_keyed_many(&producer, "k", TOTAL).await;
+    let (_, slot, from) = deep_shard(&c, &q).await;
+    let to = *c.masters().iter().find(|&&m| m != from).unwrap();
+    let migration = c.begin_migration(slot, to).unwrap();
+
+    // Nothing has moved yet: Redis serves the shard's scripts from the source only if every
+    // key they name exists there.
+    let mut consumer = q.consumer().pop_batch(100).build().unwrap();
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut nacked_once = false;
+    while seen.len() < TOTAL && started.elapsed() < Duration::from_secs(10) {
+        let batch = consumer
+            .recv_batch_timeout(500, Duration::from_millis(300))
+            .await
+            .unwrap();
+        if !nacked_once && !batch.is_empty() {
+            // A nack goes through too, and the message comes back.
+            assert_eq!(batch[0].nack(None).await.unwrap(), Settled::Done);
+            nacked_once = true;
+            let rest = &batch[1..];
+            assert_eq!(consumer.ack_all(rest).await.unwrap().settled, rest.len());
+            seen.extend(rest.iter().map(|m| m.payload.clone()));
+            continue;
+        }
+        let report = consumer.ack_all(&batch).await.unwrap();
+        assert_eq!(report.settled, batch.len(), "acks during the migration");
+        seen.extend(batch.into_iter().map(|m| m.payload));
+    }
+    eprintln!(
+        "{} of {TOTAL} consumed in {:?} while the slot was migrating",
+        seen.len(),
+        started.elapsed()
+    );
+    assert_eq!(seen.len(), TOTAL);
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), TOTAL);
+    c.finish_migration(&migration).unwrap();
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_with_a_short_lease_dead_letters_nothing_it_never_saw() {
+    const TOTAL: usize = 120;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("slow").max_attempts(2).open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    // One frame of 120 messages on one shard.
+    send_keyed_many(&producer, "k", TOTAL).await;
+    let mut consumer = q
+        .consumer()
+        .pop_batch(10)
+        .lease(Duration::from_millis(600))
+        .build()
+        .unwrap();
+    let mut processed = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processed.len() < TOTAL && Instant::now() < deadline {
+        let Some(m) = consumer
+            .recv_batch_timeout(1, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .pop()
+        else {
+            continue;
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await; // slow work
+        assert_eq!(
+            m.ack().await.unwrap(),
+            Settled::Done,
+            "acked within its lease"
+        );
+        processed.insert(m.payload);
+    }
+    assert_eq!(processed.len(), TOTAL);
+    assert!(
+        q.dead_letters(1000).await.unwrap().is_empty(),
+        "messages dead-lettered that were never handed out"
+    );
+}
+
+/// `n` keyed sends in flight at once (they coalesce into few frames on one shard).
+async fn send_keyed_many(producer: &slotq::Producer, key: &str, n: usize) {
+    let sends = (0..n).map(|i| producer.send_keyed(key, format!("m{i}")));
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+}
