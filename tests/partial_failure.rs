@@ -338,31 +338,42 @@ async fn a_slow_consumer_with_a_short_lease_dead_letters_nothing_it_never_saw() 
     let producer = q.producer().build().unwrap();
     // One frame of 120 messages on one shard.
     send_keyed_many(&producer, "k", TOTAL).await;
-    let mut consumer = q
-        .consumer()
-        .pop_batch(10)
-        .lease(Duration::from_millis(600))
-        .build()
-        .unwrap();
-    let mut processed = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while processed.len() < TOTAL && Instant::now() < deadline {
-        let Some(m) = consumer
-            .recv_batch_timeout(1, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .pop()
-        else {
-            continue;
-        };
-        tokio::time::sleep(Duration::from_millis(30)).await; // slow work
-        assert_eq!(
-            m.ack().await.unwrap(),
-            Settled::Done,
-            "acked within its lease"
-        );
-        processed.insert(m.payload);
+    // Two slow workers: each one's pops also reap the other's expired leases.
+    let processed = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let workers = (0..2).map(|_| {
+        let (q, processed) = (q.clone(), processed.clone());
+        tokio::spawn(async move {
+            let mut consumer = q
+                .consumer()
+                .pop_batch(10)
+                .lease(Duration::from_millis(600))
+                .build()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while processed.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
+                let Some(m) = consumer
+                    .recv_batch_timeout(1, Duration::from_millis(300))
+                    .await
+                    .unwrap()
+                    .pop()
+                else {
+                    continue;
+                };
+                tokio::time::sleep(Duration::from_millis(30)).await; // slow work
+                assert_eq!(
+                    m.ack().await.unwrap(),
+                    Settled::Done,
+                    "acked within its lease"
+                );
+                processed.lock().unwrap().insert(m.payload);
+            }
+            consumer.close().await;
+        })
+    });
+    for w in futures::future::join_all(workers).await {
+        w.unwrap();
     }
+    let processed = processed.lock().unwrap().clone();
     assert_eq!(processed.len(), TOTAL);
     assert!(
         q.dead_letters(1000).await.unwrap().is_empty(),
@@ -376,4 +387,38 @@ async fn send_keyed_many(producer: &slotq::Producer, key: &str, n: usize) {
     for r in futures::future::join_all(sends).await {
         r.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_send_asked_to_another_node_is_confirmed_by_that_node() {
+    let c = TestCluster::start(3, 1).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("durable-ask").open().await.unwrap();
+    // Learn the key's shard, then leave it empty (its list gone from the source).
+    let plain = q.producer().build().unwrap();
+    plain.send_keyed("probe", "first").await.unwrap();
+    let (_, slot, from) = deep_shard(&c, &q).await;
+    let mut consumer = q.consumer().build().unwrap();
+    assert_eq!(consumer.recv().await.unwrap().payload, b"first");
+    consumer.close().await;
+
+    // The slot migrates; the empty list is asked (ASK) to the target, whose replica is
+    // stopped: only the target can say the write is not replicated.
+    let to = *c.masters().iter().find(|&&m| m != from).unwrap();
+    let migration = c.begin_migration(slot, to).unwrap();
+    let target_replica = c.replicas_of(to)[0];
+    c.pause(target_replica).unwrap();
+    let durable = q
+        .producer()
+        .durability(1, Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = durable.send_keyed("probe", "second").await;
+    c.resume(target_replica).unwrap();
+    // The source's replica runs: a WAIT answered by the source would count it (acked 1).
+    assert!(
+        matches!(r, Err(slotq::Error::NotReplicated { acked: 0, .. })),
+        "the source node confirmed a write it never had: {r:?}"
+    );
+    c.finish_migration(&migration).unwrap();
 }

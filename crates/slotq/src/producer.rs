@@ -624,9 +624,12 @@ impl ProducerInner {
             }
             (Some((replicas, timeout)), count) => {
                 // WAIT on the same connection, right behind the push: it counts the
-                // replicas that acknowledged every write of that connection so far.
+                // replicas that acknowledged every write of that connection so far. The
+                // three go as one unit: redirected or retried together, never split
+                // between an old owner and a new one.
                 opts.timeout += timeout;
                 opts.isolated = true;
+                opts.together = true;
                 let wait = redis::cmd("WAIT")
                     .arg(replicas)
                     .arg(timeout.as_millis() as u64)

@@ -45,8 +45,14 @@ pub struct RequestOpts {
     /// apply twice).
     pub idempotent: bool,
     /// Send on the node's second connection, kept for commands that may hold a connection
-    /// for a while (`WAIT`), so that they never delay the shared one.
+    /// for a while (`WAIT`), so that they never delay the shared one. A timeout there does
+    /// not mark the node down: waiting is what that connection is for.
     pub isolated: bool,
+    /// The commands of the batch are one unit (all in one slot): they always go out
+    /// together, in order, on one connection, and when one of them is redirected or must be
+    /// retried, all of them are sent again. `WAIT` behind a write needs this: it counts the
+    /// replicas that have that connection's writes, so it must run where the write ran.
+    pub together: bool,
 }
 
 /// Counters of routing events since the router was created.
@@ -168,6 +174,7 @@ impl Cluster {
             retry_budget: self.inner.config.retry_budget,
             idempotent: false,
             isolated: false,
+            together: false,
         }
     }
 

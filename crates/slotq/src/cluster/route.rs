@@ -150,6 +150,7 @@ pub(crate) async fn run_batch(
                     continue;
                 }
             };
+            let unit: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
             for ((i, _), reply) in group.into_iter().zip(replies) {
                 match classify(&addr, reply) {
                     Outcome::Done(v) => results[i] = Some(Ok(v)),
@@ -196,6 +197,9 @@ pub(crate) async fn run_batch(
                     }
                 }
             }
+            if opts.together {
+                regroup(&unit, &mut results, &mut items, &mut pending, &mut later);
+            }
         }
 
         if !later.is_empty() {
@@ -214,6 +218,48 @@ pub(crate) async fn run_batch(
         .into_iter()
         .map(|r| r.expect("every command ends with a result"))
         .collect()
+}
+
+/// A unit ([`RequestOpts::together`]) is sent again as a whole when any of its commands is:
+/// the commands that completed are sent again with it, to the same place (an ASK target
+/// for all of them, or the owner in the updated map), after the same pause.
+fn regroup(
+    unit: &[usize],
+    results: &mut [Option<Result<Value>>],
+    items: &mut [Item],
+    pending: &mut Vec<usize>,
+    later: &mut Vec<(usize, Error)>,
+) {
+    let retried_later = unit.iter().find_map(|i| later.iter().find(|(j, _)| j == i));
+    let redirected = unit.iter().find(|i| pending.contains(i));
+    if retried_later.is_none() && redirected.is_none() {
+        return;
+    }
+    // A command that failed for good fails the unit: nothing is resent.
+    if unit.iter().any(|&i| matches!(results[i], Some(Err(_)))) {
+        let e = unit
+            .iter()
+            .find_map(|&i| results[i].as_ref().and_then(|r| r.as_ref().err().cloned()))
+            .expect("a failed command");
+        pending.retain(|i| !unit.contains(i));
+        later.retain(|(i, _)| !unit.contains(i));
+        for &i in unit {
+            results[i] = Some(Err(e.clone()));
+        }
+        return;
+    }
+    let ask = redirected.and_then(|&i| items[i].ask.clone());
+    let cause = retried_later.map(|(_, e)| e.clone());
+    pending.retain(|i| !unit.contains(i));
+    later.retain(|(i, _)| !unit.contains(i));
+    for &i in unit {
+        results[i] = None;
+        items[i].ask = ask.clone();
+        match &cause {
+            Some(e) => later.push((i, e.clone())),
+            None => pending.push(i),
+        }
+    }
 }
 
 fn redirect(
@@ -272,7 +318,9 @@ async fn send_group(
     }
     match tokio::time::timeout(timeout, conn.exec(bytes, replies)).await {
         Err(_) => {
-            inner.mark_down(addr);
+            if !opts.isolated {
+                inner.mark_down(addr);
+            }
             Err(SendError::MaybeSent(Error::Timeout {
                 node: addr.clone(),
                 timeout,
