@@ -244,6 +244,7 @@ impl ShardKeys {
         lease: Duration,
         max_attempts: u32,
         id: LeaseId,
+        max_bytes: usize,
     ) -> Call<'a> {
         Call {
             slot: self.slot,
@@ -263,6 +264,7 @@ impl ShardKeys {
                 max_attempts.to_string().into_bytes(),
                 REAP_LIMIT.to_string().into_bytes(),
                 id.to_string().into_bytes(),
+                max_bytes.to_string().into_bytes(),
             ],
         }
     }

@@ -36,6 +36,11 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_BUFFERED: usize = 100_000;
 /// Largest payload: Redis's own limit for one string (`proto-max-bulk-len`, 512 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 512 * 1024 * 1024;
+/// Bytes a frame adds around its envelopes, at most (magic, count, msgpack array header).
+const FRAME_HEADER: usize = 16;
+/// Bytes an at-least-once message takes beyond its payload in a one-message frame
+/// (envelope header, msgpack string header, frame header).
+const FRAME_OVERHEAD: usize = crate::lease::ENVELOPE_HEADER + 5 + FRAME_HEADER;
 /// Most payloads one bounded push may carry (Lua's `unpack` stack limit).
 const MAX_SCRIPT_BATCH: usize = 7_000;
 
@@ -128,7 +133,10 @@ impl ProducerBuilder {
         self
     }
 
-    /// Largest accepted payload in bytes (at most 512 MiB).
+    /// Largest accepted payload in bytes (at most 512 MiB). The producer lowers it to what
+    /// the server takes in one string (`proto-max-bulk-len`, read when the queue was
+    /// opened), less the envelope and frame on at-least-once queues, so that an oversize
+    /// payload is refused with [`Error::InvalidPayload`] before anything is sent.
     pub fn max_payload(mut self, n: usize) -> Self {
         self.max_payload = n;
         self
@@ -141,7 +149,7 @@ impl ProducerBuilder {
     }
 
     /// Validates the settings and makes the producer.
-    pub fn build(self) -> Result<Producer> {
+    pub fn build(mut self) -> Result<Producer> {
         let cfg = |m: String| Err(Error::Config(m));
         if self.max_batch_messages == 0 || self.max_batch_bytes == 0 {
             return cfg("batch limits must be at least 1".into());
@@ -168,6 +176,21 @@ impl ProducerBuilder {
         let reliable = self.queue.mode() != crate::placement::DeliveryMode::AtMostOnce;
         if reliable && self.max_depth.is_some() {
             return cfg("max_depth is not supported for at-least-once queues".into());
+        }
+        // One string of a command must fit the server's proto-max-bulk-len: a payload, or on
+        // at-least-once queues a whole frame (envelopes and their headers).
+        let limit = self
+            .queue
+            .inner
+            .bulk_limit
+            .load(Ordering::Relaxed)
+            .min(usize::MAX as u64) as usize;
+        let overhead = if reliable { FRAME_OVERHEAD } else { 0 };
+        self.max_payload = self.max_payload.min(limit.saturating_sub(overhead).max(1));
+        if reliable {
+            self.max_batch_bytes = self
+                .max_batch_bytes
+                .min(limit.saturating_sub(FRAME_HEADER).max(1));
         }
         if reliable && self.max_batch_messages > crate::lease::MAX_FRAME {
             return cfg(format!(
@@ -488,14 +511,16 @@ impl ProducerInner {
         let (signal, start) = {
             let mut st = lane.state.lock().unwrap();
             for p in payloads {
+                // On at-least-once queues each envelope takes a msgpack header in its frame.
+                let cost = p.len() + if self.reliable { 5 } else { 0 };
                 if !st.open.payloads.is_empty()
                     && (st.open.payloads.len() >= self.cfg.max_batch_messages
-                        || st.open.bytes + p.len() > self.cfg.max_batch_bytes)
+                        || st.open.bytes + cost > self.cfg.max_batch_bytes)
                 {
                     let full = std::mem::take(&mut st.open);
                     st.sealed.push_back(full);
                 }
-                st.open.bytes += p.len();
+                st.open.bytes += cost;
                 st.open.keyed |= keyed;
                 st.open.payloads.push(p);
             }

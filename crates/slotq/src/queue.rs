@@ -120,6 +120,7 @@ impl QueueBuilder {
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
             registry_poll: self.registry_poll,
+            bulk_limit: std::sync::atomic::AtomicU64::new(DEFAULT_BULK_LIMIT),
             scripts: Scripts::new(),
             lease_scripts: Arc::new(crate::lease::LeaseScripts::new()),
         };
@@ -135,6 +136,7 @@ impl QueueBuilder {
         if set.mode != placement::DeliveryMode::AtMostOnce {
             inner.keep_shards(&set.shards).await;
         }
+        inner.read_bulk_limit().await;
         *inner.shards.write().unwrap() = Arc::new(set);
         Ok(Queue {
             inner: Arc::new(inner),
@@ -185,6 +187,8 @@ pub(crate) struct QueueInner {
     registry_poll: Duration,
     pub(crate) scripts: Scripts,
     pub(crate) lease_scripts: Arc<crate::lease::LeaseScripts>,
+    /// The server's largest string (`proto-max-bulk-len`), read when the queue is opened.
+    pub(crate) bulk_limit: std::sync::atomic::AtomicU64,
 }
 
 /// One shard's numbers, from [`Queue::stats`].
@@ -521,7 +525,31 @@ impl Queue {
     }
 }
 
+/// Redis's default `proto-max-bulk-len`: the largest string a command may carry.
+pub const DEFAULT_BULK_LIMIT: u64 = 512 * 1024 * 1024;
+
 impl QueueInner {
+    /// Reads `proto-max-bulk-len` from the registry's node; keeps the default when the
+    /// server does not say (CONFIG renamed or refused by an ACL).
+    async fn read_bulk_limit(&self) {
+        let cmd = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("proto-max-bulk-len")
+            .clone();
+        let limit = match self.cluster.query::<Value>(self.meta_slot, &cmd).await {
+            Ok(Value::Array(v)) => match v.get(1) {
+                Some(Value::BulkString(b)) => {
+                    std::str::from_utf8(b).ok().and_then(|t| t.parse().ok())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            self.bulk_limit
+                .store(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     /// Reliable queues: makes the shards' keys exist for good (see `lease::keep_shards`).
     async fn keep_shards(&self, shards: &[placement::Shard]) {
         let keys: Vec<crate::lease::ShardKeys> = shards

@@ -190,6 +190,9 @@ impl Conn {
         let rshared = shared.clone();
         let read_task = tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(READ_BUFFER);
+            // Where the reply at the front of `buf` ends, found once however many reads
+            // it takes to arrive; it is parsed only when whole.
+            let mut scanner = resp::Scanner::default();
             loop {
                 match reader.read_buf(&mut buf).await {
                     Ok(0) => return rshared.fail_all("connection closed by the server"),
@@ -198,14 +201,33 @@ impl Conn {
                 }
                 let mut used = 0;
                 loop {
-                    match resp::parse(&buf[used..]) {
+                    // Most replies arrive whole in one read: parse them straight away.
+                    if scanner.is_fresh() {
+                        match resp::parse(&buf[used..]) {
+                            Ok(Some((v, n))) => {
+                                used += n;
+                                if !deliver(&rshared, v) {
+                                    return rshared.fail_all("reply without a request");
+                                }
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return rshared.fail_all(&e.0),
+                        }
+                    }
+                    let whole = match scanner.scan(&buf[used..]) {
+                        Ok(Some(n)) => n,
+                        Ok(None) => break,
+                        Err(e) => return rshared.fail_all(&e.0),
+                    };
+                    match resp::parse(&buf[used..used + whole]) {
                         Ok(Some((v, n))) => {
                             used += n;
                             if !deliver(&rshared, v) {
                                 return rshared.fail_all("reply without a request");
                             }
                         }
-                        Ok(None) => break,
+                        Ok(None) => return rshared.fail_all("reply shorter than announced"),
                         Err(e) => return rshared.fail_all(&e.0),
                     }
                 }

@@ -19,6 +19,80 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, ProtocolError>
 
 const MAX_DEPTH: usize = 64;
 
+/// Finds where the first whole value of a growing buffer ends, resuming where the last
+/// call stopped: a large reply that arrives over many reads is walked once in total, not
+/// once per read (which would cost quadratic time). Only then is the value parsed, once.
+/// Validation is left to [`parse`].
+#[derive(Debug, Default)]
+pub(crate) struct Scanner {
+    /// Where the next element starts.
+    pos: usize,
+    /// Elements still to come in each array being walked, innermost last.
+    open: Vec<i64>,
+}
+
+impl Scanner {
+    /// Whether no value has been walked into yet.
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.pos == 0 && self.open.is_empty()
+    }
+
+    /// Walks `buf` (the same bytes as last time, maybe more at the end): the length of the
+    /// first whole value, or `None` while it is incomplete.
+    pub(crate) fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        loop {
+            let Some(&kind) = buf.get(self.pos) else {
+                return Ok(None);
+            };
+            let Some((text, next)) = line(buf, self.pos + 1) else {
+                return Ok(None);
+            };
+            if next == usize::MAX {
+                return Err(ProtocolError("line not ended by CRLF".into()));
+            }
+            match kind {
+                b'$' => {
+                    let n = int(text)?;
+                    let end = if n < 0 { next } else { next + n as usize + 2 };
+                    if buf.len() < end {
+                        return Ok(None);
+                    }
+                    self.pos = end;
+                }
+                b'*' => {
+                    let n = int(text)?;
+                    self.pos = next;
+                    if n > 0 {
+                        if self.open.len() >= MAX_DEPTH {
+                            return Err(ProtocolError("reply nested too deeply".into()));
+                        }
+                        self.open.push(n);
+                        continue;
+                    }
+                }
+                _ => self.pos = next,
+            }
+            // One element done: close every array it completes.
+            loop {
+                match self.open.last_mut() {
+                    None => {
+                        let len = self.pos;
+                        *self = Scanner::default();
+                        return Ok(Some(len));
+                    }
+                    Some(left) => {
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        self.open.pop();
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
     let rest = buf.get(from..)?;
     let nl = rest.iter().position(|&b| b == b'\n')?;
@@ -148,6 +222,36 @@ mod tests {
             parse(bin).unwrap().unwrap().0,
             Value::BulkString(b"\r\n\r\n".to_vec())
         );
+    }
+
+    #[test]
+    fn the_scanner_resumes_and_agrees_with_the_parser() {
+        let full: &[u8] = b"*3\r\n$1\r\na\r\n*2\r\n:1\r\n$-1\r\n*0\r\n+OK\r\n";
+        let first = parse(full).unwrap().unwrap().1;
+        // Fed one byte more each time, as reads would.
+        let mut sc = Scanner::default();
+        for cut in 0..first {
+            assert_eq!(sc.scan(&full[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        assert_eq!(sc.scan(full).unwrap(), Some(first));
+        // The scanner starts afresh for the next value.
+        assert_eq!(sc.scan(&full[first..]).unwrap(), Some(5));
+        // A big array over many reads: each call walks only what is new.
+        let mut big = format!("*{}\r\n", 10_000).into_bytes();
+        for i in 0..10_000 {
+            big.extend_from_slice(format!("$5\r\nm{i:04}\r\n").as_bytes());
+        }
+        let mut sc = Scanner::default();
+        let mut at = 0;
+        let done = loop {
+            at = (at + 4096).min(big.len());
+            if let Some(n) = sc.scan(&big[..at]).unwrap() {
+                break n;
+            }
+        };
+        assert_eq!(done, big.len());
+        assert!(Scanner::default().scan(b"HTTP/1.1 400\r\n").is_ok());
+        assert!(Scanner::default().scan(b"*1x\r\n").is_err());
     }
 
     #[test]

@@ -201,6 +201,7 @@ impl ConsumerBuilder {
             alive: watch::Sender::new(()),
             waiters: HashMap::new(),
             weights: HashMap::new(),
+            payload_sizes: HashMap::new(),
             rotate: 0,
         })
     }
@@ -223,6 +224,8 @@ pub struct Consumer {
     alive: watch::Sender<()>,
     waiters: HashMap<String, JoinHandle<()>>,
     weights: HashMap<String, usize>,
+    /// Average payload size per shard, from the last pop that brought messages.
+    payload_sizes: HashMap<String, usize>,
     rotate: usize,
 }
 
@@ -398,9 +401,13 @@ impl Consumer {
             .await;
         let round = self.round.take().expect("a round in flight");
         let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
-        for (ask, full) in round.asks.iter().zip(&out.full) {
+        for ((ask, full), (n, bytes)) in round.asks.iter().zip(&out.full).zip(&out.sizes) {
             let w = self.weights.entry(ask.keys.tag.to_string()).or_insert(1);
             *w = if *full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
+            if *n > 0 {
+                self.payload_sizes
+                    .insert(ask.keys.tag.to_string(), (bytes / n).max(1));
+            }
         }
         let got = out.messages.len();
         self.buffer.extend(out.messages);
@@ -433,10 +440,18 @@ impl Consumer {
         let reliable = self.ctx.max_attempts.is_some();
         order
             .into_iter()
-            .map(|s| Ask {
-                keys: self.keys_of(&s.tag),
-                count: self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1),
-                lease: reliable.then(LeaseId::random),
+            .map(|s| {
+                let wanted = self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1);
+                // Bounded by bytes too: few messages at a time while their size is unknown.
+                let count = match self.payload_sizes.get(&s.tag) {
+                    Some(size) => wanted.min((round::MAX_POP_BYTES / size).max(1)),
+                    None => wanted.min(round::FIRST_POP_COUNT),
+                };
+                Ask {
+                    keys: self.keys_of(&s.tag),
+                    count,
+                    lease: reliable.then(LeaseId::random),
+                }
             })
             .collect()
     }

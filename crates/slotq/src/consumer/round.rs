@@ -43,6 +43,12 @@ pub(super) struct Ctx {
     pub(super) lease: Duration,
 }
 
+/// Most payload bytes asked of one shard in one round: a reply stays a few MiB whatever
+/// the payload size, so it arrives well inside a request timeout.
+pub(super) const MAX_POP_BYTES: usize = 8 << 20;
+/// Most messages asked of a shard before its payload size is known.
+pub(super) const FIRST_POP_COUNT: usize = 8;
+
 type Replies = Pin<Box<dyn Future<Output = Vec<Result<Value>>> + Send>>;
 
 /// A round in flight.
@@ -66,6 +72,8 @@ pub(super) struct Outcome {
     pub(super) messages: Vec<Message>,
     /// Per ask: whether the shard filled it (so it gets a larger count next round).
     pub(super) full: Vec<bool>,
+    /// Per ask: messages and payload bytes it brought (to size the next asks by bytes).
+    pub(super) sizes: Vec<(usize, usize)>,
     /// The first error that was not a shard skipped for the round.
     pub(super) error: Option<Error>,
 }
@@ -100,7 +108,14 @@ impl Round {
                         .iter()
                         .map(|a| {
                             let id = a.lease.expect("at-least-once asks name their lease");
-                            a.keys.pop_call(&scripts, a.count, lease, max_attempts, id)
+                            a.keys.pop_call(
+                                &scripts,
+                                a.count,
+                                lease,
+                                max_attempts,
+                                id,
+                                MAX_POP_BYTES,
+                            )
                         })
                         .collect();
                     crate::script::run_batch(&cluster, &calls, opts).await
@@ -125,9 +140,11 @@ pub(super) fn absorb(
     let mut out = Outcome {
         messages: Vec::new(),
         full: Vec::with_capacity(asks.len()),
+        sizes: Vec::with_capacity(asks.len()),
         error: None,
     };
     for (ask, reply) in asks.iter().zip(replies) {
+        let before = out.messages.len();
         let taken = match reply {
             Ok(v) => match ctx.max_attempts {
                 None => each_item(v, |payload| {
@@ -140,6 +157,9 @@ pub(super) fn absorb(
             },
             Err(e) => Err(e),
         };
+        let new = &out.messages[before..];
+        out.sizes
+            .push((new.len(), new.iter().map(|m| m.payload.len()).sum()));
         match taken {
             Ok(n) => out.full.push(n >= ask.count),
             Err(e) => {

@@ -5,7 +5,8 @@
 --       envelopes), 7 ready count (STRING: messages in 1)
 -- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit, 5 lease id (chosen
 --       by the client: 128 random bits, so no two leases ever share a name, not even
---       across a failover that lost the last writes)
+--       across a failover that lost the last writes), 6 most bytes to lease (at least one
+--       frame is taken)
 -- Returns {leased (0/1), deadline ms, reaped, frame...}.
 -- Frame: 0xA5 0x02, u16 BE message count, msgpack array of envelopes. Envelope: 0xA5 0x01,
 -- 16 bytes id, u16 BE deliveries so far, u64 BE enqueue ms, payload.
@@ -100,7 +101,9 @@ local want = math.min(tonumber(ARGV[1]), MAX_LEASE)
 local frames = {}
 local total = 0
 local avail = redis.call('LLEN', KEYS[1])
-while total < want and avail > 0 and #frames < 256 do
+local max_bytes = tonumber(ARGV[6])
+local bytes = 0
+while total < want and avail > 0 and #frames < 256 and bytes < max_bytes do
   -- The last frame is read in place and popped only when taken whole.
   local last = avail == 1
   local f
@@ -136,6 +139,7 @@ while total < want and avail > 0 and #frames < 256 do
   if is_frame(f) then
     frames[#frames + 1] = f
     total = total + c
+    bytes = bytes + #f
   else
     -- Not written by a slotq producer: park it with the dead letters, never block the shard.
     redis.call('RPUSH', KEYS[6], f)
