@@ -226,6 +226,8 @@ async fn nack_delay_extend_dead_letters_and_replay() {
     );
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.dead.unwrap()).sum::<u64>(), 1);
+    // Zero asked, zero listed (not every dead letter).
+    assert!(q.dead_letters(0).await.unwrap().is_empty());
 
     // Replay: back in the ready list, delivery count reset.
     assert_eq!(q.replay_dead(100).await.unwrap(), 1);
@@ -400,5 +402,42 @@ async fn idle_reliable_consumer_blocks_and_wakes() {
     assert!(
         wake < Duration::from_secs(1),
         "woken by data, not a timeout: {wake:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_count_left_wrong_by_a_partial_push_heals_when_the_shard_empties() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("drift").reliable().open().await.unwrap();
+    q.producer().build().unwrap().send("m").await.unwrap();
+    // As if a push's count update ran without its RPUSH (they are separate commands).
+    let stats = q.stats().await.unwrap();
+    let s = stats.iter().find(|s| s.depth == 1).unwrap();
+    let count_key = q.ready_key(&s.tag).replace(":ready", ":count");
+    let owner = c.owner_of(s.slot).unwrap();
+    c.node(owner)
+        .cmd::<()>(redis::cmd("INCRBY").arg(&count_key).arg(1000))
+        .unwrap();
+    assert_eq!(
+        q.stats()
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.depth)
+            .sum::<u64>(),
+        1001
+    );
+    let mut consumer = q.consumer().build().unwrap();
+    let m = consumer.recv().await.unwrap();
+    m.ack().await.unwrap();
+    assert_eq!(
+        q.stats()
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.depth)
+            .sum::<u64>(),
+        0
     );
 }

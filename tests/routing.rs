@@ -214,3 +214,46 @@ async fn callers_of_a_silent_node_share_one_connection_attempt() {
         "slowest of 50 callers took {slowest:?} (connect timeout {timeout:?})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_wait_out_a_long_script_busy() {
+    use std::time::{Duration, Instant};
+    let c = TestCluster::start(3, 0).unwrap();
+    let cluster = router(&c.url()).await;
+    let key = key_on(&c, 0, "busy");
+    c.node(0)
+        .cmd::<()>(
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("busy-reply-threshold")
+                .arg(50),
+        )
+        .unwrap();
+    // A script that runs for 800 ms on the key's master: other clients get BUSY meanwhile.
+    let mut conn = c.node(0).conn().unwrap();
+    let script = std::thread::spawn(move || {
+        let spin = "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] \
+                    while true do local n = redis.call('TIME') \
+                    if n[1] * 1000000 + n[2] - s > 800000 then return 1 end end";
+        let _: i64 = redis::cmd("EVAL")
+            .arg(spin)
+            .arg(0)
+            .query(&mut conn)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let n: i64 = cluster
+        .query(
+            slotq::slot::key_slot(&key),
+            redis::cmd("RPUSH").arg(&key).arg("x"),
+        )
+        .await
+        .expect("retried until the script ended");
+    assert_eq!(n, 1);
+    assert!(
+        t.elapsed() > Duration::from_millis(300),
+        "the push did meet BUSY"
+    );
+    script.join().unwrap();
+}

@@ -525,31 +525,52 @@ impl Queue {
     }
 }
 
+/// How long a registry change waits for the registry master's replicas.
+const REGISTRY_WAIT: Duration = Duration::from_secs(1);
+
 /// Redis's default `proto-max-bulk-len`: the largest string a command may carry.
 pub const DEFAULT_BULK_LIMIT: u64 = 512 * 1024 * 1024;
 
 impl QueueInner {
-    /// Reads `proto-max-bulk-len` from the registry's node; keeps the default when the
-    /// server does not say (CONFIG renamed or refused by an ACL).
+    /// Reads `proto-max-bulk-len` from the registry's node (the default stays when the
+    /// server does not say: CONFIG renamed or refused by an ACL), and warns when keys may
+    /// be evicted (`maxmemory-policy` other than `noeviction`): an evicted shard key loses
+    /// messages, an evicted lease key loses leases.
     async fn read_bulk_limit(&self) {
         let cmd = redis::cmd("CONFIG")
             .arg("GET")
             .arg("proto-max-bulk-len")
+            .arg("maxmemory-policy")
             .clone();
-        let limit = match self.cluster.query::<Value>(self.meta_slot, &cmd).await {
-            Ok(Value::Array(v)) => match v.get(1) {
-                Some(Value::BulkString(b)) => {
-                    std::str::from_utf8(b).ok().and_then(|t| t.parse().ok())
-                }
-                _ => None,
-            },
+        let Ok(Value::Array(v)) = self.cluster.query::<Value>(self.meta_slot, &cmd).await else {
+            return;
+        };
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
             _ => None,
         };
-        if let Some(limit) = limit {
-            self.bulk_limit
-                .store(limit, std::sync::atomic::Ordering::Relaxed);
+        for pair in v.chunks(2) {
+            let (Some(name), Some(value)) =
+                (pair.first().and_then(text), pair.get(1).and_then(text))
+            else {
+                continue;
+            };
+            match name.as_str() {
+                "proto-max-bulk-len" => {
+                    if let Ok(limit) = value.parse() {
+                        self.bulk_limit
+                            .store(limit, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                "maxmemory-policy" if value != "noeviction" => tracing::warn!(
+                    queue = %self.name, policy = %value,
+                    "maxmemory-policy is not noeviction: under memory pressure Redis may evict queue keys"
+                ),
+                _ => {}
+            }
         }
     }
+
     /// Reliable queues: makes the shards' keys exist for good (see `lease::keep_shards`).
     async fn keep_shards(&self, shards: &[placement::Shard]) {
         let keys: Vec<crate::lease::ShardKeys> = shards
@@ -617,15 +638,48 @@ impl QueueInner {
                 .flat_map(|(k, v)| [k.into_bytes(), v.into_bytes()]),
         );
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        script
-            .run(
-                &self.cluster,
-                self.meta_slot,
-                &[&self.meta],
-                &args,
-                self.idempotent(),
-            )
-            .await
+        // The write and a WAIT for the registry master's replicas go as one unit on one
+        // connection: a failover right after a change must not roll the registry back
+        // while clients already use the new shard set. Registry writes are rare, so the
+        // script goes by source (no NOSCRIPT round).
+        let topology = self.cluster.topology();
+        let replicas = topology
+            .owner(self.meta_slot)
+            .map_or(0, |m| topology.replicas_of(m).len());
+        if replicas == 0 {
+            return script
+                .run(
+                    &self.cluster,
+                    self.meta_slot,
+                    &[&self.meta],
+                    &args,
+                    self.idempotent(),
+                )
+                .await;
+        }
+        let wait = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(REGISTRY_WAIT.as_millis() as u64)
+            .clone();
+        let mut opts = self.idempotent();
+        opts.timeout += REGISTRY_WAIT;
+        opts.isolated = true;
+        opts.together = true;
+        let cmds = vec![
+            (self.meta_slot, script.cmd(&[&self.meta], &args, true)),
+            (self.meta_slot, wait),
+        ];
+        let mut out = self.cluster.batch(cmds, opts).await;
+        match out.pop().expect("two replies") {
+            Ok(Value::Int(n)) if (n as usize) < replicas => {
+                tracing::warn!(queue = %self.name, acked = n, replicas, "registry change not on every replica yet");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(queue = %self.name, cause = %e, "registry change: WAIT failed")
+            }
+        }
+        out.pop().expect("two replies")
     }
 
     async fn reload(&self) -> Result<Arc<ShardSet>> {

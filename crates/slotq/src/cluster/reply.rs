@@ -15,7 +15,7 @@ pub(crate) enum Outcome {
     Moved { slot: Slot, to: NodeAddr },
     /// The key is being migrated: resend once to `to`, preceded by ASKING.
     Ask { to: NodeAddr },
-    /// TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN: pause and resend.
+    /// TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN / BUSY: pause and resend.
     Busy { code: String, message: String },
     /// A final error for the caller.
     Failed(Error),
@@ -51,7 +51,8 @@ fn by_code(node: &NodeAddr, code: &str, detail: &str) -> Outcome {
                 ))),
             }
         }
-        "TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" => Outcome::Busy {
+        // BUSY: a script is running on the node; the command was not run.
+        "TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" | "BUSY" => Outcome::Busy {
             code: code.to_string(),
             message: detail.to_string(),
         },
@@ -105,7 +106,7 @@ mod tests {
 
     #[test]
     fn busy_and_final() {
-        for code in ["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN"] {
+        for code in ["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "BUSY"] {
             assert!(matches!(by_code(&node(), code, "x"), Outcome::Busy { .. }));
         }
         assert!(matches!(

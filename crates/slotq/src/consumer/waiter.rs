@@ -173,7 +173,7 @@ impl Waiter {
                 *conn = None;
                 self.cluster.request_refresh();
             }
-            "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN" => {
+            "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN" | "BUSY" => {
                 self.cluster.request_refresh();
             }
             _ => {
