@@ -189,18 +189,20 @@ fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
             );
         }
         Some(id) => {
-            // The pop may still be queued behind a stalled node: try a few times, a
-            // request timeout apart, until the lease is found or surely never made.
+            // The pop may still be queued behind a stalled node: keep trying, a request
+            // timeout apart, until the lease is found and released, or until it would
+            // have expired anyway (then the reaper returns its messages).
             let (cluster, scripts, keys) =
                 (ctx.cluster.clone(), ctx.scripts.clone(), ask.keys.clone());
+            let until = Instant::now() + ctx.lease;
             tracing::debug!(shard = %keys.tag, lease = %id, cause = %e, "releasing a lease whose pop reply was lost");
             tokio::spawn(async move {
                 let pause = cluster.config().request_timeout_value();
-                for _ in 0..3 {
-                    match lease::release_lost(&cluster, &scripts, &keys, id).await {
-                        Ok(true) => return,
-                        Ok(false) | Err(_) => tokio::time::sleep(pause).await,
+                while Instant::now() < until {
+                    if let Ok(true) = lease::release_lost(&cluster, &scripts, &keys, id).await {
+                        return;
                     }
+                    tokio::time::sleep(pause).await;
                 }
             });
         }
