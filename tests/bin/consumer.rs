@@ -4,6 +4,9 @@
 //! `LEASED <n>`, then never settles them (waits to be killed).
 //! `slotq-test-consumer URL QUEUE LEASE_MS work [MS]`: forever: receive a batch, spend MS
 //! milliseconds on it, print `DONE <payload>` for each message (flushed), then acknowledge.
+//! `slotq-test-consumer URL QUEUE LEASE_MS group-work MS GROUP ORDERED`: a member of GROUP
+//! (ordered when ORDERED is 1): forever: for each message, a random pause of 0..MS ms, then
+//! `DONE <ns since the epoch> <payload>` (flushed), then its ack.
 
 use std::io::Write;
 use std::time::Duration;
@@ -26,8 +29,14 @@ async fn main() {
         .open()
         .await
         .expect("queue exists");
-    let mut consumer = q
-        .consumer()
+    let mut builder = q.consumer();
+    if mode == "group-work" {
+        builder = builder.group(args[6].as_str());
+        if args[7] == "1" {
+            builder = builder.ordered();
+        }
+    }
+    let mut consumer = builder
         .lease(Duration::from_millis(lease_ms))
         .pop_batch(50)
         .block_timeout(Duration::from_millis(200))
@@ -45,7 +54,23 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return;
     }
-    let work = Duration::from_millis(args.get(5).and_then(|a| a.parse().ok()).unwrap_or(0));
+    let work_ms: u64 = args.get(5).and_then(|a| a.parse().ok()).unwrap_or(0);
+    if mode == "group-work" {
+        loop {
+            for m in consumer.recv_batch(10).await.unwrap() {
+                let pause = rand::random_range(0..=work_ms);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos();
+                writeln!(out, "DONE {ns} {}", String::from_utf8_lossy(&m.payload)).unwrap();
+                out.flush().unwrap();
+                m.ack().await.unwrap();
+            }
+        }
+    }
+    let work = Duration::from_millis(work_ms);
     loop {
         let batch = consumer.recv_batch(100).await.unwrap();
         tokio::time::sleep(work).await;

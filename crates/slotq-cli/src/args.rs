@@ -100,6 +100,23 @@ pub enum Command {
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// The consumer group to join (its members share the queue's shards).
+        #[arg(long, default_value = slotq::group::DEFAULT_GROUP)]
+        group: String,
+        /// Ordered mode: exclusive shard ownership, no stealing; per-key order holds in
+        /// processing.
+        #[arg(long)]
+        ordered: bool,
+    },
+    /// A consumer group: members, their shards and lag, last heartbeats.
+    ///
+    /// Example: slotq group orders --group billing
+    Group {
+        /// Queue name.
+        queue: String,
+        /// The group.
+        #[arg(long, default_value = slotq::group::DEFAULT_GROUP)]
+        group: String,
     },
     /// Dead letters of an at-least-once queue: list, replay into the queue, or purge.
     ///

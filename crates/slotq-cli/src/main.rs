@@ -53,7 +53,10 @@ impl CliError {
                 EXIT_USAGE
             }
             CliError::Slotq(
-                slotq::Error::InvalidQueueName { .. } | slotq::Error::InvalidPayload(_),
+                slotq::Error::InvalidQueueName { .. }
+                | slotq::Error::InvalidGroupName { .. }
+                | slotq::Error::GroupModeMismatch { .. }
+                | slotq::Error::InvalidPayload(_),
             ) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::QueueNotFound(_)) => EXIT_NOT_FOUND,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
@@ -117,6 +120,8 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             ack,
             metrics,
             count,
+            group,
+            ordered,
         } => {
             // The recorder goes in before the router exists, so that nothing is missed.
             let handle = match metrics {
@@ -124,7 +129,18 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                 None => None,
             };
             let cluster = connect(cli).await?;
-            cmd::consume::run(&cluster, queue, *ack, handle, *count).await
+            let opts = cmd::consume::Options {
+                ack: *ack,
+                metrics: handle,
+                count: *count,
+                group: group.clone(),
+                ordered: *ordered,
+            };
+            cmd::consume::run(&cluster, queue, opts).await
+        }
+        Command::Group { queue, group } => {
+            let cluster = connect(cli).await?;
+            cmd::group::run(&cluster, queue, group, cli.json).await
         }
         Command::Dead {
             queue,

@@ -135,6 +135,25 @@ pub enum Error {
         reason: String,
     },
 
+    /// A consumer-group name is empty, too long, or uses characters outside
+    /// `[A-Za-z0-9_.:-]`.
+    #[error("invalid group name {name:?}: {reason}")]
+    InvalidGroupName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A consumer joined a group that runs in the other mode (ordered vs unordered).
+    #[error("group {group:?} runs {mode}; a consumer of the other mode cannot join it")]
+    GroupModeMismatch {
+        /// The group.
+        group: String,
+        /// The mode its members run.
+        mode: String,
+    },
+
     /// A payload was refused before anything was sent (empty, or larger than allowed).
     #[error("invalid payload: {0}")]
     InvalidPayload(String),

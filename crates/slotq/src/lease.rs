@@ -331,6 +331,8 @@ pub(crate) struct Lease {
     pub(crate) max_attempts: u32,
     /// Messages in the lease.
     pub(crate) count: usize,
+    /// Every message of it settled (or the lease was gone): nothing of it is open.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LeaseScripts {
@@ -407,6 +409,9 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     };
     for ((l, ps), r) in groups.iter().zip(results) {
         let v = ints(r?)?;
+        if matches!(v.as_slice(), [-1, ..] | [_, 1, _]) {
+            l.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         match v.as_slice() {
             [-1, ..] => report.expired += ps.len(),
             [-2, n, _] => {

@@ -13,6 +13,7 @@
 //! - [`client`]: the entry point; [`queue`]: a logical queue, its registry and stats.
 //! - [`producer`]: batching sends, balanced over shards; [`consumer`]: balanced pops and
 //!   server-side blocking when idle.
+//! - [`group`]: consumer groups: which member owns which shard, heartbeats in Redis.
 //! - [`lease`]: at-least-once delivery: envelope, leases, ack / nack, dead letters.
 //! - [`placement`]: queue names, keys, which shard tags live on which master.
 //! - [`slot`]: CRC16/XMODEM hash slots and hash tags; finding tags for given slots (pure).
@@ -63,6 +64,7 @@ pub mod cluster;
 pub mod config;
 pub mod consumer;
 pub mod error;
+pub mod group;
 pub mod lease;
 pub mod placement;
 pub mod producer;

@@ -123,6 +123,7 @@ impl QueueBuilder {
             bulk_limit: std::sync::atomic::AtomicU64::new(DEFAULT_BULK_LIMIT),
             scripts: Scripts::new(),
             lease_scripts: Arc::new(crate::lease::LeaseScripts::new()),
+            group_script: Arc::new(Script::new(include_str!("lua/group_beat.lua"))),
         };
         let set = match inner.read_registry().await? {
             Some(set) => set,
@@ -187,6 +188,8 @@ pub(crate) struct QueueInner {
     registry_poll: Duration,
     pub(crate) scripts: Scripts,
     pub(crate) lease_scripts: Arc<crate::lease::LeaseScripts>,
+    /// The consumer-group heartbeat.
+    pub(crate) group_script: Arc<Script>,
     /// The server's largest string (`proto-max-bulk-len`), read when the queue is opened.
     pub(crate) bulk_limit: std::sync::atomic::AtomicU64,
 }
@@ -230,6 +233,17 @@ impl Queue {
     }
 
     /// The router underneath.
+    /// The key prefix of the queue's keys.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// A consumer group's members, their shards, and each shard's lag.
+    pub async fn group_status(&self, group: &str) -> Result<crate::group::GroupStatus> {
+        crate::group::status(self, group).await
+    }
+
+    /// The router this queue uses.
     pub fn cluster(&self) -> &Cluster {
         &self.inner.cluster
     }

@@ -16,6 +16,9 @@
 //! | `slotq_busy_retries_total` | counter | | TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN retries |
 //! | `slotq_topology_refreshes_total` | counter | | slot-map refreshes |
 //! | `slotq_node_down_total` | counter | node | times a node was marked down |
+//! | `slotq_group_rebalances_total` | counter | group | assignment changes a member saw |
+//! | `slotq_group_owned_shards` | gauge | group | shards the member owns |
+//! | `slotq_group_steals_total` | counter | group | messages taken from other members' shards |
 
 /// Messages stored by producers.
 pub const PUSHED: &str = "slotq_messages_pushed_total";
@@ -41,3 +44,9 @@ pub const BUSY_RETRIES: &str = "slotq_busy_retries_total";
 pub const REFRESHES: &str = "slotq_topology_refreshes_total";
 /// Times a node was marked down.
 pub const NODE_DOWN: &str = "slotq_node_down_total";
+/// Assignment changes a group member saw.
+pub const GROUP_REBALANCES: &str = "slotq_group_rebalances_total";
+/// Shards a group member owns.
+pub const GROUP_OWNED_SHARDS: &str = "slotq_group_owned_shards";
+/// Messages a group member took from shards it does not own.
+pub const GROUP_STEALS: &str = "slotq_group_steals_total";

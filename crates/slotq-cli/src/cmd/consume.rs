@@ -38,14 +38,30 @@ async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
     }
 }
 
+/// How `slotq consume` runs.
+pub struct Options {
+    /// Acknowledge every message once printed.
+    pub ack: bool,
+    /// Serve metrics at this address.
+    pub metrics: Option<(SocketAddr, PrometheusHandle)>,
+    /// Stop after this many messages.
+    pub count: Option<u64>,
+    /// The consumer group to join.
+    pub group: String,
+    /// Ordered mode.
+    pub ordered: bool,
+}
+
 /// Consumes `queue` until Ctrl-C (or `count` messages), printing one message per line.
-pub async fn run(
-    cluster: &Cluster,
-    queue: &str,
-    ack: bool,
-    metrics: Option<(SocketAddr, PrometheusHandle)>,
-    count: Option<u64>,
-) -> Result<String, CliError> {
+pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String, CliError> {
+    let Options {
+        ack,
+        metrics,
+        count,
+        group,
+        ordered,
+    } = opts;
+    slotq::group::validate_group_name(&group)?;
     let q = super::queue::open_existing(cluster, queue).await?;
     let reliable = q.mode() != slotq::DeliveryMode::AtMostOnce;
     if ack && !reliable {
@@ -65,7 +81,11 @@ pub async fn run(
         );
         tokio::spawn(serve(listener, handle));
     }
-    let mut consumer = q.consumer().build()?;
+    let mut builder = q.consumer().group(group);
+    if ordered {
+        builder = builder.ordered();
+    }
+    let mut consumer = builder.build()?;
     let mut out = std::io::stdout();
     let mut seen = 0u64;
     loop {

@@ -83,7 +83,8 @@ pub async fn pop(
         )));
     }
     let per_shard = count.div_ceil(q.shards().shards.len().max(1)).max(1);
-    let mut consumer = q.consumer().pop_batch(per_shard).build()?;
+    // A one-off pop reads every shard itself: it takes no shards from a running group.
+    let mut consumer = q.consumer().without_group().pop_batch(per_shard).build()?;
     let wait = Duration::from_secs_f64(wait).max(Duration::from_millis(1));
     let mut out = Vec::new();
     while out.len() < count {

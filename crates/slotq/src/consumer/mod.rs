@@ -24,6 +24,7 @@ use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+mod grouped;
 mod round;
 mod waiter;
 
@@ -34,6 +35,8 @@ use crate::placement::DeliveryMode;
 use crate::placement::{Shard, ready_key};
 use crate::queue::Queue;
 use crate::slot::Slot;
+use crate::group::{DEFAULT_GROUP, DEFAULT_MEMBER_TIMEOUT, GroupConfig};
+use grouped::Grouped;
 use round::{Ask, Round};
 use waiter::Waiter;
 
@@ -43,6 +46,8 @@ pub const DEFAULT_POP_BATCH: usize = 128;
 pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much longer than the server timeout the client waits for a blocking pop's reply.
 pub const BLOCK_GRACE: Duration = Duration::from_secs(1);
+/// How often a group member refreshes what it tells the group (held and deep shards).
+const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// Largest depth weight of a shard that keeps returning full batches.
 const MAX_WEIGHT: usize = 8;
 /// Most messages in one lease.
@@ -129,6 +134,9 @@ pub struct ConsumerBuilder {
     pop_batch: usize,
     block_timeout: Duration,
     lease: Duration,
+    group: Option<String>,
+    ordered: bool,
+    member_timeout: Duration,
 }
 
 impl ConsumerBuilder {
@@ -138,7 +146,41 @@ impl ConsumerBuilder {
             pop_batch: DEFAULT_POP_BATCH,
             block_timeout: DEFAULT_BLOCK_TIMEOUT,
             lease: lease::DEFAULT_LEASE,
+            group: Some(DEFAULT_GROUP.to_string()),
+            ordered: false,
+            member_timeout: DEFAULT_MEMBER_TIMEOUT,
         }
+    }
+
+    /// Joins the consumer group `name` (every consumer joins the group
+    /// [`DEFAULT_GROUP`] unless told otherwise): the group's members share the shards,
+    /// each sweeping and blocking only on its own, so an idle group costs about one blocked
+    /// pop per shard however many members it has.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.group = Some(name.into());
+        self
+    }
+
+    /// Reads every shard itself, in no group (for one-off reads and tools: it neither
+    /// takes shards from a running group nor is counted in it).
+    pub fn without_group(mut self) -> Self {
+        self.group = None;
+        self
+    }
+
+    /// Ordered mode: exclusive ownership, no stealing, and a shard changes owner only once
+    /// the old owner's work on it is settled (or its leases expired), so per-key FIFO holds
+    /// in processing, not just in pops. See `docs/architecture.md` for the exact guarantee.
+    pub fn ordered(mut self) -> Self {
+        self.ordered = true;
+        self
+    }
+
+    /// How long a member that stopped renewing its membership stays one (default 3 s;
+    /// it renews every third of that).
+    pub fn member_timeout(mut self, d: Duration) -> Self {
+        self.member_timeout = d;
+        self
     }
 
     /// At-least-once queues: how long a popped message may stay unsettled before it is
@@ -171,6 +213,15 @@ impl ConsumerBuilder {
         if self.lease < Duration::from_millis(10) {
             return Err(Error::Config("lease must be at least 10 ms".into()));
         }
+        if let Some(g) = &self.group {
+            crate::group::validate_group_name(g)?;
+        }
+        if self.member_timeout < Duration::from_millis(300) {
+            return Err(Error::Config("member_timeout must be at least 300 ms".into()));
+        }
+        if self.ordered && self.group.is_none() {
+            return Err(Error::Config("ordered mode needs a group".into()));
+        }
         // A lease is one script reply; keep it well inside Lua's limits.
         let pop_batch = self.pop_batch.min(MAX_LEASE_BATCH / MAX_WEIGHT);
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
@@ -198,8 +249,16 @@ impl ConsumerBuilder {
             inbox_tx,
             inbox_rx,
             idle: watch::Sender::new(false),
-            alive: watch::Sender::new(()),
             waiters: HashMap::new(),
+            group: self.group.map(|name| {
+                Grouped::new(GroupConfig {
+                    name,
+                    ordered: self.ordered,
+                    timeout: self.member_timeout,
+                })
+            }),
+            last_report: None,
+            found_nothing: true,
             weights: HashMap::new(),
             payload_sizes: HashMap::new(),
             rotate: 0,
@@ -220,9 +279,13 @@ pub struct Consumer {
     inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
     inbox_rx: mpsc::UnboundedReceiver<Vec<Message>>,
     idle: watch::Sender<bool>,
-    /// Never changes; its drop tells the waiters that the consumer is gone.
-    alive: watch::Sender<()>,
-    waiters: HashMap<String, JoinHandle<()>>,
+    /// A waiter per shard blocked on; dropping its sender tells it to stop.
+    waiters: HashMap<String, (JoinHandle<()>, watch::Sender<()>)>,
+    /// The consumer's group, unless it reads every shard itself.
+    group: Option<Grouped>,
+    last_report: Option<Instant>,
+    /// The last round found nothing in the consumer's own shards (so the next may steal).
+    found_nothing: bool,
     weights: HashMap<String, usize>,
     /// Average payload size per shard, from the last pop that brought messages.
     payload_sizes: HashMap<String, usize>,
@@ -242,8 +305,12 @@ impl Consumer {
     /// The next message; waits (blocking server-side) until there is one.
     pub async fn recv(&mut self) -> Result<Message> {
         loop {
+            self.sync_group().await?;
             self.release_stale();
             if let Some(m) = self.buffer.pop_front() {
+                if let Some(g) = self.group.as_mut() {
+                    g.handed(std::slice::from_ref(&m));
+                }
                 return Ok(m);
             }
             self.fill(None).await?;
@@ -253,6 +320,7 @@ impl Consumer {
     /// Up to `max` messages; waits until there is at least one.
     pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Message>> {
         loop {
+            self.sync_group().await?;
             self.release_stale();
             if !self.buffer.is_empty() {
                 return Ok(self.take(max));
@@ -269,6 +337,7 @@ impl Consumer {
     ) -> Result<Vec<Message>> {
         let deadline = Instant::now() + timeout;
         loop {
+            self.sync_group().await?;
             self.release_stale();
             if !self.buffer.is_empty() || Instant::now() >= deadline {
                 return Ok(self.take(max));
@@ -295,15 +364,19 @@ impl Consumer {
             self.buffer.extend(out.messages);
         }
         let left = self.take_unhanded();
-        let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, h)| h).collect();
+        let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, (h, _))| h).collect();
         let (cluster, prefix) = (
             self.queue.cluster().clone(),
             self.queue.inner.prefix.clone(),
         );
+        let group = self.group.take();
         drop(self);
         return_messages(&cluster, &prefix, left).await;
         for w in waiters {
             let _ = w.await;
+        }
+        if let Some(mut g) = group {
+            g.leave().await;
         }
     }
 
@@ -345,7 +418,56 @@ impl Consumer {
 
     fn take(&mut self, max: usize) -> Vec<Message> {
         let n = max.min(self.buffer.len());
-        self.buffer.drain(..n).collect()
+        let out: Vec<Message> = self.buffer.drain(..n).collect();
+        if let Some(g) = self.group.as_mut() {
+            g.handed(&out);
+        }
+        out
+    }
+
+    fn set_busy(&self) {
+        self.idle.send_replace(false);
+        if let Some(g) = &self.group {
+            g.idle(false);
+        }
+    }
+
+    /// Group members: joins on first use, follows assignment changes (stops the waiters of
+    /// shards it no longer owns; in ordered groups, gives back what it buffered from shards
+    /// it must release), and tells the group what it holds.
+    async fn sync_group(&mut self) -> Result<()> {
+        let Some(g) = self.group.as_mut() else {
+            return Ok(());
+        };
+        g.ensure_joined(&self.queue, self.ctx.lease).await?;
+        let changed = g.refresh();
+        if let Some(view) = &changed {
+            // Dropping a waiter's sender ends its blocked pop; it gives back what it took.
+            self.waiters.retain(|tag, _| view.owned.contains(tag));
+            if g.cfg.ordered && !view.released.is_empty() {
+                while let Ok(batch) = self.inbox_rx.try_recv() {
+                    self.buffer.extend(batch);
+                }
+                for tag in g.released().clone() {
+                    let (give, keep): (Vec<Message>, Vec<Message>) = self
+                        .buffer
+                        .drain(..)
+                        .partition(|m| *m.shard == *tag);
+                    self.buffer.extend(keep);
+                    let (cluster, prefix) = (self.queue.cluster().clone(), self.queue.inner.prefix.clone());
+                    let task = tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
+                    g.returning(tag, task);
+                }
+            }
+        }
+        let due = self
+            .last_report
+            .is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+        if changed.is_some() || due {
+            g.report();
+            self.last_report = Some(Instant::now());
+        }
+        Ok(())
     }
 
     /// Gets at least one message into the buffer, or returns at the deadline.
@@ -355,22 +477,35 @@ impl Consumer {
                 self.buffer.extend(batch);
             }
             if !self.buffer.is_empty() {
-                self.idle.send_replace(false);
+                self.set_busy();
                 return Ok(());
             }
             if self.sweep().await? > 0 {
-                self.idle.send_replace(false);
+                self.set_busy();
                 return Ok(());
             }
             self.ensure_waiters();
             self.idle.send_replace(true);
+            if let Some(g) = &self.group {
+                g.idle(true);
+            }
             let wake = Instant::now() + self.block_timeout;
             let until = deadline.map_or(wake, |d| d.min(wake));
+            let regroup = async {
+                match self.group.as_mut() {
+                    Some(g) => g.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 got = self.inbox_rx.recv() => {
                     if let Some(batch) = got {
                         self.buffer.extend(batch);
                     }
+                }
+                _ = regroup => {
+                    // The assignment changed: take it in and sweep what is now ours.
+                    return Ok(());
                 }
                 _ = tokio::time::sleep_until(until.into()) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -410,6 +545,19 @@ impl Consumer {
             }
         }
         let got = out.messages.len();
+        if let Some(g) = &self.group {
+            g.swept(round.asks.iter().map(|a| &*a.keys.tag));
+            let stolen = out
+                .messages
+                .iter()
+                .filter(|m| !g.owned().contains(&*m.shard))
+                .count();
+            if stolen > 0 {
+                metrics::counter!(crate::telemetry::GROUP_STEALS, "group" => g.cfg.name.clone())
+                    .increment(stolen as u64);
+            }
+            self.found_nothing = got == stolen;
+        }
         self.buffer.extend(out.messages);
         let queue = self.queue.name().to_string();
         metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
@@ -427,7 +575,20 @@ impl Consumer {
     /// shard, every shard every round.
     fn plan_round(&mut self) -> Vec<Ask> {
         let set = self.queue.shards();
-        let shards = &set.shards;
+        let mine: Vec<Shard>;
+        let shards = match &self.group {
+            None => &set.shards,
+            Some(g) => {
+                let sweep = g.sweep_set(self.found_nothing);
+                mine = set
+                    .shards
+                    .iter()
+                    .filter(|s| sweep.contains(&s.tag))
+                    .cloned()
+                    .collect();
+                &mine
+            }
+        };
         if shards.is_empty() {
             return Vec::new();
         }
@@ -499,11 +660,17 @@ impl Consumer {
     /// Starts a waiter for every shard that has none running.
     fn ensure_waiters(&mut self) {
         let set = self.queue.shards();
-        self.waiters.retain(|_, h| !h.is_finished());
+        self.waiters.retain(|_, (h, _)| !h.is_finished());
         for s in &set.shards {
             if self.waiters.contains_key(&s.tag) {
                 continue;
             }
+            if let Some(g) = &self.group
+                && !g.owned().contains(&s.tag)
+            {
+                continue;
+            }
+            let (stop, alive) = watch::channel(());
             let w = Waiter {
                 cluster: self.queue.cluster().clone(),
                 slot: s.slot,
@@ -512,11 +679,12 @@ impl Consumer {
                 count: self.pop_batch,
                 block: self.block_timeout,
                 idle: self.idle.subscribe(),
-                alive: self.alive.subscribe(),
+                alive,
                 tx: self.inbox_tx.clone(),
                 reliable: self.ctx.max_attempts.is_some(),
             };
-            self.waiters.insert(s.tag.clone(), tokio::spawn(w.run()));
+            self.waiters
+                .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));
         }
     }
 }

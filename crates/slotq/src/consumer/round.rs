@@ -251,6 +251,7 @@ fn take_lease(
         local_deadline: started + ctx.lease,
         max_attempts,
         count: envelopes.len(),
+        closed: std::sync::atomic::AtomicBool::new(false),
     });
     let n = envelopes.len();
     for (i, e) in envelopes.into_iter().enumerate() {

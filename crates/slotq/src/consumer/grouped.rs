@@ -1,0 +1,164 @@
+//! A consumer's side of its group: joining, the shards it may sweep and block on, and, in
+//! ordered groups, letting go of a shard only once its work there is settled.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::Message;
+use crate::error::Result;
+use crate::group::{GroupConfig, Membership, View};
+use crate::lease::Lease;
+use crate::queue::Queue;
+
+pub(super) struct Grouped {
+    pub(super) cfg: GroupConfig,
+    member: Option<Membership>,
+    view: Arc<View>,
+    /// Ordered, at-least-once: leases handed out per shard, until settled or expired.
+    handed: HashMap<Arc<str>, Vec<Arc<Lease>>>,
+    /// Shards whose buffered messages are being given back.
+    returning: HashMap<String, JoinHandle<()>>,
+}
+
+impl Grouped {
+    pub(super) fn new(cfg: GroupConfig) -> Grouped {
+        Grouped {
+            cfg,
+            member: None,
+            view: Arc::new(View::default()),
+            handed: HashMap::new(),
+            returning: HashMap::new(),
+        }
+    }
+
+    /// Joins on first use (one heartbeat, so the consumer knows its shards at once).
+    pub(super) async fn ensure_joined(&mut self, queue: &Queue, lease: Duration) -> Result<()> {
+        if self.member.is_none() {
+            let script = queue.inner.group_script.clone();
+            let m = Membership::join(queue.clone(), self.cfg.clone(), script, lease).await?;
+            self.member = Some(m);
+        }
+        Ok(())
+    }
+
+    /// Takes the latest view; returns it when it changed.
+    pub(super) fn refresh(&mut self) -> Option<Arc<View>> {
+        let m = self.member.as_mut()?;
+        // Compared by pointer: `changed()` may already have marked the value seen.
+        let v = m.view.borrow_and_update().clone();
+        if Arc::ptr_eq(&v, &self.view) {
+            return None;
+        }
+        self.view = v.clone();
+        Some(v)
+    }
+
+    /// Waits until the group's assignment changes (pending forever before joining).
+    pub(super) async fn changed(&mut self) {
+        match self.member.as_mut() {
+            Some(m) => {
+                if m.view.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+
+    /// Shards to sweep: the owned ones, and (unordered, when `steal`) others' deep ones.
+    pub(super) fn sweep_set(&self, steal: bool) -> BTreeSet<String> {
+        let mut s = self.view.owned.clone();
+        if steal && !self.cfg.ordered {
+            s.extend(self.view.deep.iter().cloned());
+        }
+        s
+    }
+
+    /// Shards to block on while idle.
+    pub(super) fn owned(&self) -> &BTreeSet<String> {
+        &self.view.owned
+    }
+
+    /// Ordered: shards to stop taking now.
+    pub(super) fn released(&self) -> &BTreeSet<String> {
+        &self.view.released
+    }
+
+    /// Ordered: remembers the give-back of a released shard's buffered messages.
+    pub(super) fn returning(&mut self, tag: String, task: JoinHandle<()>) {
+        self.returning.insert(tag, task);
+    }
+
+    /// Ordered, at-least-once: notes the leases of messages handed to the application.
+    pub(super) fn handed(&mut self, msgs: &[Message]) {
+        if !self.cfg.ordered {
+            return;
+        }
+        for m in msgs {
+            if let Some(l) = &m.lease {
+                let v = self.handed.entry(m.shard.clone()).or_default();
+                if !v.last().is_some_and(|x| Arc::ptr_eq(x, &l.lease)) {
+                    v.push(l.lease.clone());
+                }
+            }
+        }
+    }
+
+    /// Notes the shards a round swept (their owner's heartbeat measures the rest).
+    pub(super) fn swept<'a>(&self, tags: impl Iterator<Item = &'a str>) {
+        if let Some(m) = &self.member {
+            let now = Instant::now();
+            let mut r = m.report.lock().unwrap();
+            for t in tags {
+                match r.swept.get_mut(t) {
+                    Some(at) => *at = now,
+                    None => {
+                        r.swept.insert(t.to_string(), now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the consumer waits, blocked on its own shards.
+    pub(super) fn idle(&self, idle: bool) {
+        if let Some(m) = &self.member {
+            m.report.lock().unwrap().idle = idle;
+        }
+    }
+
+    /// Tells the group what this member holds: owned shards, and released ones whose work
+    /// is not settled yet.
+    pub(super) fn report(&mut self) {
+        let now = Instant::now();
+        self.returning.retain(|_, t| !t.is_finished());
+        for leases in self.handed.values_mut() {
+            leases.retain(|l| !l.closed.load(Ordering::Relaxed) && l.local_deadline > now);
+        }
+        self.handed.retain(|_, v| !v.is_empty());
+        let Some(m) = &self.member else {
+            return;
+        };
+        let mut held: BTreeSet<String> = self.view.owned.clone();
+        for tag in &self.view.released {
+            if self.returning.contains_key(tag) || self.handed.contains_key(tag.as_str()) {
+                held.insert(tag.clone());
+            }
+        }
+        m.report.lock().unwrap().held = held;
+    }
+
+    /// Leaves the group (after the consumer gave back what it held).
+    pub(super) async fn leave(&mut self) {
+        for (_, t) in self.returning.drain() {
+            let _ = t.await;
+        }
+        if let Some(m) = self.member.take() {
+            m.leave().await;
+        }
+    }
+}

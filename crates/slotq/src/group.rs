@@ -1,0 +1,439 @@
+//! Consumer groups: which member of a group owns which shard.
+//!
+//! Members of a group renew a membership lease in Redis (a heartbeat, `lua/group_beat.lua`)
+//! in the queue's registry slot. Each heartbeat also drops members that stopped renewing
+//! and recomputes the assignment, atomically: the script is the coordinator, so there is no
+//! coordinator process and members never disagree. The assignment gives every shard one
+//! owner among the live members, balanced by shard count and sticky (a member keeps its
+//! shards unless it has more than its share). A consumer sweeps and blocks only on the
+//! shards it owns; idle members of an unordered group steal from shards their owners report
+//! deep.
+//!
+//! Ordered groups hand a shard over in two steps: the old owner is told to release it,
+//! stops popping it, gives back what it buffered, and confirms (it leaves the shard out of
+//! the shards it reports holding) once every message it handed out from the shard is
+//! settled; only then does the new owner start. A member that dies holds its shards until
+//! its membership expires, and its successor waits a further lease length, so that the
+//! dead member's leases are reaped (their messages back at the head of the shard) before
+//! anything newer is taken.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::Value;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::queue::Queue;
+use crate::script::Script;
+
+/// The group consumers join when none is named.
+pub const DEFAULT_GROUP: &str = "default";
+/// How long a member that stopped renewing stays a member.
+pub const DEFAULT_MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest group name.
+pub const MAX_GROUP_NAME_LEN: usize = 64;
+
+/// Checks a group name: 1 to 64 bytes of `[A-Za-z0-9_.:-]`.
+pub fn validate_group_name(name: &str) -> Result<()> {
+    let bad = |reason: String| {
+        Err(Error::InvalidGroupName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty".into());
+    }
+    if name.len() > MAX_GROUP_NAME_LEN {
+        return bad(format!("longer than {MAX_GROUP_NAME_LEN} bytes"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
+        return bad(format!(
+            "character {c:?} is not allowed (use A-Z a-z 0-9 _ . : -)"
+        ));
+    }
+    Ok(())
+}
+
+/// The keys of a group (in the queue's registry slot).
+pub(crate) fn group_keys(queue: &Queue, group: &str) -> (String, String) {
+    let base = format!("{}:{{{}}}:group:{group}", queue.prefix(), queue.name());
+    (format!("{base}:members"), format!("{base}:owners"))
+}
+
+/// How a member takes part.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupConfig {
+    pub(crate) name: String,
+    pub(crate) ordered: bool,
+    pub(crate) timeout: Duration,
+}
+
+/// What the group gave this member at its last heartbeat (shard tags).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct View {
+    pub(crate) generation: i64,
+    /// Shards to sweep and block on.
+    pub(crate) owned: BTreeSet<String>,
+    /// Ordered groups: shards to stop taking and confirm released.
+    pub(crate) released: BTreeSet<String>,
+    /// Assigned, not yet free (the old owner has not let go).
+    pub(crate) waiting: BTreeSet<String>,
+    /// Other members' shards reported deep: unordered members steal from them when idle.
+    pub(crate) deep: BTreeSet<String>,
+    pub(crate) members: i64,
+    /// At least one heartbeat went through.
+    pub(crate) joined: bool,
+}
+
+/// What this member tells the group at its next heartbeat (shard tags).
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    /// Shards it still pops or holds unsettled work of.
+    pub(crate) held: BTreeSet<String>,
+    /// When the consumer last swept each shard.
+    pub(crate) swept: std::collections::HashMap<String, std::time::Instant>,
+    /// The consumer waits, blocked on its (then empty) shards.
+    pub(crate) idle: bool,
+}
+
+/// Messages waiting in a shard that make it worth stealing from however busy its owner.
+pub const DEEP_BACKLOG: u64 = 1000;
+
+/// A running membership: a task that beats every third of the timeout.
+pub(crate) struct Membership {
+    pub(crate) view: watch::Receiver<Arc<View>>,
+    pub(crate) report: Arc<Mutex<Report>>,
+    leave: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Membership {
+    /// Joins (the first heartbeat goes out before this returns) and keeps beating.
+    pub(crate) async fn join(
+        queue: Queue,
+        cfg: GroupConfig,
+        script: Arc<Script>,
+        lease: Duration,
+    ) -> Result<Membership> {
+        let id = format!("p{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let report = Arc::new(Mutex::new(Report::default()));
+        let beat = Beat {
+            queue,
+            cfg,
+            script,
+            id,
+            lease,
+            report: report.clone(),
+        };
+        let first = beat.send(false, &BTreeSet::new()).await?;
+        let (tx, view) = watch::channel(Arc::new(first));
+        let (leave, mut left) = oneshot::channel::<()>();
+        let every = beat.cfg.timeout / 3;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = &mut left => {
+                        let _ = beat.send(true, &BTreeSet::new()).await;
+                        return;
+                    }
+                }
+                let owned = tx.borrow().owned.clone();
+                match beat.send(false, &owned).await {
+                    Ok(v) => {
+                        let old = tx.borrow().generation;
+                        if v.generation != old {
+                            metrics::counter!(crate::telemetry::GROUP_REBALANCES, "group" => beat.cfg.name.clone()).increment(1);
+                        }
+                        metrics::gauge!(crate::telemetry::GROUP_OWNED_SHARDS, "group" => beat.cfg.name.clone())
+                            .set(v.owned.len() as f64);
+                        tx.send_if_modified(|cur| {
+                            if **cur == v {
+                                false
+                            } else {
+                                *cur = Arc::new(v);
+                                true
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %beat.cfg.name, cause = %e, "group heartbeat failed");
+                    }
+                }
+                if tx.is_closed() {
+                    let _ = beat.send(true, &BTreeSet::new()).await;
+                    return;
+                }
+            }
+        });
+        Ok(Membership {
+            view,
+            report,
+            leave: Some(leave),
+            task,
+        })
+    }
+
+    /// Leaves the group (a last heartbeat) and waits until it went out.
+    pub(crate) async fn leave(mut self) {
+        if let Some(l) = self.leave.take() {
+            let _ = l.send(());
+        }
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // Dropped without `leave`: the task sends the last heartbeat on its own.
+        if let Some(l) = self.leave.take() {
+            let _ = l.send(());
+        }
+    }
+}
+
+struct Beat {
+    queue: Queue,
+    cfg: GroupConfig,
+    script: Arc<Script>,
+    id: String,
+    lease: Duration,
+    report: Arc<Mutex<Report>>,
+}
+
+impl Beat {
+    /// Owned shards others should steal from: a backlog of [`DEEP_BACKLOG`], or any
+    /// backlog the member has not swept since its last heartbeat (a busy or stuck
+    /// application). The beat measures them itself, so a member that stopped calling
+    /// `recv` still tells the group; an idle member's shards are empty.
+    async fn deep(&self, owned: &BTreeSet<String>) -> BTreeSet<String> {
+        let (idle, swept) = {
+            let r = self.report.lock().unwrap();
+            (r.idle, r.swept.clone())
+        };
+        if idle || owned.is_empty() {
+            return BTreeSet::new();
+        }
+        let reliable = self.queue.mode() != crate::placement::DeliveryMode::AtMostOnce;
+        let prefix = self.queue.prefix();
+        let cmds = owned
+            .iter()
+            .map(|tag| {
+                let slot = crate::slot::tag_slot(tag);
+                let cmd = if reliable {
+                    redis::cmd("GET")
+                        .arg(crate::placement::shard_key(prefix, tag, "count"))
+                        .clone()
+                } else {
+                    redis::cmd("LLEN")
+                        .arg(crate::placement::ready_key(prefix, tag))
+                        .clone()
+                };
+                (slot, cmd)
+            })
+            .collect();
+        let cluster = self.queue.cluster();
+        let opts = crate::cluster::RequestOpts {
+            idempotent: true,
+            retry_budget: Duration::ZERO,
+            ..cluster.default_opts()
+        };
+        let stale = self.cfg.timeout / 3;
+        let mut deep = BTreeSet::new();
+        for (tag, r) in owned.iter().zip(cluster.batch(cmds, opts).await) {
+            let depth = r
+                .ok()
+                .and_then(|v| redis::from_redis_value::<Option<i64>>(v).ok().flatten())
+                .unwrap_or(0)
+                .max(0) as u64;
+            let behind = swept.get(tag).is_none_or(|t| t.elapsed() > stale);
+            if depth >= DEEP_BACKLOG || (depth > 0 && behind) {
+                deep.insert(tag.clone());
+            }
+        }
+        deep
+    }
+
+    async fn send(&self, leaving: bool, owned: &BTreeSet<String>) -> Result<View> {
+        let (members, owners) = group_keys(&self.queue, &self.cfg.name);
+        let numbers = |tags: &BTreeSet<String>| {
+            tags.iter()
+                .filter_map(|t| t.rsplit_once('#').map(|(_, n)| n.to_string()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let deep = if leaving {
+            String::new()
+        } else {
+            numbers(&self.deep(owned).await)
+        };
+        let held = numbers(&self.report.lock().unwrap().held);
+        let mode = if self.cfg.ordered { "ordered" } else { "unordered" };
+        let args: Vec<Vec<u8>> = vec![
+            self.id.clone().into_bytes(),
+            (self.cfg.timeout.as_millis() as u64).to_string().into_bytes(),
+            if leaving { b"leave".to_vec() } else { b"beat".to_vec() },
+            mode.as_bytes().to_vec(),
+            (self.lease.as_millis() as u64).to_string().into_bytes(),
+            held.into_bytes(),
+            deep.into_bytes(),
+        ];
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let cluster = self.queue.cluster();
+        let meta = self.queue.meta_key();
+        let v = self
+            .script
+            .run(
+                cluster,
+                crate::slot::key_slot(meta),
+                &[meta, &members, &owners],
+                &args,
+                cluster.default_opts(),
+            )
+            .await?;
+        let Value::Array(items) = v else {
+            return Err(Error::Protocol(format!("group heartbeat: {v:?}")));
+        };
+        let text = |v: Option<&Value>| match v {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        if let Some(Value::Int(-1)) = items.first() {
+            return Err(Error::GroupModeMismatch {
+                group: self.cfg.name.clone(),
+                mode: text(items.get(1)),
+            });
+        }
+        let tags = |v: Option<&Value>| -> BTreeSet<String> {
+            text(v)
+                .split_whitespace()
+                .map(|n| format!("{}#{n}", self.queue.name()))
+                .collect()
+        };
+        let int = |v: Option<&Value>| match v {
+            Some(Value::Int(n)) => *n,
+            _ => 0,
+        };
+        Ok(View {
+            generation: int(items.first()),
+            owned: tags(items.get(1)),
+            released: tags(items.get(2)),
+            waiting: tags(items.get(3)),
+            deep: tags(items.get(4)),
+            members: int(items.get(5)),
+            joined: true,
+        })
+    }
+}
+
+/// A member of a group, as `slotq group` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// The member's id (`p<pid>-<random>`).
+    pub id: String,
+    /// Milliseconds until its membership lapses unless it beats again.
+    pub expires_in_ms: i64,
+    /// Shards it owns.
+    pub shards: Vec<String>,
+}
+
+/// A shard of a group, as `slotq group` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardOwner {
+    /// The shard.
+    pub tag: String,
+    /// Its owner, if any.
+    pub owner: Option<String>,
+    /// Ordered groups: the member it is being handed to.
+    pub next: Option<String>,
+    /// Messages waiting in it (its lag).
+    pub depth: u64,
+}
+
+/// The state of a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The group's name.
+    pub name: String,
+    /// `ordered` or `unordered` (empty before anyone joined).
+    pub mode: String,
+    /// Rebalances so far.
+    pub generation: i64,
+    /// Live members.
+    pub members: Vec<MemberStatus>,
+    /// Every shard and its owner.
+    pub shards: Vec<ShardOwner>,
+}
+
+/// Reads a group's members and owners, and each shard's depth.
+pub(crate) async fn status(queue: &Queue, name: &str) -> Result<GroupStatus> {
+    validate_group_name(name)?;
+    let (members_key, owners_key) = group_keys(queue, name);
+    let slot = crate::slot::key_slot(queue.meta_key());
+    let cluster = queue.cluster();
+    let opts = crate::cluster::RequestOpts {
+        idempotent: true,
+        ..cluster.default_opts()
+    };
+    let cmds = vec![
+        (slot, redis::cmd("TIME").clone()),
+        (slot, redis::cmd("HGETALL").arg(&members_key).clone()),
+        (slot, redis::cmd("HGETALL").arg(&owners_key).clone()),
+    ];
+    let mut replies = cluster.batch(cmds, opts).await.into_iter();
+    let time: Vec<String> = redis::from_redis_value(replies.next().expect("three replies")?)
+        .map_err(|e| Error::Protocol(format!("TIME: {e}")))?;
+    let now = time[0].parse::<i64>().unwrap_or(0) * 1000 + time[1].parse::<i64>().unwrap_or(0) / 1000;
+    let members: std::collections::BTreeMap<String, i64> =
+        redis::from_redis_value(replies.next().expect("three replies")?)
+            .map_err(|e| Error::Protocol(format!("group members: {e}")))?;
+    let owners: std::collections::BTreeMap<String, String> =
+        redis::from_redis_value(replies.next().expect("three replies")?)
+            .map_err(|e| Error::Protocol(format!("group owners: {e}")))?;
+    let stats = queue.stats().await?;
+    let mut shards = Vec::with_capacity(stats.len());
+    for s in &stats {
+        let number = s.tag.rsplit_once('#').map_or("", |(_, n)| n);
+        let (owner, next) = match owners.get(&format!("o:{number}")) {
+            Some(v) => match v.split_once(' ') {
+                Some((a, b)) => (Some(a.to_string()), Some(b.to_string())),
+                None => (Some(v.clone()), None),
+            },
+            None => (None, None),
+        };
+        shards.push(ShardOwner {
+            tag: s.tag.clone(),
+            owner: owner.filter(|o| members.get(o).is_some_and(|&d| d >= now)),
+            next,
+            depth: s.depth,
+        });
+    }
+    let members = members
+        .into_iter()
+        .filter(|(_, d)| *d >= now)
+        .map(|(id, d)| MemberStatus {
+            shards: shards
+                .iter()
+                .filter(|s| s.owner.as_deref() == Some(id.as_str()))
+                .map(|s| s.tag.clone())
+                .collect(),
+            expires_in_ms: d - now,
+            id,
+        })
+        .collect();
+    Ok(GroupStatus {
+        name: name.to_string(),
+        mode: owners.get("mode").cloned().unwrap_or_default(),
+        generation: owners.get("gen").and_then(|g| g.parse().ok()).unwrap_or(0),
+        members,
+        shards,
+    })
+}

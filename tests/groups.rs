@@ -1,0 +1,360 @@
+//! Consumer groups against real clusters: one owner per shard, balanced and sticky; an
+//! idle group costs one blocked pop per shard; members that die (kill -9) or join under
+//! load lose nothing; ordered groups keep per-key order in processing across a crash.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use slotq::{Client, Error, Queue, redis};
+use slotq_testkit::TestCluster;
+
+async fn client(url: &str) -> Client {
+    Client::from_cluster(slotq_tests::router(url).await)
+}
+
+/// Blocked clients on every master (`INFO clients`).
+fn blocked_clients(c: &TestCluster) -> u64 {
+    c.masters()
+        .into_iter()
+        .map(|m| {
+            let info: String = c.node(m).cmd(redis::cmd("INFO").arg("clients")).unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("blocked_clients:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap()
+        })
+        .sum()
+}
+
+/// Starts `n` consumers of `q` that wait idle for messages, each in its own task.
+fn idle_consumers(
+    q: &Queue,
+    n: usize,
+    group: Option<&str>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    (0..n)
+        .map(|_| {
+            let q = q.clone();
+            let group = group.map(str::to_string);
+            tokio::spawn(async move {
+                let mut b = q.consumer();
+                b = match group {
+                    Some(g) => b.group(g),
+                    None => b.without_group(),
+                };
+                let mut consumer = b.build().unwrap();
+                let got = consumer
+                    .recv_batch_timeout(10, Duration::from_secs(4))
+                    .await
+                    .unwrap()
+                    .len();
+                consumer.close().await;
+                got
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_group_blocks_once_per_shard_not_once_per_member() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("idle-group")
+        .shards_per_master(2)
+        .open()
+        .await
+        .unwrap();
+    let shards = q.shards().shards.len() as u64;
+    let members = idle_consumers(&q, 8, Some("g"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let grouped = blocked_clients(&c);
+    for m in members {
+        assert_eq!(m.await.unwrap(), 0);
+    }
+    let loners = idle_consumers(&q, 8, None);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ungrouped = blocked_clients(&c);
+    for m in loners {
+        m.await.unwrap();
+    }
+    eprintln!("8 idle consumers, {shards} shards: {grouped} blocked pops in a group, {ungrouped} without");
+    assert!(grouped <= shards, "{grouped} blocked pops for {shards} shards");
+    assert_eq!(ungrouped, 8 * shards);
+}
+
+/// Shards per member, and owner per shard.
+async fn owners(q: &Queue, group: &str) -> (Vec<usize>, BTreeMap<String, String>) {
+    let st = q.group_status(group).await.unwrap();
+    let mut per: Vec<usize> = st.members.iter().map(|m| m.shards.len()).collect();
+    per.sort_unstable();
+    let by_shard = st
+        .shards
+        .iter()
+        .filter_map(|s| s.owner.clone().map(|o| (s.tag.clone(), o)))
+        .collect();
+    (per, by_shard)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_are_shared_evenly_and_move_only_as_much_as_needed() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("share")
+        .shards_per_master(4)
+        .open()
+        .await
+        .unwrap();
+    let first = idle_consumers(&q, 4, Some("g"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (per, before) = owners(&q, "g").await;
+    assert_eq!(per, vec![3, 3, 3, 3]);
+    assert_eq!(before.len(), 12, "every shard has an owner");
+
+    let more = idle_consumers(&q, 2, Some("g"));
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (per, after) = owners(&q, "g").await;
+    assert_eq!(per, vec![2, 2, 2, 2, 2, 2]);
+    let moved = before.iter().filter(|(t, o)| after.get(*t) != Some(o)).count();
+    assert_eq!(moved, 4, "sticky: only what the newcomers need moves");
+    for h in first.into_iter().chain(more) {
+        h.await.unwrap();
+    }
+    // Members that leave hand their shards on at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = q.group_status("g").await.unwrap();
+    assert!(st.members.is_empty(), "{st:?}");
+}
+
+fn member(url: &str, queue: &str, lease_ms: u64, pause_ms: u64, ordered: bool) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
+        .args([url, queue, &lease_ms.to_string(), "group-work", &pause_ms.to_string()])
+        .args(["g", if ordered { "1" } else { "0" }])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("consumer process starts")
+}
+
+/// Collects `DONE <ns> <payload>` lines of a member process.
+fn collect(child: &mut Child, into: Arc<Mutex<Vec<(u128, String)>>>) {
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            let mut parts = line.splitn(3, ' ');
+            if let (Some("DONE"), Some(ns), Some(p)) = (parts.next(), parts.next(), parts.next()) {
+                into.lock().unwrap().push((ns.parse().unwrap(), p.to_string()));
+            }
+        }
+    });
+}
+
+fn distinct(done: &Mutex<Vec<(u128, String)>>) -> usize {
+    done.lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| p.as_str())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_s_shards_go_to_the_others_and_nothing_is_lost() {
+    const TOTAL: usize = 20_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let url = c.url();
+    let client = client(&url).await;
+    let q = client
+        .queue("kill-member")
+        .shards_per_master(4)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let mut members: Vec<Child> = (0..8).map(|_| member(&url, "kill-member", 2000, 0, false)).collect();
+    for m in &mut members {
+        collect(m, done.clone());
+    }
+    let producer = q.producer().build().unwrap();
+    let sending = tokio::spawn(async move {
+        for i in 0..TOTAL / 100 {
+            producer
+                .send_batch((0..100).map(|j| format!("m{}", i * 100 + j)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members[0].kill().unwrap();
+    members[0].wait().unwrap();
+    let killed = Instant::now();
+    // Within the member timeout (3 s) + 2 s, every shard has a live owner among the 7.
+    let rehomed = loop {
+        let st = q.group_status("g").await.unwrap();
+        if st.members.len() == 7 && st.shards.iter().all(|s| s.owner.is_some()) {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(5), "{st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sending.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while distinct(&done) < TOTAL && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for m in &mut members[1..] {
+        m.kill().unwrap();
+        m.wait().unwrap();
+    }
+    let got = distinct(&done);
+    eprintln!("kill -9 of one member of 8: its shards re-owned after {rehomed:?}; {got} of {TOTAL} processed");
+    assert_eq!(got, TOTAL, "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_under_load_lose_and_duplicate_nothing() {
+    const TOTAL: usize = 50_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("join").shards_per_master(2).open().await.unwrap();
+    let got = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = |n: usize| -> Vec<tokio::task::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let (q, got, stop) = (q.clone(), got.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut consumer = q.consumer().group("g").build().unwrap();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let b = consumer
+                            .recv_batch_timeout(500, Duration::from_millis(100))
+                            .await
+                            .unwrap();
+                        got.lock().unwrap().extend(b.into_iter().map(|m| m.payload));
+                    }
+                    consumer.close().await;
+                })
+            })
+            .collect()
+    };
+    let mut consumers = start(2);
+    let producer = q.producer().build().unwrap();
+    let sending = tokio::spawn(async move {
+        for i in 0..TOTAL / 500 {
+            producer
+                .send_batch((0..500).map(|j| format!("m{}", i * 500 + j)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    consumers.extend(start(8));
+    sending.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in consumers {
+        h.await.unwrap();
+    }
+    let got = got.lock().unwrap();
+    let set: HashSet<&Vec<u8>> = got.iter().collect();
+    assert_eq!(set.len(), got.len(), "no duplicates");
+    assert_eq!(got.len(), TOTAL, "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_keeps_per_key_order_across_a_member_crash() {
+    const KEYS: usize = 20;
+    const PER_KEY: usize = 150;
+    let c = TestCluster::start(3, 0).unwrap();
+    let url = c.url();
+    let client = client(&url).await;
+    let q = client
+        .queue("ordered")
+        .shards_per_master(2)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let producer = q.producer().build().unwrap();
+    for seq in 0..PER_KEY {
+        let sends = (0..KEYS).map(|k| producer.send_keyed(format!("k{k}"), format!("k{k}:{seq}")));
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+    }
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let mut members: Vec<Child> = (0..4).map(|_| member(&url, "ordered", 1500, 3, true)).collect();
+    for m in &mut members {
+        collect(m, done.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    members[1].kill().unwrap();
+    members[1].wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while distinct(&done) < KEYS * PER_KEY && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, m) in members.iter_mut().enumerate() {
+        if i != 1 {
+            m.kill().unwrap();
+            m.wait().unwrap();
+        }
+    }
+    let mut events = done.lock().unwrap().clone();
+    assert_eq!(distinct(&done), KEYS * PER_KEY, "every message processed");
+    events.sort();
+    // Processing order per key: a message is processed only after every earlier one of its
+    // key was (redeliveries of earlier ones may repeat).
+    let mut next: HashMap<String, usize> = HashMap::new();
+    let mut repeats = 0;
+    for (_, p) in &events {
+        let (key, seq) = p.split_once(':').unwrap();
+        let seq: usize = seq.parse().unwrap();
+        let n = next.entry(key.to_string()).or_insert(0);
+        assert!(seq <= *n, "{key}: {seq} processed before {}", *n);
+        if seq == *n {
+            *n += 1;
+        } else {
+            repeats += 1;
+        }
+    }
+    eprintln!("ordered group, 4 members, one killed: {} processings, {repeats} repeats, order kept", events.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_names_and_modes_get_typed_errors() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("names").open().await.unwrap();
+    for bad in ["", "a b", "x{y}", &"g".repeat(65)] {
+        let e = q.consumer().group(bad).build().unwrap_err();
+        assert!(matches!(e, Error::InvalidGroupName { .. }), "{bad:?}: {e:?}");
+    }
+    let e = q.consumer().without_group().ordered().build().unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    // A group runs one mode: an ordered consumer cannot join an unordered group.
+    let mut plain = q.consumer().group("mixed").build().unwrap();
+    assert!(plain
+        .recv_batch_timeout(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+    let mut ordered = q.consumer().group("mixed").ordered().build().unwrap();
+    let e = ordered
+        .recv_batch_timeout(1, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::GroupModeMismatch { .. }), "{e:?}");
+    plain.close().await;
+}
