@@ -30,11 +30,7 @@ fn blocked_clients(c: &TestCluster) -> u64 {
 }
 
 /// Starts `n` consumers of `q` that wait idle for messages, each in its own task.
-fn idle_consumers(
-    q: &Queue,
-    n: usize,
-    group: Option<&str>,
-) -> Vec<tokio::task::JoinHandle<usize>> {
+fn idle_consumers(q: &Queue, n: usize, group: Option<&str>) -> Vec<tokio::task::JoinHandle<usize>> {
     (0..n)
         .map(|_| {
             let q = q.clone();
@@ -81,8 +77,13 @@ async fn an_idle_group_blocks_once_per_shard_not_once_per_member() {
     for m in loners {
         m.await.unwrap();
     }
-    eprintln!("8 idle consumers, {shards} shards: {grouped} blocked pops in a group, {ungrouped} without");
-    assert!(grouped <= shards, "{grouped} blocked pops for {shards} shards");
+    eprintln!(
+        "8 idle consumers, {shards} shards: {grouped} blocked pops in a group, {ungrouped} without"
+    );
+    assert!(
+        grouped <= shards,
+        "{grouped} blocked pops for {shards} shards"
+    );
     assert_eq!(ungrouped, 8 * shards);
 }
 
@@ -119,7 +120,10 @@ async fn shards_are_shared_evenly_and_move_only_as_much_as_needed() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (per, after) = owners(&q, "g").await;
     assert_eq!(per, vec![2, 2, 2, 2, 2, 2]);
-    let moved = before.iter().filter(|(t, o)| after.get(*t) != Some(o)).count();
+    let moved = before
+        .iter()
+        .filter(|(t, o)| after.get(*t) != Some(o))
+        .count();
     assert_eq!(moved, 4, "sticky: only what the newcomers need moves");
     for h in first.into_iter().chain(more) {
         h.await.unwrap();
@@ -132,7 +136,13 @@ async fn shards_are_shared_evenly_and_move_only_as_much_as_needed() {
 
 fn member(url: &str, queue: &str, lease_ms: u64, pause_ms: u64, ordered: bool) -> Child {
     Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
-        .args([url, queue, &lease_ms.to_string(), "group-work", &pause_ms.to_string()])
+        .args([
+            url,
+            queue,
+            &lease_ms.to_string(),
+            "group-work",
+            &pause_ms.to_string(),
+        ])
         .args(["g", if ordered { "1" } else { "0" }])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -148,7 +158,9 @@ fn collect(child: &mut Child, into: Arc<Mutex<Vec<(u128, String)>>>) {
             let Ok(line) = line else { return };
             let mut parts = line.splitn(3, ' ');
             if let (Some("DONE"), Some(ns), Some(p)) = (parts.next(), parts.next(), parts.next()) {
-                into.lock().unwrap().push((ns.parse().unwrap(), p.to_string()));
+                into.lock()
+                    .unwrap()
+                    .push((ns.parse().unwrap(), p.to_string()));
             }
         }
     });
@@ -177,7 +189,9 @@ async fn a_killed_member_s_shards_go_to_the_others_and_nothing_is_lost() {
         .await
         .unwrap();
     let done = Arc::new(Mutex::new(Vec::new()));
-    let mut members: Vec<Child> = (0..8).map(|_| member(&url, "kill-member", 2000, 0, false)).collect();
+    let mut members: Vec<Child> = (0..8)
+        .map(|_| member(&url, "kill-member", 2000, 0, false))
+        .collect();
     for m in &mut members {
         collect(m, done.clone());
     }
@@ -214,7 +228,9 @@ async fn a_killed_member_s_shards_go_to_the_others_and_nothing_is_lost() {
         m.wait().unwrap();
     }
     let got = distinct(&done);
-    eprintln!("kill -9 of one member of 8: its shards re-owned after {rehomed:?}; {got} of {TOTAL} processed");
+    eprintln!(
+        "kill -9 of one member of 8: its shards re-owned after {rehomed:?}; {got} of {TOTAL} processed"
+    );
     assert_eq!(got, TOTAL, "nothing lost");
 }
 
@@ -223,7 +239,12 @@ async fn members_joining_under_load_lose_and_duplicate_nothing() {
     const TOTAL: usize = 50_000;
     let c = TestCluster::start(3, 0).unwrap();
     let client = client(&c.url()).await;
-    let q = client.queue("join").shards_per_master(2).open().await.unwrap();
+    let q = client
+        .queue("join")
+        .shards_per_master(2)
+        .open()
+        .await
+        .unwrap();
     let got = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let start = |n: usize| -> Vec<tokio::task::JoinHandle<()>> {
@@ -294,11 +315,15 @@ async fn an_ordered_group_keeps_per_key_order_across_a_member_crash() {
         }
     }
     let done = Arc::new(Mutex::new(Vec::new()));
-    let mut members: Vec<Child> = (0..4).map(|_| member(&url, "ordered", 1500, 3, true)).collect();
+    let mut members: Vec<Child> = (0..4)
+        .map(|_| member(&url, "ordered", 1500, 5, true))
+        .collect();
     for m in &mut members {
         collect(m, done.clone());
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Killed in the middle of the work (about 2 s of it for each of the 4).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before_kill = distinct(&done);
     members[1].kill().unwrap();
     members[1].wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -329,7 +354,12 @@ async fn an_ordered_group_keeps_per_key_order_across_a_member_crash() {
             repeats += 1;
         }
     }
-    eprintln!("ordered group, 4 members, one killed: {} processings, {repeats} repeats, order kept", events.len());
+    eprintln!(
+        "ordered group, 4 members, one killed after {before_kill} of {} were processed: {} processings, {repeats} repeats, order kept",
+        KEYS * PER_KEY,
+        events.len()
+    );
+    assert!(before_kill < KEYS * PER_KEY / 2, "the crash came mid-work");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,17 +369,22 @@ async fn bad_group_names_and_modes_get_typed_errors() {
     let q = client.queue("names").open().await.unwrap();
     for bad in ["", "a b", "x{y}", &"g".repeat(65)] {
         let e = q.consumer().group(bad).build().unwrap_err();
-        assert!(matches!(e, Error::InvalidGroupName { .. }), "{bad:?}: {e:?}");
+        assert!(
+            matches!(e, Error::InvalidGroupName { .. }),
+            "{bad:?}: {e:?}"
+        );
     }
     let e = q.consumer().without_group().ordered().build().unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
     // A group runs one mode: an ordered consumer cannot join an unordered group.
     let mut plain = q.consumer().group("mixed").build().unwrap();
-    assert!(plain
-        .recv_batch_timeout(1, Duration::from_millis(100))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        plain
+            .recv_batch_timeout(1, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let mut ordered = q.consumer().group("mixed").ordered().build().unwrap();
     let e = ordered
         .recv_batch_timeout(1, Duration::from_millis(100))

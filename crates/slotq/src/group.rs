@@ -276,11 +276,21 @@ impl Beat {
             numbers(&self.deep(owned).await)
         };
         let held = numbers(&self.report.lock().unwrap().held);
-        let mode = if self.cfg.ordered { "ordered" } else { "unordered" };
+        let mode = if self.cfg.ordered {
+            "ordered"
+        } else {
+            "unordered"
+        };
         let args: Vec<Vec<u8>> = vec![
             self.id.clone().into_bytes(),
-            (self.cfg.timeout.as_millis() as u64).to_string().into_bytes(),
-            if leaving { b"leave".to_vec() } else { b"beat".to_vec() },
+            (self.cfg.timeout.as_millis() as u64)
+                .to_string()
+                .into_bytes(),
+            if leaving {
+                b"leave".to_vec()
+            } else {
+                b"beat".to_vec()
+            },
             mode.as_bytes().to_vec(),
             (self.lease.as_millis() as u64).to_string().into_bytes(),
             held.into_bytes(),
@@ -391,7 +401,8 @@ pub(crate) async fn status(queue: &Queue, name: &str) -> Result<GroupStatus> {
     let mut replies = cluster.batch(cmds, opts).await.into_iter();
     let time: Vec<String> = redis::from_redis_value(replies.next().expect("three replies")?)
         .map_err(|e| Error::Protocol(format!("TIME: {e}")))?;
-    let now = time[0].parse::<i64>().unwrap_or(0) * 1000 + time[1].parse::<i64>().unwrap_or(0) / 1000;
+    let now =
+        time[0].parse::<i64>().unwrap_or(0) * 1000 + time[1].parse::<i64>().unwrap_or(0) / 1000;
     let members: std::collections::BTreeMap<String, i64> =
         redis::from_redis_value(replies.next().expect("three replies")?)
             .map_err(|e| Error::Protocol(format!("group members: {e}")))?;

@@ -21,7 +21,7 @@ pub(super) struct Grouped {
     /// Ordered, at-least-once: leases handed out per shard, until settled or expired.
     handed: HashMap<Arc<str>, Vec<Arc<Lease>>>,
     /// Shards whose buffered messages are being given back.
-    returning: HashMap<String, JoinHandle<()>>,
+    returning: HashMap<String, Vec<JoinHandle<()>>>,
 }
 
 impl Grouped {
@@ -90,7 +90,17 @@ impl Grouped {
 
     /// Ordered: remembers the give-back of a released shard's buffered messages.
     pub(super) fn returning(&mut self, tag: String, task: JoinHandle<()>) {
-        self.returning.insert(tag, task);
+        self.returning.entry(tag).or_default().push(task);
+    }
+
+    /// Ordered: whether messages of the shard are still on their way back (nothing may be
+    /// popped from it until they are at its head again).
+    pub(super) fn is_returning(&self, tag: &str) -> bool {
+        self.cfg.ordered
+            && self
+                .returning
+                .get(tag)
+                .is_some_and(|v| v.iter().any(|t| !t.is_finished()))
     }
 
     /// Ordered, at-least-once: notes the leases of messages handed to the application.
@@ -133,9 +143,12 @@ impl Grouped {
 
     /// Tells the group what this member holds: owned shards, and released ones whose work
     /// is not settled yet.
-    pub(super) fn report(&mut self) {
+    pub(super) fn report(&mut self, in_flight: impl Iterator<Item = String>) {
         let now = Instant::now();
-        self.returning.retain(|_, t| !t.is_finished());
+        for tasks in self.returning.values_mut() {
+            tasks.retain(|t| !t.is_finished());
+        }
+        self.returning.retain(|_, v| !v.is_empty());
         for leases in self.handed.values_mut() {
             leases.retain(|l| !l.closed.load(Ordering::Relaxed) && l.local_deadline > now);
         }
@@ -144,6 +157,7 @@ impl Grouped {
             return;
         };
         let mut held: BTreeSet<String> = self.view.owned.clone();
+        held.extend(in_flight.filter(|t| self.view.released.contains(t)));
         for tag in &self.view.released {
             if self.returning.contains_key(tag) || self.handed.contains_key(tag.as_str()) {
                 held.insert(tag.clone());
@@ -154,8 +168,10 @@ impl Grouped {
 
     /// Leaves the group (after the consumer gave back what it held).
     pub(super) async fn leave(&mut self) {
-        for (_, t) in self.returning.drain() {
-            let _ = t.await;
+        for (_, tasks) in self.returning.drain() {
+            for t in tasks {
+                let _ = t.await;
+            }
         }
         if let Some(m) = self.member.take() {
             m.leave().await;

@@ -30,12 +30,12 @@ mod waiter;
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::group::{DEFAULT_GROUP, DEFAULT_MEMBER_TIMEOUT, GroupConfig};
 use crate::lease::{self, LeaseId, LeaseRef, MessageId, Settle, SettleReport, Settled, ShardKeys};
 use crate::placement::DeliveryMode;
 use crate::placement::{Shard, ready_key};
 use crate::queue::Queue;
 use crate::slot::Slot;
-use crate::group::{DEFAULT_GROUP, DEFAULT_MEMBER_TIMEOUT, GroupConfig};
 use grouped::Grouped;
 use round::{Ask, Round};
 use waiter::Waiter;
@@ -217,7 +217,9 @@ impl ConsumerBuilder {
             crate::group::validate_group_name(g)?;
         }
         if self.member_timeout < Duration::from_millis(300) {
-            return Err(Error::Config("member_timeout must be at least 300 ms".into()));
+            return Err(Error::Config(
+                "member_timeout must be at least 300 ms".into(),
+            ));
         }
         if self.ordered && self.group.is_none() {
             return Err(Error::Config("ordered mode needs a group".into()));
@@ -449,22 +451,27 @@ impl Consumer {
                     self.buffer.extend(batch);
                 }
                 for tag in g.released().clone() {
-                    let (give, keep): (Vec<Message>, Vec<Message>) = self
-                        .buffer
-                        .drain(..)
-                        .partition(|m| *m.shard == *tag);
+                    let (give, keep): (Vec<Message>, Vec<Message>) =
+                        self.buffer.drain(..).partition(|m| *m.shard == *tag);
                     self.buffer.extend(keep);
-                    let (cluster, prefix) = (self.queue.cluster().clone(), self.queue.inner.prefix.clone());
-                    let task = tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
+                    let (cluster, prefix) = (
+                        self.queue.cluster().clone(),
+                        self.queue.inner.prefix.clone(),
+                    );
+                    let task =
+                        tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
                     g.returning(tag, task);
                 }
             }
         }
-        let due = self
-            .last_report
-            .is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+        let due = self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY);
         if changed.is_some() || due {
-            g.report();
+            // A round in flight may bring messages of the shards it asked: they stay held.
+            let asked = self
+                .round
+                .iter()
+                .flat_map(|r| r.asks.iter().map(|a| a.keys.tag.to_string()));
+            g.report(asked);
             self.last_report = Some(Instant::now());
         }
         Ok(())
@@ -544,6 +551,31 @@ impl Consumer {
                     .insert(ask.keys.tag.to_string(), (bytes / n).max(1));
             }
         }
+        let mut out = out;
+        if let Some(g) = self.group.as_mut()
+            && g.cfg.ordered
+        {
+            // A round sent before a shard was released may bring its messages: they go
+            // back, and the shard stays held until they are.
+            let (mine, gone): (Vec<Message>, Vec<Message>) = out
+                .messages
+                .into_iter()
+                .partition(|m| g.owned().contains(&*m.shard));
+            out.messages = mine;
+            let mut by_shard: HashMap<Arc<str>, Vec<Message>> = HashMap::new();
+            for m in gone {
+                by_shard.entry(m.shard.clone()).or_default().push(m);
+            }
+            for (tag, give) in by_shard {
+                let (cluster, prefix) = (
+                    self.queue.cluster().clone(),
+                    self.queue.inner.prefix.clone(),
+                );
+                let task =
+                    tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
+                g.returning(tag.to_string(), task);
+            }
+        }
         let got = out.messages.len();
         if let Some(g) = &self.group {
             g.swept(round.asks.iter().map(|a| &*a.keys.tag));
@@ -583,7 +615,7 @@ impl Consumer {
                 mine = set
                     .shards
                     .iter()
-                    .filter(|s| sweep.contains(&s.tag))
+                    .filter(|s| sweep.contains(&s.tag) && !g.is_returning(&s.tag))
                     .cloned()
                     .collect();
                 &mine
@@ -646,6 +678,18 @@ impl Consumer {
         if stale.is_empty() {
             return;
         }
+        if self.group.as_ref().is_some_and(|g| g.cfg.ordered) {
+            // Ordered: nothing newer of those shards may be handed out before the stale
+            // messages come back, so everything buffered of them goes back too.
+            let shards: std::collections::HashSet<Arc<str>> =
+                stale.iter().map(|m| m.shard.clone()).collect();
+            let (more, keep): (Vec<Message>, Vec<Message>) = self
+                .buffer
+                .drain(..)
+                .partition(|m| shards.contains(&m.shard));
+            self.buffer.extend(keep);
+            stale.extend(more);
+        }
         tracing::debug!(
             count = stale.len(),
             "releasing buffered messages whose lease is nearly over"
@@ -654,7 +698,25 @@ impl Consumer {
             self.queue.cluster().clone(),
             self.queue.inner.prefix.clone(),
         );
-        tokio::spawn(async move { return_messages(&cluster, &prefix, stale).await });
+        match self.group.as_mut() {
+            Some(g) if g.cfg.ordered => {
+                // Tracked per shard: an ordered consumer pops none of them until the
+                // released messages are back at the head.
+                let mut by_shard: HashMap<Arc<str>, Vec<Message>> = HashMap::new();
+                for m in stale {
+                    by_shard.entry(m.shard.clone()).or_default().push(m);
+                }
+                for (tag, give) in by_shard {
+                    let (cluster, prefix) = (cluster.clone(), prefix.clone());
+                    let task =
+                        tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
+                    g.returning(tag.to_string(), task);
+                }
+            }
+            _ => {
+                tokio::spawn(async move { return_messages(&cluster, &prefix, stale).await });
+            }
+        }
     }
 
     /// Starts a waiter for every shard that has none running.
@@ -724,7 +786,13 @@ async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
     let (leased, plain): (Vec<Message>, Vec<Message>) =
         left.into_iter().partition(|m| m.lease.is_some());
     if !leased.is_empty() {
-        let refs: Vec<&LeaseRef> = leased.iter().filter_map(|m| m.lease.as_ref()).collect();
+        // Newest lease first: each goes back to the head of its shard, so the oldest must
+        // go last to end up first, where it was.
+        let refs: Vec<&LeaseRef> = leased
+            .iter()
+            .rev()
+            .filter_map(|m| m.lease.as_ref())
+            .collect();
         if let Err(e) = lease::settle_many(&refs, Settle::Release).await {
             tracing::warn!(cause = %e, "could not return leased messages; they return when their lease expires");
         }

@@ -56,7 +56,9 @@ end
 
 local reaped = 0
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
-for _, lease in ipairs(expired) do
+-- Newest first: each goes to the head, so the oldest ends up first, as it was taken.
+for e = #expired, 1, -1 do
+  local lease = expired[e]
   local packed = redis.call('HGET', KEYS[3], lease)
   if packed then
     local acks = redis.call('HGET', KEYS[4], lease) or ''
