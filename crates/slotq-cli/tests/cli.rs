@@ -530,3 +530,54 @@ fn plan_expand_and_dev_cluster_json() {
     let o = slotq(&["--url", u, "stats", "fresh", "--watch", "0"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+#[test]
+fn group_shows_members_their_shards_and_lag() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let u = c.url();
+    let o = slotq(&["--url", &u, "push", "gq", "a", "b", "c"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Two members of group "work": one prints what it takes, the other idles.
+    let mut members: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_slotq"))
+                .args(["--url", &u, "consume", "gq", "--group", "work"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let o = slotq(&["--url", &u, "--json", "group", "gq", "--group", "work"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["mode"], "unordered");
+    assert_eq!(v["members"].as_array().unwrap().len(), 2);
+    let shards = v["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3);
+    assert!(shards.iter().all(|s| s["owner"].is_string()), "{v}");
+    assert_eq!(v["lag"], 0, "the members took the messages");
+    let owned: usize = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["shards"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(owned, 3);
+    let o = slotq(&["--url", &u, "group", "gq", "--group", "work"]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("2 members, unordered") && text.contains("MEMBER"),
+        "{text}"
+    );
+    for m in &mut members {
+        m.kill().unwrap();
+        m.wait().unwrap();
+    }
+    let o = slotq(&["--url", &u, "group", "gq", "--group", "bad name"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("invalid group name"), "{}", stderr(&o));
+    let o = slotq(&["--url", &u, "consume", "gq", "--group", "{x}"]);
+    assert_eq!(o.status.code(), Some(2));
+}
