@@ -61,10 +61,9 @@ pub fn validate_group_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The keys of a group (in the queue's registry slot).
-pub(crate) fn group_keys(queue: &Queue, group: &str) -> (String, String) {
-    let base = format!("{}:{{{}}}:group:{group}", queue.prefix(), queue.name());
-    (format!("{base}:members"), format!("{base}:owners"))
+/// The key of a group: one hash in the queue's registry slot.
+pub(crate) fn group_key(queue: &Queue, group: &str) -> String {
+    format!("{}:{{{}}}:group:{group}", queue.prefix(), queue.name())
 }
 
 /// How a member takes part.
@@ -263,7 +262,7 @@ impl Beat {
     }
 
     async fn send(&self, leaving: bool, owned: &BTreeSet<String>) -> Result<View> {
-        let (members, owners) = group_keys(&self.queue, &self.cfg.name);
+        let group = group_key(&self.queue, &self.cfg.name);
         let numbers = |tags: &BTreeSet<String>| {
             tags.iter()
                 .filter_map(|t| t.rsplit_once('#').map(|(_, n)| n.to_string()))
@@ -304,7 +303,7 @@ impl Beat {
             .run(
                 cluster,
                 crate::slot::key_slot(meta),
-                &[meta, &members, &owners],
+                &[meta, &group],
                 &args,
                 cluster.default_opts(),
             )
@@ -386,7 +385,7 @@ pub struct GroupStatus {
 /// Reads a group's members and owners, and each shard's depth.
 pub(crate) async fn status(queue: &Queue, name: &str) -> Result<GroupStatus> {
     validate_group_name(name)?;
-    let (members_key, owners_key) = group_keys(queue, name);
+    let key = group_key(queue, name);
     let slot = crate::slot::key_slot(queue.meta_key());
     let cluster = queue.cluster();
     let opts = crate::cluster::RequestOpts {
@@ -395,20 +394,20 @@ pub(crate) async fn status(queue: &Queue, name: &str) -> Result<GroupStatus> {
     };
     let cmds = vec![
         (slot, redis::cmd("TIME").clone()),
-        (slot, redis::cmd("HGETALL").arg(&members_key).clone()),
-        (slot, redis::cmd("HGETALL").arg(&owners_key).clone()),
+        (slot, redis::cmd("HGETALL").arg(&key).clone()),
     ];
     let mut replies = cluster.batch(cmds, opts).await.into_iter();
-    let time: Vec<String> = redis::from_redis_value(replies.next().expect("three replies")?)
+    let time: Vec<String> = redis::from_redis_value(replies.next().expect("two replies")?)
         .map_err(|e| Error::Protocol(format!("TIME: {e}")))?;
     let now =
         time[0].parse::<i64>().unwrap_or(0) * 1000 + time[1].parse::<i64>().unwrap_or(0) / 1000;
-    let members: std::collections::BTreeMap<String, i64> =
-        redis::from_redis_value(replies.next().expect("three replies")?)
-            .map_err(|e| Error::Protocol(format!("group members: {e}")))?;
     let owners: std::collections::BTreeMap<String, String> =
-        redis::from_redis_value(replies.next().expect("three replies")?)
-            .map_err(|e| Error::Protocol(format!("group owners: {e}")))?;
+        redis::from_redis_value(replies.next().expect("two replies")?)
+            .map_err(|e| Error::Protocol(format!("group {name}: {e}")))?;
+    let members: std::collections::BTreeMap<String, i64> = owners
+        .iter()
+        .filter_map(|(f, v)| Some((f.strip_prefix("m:")?.to_string(), v.parse().ok()?)))
+        .collect();
     let stats = queue.stats().await?;
     let mut shards = Vec::with_capacity(stats.len());
     for s in &stats {

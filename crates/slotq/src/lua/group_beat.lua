@@ -1,10 +1,10 @@
 -- A consumer-group member's heartbeat: renews its membership, drops members that stopped
 -- renewing, and recomputes who owns which shard. Runs atomically in the queue's registry
 -- slot, so every member sees one assignment: the script is the coordinator.
--- KEYS: 1 registry (HASH: active, draining = shard numbers), 2 members (HASH id -> deadline
---       ms), 3 owners (HASH: o:<shard> -> owner, or "<owner> <next>" while an ordered
+-- KEYS: 1 registry (HASH: active, draining = shard numbers), 2 the group (HASH: m:<id> ->
+--       membership deadline ms; o:<shard> -> owner, or "<owner> <next>" while an ordered
 --       handover waits; f:<shard> -> ms before which the owner may not pop; d:<shard> -> 1
---       when its owner reports it deep; gen; mode)
+--       when its owner reports it deep; gen; mode). One key, read once per beat.
 -- ARGV: 1 member id, 2 timeout ms, 3 'beat' | 'leave', 4 mode ('ordered' | 'unordered'),
 --       5 lease ms (ordered at-least-once: how long a dead owner's leases may still run),
 --       6 shards the member still holds (space-separated numbers), 7 shards it reports deep
@@ -19,21 +19,32 @@ local ordered, lease = ARGV[4] == 'ordered', tonumber(ARGV[5])
 
 -- Everything of the group in one read; below, only what changed is written.
 local cur = {}
-local flat_owners = redis.call('HGETALL', KEYS[3])
-for i = 1, #flat_owners, 2 do
-  cur[flat_owners[i]] = flat_owners[i + 1]
+local alive, gone = {}, {}
+local flat = redis.call('HGETALL', KEYS[2])
+for i = 1, #flat, 2 do
+  local f, v = flat[i], flat[i + 1]
+  cur[f] = v
+  local id = string.match(f, '^m:(.+)$')
+  if id and id ~= me then
+    local d = tonumber(v)
+    if d < now then
+      gone[id] = d
+    else
+      alive[id] = d
+    end
+  end
 end
-if cur.mode and cur.mode ~= ARGV[4] and redis.call('HLEN', KEYS[2]) > 0 then
+if cur.mode and cur.mode ~= ARGV[4] and next(alive) ~= nil then
   return {-1, cur.mode}
 end
 local function put(field, value)
   if value == nil then
     if cur[field] ~= nil then
-      redis.call('HDEL', KEYS[3], field)
+      redis.call('HDEL', KEYS[2], field)
       cur[field] = nil
     end
   elseif cur[field] ~= tostring(value) then
-    redis.call('HSET', KEYS[3], field, value)
+    redis.call('HSET', KEYS[2], field, value)
     cur[field] = tostring(value)
   end
 end
@@ -50,24 +61,16 @@ end
 local held = set(ARGV[6])
 
 -- Members: renew me, drop the silent.
-if leaving then
-  redis.call('HDEL', KEYS[2], me)
-else
-  redis.call('HSET', KEYS[2], me, now + timeout)
-end
-local alive, gone = {}, {}
-local flat = redis.call('HGETALL', KEYS[2])
-for i = 1, #flat, 2 do
-  local d = tonumber(flat[i + 1])
-  if d < now then
-    redis.call('HDEL', KEYS[2], flat[i])
-    gone[flat[i]] = d
-  else
-    alive[flat[i]] = d
-  end
+for id in pairs(gone) do
+  put('m:' .. id, nil)
 end
 if leaving then
+  put('m:' .. me, nil)
   gone[me] = now
+else
+  redis.call('HSET', KEYS[2], 'm:' .. me, now + timeout)
+  cur['m:' .. me] = tostring(now + timeout)
+  alive[me] = now + timeout
 end
 local ids = {}
 for id in pairs(alive) do
@@ -195,7 +198,7 @@ end
 
 -- The last member gone: nothing of the group stays behind.
 if m == 0 then
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2])
   return {0, '', '', '', '', 0}
 end
 
