@@ -109,6 +109,8 @@ pub const DEEP_BACKLOG: u64 = 1000;
 pub(crate) struct Membership {
     pub(crate) view: watch::Receiver<Arc<View>>,
     pub(crate) report: Arc<Mutex<Report>>,
+    /// Wakes the heartbeat early (a shard of this member just went deep).
+    pub(crate) poke: Arc<tokio::sync::Notify>,
     leave: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -134,11 +136,21 @@ impl Membership {
         let first = beat.send(false, &BTreeSet::new()).await?;
         let (tx, view) = watch::channel(Arc::new(first));
         let (leave, mut left) = oneshot::channel::<()>();
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let poked = poke.clone();
         let every = beat.cfg.timeout / 3;
         let task = tokio::spawn(async move {
+            // While the assignment moves (members joining or leaving), beat ten times as
+            // often, so that shards change hands in about a tenth of a beat, not a beat.
+            let mut pause = every / 10;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(pause) => {}
+                    // At most ten beats per beat interval, however often it is poked.
+                    _ = async {
+                        poked.notified().await;
+                        tokio::time::sleep(every / 10).await;
+                    } => {}
                     _ = &mut left => {
                         let _ = beat.send(true, &BTreeSet::new()).await;
                         return;
@@ -148,6 +160,11 @@ impl Membership {
                 match beat.send(false, &owned).await {
                     Ok(v) => {
                         let old = tx.borrow().generation;
+                        pause = if v.generation != old || !v.waiting.is_empty() {
+                            every / 10
+                        } else {
+                            every
+                        };
                         if v.generation != old {
                             metrics::counter!(crate::telemetry::GROUP_REBALANCES, "group" => beat.cfg.name.clone()).increment(1);
                         }
@@ -175,6 +192,7 @@ impl Membership {
         Ok(Membership {
             view,
             report,
+            poke,
             leave: Some(leave),
             task,
         })

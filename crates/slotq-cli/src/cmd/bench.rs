@@ -30,6 +30,8 @@ pub struct Phase {
     messages: usize,
     secs: f64,
     latency_us: Option<(u64, u64, u64, u64)>,
+    /// Pop phases: the least and the most one consumer took, as a share of the mean.
+    shares: Option<(f64, f64)>,
 }
 
 impl Phase {
@@ -110,6 +112,7 @@ pub async fn run(
             "phases": phases.iter().map(|p| json!({
                 "phase": p.name, "messages": p.messages, "secs": p.secs, "msgs_per_s": p.rate().round(),
                 "latency_us": p.latency_us.map(|(p50, p99, p999, max)| json!({"p50": p50, "p99": p99, "p999": p999, "max": max})),
+                "consumer_share": p.shares.map(|(min, max)| json!({"min": min, "max": max})),
             })).collect::<Vec<_>>(),
             "messages_per_node": per_node,
             "anchor": anchor.as_ref().map(|a| json!({"push_msgs_per_s": a.push, "pop_msgs_per_s": a.pop})),
@@ -283,18 +286,29 @@ async fn push_phase(
         messages: args.messages,
         secs,
         latency_us: None,
+        shares: None,
+    })
+}
+
+/// The least and the most of `counts`, as a share of their mean.
+fn spread(counts: &[usize]) -> Option<(f64, f64)> {
+    let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
+    (mean > 0.0).then(|| {
+        let min = counts.iter().copied().min().unwrap_or(0) as f64 / mean;
+        let max = counts.iter().copied().max().unwrap_or(0) as f64 / mean;
+        ((min * 100.0).round() / 100.0, (max * 100.0).round() / 100.0)
     })
 }
 
 /// Consumer tasks receive until `target` messages arrived in total; returns the merged
-/// latency histogram (send timestamp to receipt).
+/// latency histogram (send timestamp to receipt) and how many each consumer took.
 async fn consume(
     q: &Queue,
     args: &BenchArgs,
     target: usize,
     start: Option<Instant>,
     pb: &ProgressBar,
-) -> Result<Histogram<u64>, CliError> {
+) -> Result<(Histogram<u64>, Vec<usize>), CliError> {
     let got = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     let reliable = args.reliable;
@@ -305,6 +319,7 @@ async fn consume(
         tasks.push(tokio::spawn(async move {
             let mut hist =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut mine = 0usize;
             while got.load(Ordering::Relaxed) < target {
                 let batch = consumer
                     .recv_batch_timeout(1000, Duration::from_millis(200))
@@ -321,27 +336,31 @@ async fn consume(
                     }
                 }
                 got.fetch_add(batch.len(), Ordering::Relaxed);
+                mine += batch.len();
                 pb.inc(batch.len() as u64);
             }
             consumer.close().await;
-            Ok::<_, slotq::Error>(hist)
+            Ok::<_, slotq::Error>((hist, mine))
         }));
     }
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut counts = Vec::new();
     for t in tasks {
-        let h = t.await.map_err(|e| CliError::Other(e.to_string()))??;
+        let (h, n) = t.await.map_err(|e| CliError::Other(e.to_string()))??;
         all.add(&h).map_err(|e| CliError::Other(e.to_string()))?;
+        counts.push(n);
     }
-    Ok(all)
+    Ok((all, counts))
 }
 
 async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, CliError> {
     let pb = bar(args.messages, "pop", show);
     let t0 = Instant::now();
-    consume(q, args, args.messages, None, &pb).await?;
+    let (_, counts) = consume(q, args, args.messages, None, &pb).await?;
     let secs = t0.elapsed().as_secs_f64();
     pb.finish();
     Ok(Phase {
+        shares: spread(&counts),
         name: "pop",
         messages: args.messages,
         secs,
@@ -360,12 +379,13 @@ async fn e2e_phase(
     let consumers = consume(q, args, args.messages, Some(start), &pb);
     let hidden = ProgressBar::hidden();
     let producers = produce(q, args, start, &hidden);
-    let (hist, produced) = tokio::join!(consumers, producers);
+    let (consumed, produced) = tokio::join!(consumers, producers);
     produced?;
-    let hist = hist?;
+    let (hist, counts) = consumed?;
     let secs = t0.elapsed().as_secs_f64();
     pb.finish();
     Ok(Phase {
+        shares: spread(&counts),
         name: "push+pop",
         messages: args.messages,
         secs,
@@ -462,6 +482,7 @@ async fn baseline(url: &str, args: &BenchArgs, show: bool) -> Result<Vec<Phase>,
             messages: args.messages,
             secs: t0.elapsed().as_secs_f64(),
             latency_us: None,
+            shares: None,
         });
     }
     let mut conn = conn;

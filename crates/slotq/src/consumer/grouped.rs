@@ -134,6 +134,14 @@ impl Grouped {
         }
     }
 
+    /// One of its shards just came back full: the group hears of it soon (idle members
+    /// steal), not at the next regular heartbeat.
+    pub(super) fn deep_now(&self) {
+        if let Some(m) = &self.member {
+            m.poke.notify_one();
+        }
+    }
+
     /// Whether the consumer waits, blocked on its own shards.
     pub(super) fn idle(&self, idle: bool) {
         if let Some(m) = &self.member {

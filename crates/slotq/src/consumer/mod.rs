@@ -545,6 +545,12 @@ impl Consumer {
         let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
         for ((ask, full), (n, bytes)) in round.asks.iter().zip(&out.full).zip(&out.sizes) {
             let w = self.weights.entry(ask.keys.tag.to_string()).or_insert(1);
+            if *full
+                && *w == 1
+                && let Some(g) = &self.group
+            {
+                g.deep_now();
+            }
             *w = if *full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
             if *n > 0 {
                 self.payload_sizes
