@@ -158,3 +158,59 @@ async fn sigstop_master_times_out_by_the_deadline() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_callers_of_a_frozen_master_each_keep_their_deadline() {
+    // Default settings: 1 s per attempt, 1 s to connect, 3 s retry budget.
+    let c = ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .node_timeout_ms(2000)
+        .start()
+        .unwrap();
+    let r = slotq::Cluster::connect(slotq::ClusterConfig::from_url(&c.url()).unwrap())
+        .await
+        .unwrap();
+    let victim = 1;
+    let key = key_on(&c, victim, "frozen");
+    let slot = key_slot(&key);
+    let _: () = r
+        .query(slot, redis::cmd("SET").arg(&key).arg("x"))
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..50)
+        .map(|_| {
+            let (r, key, stop) = (r.clone(), key.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut slowest = Duration::ZERO;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let _ = r
+                        .query::<Option<String>>(slot, redis::cmd("GET").arg(&key))
+                        .await;
+                    slowest = slowest.max(t0.elapsed());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                slowest
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.pause(victim).unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    c.resume(victim).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut slowest = Duration::ZERO;
+    for h in callers {
+        slowest = slowest.max(h.await.unwrap());
+    }
+    eprintln!("50 callers, master frozen 12 s: slowest call {slowest:?}");
+    // One attempt (1 s) after the retry budget (3 s) ran out, plus a connection attempt
+    // (1 s) and the pauses between retries: about 5 s at most, however many callers.
+    assert!(
+        slowest < Duration::from_millis(5500),
+        "slowest call {slowest:?}"
+    );
+}

@@ -228,8 +228,8 @@ struct Beat {
 
 impl Beat {
     /// Owned shards others should steal from: a backlog of [`DEEP_BACKLOG`], or any
-    /// backlog the member has not swept since its last heartbeat (a busy or stuck
-    /// application). The beat measures them itself, so a member that stopped calling
+    /// backlog or expired lease the member has not swept since its last heartbeat (a busy
+    /// or stuck application: its pops are what would return expired leases). The beat measures them itself, so a member that stopped calling
     /// `recv` still tells the group; an idle member's shards are empty.
     async fn deep(&self, owned: &BTreeSet<String>) -> BTreeSet<String> {
         let (idle, swept) = {
@@ -241,38 +241,49 @@ impl Beat {
         }
         let reliable = self.queue.mode() != crate::placement::DeliveryMode::AtMostOnce;
         let prefix = self.queue.prefix();
-        let cmds = owned
-            .iter()
-            .map(|tag| {
-                let slot = crate::slot::tag_slot(tag);
-                let cmd = if reliable {
-                    redis::cmd("GET")
-                        .arg(crate::placement::shard_key(prefix, tag, "count"))
-                        .clone()
-                } else {
-                    redis::cmd("LLEN")
-                        .arg(crate::placement::ready_key(prefix, tag))
-                        .clone()
-                };
-                (slot, cmd)
-            })
-            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut cmds = Vec::with_capacity(owned.len() * 2);
+        for tag in owned {
+            let slot = crate::slot::tag_slot(tag);
+            if reliable {
+                let key = |kind| crate::placement::shard_key(prefix, tag, kind);
+                cmds.push((slot, redis::cmd("GET").arg(key("count")).clone()));
+                // Expired leases come back only when someone pops the shard.
+                cmds.push((
+                    slot,
+                    redis::cmd("ZCOUNT")
+                        .arg(key("leases"))
+                        .arg("-inf")
+                        .arg(now_ms)
+                        .clone(),
+                ));
+            } else {
+                let ready = crate::placement::ready_key(prefix, tag);
+                cmds.push((slot, redis::cmd("LLEN").arg(ready).clone()));
+            }
+        }
         let cluster = self.queue.cluster();
         let opts = crate::cluster::RequestOpts {
             idempotent: true,
             retry_budget: Duration::ZERO,
             ..cluster.default_opts()
         };
-        let stale = self.cfg.timeout / 3;
-        let mut deep = BTreeSet::new();
-        for (tag, r) in owned.iter().zip(cluster.batch(cmds, opts).await) {
-            let depth = r
-                .ok()
+        let number = |r: Option<Result<redis::Value>>| -> u64 {
+            r.and_then(|r| r.ok())
                 .and_then(|v| redis::from_redis_value::<Option<i64>>(v).ok().flatten())
                 .unwrap_or(0)
-                .max(0) as u64;
+                .max(0) as u64
+        };
+        let stale = self.cfg.timeout / 3;
+        let mut replies = cluster.batch(cmds, opts).await.into_iter();
+        let mut deep = BTreeSet::new();
+        for tag in owned {
+            let depth = number(replies.next());
+            let expired = if reliable { number(replies.next()) } else { 0 };
             let behind = swept.get(tag).is_none_or(|t| t.elapsed() > stale);
-            if depth >= DEEP_BACKLOG || (depth > 0 && behind) {
+            if depth >= DEEP_BACKLOG || ((depth > 0 || expired > 0) && behind) {
                 deep.insert(tag.clone());
             }
         }
