@@ -301,20 +301,23 @@ fn spread(counts: &[usize]) -> Option<(f64, f64)> {
 }
 
 /// Consumer tasks receive until `target` messages arrived in total; returns the merged
-/// latency histogram (send timestamp to receipt) and how many each consumer took.
+/// latency histogram (send timestamp to receipt), how many each consumer took, and when
+/// the last message arrived (a phase ends there, not when the consumers have shut down).
 async fn consume(
     q: &Queue,
     args: &BenchArgs,
     target: usize,
     start: Option<Instant>,
     pb: &ProgressBar,
-) -> Result<(Histogram<u64>, Vec<usize>), CliError> {
+) -> Result<(Histogram<u64>, Vec<usize>, Instant), CliError> {
     let got = Arc::new(AtomicUsize::new(0));
+    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
     let mut tasks = Vec::new();
     let reliable = args.reliable;
     for _ in 0..args.consumers {
         let mut consumer = q.consumer().build()?;
         let got = got.clone();
+        let last = last.clone();
         let pb = pb.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist =
@@ -335,7 +338,10 @@ async fn consume(
                         let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
                     }
                 }
-                got.fetch_add(batch.len(), Ordering::Relaxed);
+                let before = got.fetch_add(batch.len(), Ordering::Relaxed);
+                if before < target && before + batch.len() >= target {
+                    *last.lock().unwrap() = Instant::now();
+                }
                 mine += batch.len();
                 pb.inc(batch.len() as u64);
             }
@@ -350,14 +356,15 @@ async fn consume(
         all.add(&h).map_err(|e| CliError::Other(e.to_string()))?;
         counts.push(n);
     }
-    Ok((all, counts))
+    let last = *last.lock().unwrap();
+    Ok((all, counts, last))
 }
 
 async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, CliError> {
     let pb = bar(args.messages, "pop", show);
     let t0 = Instant::now();
-    let (_, counts) = consume(q, args, args.messages, None, &pb).await?;
-    let secs = t0.elapsed().as_secs_f64();
+    let (_, counts, last) = consume(q, args, args.messages, None, &pb).await?;
+    let secs = last.duration_since(t0).as_secs_f64();
     pb.finish();
     Ok(Phase {
         shares: spread(&counts),
@@ -381,8 +388,8 @@ async fn e2e_phase(
     let producers = produce(q, args, start, &hidden);
     let (consumed, produced) = tokio::join!(consumers, producers);
     produced?;
-    let (hist, counts) = consumed?;
-    let secs = t0.elapsed().as_secs_f64();
+    let (hist, counts, last) = consumed?;
+    let secs = last.duration_since(t0).as_secs_f64();
     pb.finish();
     Ok(Phase {
         shares: spread(&counts),
