@@ -208,6 +208,7 @@ impl ProducerBuilder {
                 lanes: RwLock::new(Lanes::default()),
                 sticky: AtomicUsize::new(usize::MAX),
                 sticky_count: AtomicUsize::new(0),
+                seeded: std::sync::atomic::AtomicBool::new(false),
                 rng: AtomicU64::new(seed()),
                 cfg: self,
             }),
@@ -240,6 +241,9 @@ struct ProducerInner {
     lanes: RwLock<Lanes>,
     sticky: AtomicUsize,
     sticky_count: AtomicUsize,
+    /// The lanes' depths were read once from the shards (so that a producer starting on
+    /// shards of unequal depth fills the shallow ones first).
+    seeded: std::sync::atomic::AtomicBool,
     rng: AtomicU64,
 }
 
@@ -254,8 +258,20 @@ struct Lane {
     tag: String,
     slot: Slot,
     key: String,
+    /// Messages in the shard as of the last push reply (or the first look).
     depth: AtomicI64,
+    /// Messages this producer queued for the shard and not yet heard back about: what
+    /// the depth will grow by. Choices count them, so the chunks of one big batch spread
+    /// although no reply has come back yet.
+    pending: AtomicI64,
     state: Mutex<LaneState>,
+}
+
+impl Lane {
+    /// The depth the shard will have once what is queued lands.
+    fn estimate(&self) -> i64 {
+        self.depth.load(Ordering::Relaxed) + self.pending.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Default)]
@@ -305,6 +321,7 @@ impl Producer {
         let payload = payload.into();
         self.inner.check(&payload)?;
         let payload = self.inner.wrap(payload);
+        self.inner.seed_depths().await;
         self.inner.acquire(1).await;
         let lane = self.inner.pick(None)?;
         let signal = self.inner.enqueue(&lane, vec![payload], false);
@@ -337,6 +354,7 @@ impl Producer {
         for p in &payloads {
             self.inner.check(p)?;
         }
+        self.inner.seed_depths().await;
         let mut signals = Vec::new();
         let mut iter = payloads.into_iter().map(|p| self.inner.wrap(p)).peekable();
         while iter.peek().is_some() {
@@ -364,6 +382,43 @@ impl Producer {
 }
 
 impl ProducerInner {
+    /// Reads every active shard's depth once (one pipeline per node), before the first
+    /// unkeyed choice; later replies keep the estimates current. Best effort.
+    async fn seed_depths(&self) {
+        if self.seeded.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let lanes = self.lanes();
+        let prefix = &self.cfg.queue.inner.prefix;
+        let cmds = lanes
+            .iter()
+            .map(|l| {
+                let cmd = if self.reliable {
+                    redis::cmd("GET")
+                        .arg(crate::placement::shard_key(prefix, &l.tag, "count"))
+                        .clone()
+                } else {
+                    redis::cmd("LLEN").arg(&l.key).clone()
+                };
+                (l.slot, cmd)
+            })
+            .collect();
+        let cluster = self.cfg.queue.cluster();
+        let opts = crate::cluster::RequestOpts {
+            idempotent: true,
+            retry_budget: Duration::ZERO,
+            ..cluster.default_opts()
+        };
+        for (l, r) in lanes.iter().zip(cluster.batch(cmds, opts).await) {
+            if let Some(d) = r
+                .ok()
+                .and_then(|v| redis::from_redis_value::<Option<i64>>(v).ok().flatten())
+            {
+                l.depth.store(d.max(0), Ordering::Relaxed);
+            }
+        }
+    }
+
     fn check(&self, payload: &[u8]) -> Result<()> {
         check_payload(payload.len(), self.cfg.max_payload, self.cfg.empty)
     }
@@ -423,6 +478,7 @@ impl ProducerInner {
                             slot: s.slot,
                             key: ready_key(prefix, &s.tag),
                             depth: AtomicI64::new(0),
+                            pending: AtomicI64::new(0),
                             state: Mutex::new(LaneState::default()),
                         })
                     })
@@ -485,14 +541,22 @@ impl ProducerInner {
         } else {
             pool
         };
-        let a = pool[(self.random() % pool.len() as u64) as usize];
-        let b = pool[(self.random() % pool.len() as u64) as usize];
-        let pick =
-            if lanes[b].depth.load(Ordering::Relaxed) < lanes[a].depth.load(Ordering::Relaxed) {
-                b
-            } else {
-                a
-            };
+        // A few distinct lanes at random (two on small queues, up to four on larger ones:
+        // more choices even out a big batch's chunks over many shards, still without every
+        // producer piling onto the one shallowest shard), the shallowest by estimate.
+        let n = pool.len();
+        let k = (2 + n / 16).min(4).min(n);
+        let mut chosen: Vec<usize> = Vec::with_capacity(k);
+        while chosen.len() < k {
+            let i = pool[(self.random() % n as u64) as usize];
+            if !chosen.contains(&i) {
+                chosen.push(i);
+            }
+        }
+        let pick = chosen
+            .into_iter()
+            .min_by_key(|&i| lanes[i].estimate())
+            .expect("at least one lane");
         self.sticky.store(pick, Ordering::Relaxed);
         self.sticky_count.store(1, Ordering::Relaxed);
         lanes[pick].clone()
@@ -506,7 +570,7 @@ impl ProducerInner {
         payloads: Vec<Vec<u8>>,
         keyed: bool,
     ) -> Arc<Signal> {
-        lane.depth
+        lane.pending
             .fetch_add(payloads.len() as i64, Ordering::Relaxed);
         let (signal, start) = {
             let mut st = lane.state.lock().unwrap();
@@ -555,6 +619,7 @@ impl ProducerInner {
             let n = batch.payloads.len();
             let started = std::time::Instant::now();
             let result = self.push_routed(&lane, &batch).await;
+            lane.pending.fetch_sub(n as i64, Ordering::Relaxed);
             let queue = self.cfg.queue.name().to_string();
             metrics::histogram!(crate::telemetry::PUSH_SECONDS, "queue" => queue.clone())
                 .record(started.elapsed().as_secs_f64());
@@ -634,6 +699,9 @@ impl ProducerInner {
                 .arg(batch.payloads.len())
                 .clone()
         });
+        // At-least-once: the count's reply is the shard's depth in messages (the push's is
+        // in frames).
+        let mut messages: Option<i64> = None;
         let reply = match (self.cfg.durability, count) {
             (None, None) => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
             (None, Some(count)) => {
@@ -642,8 +710,12 @@ impl ProducerInner {
                     .await;
                 let counted = out.pop().expect("two replies");
                 let pushed = out.pop().expect("two replies")?;
-                if let Err(e) = counted {
-                    tracing::warn!(shard = %lane.tag, cause = %e, "ready count not updated");
+                match counted {
+                    Ok(Value::Int(c)) => messages = Some(c),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(shard = %lane.tag, cause = %e, "ready count not updated")
+                    }
                 }
                 pushed
             }
@@ -665,6 +737,9 @@ impl ProducerInner {
                 let mut out = cluster.batch(cmds, opts).await;
                 let waited = out.pop().expect("a reply per command");
                 let pushed = out.remove(0)?;
+                if let Some(Ok(Value::Int(c))) = out.pop() {
+                    messages = Some(c);
+                }
                 if !matches!(pushed, Value::Int(n) if n < 0) {
                     let acked = match waited? {
                         Value::Int(n) => n.max(0) as u32,
@@ -687,7 +762,7 @@ impl ProducerInner {
         };
         match reply {
             Value::Int(n) if n >= 0 => {
-                lane.depth.store(n, Ordering::Relaxed);
+                lane.depth.store(messages.unwrap_or(n), Ordering::Relaxed);
                 Ok(())
             }
             Value::Int(n) => {
