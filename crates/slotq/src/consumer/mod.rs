@@ -1,18 +1,23 @@
 //! The balanced consumer.
 //!
-//! A consumer sweeps every shard of the queue in one round trip: one `LPOP key count` per
-//! shard, pipelined per node, all nodes at once. Shards that returned a full batch get a
-//! larger count next round (deepest first, up to 8x), and every shard is asked every round,
-//! so none starves. Nodes that are down are skipped for the round.
+//! A consumer sweeps the shards it reads in one round trip: one `LPOP key count` per shard
+//! (the lease script on at-least-once queues), pipelined per node, all nodes at once. In a
+//! consumer group (the default) those are the shards it owns, plus other members' deep
+//! shards when its own came back empty; without a group, every shard. Shards that returned
+//! a full batch get a larger count next round (deepest first, up to 8x), and every shard is
+//! asked every round, so none starves. Nodes that are down are skipped for the round.
 //!
-//! When a sweep finds every shard empty, the consumer blocks server-side instead of
-//! polling: one waiter per shard holds a dedicated connection to the shard's master and
-//! runs `BLMPOP` with a finite server timeout and a client deadline a bit longer. A waiter
-//! that pops messages hands them to the consumer; new data wakes it within a round trip.
+//! When a sweep finds nothing, the consumer blocks server-side instead of polling: one
+//! waiter per shard it owns holds a dedicated connection to the shard's master and runs
+//! `BLMPOP` with a finite server timeout and a client deadline a bit longer. A waiter that
+//! pops messages hands them to the consumer; new data wakes it within a round trip.
 //! Waiters recover from MOVED / UNBLOCKED / CLUSTERDOWN replies and silent nodes, then
 //! block again. When the consumer is dropped, blocked waiters are unblocked (`CLIENT
-//! UNBLOCK`) and anything popped but not handed out is pushed back to the head of its
-//! shard.
+//! UNBLOCK`) and anything popped but not handed out is given back.
+//!
+//! Files: `builder` (settings), `message` (a message and settling it), `round` (one poll
+//! round, cancel-safe), `waiter` (blocking while idle), `grouped` (the consumer's side of
+//! its group), `giveback` (returning what was not handed out).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -20,22 +25,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+mod builder;
+mod giveback;
 mod grouped;
+mod message;
 mod round;
 mod waiter;
 
-use crate::cluster::Cluster;
-use crate::error::{Error, Result};
-use crate::group::{DEFAULT_GROUP, DEFAULT_MEMBER_TIMEOUT, GroupConfig};
-use crate::lease::{self, LeaseId, LeaseRef, MessageId, Settle, SettleReport, Settled, ShardKeys};
-use crate::placement::DeliveryMode;
+pub use builder::ConsumerBuilder;
+pub use message::{Delivery, Message};
+
+use crate::error::Result;
+use crate::lease::{self, LeaseId, LeaseRef, Settle, SettleReport, ShardKeys};
 use crate::placement::{Shard, ready_key};
 use crate::queue::Queue;
-use crate::slot::Slot;
+use giveback::return_messages;
 use grouped::Grouped;
 use round::{Ask, Round};
 use waiter::Waiter;
@@ -52,221 +59,6 @@ const REPORT_EVERY: Duration = Duration::from_millis(200);
 const MAX_WEIGHT: usize = 8;
 /// Most messages in one lease.
 const MAX_LEASE_BATCH: usize = 4096;
-
-/// One message popped from a queue.
-///
-/// From an at-least-once queue a message also carries its id, its delivery number and a
-/// lease: settle it with [`Message::ack`] or [`Message::nack`] (or in bulk with
-/// [`Consumer::ack_all`]) before the lease expires, or it is delivered again.
-#[derive(Debug, Clone)]
-pub struct Message {
-    /// The payload as sent.
-    pub payload: Vec<u8>,
-    /// The shard it came from.
-    pub shard: Arc<str>,
-    /// At-least-once queues: the message id, the same on every delivery.
-    pub id: Option<MessageId>,
-    /// Which delivery this is (1 for the first; always 1 for at-most-once queues).
-    pub attempt: u32,
-    /// At-least-once queues: when it was first enqueued (ms since the Unix epoch).
-    pub enqueued_ms: Option<u64>,
-    lease: Option<LeaseRef>,
-}
-
-/// The name the at-least-once documentation uses for a leased message.
-pub type Delivery = Message;
-
-impl Message {
-    fn plain(payload: Vec<u8>, shard: Arc<str>) -> Message {
-        Message {
-            payload,
-            shard,
-            id: None,
-            attempt: 1,
-            enqueued_ms: None,
-            lease: None,
-        }
-    }
-
-    fn lease(&self) -> Result<&LeaseRef> {
-        self.lease.as_ref().ok_or_else(|| {
-            Error::NotReliable(
-                "this message came from an at-most-once queue: there is nothing to settle".into(),
-            )
-        })
-    }
-
-    /// Acknowledges the message: it is done and will not be delivered again.
-    pub async fn ack(&self) -> Result<Settled> {
-        lease::settle_one(self.lease()?, Settle::Ack).await
-    }
-
-    /// Negatively acknowledges the message: it is delivered again (after `delay`, if
-    /// given), or goes to the dead letters once it used up its attempts.
-    pub async fn nack(&self, delay: Option<Duration>) -> Result<Settled> {
-        lease::settle_one(self.lease()?, Settle::Nack(delay.unwrap_or_default())).await
-    }
-
-    /// Extends the lease of this message (and of the messages popped with it) to `by` from
-    /// now. Returns the new deadline, or `None` when the lease had already expired.
-    pub async fn extend(&self, by: Duration) -> Result<Option<std::time::SystemTime>> {
-        lease::extend(self.lease()?, by).await
-    }
-
-    /// At-least-once queues: which lease holds the message (shard, lease number). Messages
-    /// popped together share a lease; settling a lease's messages is one script call.
-    pub fn lease_id(&self) -> Option<(Arc<str>, LeaseId)> {
-        self.lease
-            .as_ref()
-            .map(|l| (l.lease.keys.tag.clone(), l.lease.id))
-    }
-
-    /// The lease deadline (server clock, ms since the Unix epoch) as of the pop.
-    pub fn lease_deadline_ms(&self) -> Option<i64> {
-        self.lease.as_ref().map(|l| l.lease.deadline_ms)
-    }
-}
-
-/// Settings of a [`Consumer`].
-#[derive(Debug, Clone)]
-pub struct ConsumerBuilder {
-    queue: Queue,
-    pop_batch: usize,
-    block_timeout: Duration,
-    lease: Duration,
-    group: Option<String>,
-    ordered: bool,
-    member_timeout: Duration,
-}
-
-impl ConsumerBuilder {
-    pub(crate) fn new(queue: Queue) -> Self {
-        ConsumerBuilder {
-            queue,
-            pop_batch: DEFAULT_POP_BATCH,
-            block_timeout: DEFAULT_BLOCK_TIMEOUT,
-            lease: lease::DEFAULT_LEASE,
-            group: Some(DEFAULT_GROUP.to_string()),
-            ordered: false,
-            member_timeout: DEFAULT_MEMBER_TIMEOUT,
-        }
-    }
-
-    /// Joins the consumer group `name` (every consumer joins the group
-    /// [`DEFAULT_GROUP`] unless told otherwise): the group's members share the shards,
-    /// each sweeping and blocking only on its own, so an idle group costs about one blocked
-    /// pop per shard however many members it has.
-    pub fn group(mut self, name: impl Into<String>) -> Self {
-        self.group = Some(name.into());
-        self
-    }
-
-    /// Reads every shard itself, in no group (for one-off reads and tools: it neither
-    /// takes shards from a running group nor is counted in it).
-    pub fn without_group(mut self) -> Self {
-        self.group = None;
-        self
-    }
-
-    /// Ordered mode: exclusive ownership, no stealing, and a shard changes owner only once
-    /// the old owner's work on it is settled (or its leases expired), so per-key FIFO holds
-    /// in processing, not just in pops. See `docs/architecture.md` for the exact guarantee.
-    pub fn ordered(mut self) -> Self {
-        self.ordered = true;
-        self
-    }
-
-    /// How long a member that stopped renewing its membership stays one (default 3 s;
-    /// it renews every third of that).
-    pub fn member_timeout(mut self, d: Duration) -> Self {
-        self.member_timeout = d;
-        self
-    }
-
-    /// At-least-once queues: how long a popped message may stay unsettled before it is
-    /// delivered again (the visibility timeout).
-    pub fn lease(mut self, d: Duration) -> Self {
-        self.lease = d;
-        self
-    }
-
-    /// Messages asked from each shard per sweep.
-    pub fn pop_batch(mut self, n: usize) -> Self {
-        self.pop_batch = n;
-        self
-    }
-
-    /// Server-side timeout of blocking pops (the client waits [`BLOCK_GRACE`] longer).
-    pub fn block_timeout(mut self, d: Duration) -> Self {
-        self.block_timeout = d;
-        self
-    }
-
-    /// Validates the settings and makes the consumer.
-    pub fn build(self) -> Result<Consumer> {
-        if self.pop_batch == 0 {
-            return Err(Error::Config("pop_batch must be at least 1".into()));
-        }
-        if self.block_timeout < Duration::from_millis(10) {
-            return Err(Error::Config("block_timeout must be at least 10 ms".into()));
-        }
-        if self.lease < Duration::from_millis(10) {
-            return Err(Error::Config("lease must be at least 10 ms".into()));
-        }
-        if let Some(g) = &self.group {
-            crate::group::validate_group_name(g)?;
-        }
-        if self.member_timeout < Duration::from_millis(300) {
-            return Err(Error::Config(
-                "member_timeout must be at least 300 ms".into(),
-            ));
-        }
-        if self.ordered && self.group.is_none() {
-            return Err(Error::Config("ordered mode needs a group".into()));
-        }
-        // A lease is one script reply; keep it well inside Lua's limits.
-        let pop_batch = self.pop_batch.min(MAX_LEASE_BATCH / MAX_WEIGHT);
-        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
-        let max_attempts = match self.queue.mode() {
-            DeliveryMode::AtMostOnce => None,
-            DeliveryMode::AtLeastOnce { max_attempts } => Some(max_attempts),
-        };
-        Ok(Consumer {
-            pop_batch: if max_attempts.is_some() {
-                pop_batch
-            } else {
-                self.pop_batch
-            },
-            ctx: round::Ctx {
-                cluster: self.queue.cluster().clone(),
-                scripts: self.queue.inner.lease_scripts.clone(),
-                max_attempts,
-                lease: self.lease,
-            },
-            round: None,
-            queue: self.queue,
-            block_timeout: self.block_timeout,
-            keys: HashMap::new(),
-            buffer: VecDeque::new(),
-            inbox_tx,
-            inbox_rx,
-            idle: watch::Sender::new(false),
-            waiters: HashMap::new(),
-            group: self.group.map(|name| {
-                Grouped::new(GroupConfig {
-                    name,
-                    ordered: self.ordered,
-                    timeout: self.member_timeout,
-                })
-            }),
-            last_report: None,
-            found_nothing: true,
-            weights: HashMap::new(),
-            payload_sizes: HashMap::new(),
-            rotate: 0,
-        })
-    }
-}
 
 /// Receives messages from a queue. One consumer serves one task; make as many as needed.
 pub struct Consumer {
@@ -784,63 +576,5 @@ impl Drop for Consumer {
             }
             return_messages(&cluster, &prefix, left).await
         });
-    }
-}
-
-async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
-    // Leased messages go back through their lease (so the lease ends with them).
-    let (leased, plain): (Vec<Message>, Vec<Message>) =
-        left.into_iter().partition(|m| m.lease.is_some());
-    if !leased.is_empty() {
-        // Newest lease first: each goes back to the head of its shard, so the oldest must
-        // go last to end up first, where it was.
-        let refs: Vec<&LeaseRef> = leased
-            .iter()
-            .rev()
-            .filter_map(|m| m.lease.as_ref())
-            .collect();
-        if let Err(e) = lease::settle_many(&refs, Settle::Release).await {
-            tracing::warn!(cause = %e, "could not return leased messages; they return when their lease expires");
-        }
-    }
-    let left = plain;
-    let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
-    for m in left {
-        by_shard.entry(m.shard).or_default().push(m.payload);
-    }
-    for (tag, payloads) in by_shard {
-        let key = ready_key(prefix, &tag);
-        give_back(cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
-    }
-}
-
-/// Pushes popped payloads back to the head of their list, first one first.
-pub(super) async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
-    if payloads.is_empty() {
-        return;
-    }
-    let n = payloads.len();
-    let mut cmd = redis::cmd("LPUSH");
-    cmd.arg(key);
-    for p in payloads.iter().rev() {
-        cmd.arg(p.as_slice());
-    }
-    if let Err(e) = cluster.query::<Value>(slot, &cmd).await {
-        tracing::error!(key, count = n, cause = %e, "could not return popped messages");
-    }
-}
-
-/// Parses an `LPOP key count` reply (nil or an array of payloads).
-pub(super) fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(items) => items
-            .into_iter()
-            .map(|i| match i {
-                Value::BulkString(b) => Ok(b),
-                other => Err(Error::Protocol(format!("pop: unexpected item {other:?}"))),
-            })
-            .collect(),
-        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
     }
 }

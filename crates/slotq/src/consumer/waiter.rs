@@ -7,7 +7,8 @@ use std::time::Duration;
 use redis::Value;
 use tokio::sync::{mpsc, watch};
 
-use super::{BLOCK_GRACE, Message, give_back, list_items};
+use super::giveback::{give_back, list_items};
+use super::{BLOCK_GRACE, Message};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::slot::Slot;

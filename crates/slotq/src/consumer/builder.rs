@@ -1,0 +1,157 @@
+//! Settings of a consumer, validated when it is built.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::grouped::Grouped;
+use super::{
+    Consumer, DEFAULT_BLOCK_TIMEOUT, DEFAULT_POP_BATCH, MAX_LEASE_BATCH, MAX_WEIGHT, round,
+};
+use crate::error::{Error, Result};
+use crate::group::{DEFAULT_GROUP, DEFAULT_MEMBER_TIMEOUT, GroupConfig};
+use crate::lease;
+use crate::placement::DeliveryMode;
+use crate::queue::Queue;
+
+/// Settings of a [`Consumer`].
+#[derive(Debug, Clone)]
+pub struct ConsumerBuilder {
+    queue: Queue,
+    pop_batch: usize,
+    block_timeout: Duration,
+    lease: Duration,
+    group: Option<String>,
+    ordered: bool,
+    member_timeout: Duration,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(queue: Queue) -> Self {
+        ConsumerBuilder {
+            queue,
+            pop_batch: DEFAULT_POP_BATCH,
+            block_timeout: DEFAULT_BLOCK_TIMEOUT,
+            lease: lease::DEFAULT_LEASE,
+            group: Some(DEFAULT_GROUP.to_string()),
+            ordered: false,
+            member_timeout: DEFAULT_MEMBER_TIMEOUT,
+        }
+    }
+
+    /// Joins the consumer group `name` (every consumer joins the group
+    /// [`DEFAULT_GROUP`] unless told otherwise): the group's members share the shards,
+    /// each sweeping and blocking only on its own, so an idle group costs about one blocked
+    /// pop per shard however many members it has.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.group = Some(name.into());
+        self
+    }
+
+    /// Reads every shard itself, in no group (for one-off reads and tools: it neither
+    /// takes shards from a running group nor is counted in it).
+    pub fn without_group(mut self) -> Self {
+        self.group = None;
+        self
+    }
+
+    /// Ordered mode: exclusive ownership, no stealing, and a shard changes owner only once
+    /// the old owner's work on it is settled (or its leases expired), so per-key FIFO holds
+    /// in processing, not just in pops. See `docs/architecture.md` for the exact guarantee.
+    pub fn ordered(mut self) -> Self {
+        self.ordered = true;
+        self
+    }
+
+    /// How long a member that stopped renewing its membership stays one (default 3 s;
+    /// it renews every third of that).
+    pub fn member_timeout(mut self, d: Duration) -> Self {
+        self.member_timeout = d;
+        self
+    }
+
+    /// At-least-once queues: how long a popped message may stay unsettled before it is
+    /// delivered again (the visibility timeout).
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
+    }
+
+    /// Messages asked from each shard per sweep.
+    pub fn pop_batch(mut self, n: usize) -> Self {
+        self.pop_batch = n;
+        self
+    }
+
+    /// Server-side timeout of blocking pops (the client waits [`BLOCK_GRACE`](super::BLOCK_GRACE) longer).
+    pub fn block_timeout(mut self, d: Duration) -> Self {
+        self.block_timeout = d;
+        self
+    }
+
+    /// Validates the settings and makes the consumer.
+    pub fn build(self) -> Result<Consumer> {
+        if self.pop_batch == 0 {
+            return Err(Error::Config("pop_batch must be at least 1".into()));
+        }
+        if self.block_timeout < Duration::from_millis(10) {
+            return Err(Error::Config("block_timeout must be at least 10 ms".into()));
+        }
+        if self.lease < Duration::from_millis(10) {
+            return Err(Error::Config("lease must be at least 10 ms".into()));
+        }
+        if let Some(g) = &self.group {
+            crate::group::validate_group_name(g)?;
+        }
+        if self.member_timeout < Duration::from_millis(300) {
+            return Err(Error::Config(
+                "member_timeout must be at least 300 ms".into(),
+            ));
+        }
+        if self.ordered && self.group.is_none() {
+            return Err(Error::Config("ordered mode needs a group".into()));
+        }
+        // A lease is one script reply; keep it well inside Lua's limits.
+        let pop_batch = self.pop_batch.min(MAX_LEASE_BATCH / MAX_WEIGHT);
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let max_attempts = match self.queue.mode() {
+            DeliveryMode::AtMostOnce => None,
+            DeliveryMode::AtLeastOnce { max_attempts } => Some(max_attempts),
+        };
+        Ok(Consumer {
+            pop_batch: if max_attempts.is_some() {
+                pop_batch
+            } else {
+                self.pop_batch
+            },
+            ctx: round::Ctx {
+                cluster: self.queue.cluster().clone(),
+                scripts: self.queue.inner.lease_scripts.clone(),
+                max_attempts,
+                lease: self.lease,
+            },
+            round: None,
+            queue: self.queue,
+            block_timeout: self.block_timeout,
+            keys: HashMap::new(),
+            buffer: VecDeque::new(),
+            inbox_tx,
+            inbox_rx,
+            idle: watch::Sender::new(false),
+            waiters: HashMap::new(),
+            group: self.group.map(|name| {
+                Grouped::new(GroupConfig {
+                    name,
+                    ordered: self.ordered,
+                    timeout: self.member_timeout,
+                })
+            }),
+            last_report: None,
+            found_nothing: true,
+            weights: HashMap::new(),
+            payload_sizes: HashMap::new(),
+            rotate: 0,
+        })
+    }
+}

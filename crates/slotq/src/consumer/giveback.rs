@@ -1,0 +1,73 @@
+//! Giving back what a consumer took but did not hand out: plain messages to the head of
+//! their shard (`LPUSH`, order kept), leased ones released through their lease (no
+//! delivery counted), newest lease first so that the oldest ends up first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redis::Value;
+
+use super::Message;
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::lease::{self, LeaseRef, Settle};
+use crate::placement::ready_key;
+use crate::slot::Slot;
+
+pub(super) async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
+    // Leased messages go back through their lease (so the lease ends with them).
+    let (leased, plain): (Vec<Message>, Vec<Message>) =
+        left.into_iter().partition(|m| m.lease.is_some());
+    if !leased.is_empty() {
+        // Newest lease first: each goes back to the head of its shard, so the oldest must
+        // go last to end up first, where it was.
+        let refs: Vec<&LeaseRef> = leased
+            .iter()
+            .rev()
+            .filter_map(|m| m.lease.as_ref())
+            .collect();
+        if let Err(e) = lease::settle_many(&refs, Settle::Release).await {
+            tracing::warn!(cause = %e, "could not return leased messages; they return when their lease expires");
+        }
+    }
+    let left = plain;
+    let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
+    for m in left {
+        by_shard.entry(m.shard).or_default().push(m.payload);
+    }
+    for (tag, payloads) in by_shard {
+        let key = ready_key(prefix, &tag);
+        give_back(cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
+    }
+}
+
+/// Pushes popped payloads back to the head of their list, first one first.
+pub(super) async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
+    if payloads.is_empty() {
+        return;
+    }
+    let n = payloads.len();
+    let mut cmd = redis::cmd("LPUSH");
+    cmd.arg(key);
+    for p in payloads.iter().rev() {
+        cmd.arg(p.as_slice());
+    }
+    if let Err(e) = cluster.query::<Value>(slot, &cmd).await {
+        tracing::error!(key, count = n, cause = %e, "could not return popped messages");
+    }
+}
+
+/// Parses an `LPOP key count` reply (nil or an array of payloads).
+pub(super) fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::BulkString(b) => Ok(b),
+                other => Err(Error::Protocol(format!("pop: unexpected item {other:?}"))),
+            })
+            .collect(),
+        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
+    }
+}

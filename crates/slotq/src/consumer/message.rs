@@ -1,0 +1,82 @@
+//! A message handed out by a consumer, and settling it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::lease::{self, LeaseId, LeaseRef, MessageId, Settle, Settled};
+
+/// One message popped from a queue.
+///
+/// From an at-least-once queue a message also carries its id, its delivery number and a
+/// lease: settle it with [`Message::ack`] or [`Message::nack`] (or in bulk with
+/// [`Consumer::ack_all`](super::Consumer::ack_all)) before the lease expires, or it is
+/// delivered again.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The payload as sent.
+    pub payload: Vec<u8>,
+    /// The shard it came from.
+    pub shard: Arc<str>,
+    /// At-least-once queues: the message id, the same on every delivery.
+    pub id: Option<MessageId>,
+    /// Which delivery this is (1 for the first; always 1 for at-most-once queues).
+    pub attempt: u32,
+    /// At-least-once queues: when it was first enqueued (ms since the Unix epoch).
+    pub enqueued_ms: Option<u64>,
+    pub(super) lease: Option<LeaseRef>,
+}
+
+/// The name the at-least-once documentation uses for a leased message.
+pub type Delivery = Message;
+
+impl Message {
+    pub(super) fn plain(payload: Vec<u8>, shard: Arc<str>) -> Message {
+        Message {
+            payload,
+            shard,
+            id: None,
+            attempt: 1,
+            enqueued_ms: None,
+            lease: None,
+        }
+    }
+
+    pub(super) fn lease(&self) -> Result<&LeaseRef> {
+        self.lease.as_ref().ok_or_else(|| {
+            Error::NotReliable(
+                "this message came from an at-most-once queue: there is nothing to settle".into(),
+            )
+        })
+    }
+
+    /// Acknowledges the message: it is done and will not be delivered again.
+    pub async fn ack(&self) -> Result<Settled> {
+        lease::settle_one(self.lease()?, Settle::Ack).await
+    }
+
+    /// Negatively acknowledges the message: it is delivered again (after `delay`, if
+    /// given), or goes to the dead letters once it used up its attempts.
+    pub async fn nack(&self, delay: Option<Duration>) -> Result<Settled> {
+        lease::settle_one(self.lease()?, Settle::Nack(delay.unwrap_or_default())).await
+    }
+
+    /// Extends the lease of this message (and of the messages popped with it) to `by` from
+    /// now. Returns the new deadline, or `None` when the lease had already expired.
+    pub async fn extend(&self, by: Duration) -> Result<Option<std::time::SystemTime>> {
+        lease::extend(self.lease()?, by).await
+    }
+
+    /// At-least-once queues: which lease holds the message (shard, lease number). Messages
+    /// popped together share a lease; settling a lease's messages is one script call.
+    pub fn lease_id(&self) -> Option<(Arc<str>, LeaseId)> {
+        self.lease
+            .as_ref()
+            .map(|l| (l.lease.keys.tag.clone(), l.lease.id))
+    }
+
+    /// The lease deadline (server clock, ms since the Unix epoch) as of the pop.
+    pub fn lease_deadline_ms(&self) -> Option<i64> {
+        self.lease.as_ref().map(|l| l.lease.deadline_ms)
+    }
+}
