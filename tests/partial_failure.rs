@@ -261,9 +261,11 @@ async fn cancelled_receives_and_dropped_consumers_lose_nothing() {
         }
     }
     assert!(cancelled > 0, "no receive was cut short");
+    // Drained with a wait longer than the group's member timeout: a member that vanished
+    // without leaving holds its shards until then (a delay, not a loss).
     loop {
         let b = consumer
-            .recv_batch_timeout(5000, Duration::from_millis(1500))
+            .recv_batch_timeout(5000, Duration::from_millis(4000))
             .await
             .unwrap();
         if b.is_empty() {

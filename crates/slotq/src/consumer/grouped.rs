@@ -17,6 +17,10 @@ use crate::queue::Queue;
 pub(super) struct Grouped {
     pub(super) cfg: GroupConfig,
     member: Option<Membership>,
+    /// The join in progress: a task, so that a cancelled `recv` neither loses a membership
+    /// that the server already counts (it would hold shards until it lapsed) nor joins
+    /// twice; a consumer dropped while joining leaves as soon as the join ends.
+    joining: Option<JoinHandle<Result<Membership>>>,
     view: Arc<View>,
     /// Ordered, at-least-once: leases handed out per shard, until settled or expired.
     handed: HashMap<Arc<str>, Vec<Arc<Lease>>>,
@@ -29,6 +33,7 @@ impl Grouped {
         Grouped {
             cfg,
             member: None,
+            joining: None,
             view: Arc::new(View::default()),
             handed: HashMap::new(),
             returning: HashMap::new(),
@@ -37,11 +42,18 @@ impl Grouped {
 
     /// Joins on first use (one heartbeat, so the consumer knows its shards at once).
     pub(super) async fn ensure_joined(&mut self, queue: &Queue, lease: Duration) -> Result<()> {
-        if self.member.is_none() {
-            let script = queue.inner.group_script.clone();
-            let m = Membership::join(queue.clone(), self.cfg.clone(), script, lease).await?;
-            self.member = Some(m);
+        if self.member.is_some() {
+            return Ok(());
         }
+        let joining = self.joining.get_or_insert_with(|| {
+            let (queue, cfg) = (queue.clone(), self.cfg.clone());
+            let script = queue.inner.group_script.clone();
+            tokio::spawn(async move { Membership::join(queue, cfg, script, lease).await })
+        });
+        let joined = joining.await;
+        self.joining = None;
+        let m = joined.map_err(|e| crate::error::Error::Protocol(format!("group join: {e}")))??;
+        self.member = Some(m);
         Ok(())
     }
 
