@@ -24,6 +24,18 @@ async fn deep_shard(c: &TestCluster, q: &slotq::Queue) -> (String, u16, usize) {
     (s.tag.clone(), s.slot, idx)
 }
 
+/// Receives until a wait of `window` brings nothing; returns the payloads.
+async fn drain(consumer: &mut slotq::Consumer, window: Duration) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    loop {
+        let b = consumer.recv_batch_timeout(5000, window).await.unwrap();
+        if b.is_empty() {
+            return got;
+        }
+        got.extend(b.into_iter().map(|m| m.payload));
+    }
+}
+
 /// Receives until `want` distinct messages were seen or `within` passed; acks everything.
 async fn drain_acking(
     consumer: &mut slotq::Consumer,
@@ -214,16 +226,7 @@ async fn a_shard_refusing_pops_does_not_swallow_the_other_shards_messages() {
         )
         .unwrap();
     let mut rest = q.consumer().build().unwrap();
-    loop {
-        let b = rest
-            .recv_batch_timeout(5000, Duration::from_millis(500))
-            .await
-            .unwrap();
-        if b.is_empty() {
-            break;
-        }
-        got.extend(b.into_iter().map(|m| m.payload));
-    }
+    got.extend(drain(&mut rest, Duration::from_millis(500)).await);
     let distinct: HashSet<&Vec<u8>> = got.iter().collect();
     assert_eq!(got.len(), TOTAL, "popped = pushed");
     assert_eq!(distinct.len(), TOTAL, "no duplicates");
@@ -263,16 +266,7 @@ async fn cancelled_receives_and_dropped_consumers_lose_nothing() {
     assert!(cancelled > 0, "no receive was cut short");
     // Drained with a wait longer than the group's member timeout: a member that vanished
     // without leaving holds its shards until then (a delay, not a loss).
-    loop {
-        let b = consumer
-            .recv_batch_timeout(5000, Duration::from_millis(4000))
-            .await
-            .unwrap();
-        if b.is_empty() {
-            break;
-        }
-        got.extend(b.into_iter().map(|m| m.payload));
-    }
+    got.extend(drain(&mut consumer, Duration::from_millis(4000)).await);
     let distinct: HashSet<&Vec<u8>> = got.iter().collect();
     assert_eq!(distinct.len(), got.len(), "no duplicates");
     assert_eq!(

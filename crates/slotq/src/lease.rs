@@ -237,6 +237,26 @@ impl ShardKeys {
         }
     }
 
+    /// The keys `settle.lua` declares: the lease's three, and for messages that go back
+    /// (nack, release) also the ready list, delayed set, dead letters and count. Acks
+    /// declare only the lease keys, which exist while the lease does (see `KEEP`).
+    fn settle_keys(&self, returns_messages: bool) -> Vec<String> {
+        let mut keys = vec![
+            self.leases.clone(),
+            self.inflight.clone(),
+            self.acks.clone(),
+        ];
+        if returns_messages {
+            keys.extend([
+                self.ready.clone(),
+                self.delayed.clone(),
+                self.dead.clone(),
+                self.count.clone(),
+            ]);
+        }
+        keys
+    }
+
     pub(crate) fn pop_call<'a>(
         &self,
         scripts: &'a LeaseScripts,
@@ -296,19 +316,7 @@ impl ShardKeys {
                 args.push(last.to_string().into_bytes());
             }
         }
-        let mut keys = vec![
-            self.leases.clone(),
-            self.inflight.clone(),
-            self.acks.clone(),
-        ];
-        if matches!(how, Settle::Nack(_) | Settle::Release) {
-            keys.extend([
-                self.ready.clone(),
-                self.delayed.clone(),
-                self.dead.clone(),
-                self.count.clone(),
-            ]);
-        }
+        let keys = self.settle_keys(matches!(how, Settle::Nack(_) | Settle::Release));
         Call {
             slot: self.slot,
             script: &scripts.settle,
@@ -447,15 +455,7 @@ pub(crate) async fn release_lost(
     let call = Call {
         slot: keys.slot,
         script: &scripts.settle,
-        keys: vec![
-            keys.leases.clone(),
-            keys.inflight.clone(),
-            keys.acks.clone(),
-            keys.ready.clone(),
-            keys.delayed.clone(),
-            keys.dead.clone(),
-            keys.count.clone(),
-        ],
+        keys: keys.settle_keys(true),
         args: vec![
             id.to_string().into_bytes(),
             b"releaseall".to_vec(),
