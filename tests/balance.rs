@@ -62,6 +62,20 @@ async fn concurrent_sends_of_one_producer_spread_evenly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_send_at_a_time_spreads_evenly() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("ones").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    for i in 0..50_000 {
+        producer.send(format!("m{i}")).await.unwrap();
+    }
+    let (d, skew) = skew(&q).await;
+    eprintln!("one send at a time, 50,000 messages: {d:?}, skew {skew:.3}");
+    assert!(skew <= 1.10, "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deep_shard_gets_fewer_new_messages_until_it_caught_up() {
     let c = TestCluster::start(3, 0).unwrap();
     let client = client(&c.url()).await;

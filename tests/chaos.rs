@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use slotq::producer::{fnv1a, jump_hash};
+use slotq::placement::{fnv1a, jump_hash};
 use slotq::{Client, Queue};
 use slotq_testkit::{ClusterBuilder, TestCluster};
 use slotq_tests::load::{Load, LoadConfig};

@@ -274,6 +274,31 @@ pub fn shards_per_node(shards: &[Shard], topology: &Topology) -> BTreeMap<NodeAd
     m
 }
 
+/// How keyed messages find their shard: FNV-1a of the key, then a jump consistent hash
+/// over the active shards.
+/// FNV-1a, 64 bit: a stable hash of keys (the same in every process and version).
+pub fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Jump consistent hash (Lamping & Veach): a bucket in `0..buckets`; growing the bucket
+/// count moves only the keys that must move.
+pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
+    let mut b: i64 = -1;
+    let mut j: i64 = 0;
+    while j < buckets as i64 {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b.max(0) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +393,28 @@ mod tests {
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);
         assert_eq!(set.active().count(), 2);
+    }
+
+    #[test]
+    fn jump_hash_is_stable_and_spreads() {
+        assert_eq!(
+            jump_hash(fnv1a(b"user-1"), 3),
+            jump_hash(fnv1a(b"user-1"), 3)
+        );
+        let mut counts = [0usize; 4];
+        for i in 0..40_000 {
+            counts[jump_hash(fnv1a(format!("k{i}").as_bytes()), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 9_000), "{counts:?}");
+        // Growing 4 -> 5 buckets moves about a fifth of the keys, all to the new bucket.
+        let moved = (0..10_000)
+            .filter(|i| {
+                let h = fnv1a(format!("k{i}").as_bytes());
+                let (a, b) = (jump_hash(h, 4), jump_hash(h, 5));
+                assert!(a == b || b == 4);
+                a != b
+            })
+            .count();
+        assert!((1_500..2_500).contains(&moved), "{moved}");
     }
 }

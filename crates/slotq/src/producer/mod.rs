@@ -1,0 +1,449 @@
+//! The batching producer.
+//!
+//! Each shard has a lane. A send appends its payload to the lane's open batch and waits
+//! for that batch's result; one flush task per lane sends batches one at a time as a
+//! single multi-value `RPUSH`, so messages accumulate while the previous write is in
+//! flight (bounded by `max_batch_messages` / `max_batch_bytes`, after an optional
+//! `linger`). A send resolves only after Redis acknowledged its batch.
+//!
+//! Unkeyed sends stick to one lane for [`CHOICE_SPAN`] messages, then take the healthy
+//! lane whose shard is shallowest as far as this producer knows: a snapshot of every
+//! shard's depth (read at the first send and every second after), plus every message this
+//! producer has put there since, in flight or queued (see [`lanes::least_loaded`]). Chunks
+//! of one lane merge into batches of up to `max_batch_messages`, so the span is only the
+//! grain of the balance, not the size of a push. Keyed sends use a jump consistent hash of
+//! the key over the active shards, so each key's messages stay in one shard, in order.
+//!
+//! Backpressure: at most `max_buffered` messages wait or fly at once (sends wait for room);
+//! with `max_depth`, a push that would grow a shard past it fails with
+//! [`Error::QueueFull`]. Nothing is dropped silently.
+
+mod builder;
+mod lanes;
+mod push;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+pub use builder::{
+    DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_MESSAGES, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_PAYLOAD,
+    EmptyPayloads, ProducerBuilder, check_payload,
+};
+use lanes::{CHOICE_SPAN, Lane, LaneState, Lanes, Signal};
+
+use crate::error::{Error, Result};
+use crate::placement::{ShardSet, fnv1a, jump_hash, ready_key};
+use crate::queue::Queue;
+
+/// Sends messages to a queue. Clone-able, `Send + Sync`; clones share batches.
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<ProducerInner>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("queue", &self.inner.cfg.queue.name())
+            .finish()
+    }
+}
+
+struct ProducerInner {
+    cfg: ProducerBuilder,
+    /// Wrap payloads in envelopes (at-least-once queues).
+    reliable: bool,
+    resend_ambiguous: bool,
+    id_prefix: [u8; 8],
+    id_counter: AtomicU64,
+    permits: Semaphore,
+    lanes: RwLock<Lanes>,
+    sticky: AtomicUsize,
+    sticky_count: AtomicUsize,
+    /// When the shards' depths were last read (see [`ProducerInner::snapshot`]).
+    snapshot_at: Mutex<Option<Instant>>,
+    /// A snapshot is being taken.
+    snapshotting: AtomicBool,
+    /// What the last snapshot saw, to tell this producer's share of the growth.
+    snapshot_history: Mutex<lanes::SnapshotHistory>,
+}
+
+impl Producer {
+    fn new(cfg: ProducerBuilder, reliable: bool) -> Producer {
+        Producer {
+            inner: Arc::new(ProducerInner {
+                resend_ambiguous: cfg.resend_ambiguous.unwrap_or(reliable),
+                reliable,
+                id_prefix: seed().to_be_bytes(),
+                id_counter: AtomicU64::new(0),
+                permits: Semaphore::new(cfg.max_buffered),
+                lanes: RwLock::new(Lanes::default()),
+                sticky: AtomicUsize::new(usize::MAX),
+                sticky_count: AtomicUsize::new(0),
+                snapshot_at: Mutex::new(None),
+                snapshotting: AtomicBool::new(false),
+                snapshot_history: Mutex::new(lanes::SnapshotHistory::default()),
+                cfg,
+            }),
+        }
+    }
+
+    /// Sends one message to some healthy shard; resolves when Redis stored it.
+    pub async fn send(&self, payload: impl Into<Vec<u8>>) -> Result<()> {
+        let payload = payload.into();
+        self.inner.check(&payload)?;
+        let payload = self.inner.wrap(payload);
+        self.inner.snapshot_if_due().await;
+        self.inner.acquire(1).await;
+        let lane = self.inner.pick(None)?;
+        let signal = self.inner.enqueue(&lane, vec![payload], false);
+        signal.wait().await
+    }
+
+    /// Sends one message to the shard `key` maps to; messages with the same key are
+    /// delivered in the order they were sent (while the shard set does not change).
+    pub async fn send_keyed(
+        &self,
+        key: impl AsRef<[u8]>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<()> {
+        let payload = payload.into();
+        self.inner.check(&payload)?;
+        let payload = self.inner.wrap(payload);
+        self.inner.acquire(1).await;
+        let lane = self.inner.pick(Some(key.as_ref()))?;
+        let signal = self.inner.enqueue(&lane, vec![payload], true);
+        signal.wait().await
+    }
+
+    /// Sends many messages (unkeyed) in batches; resolves when all are stored, or with the
+    /// first error (then some of the messages may have been stored).
+    pub async fn send_batch<P: Into<Vec<u8>>>(
+        &self,
+        payloads: impl IntoIterator<Item = P>,
+    ) -> Result<()> {
+        let payloads: Vec<Vec<u8>> = payloads.into_iter().map(Into::into).collect();
+        for p in &payloads {
+            self.inner.check(p)?;
+        }
+        self.inner.snapshot_if_due().await;
+        let mut signals = Vec::new();
+        let mut iter = payloads.into_iter().map(|p| self.inner.wrap(p)).peekable();
+        while iter.peek().is_some() {
+            let chunk: Vec<Vec<u8>> = iter.by_ref().take(self.inner.span()).collect();
+            self.inner.acquire(chunk.len()).await;
+            let lane = self.inner.pick_fresh()?;
+            signals.push(self.inner.enqueue(&lane, chunk, false));
+        }
+        let mut first_err = None;
+        for s in signals {
+            if let Err(e) = s.wait().await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The queue this producer sends to.
+    pub fn queue(&self) -> &Queue {
+        &self.inner.cfg.queue
+    }
+}
+
+impl ProducerInner {
+    /// Takes the first snapshot of the shards' depths (awaited, so that a producer starting
+    /// on shards of unequal depth fills the shallow ones first), and a new one in the
+    /// background once [`SNAPSHOT_EVERY`] has passed since the last.
+    async fn snapshot_if_due(self: &Arc<Self>) {
+        let due = {
+            let at = self.snapshot_at.lock().unwrap();
+            match *at {
+                None => Some(true),
+                Some(t) if t.elapsed() >= SNAPSHOT_EVERY => Some(false),
+                Some(_) => None,
+            }
+        };
+        let Some(first) = due else { return };
+        if self.snapshotting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.snapshot_at.lock().unwrap() = Some(Instant::now());
+        if first {
+            self.snapshot().await;
+        } else {
+            let me = self.clone();
+            tokio::spawn(async move { me.snapshot().await });
+        }
+    }
+
+    /// Reads every active shard's depth (one pipeline per node) and folds it into the
+    /// lanes' `base` ([`lanes::fold_snapshot`]). All lanes are read at once, so their
+    /// figures are equally fresh: a producer that learned one shard's depth from a push
+    /// reply and kept older figures for the others would see the fresh one as deep and pile
+    /// onto the stale ones. Best effort: if a shard does not answer, nothing changes.
+    async fn snapshot(&self) {
+        let lanes = self.lanes();
+        let prefix = &self.cfg.queue.inner.prefix;
+        let cmds = lanes
+            .iter()
+            .map(|l| {
+                let cmd = if self.reliable {
+                    redis::cmd("GET")
+                        .arg(crate::placement::shard_key(prefix, &l.tag, "count"))
+                        .clone()
+                } else {
+                    redis::cmd("LLEN").arg(&l.key).clone()
+                };
+                (l.slot, cmd)
+            })
+            .collect();
+        let cluster = self.cfg.queue.cluster();
+        let opts = crate::cluster::RequestOpts {
+            idempotent: true,
+            retry_budget: Duration::ZERO,
+            ..cluster.default_opts()
+        };
+        let depths: Option<Vec<i64>> = cluster
+            .batch(cmds, opts)
+            .await
+            .into_iter()
+            .map(|r| {
+                let d = redis::from_redis_value::<Option<i64>>(r.ok()?).ok()?;
+                Some(d.unwrap_or(0).max(0))
+            })
+            .collect();
+        if let Some(depths) = depths {
+            // Messages of ours that landed but whose reply is still on its way are in the
+            // depth and not yet in `landed`: counted twice until the next snapshot, at most
+            // one batch per shard.
+            let landed: Vec<i64> = lanes
+                .iter()
+                .map(|l| l.landed.load(Ordering::Relaxed))
+                .collect();
+            let mut base: Vec<i64> = lanes
+                .iter()
+                .map(|l| l.base.load(Ordering::Relaxed))
+                .collect();
+            let mut history = self.snapshot_history.lock().unwrap();
+            lanes::fold_snapshot(&mut history, &mut base, &depths, &landed);
+            for (l, b) in lanes.iter().zip(base) {
+                l.base.store(b, Ordering::Relaxed);
+            }
+        }
+        self.snapshotting.store(false, Ordering::Release);
+    }
+
+    /// Unkeyed messages placed per choice of a lane.
+    fn span(&self) -> usize {
+        CHOICE_SPAN.min(self.cfg.max_batch_messages)
+    }
+
+    fn check(&self, payload: &[u8]) -> Result<()> {
+        check_payload(payload.len(), self.cfg.max_payload, self.cfg.empty)
+    }
+
+    /// For at-least-once queues: the payload in an envelope with a fresh id.
+    fn wrap(&self, payload: Vec<u8>) -> Vec<u8> {
+        if !self.reliable {
+            return payload;
+        }
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.id_prefix);
+        id[8..].copy_from_slice(
+            &self
+                .id_counter
+                .fetch_add(1, Ordering::Relaxed)
+                .to_be_bytes(),
+        );
+        crate::lease::encode_envelope(crate::lease::MessageId(id), &payload)
+    }
+
+    async fn acquire(&self, n: usize) {
+        // Never fails: the semaphore is not closed. Permits come back when batches end.
+        if let Ok(p) = self.permits.acquire_many(n as u32).await {
+            p.forget();
+        }
+    }
+
+    fn lanes(&self) -> Vec<Arc<Lane>> {
+        let set: Arc<ShardSet> = self.cfg.queue.shards();
+        {
+            let l = self.lanes.read().unwrap();
+            if l.version == set.version && !l.active.is_empty() {
+                return l.active.clone();
+            }
+        }
+        let mut l = self.lanes.write().unwrap();
+        if l.version != set.version || l.active.is_empty() {
+            let prefix = &self.cfg.queue.inner.prefix;
+            let mut active = Vec::new();
+            for s in set.active() {
+                let lane = l
+                    .by_tag
+                    .entry(s.tag.clone())
+                    .or_insert_with(|| {
+                        Arc::new(Lane {
+                            tag: s.tag.clone(),
+                            slot: s.slot,
+                            key: ready_key(prefix, &s.tag),
+                            base: AtomicI64::new(0),
+                            landed: AtomicI64::new(0),
+                            pending: AtomicI64::new(0),
+                            state: Mutex::new(LaneState::default()),
+                        })
+                    })
+                    .clone();
+                active.push(lane);
+            }
+            l.active = active;
+            l.version = set.version;
+        }
+        l.active.clone()
+    }
+
+    fn healthy(&self, lane: &Lane) -> bool {
+        let cluster = self.cfg.queue.cluster();
+        match cluster.topology().owner(lane.slot) {
+            Some(owner) => !cluster.is_node_down(owner),
+            None => false,
+        }
+    }
+
+    fn pick(&self, key: Option<&[u8]>) -> Result<Arc<Lane>> {
+        let lanes = self.lanes();
+        if lanes.is_empty() {
+            return Err(Error::QueueNotFound(self.cfg.queue.name().to_string()));
+        }
+        if let Some(key) = key {
+            let i = jump_hash(fnv1a(key), lanes.len());
+            return Ok(lanes[i].clone());
+        }
+        let cur = self.sticky.load(Ordering::Relaxed);
+        let count = self.sticky_count.fetch_add(1, Ordering::Relaxed);
+        if cur < lanes.len() && count < self.span() && self.healthy(&lanes[cur]) {
+            return Ok(lanes[cur].clone());
+        }
+        Ok(self.choose(&lanes, &HashSet::new()))
+    }
+
+    fn pick_fresh(&self) -> Result<Arc<Lane>> {
+        let lanes = self.lanes();
+        if lanes.is_empty() {
+            return Err(Error::QueueNotFound(self.cfg.queue.name().to_string()));
+        }
+        Ok(self.choose(&lanes, &HashSet::new()))
+    }
+
+    /// The least-loaded healthy lane not in `skip` ([`lanes::least_loaded`]); becomes the
+    /// sticky lane.
+    fn choose(&self, lanes: &[Arc<Lane>], skip: &HashSet<String>) -> Arc<Lane> {
+        let healthy: Vec<usize> = (0..lanes.len())
+            .filter(|&i| !skip.contains(&lanes[i].tag) && self.healthy(&lanes[i]))
+            .collect();
+        let pool: Vec<usize> = if healthy.is_empty() {
+            (0..lanes.len())
+                .filter(|&i| !skip.contains(&lanes[i].tag))
+                .collect()
+        } else {
+            healthy
+        };
+        let pool = if pool.is_empty() {
+            (0..lanes.len()).collect()
+        } else {
+            pool
+        };
+        let pick = lanes::least_loaded(&pool, |i| lanes[i].estimate(), &mut rand::rng());
+        self.sticky.store(pick, Ordering::Relaxed);
+        self.sticky_count.store(1, Ordering::Relaxed);
+        lanes[pick].clone()
+    }
+
+    /// Adds payloads to the lane's open batch (sealing it when full) and starts the lane's
+    /// flush task if it is idle. Returns the signal of the batch holding the last payload.
+    fn enqueue(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        payloads: Vec<Vec<u8>>,
+        keyed: bool,
+    ) -> Arc<Signal> {
+        lane.pending
+            .fetch_add(payloads.len() as i64, Ordering::Relaxed);
+        let (signal, start) = {
+            let mut st = lane.state.lock().unwrap();
+            for p in payloads {
+                // On at-least-once queues each envelope takes a msgpack header in its frame.
+                let cost = p.len() + if self.reliable { 5 } else { 0 };
+                if !st.open.payloads.is_empty()
+                    && (st.open.payloads.len() >= self.cfg.max_batch_messages
+                        || st.open.bytes + cost > self.cfg.max_batch_bytes)
+                {
+                    let full = std::mem::take(&mut st.open);
+                    st.sealed.push_back(full);
+                }
+                st.open.bytes += cost;
+                st.open.keyed |= keyed;
+                st.open.payloads.push(p);
+            }
+            let start = !st.flushing;
+            st.flushing = true;
+            (st.open.signal.clone(), start)
+        };
+        if start {
+            let me = self.clone();
+            let lane = lane.clone();
+            tokio::spawn(async move { me.flush(lane).await });
+        }
+        signal
+    }
+
+    async fn flush(self: Arc<Self>, lane: Arc<Lane>) {
+        loop {
+            if !self.cfg.linger.is_zero() {
+                tokio::time::sleep(self.cfg.linger).await;
+            }
+            let batch = {
+                let mut st = lane.state.lock().unwrap();
+                match st.sealed.pop_front() {
+                    Some(b) => b,
+                    None if !st.open.payloads.is_empty() => std::mem::take(&mut st.open),
+                    None => {
+                        st.flushing = false;
+                        return;
+                    }
+                }
+            };
+            let n = batch.payloads.len();
+            let started = std::time::Instant::now();
+            let result = self.push_routed(&lane, &batch).await;
+            lane.pending.fetch_sub(n as i64, Ordering::Relaxed);
+            let queue = self.cfg.queue.name().to_string();
+            metrics::histogram!(crate::telemetry::PUSH_SECONDS, "queue" => queue.clone())
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::telemetry::PUSH_BATCH, "queue" => queue.clone())
+                .record(n as f64);
+            let counter = if result.is_ok() {
+                crate::telemetry::PUSHED
+            } else {
+                crate::telemetry::PUSH_FAILURES
+            };
+            metrics::counter!(counter, "queue" => queue).increment(n as u64);
+            self.permits.add_permits(n);
+            batch.signal.complete(result);
+        }
+    }
+}
+
+/// How often a producer re-reads its shards' depths while it sends.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    (t ^ ((std::process::id() as u64) << 32)) | 1
+}

@@ -1,0 +1,165 @@
+//! Writing a batch to its shard: one `RPUSH` (plus the ready count on at-least-once
+//! queues, plus `WAIT` with durability), and rerouting unkeyed batches a shard refused.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::Value;
+
+use super::ProducerInner;
+use super::lanes::{Batch, Lane};
+use crate::error::{Error, Result};
+
+impl ProducerInner {
+    /// Pushes a batch to its lane; an unkeyed batch that could not be sent (node down,
+    /// shard full) goes to another healthy lane instead.
+    pub(super) async fn push_routed(&self, lane: &Arc<Lane>, batch: &Batch) -> Result<()> {
+        if batch.keyed {
+            return self.push(lane, batch, false).await;
+        }
+        let mut tried: HashSet<String> = HashSet::new();
+        let mut target = lane.clone();
+        loop {
+            tried.insert(target.tag.clone());
+            let lanes = self.lanes();
+            let last = lanes.iter().all(|l| tried.contains(&l.tag));
+            match self.push(&target, batch, !last).await {
+                Err(e) if !last && rerouteable(&e, self.resend_ambiguous) => {
+                    tracing::debug!(shard = %target.tag, cause = %e, "rerouting batch");
+                    target = self.choose(&lanes, &tried);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn push(&self, lane: &Lane, batch: &Batch, fail_fast: bool) -> Result<()> {
+        let cluster = self.cfg.queue.cluster();
+        let mut opts = cluster.default_opts();
+        if fail_fast {
+            opts.retry_budget = Duration::ZERO;
+        }
+        let cmd = match self.cfg.max_depth {
+            // At-least-once queues: the whole batch is one frame, one list element.
+            None if self.reliable => redis::cmd("RPUSH")
+                .arg(&lane.key)
+                .arg(crate::lease::encode_frame(&batch.payloads))
+                .clone(),
+            None => {
+                let mut cmd = redis::cmd("RPUSH");
+                cmd.arg(&lane.key);
+                for p in &batch.payloads {
+                    cmd.arg(p.as_slice());
+                }
+                cmd
+            }
+            Some(max) => {
+                let max_s = max.to_string();
+                let mut args: Vec<&[u8]> = Vec::with_capacity(batch.payloads.len() + 1);
+                args.push(max_s.as_bytes());
+                args.extend(batch.payloads.iter().map(Vec::as_slice));
+                let scripts = &self.cfg.queue.inner.scripts;
+                scripts.push_bounded.cmd(&[&lane.key], &args, true)
+            }
+        };
+        // At-least-once shards keep a count of ready messages (a frame holds many): it
+        // goes in the same write, right behind the push.
+        let count = self.reliable.then(|| {
+            redis::cmd("INCRBY")
+                .arg(crate::placement::shard_key(
+                    &self.cfg.queue.inner.prefix,
+                    &lane.tag,
+                    "count",
+                ))
+                .arg(batch.payloads.len())
+                .clone()
+        });
+        let reply = match (self.cfg.durability, count) {
+            (None, None) => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
+            (None, Some(count)) => {
+                let mut out = cluster
+                    .batch(vec![(lane.slot, cmd), (lane.slot, count)], opts)
+                    .await;
+                let counted = out.pop().expect("two replies");
+                let pushed = out.pop().expect("two replies")?;
+                if let Err(e) = counted {
+                    tracing::warn!(shard = %lane.tag, cause = %e, "ready count not updated")
+                }
+                pushed
+            }
+            (Some((replicas, timeout)), count) => {
+                // WAIT on the same connection, right behind the push: it counts the
+                // replicas that acknowledged every write of that connection so far. The
+                // three go as one unit: redirected or retried together, never split
+                // between an old owner and a new one.
+                opts.timeout += timeout;
+                opts.isolated = true;
+                opts.together = true;
+                let wait = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(timeout.as_millis() as u64)
+                    .clone();
+                let mut cmds = vec![(lane.slot, cmd)];
+                cmds.extend(count.map(|c| (lane.slot, c)));
+                cmds.push((lane.slot, wait));
+                let mut out = cluster.batch(cmds, opts).await;
+                let waited = out.pop().expect("a reply per command");
+                let pushed = out.remove(0)?;
+                if !matches!(pushed, Value::Int(n) if n < 0) {
+                    let acked = match waited? {
+                        Value::Int(n) => n.max(0) as u32,
+                        other => return Err(Error::Protocol(format!("WAIT: {other:?}"))),
+                    };
+                    if acked < replicas {
+                        return Err(Error::NotReplicated {
+                            node: cluster
+                                .topology()
+                                .owner(lane.slot)
+                                .cloned()
+                                .unwrap_or_else(|| crate::topology::NodeAddr::new("?", 0)),
+                            wanted: replicas,
+                            acked,
+                        });
+                    }
+                }
+                pushed
+            }
+        };
+        match reply {
+            Value::Int(n) if n >= 0 => {
+                lane.landed
+                    .fetch_add(batch.payloads.len() as i64, Ordering::Relaxed);
+                Ok(())
+            }
+            Value::Int(n) => {
+                // A full shard: take its depth as news, so choices avoid it until the next
+                // snapshot.
+                let depth = (-n - 1) as u64;
+                lane.base.store(
+                    depth as i64 - lane.landed.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                Err(Error::QueueFull {
+                    shard: lane.tag.clone(),
+                    depth,
+                    max: self.cfg.max_depth.unwrap_or_default(),
+                })
+            }
+            other => Err(Error::Protocol(format!("push: unexpected reply {other:?}"))),
+        }
+    }
+}
+
+/// Whether an unkeyed batch that failed with `e` may go to another shard. Batches that may
+/// already be stored (timeout, lost connection, unreplicated) only when `ambiguous` allows
+/// duplicates.
+fn rerouteable(e: &Error, ambiguous: bool) -> bool {
+    match e {
+        Error::QueueFull { .. } => true,
+        Error::NotReplicated { .. } => ambiguous,
+        e if e.may_have_run() => ambiguous && e.is_retryable(),
+        e => e.is_retryable(),
+    }
+}

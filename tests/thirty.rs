@@ -1,0 +1,135 @@
+//! Scale: one real 30-master cluster (30 `redis-server` processes), shared by every
+//! scenario in this file, which run one after another on queues of their own. Starting
+//! the cluster once keeps the suite's wall time in check.
+
+use std::time::Instant;
+
+use slotq::{Client, Queue};
+use slotq_testkit::TestCluster;
+
+const MASTERS: usize = 30;
+
+async fn client(url: &str) -> Client {
+    Client::from_cluster(slotq_tests::router(url).await)
+}
+
+/// Depth per shard and the skew: the deepest over the mean.
+async fn skew(q: &Queue) -> (Vec<u64>, f64) {
+    let d: Vec<u64> = q.stats().await.unwrap().iter().map(|s| s.depth).collect();
+    let mean = d.iter().sum::<u64>() as f64 / d.len() as f64;
+    let max = *d.iter().max().unwrap() as f64;
+    (d, max / mean)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_masters() {
+    let started = Instant::now();
+    let c = TestCluster::start(MASTERS, 0).unwrap();
+    eprintln!("30-master cluster up in {:.1?}", started.elapsed());
+    let client = client(&c.url()).await;
+    pushes_spread_evenly_in_every_shape(&client).await;
+    eprintln!("done in {:.1?}", started.elapsed());
+}
+
+/// 200,000 messages, every producer shape: one batch (plain and at-least-once), one
+/// producer with 10 concurrent sends, 4 producers with a batch each, 8 producers with
+/// concurrent sends, and shards of unequal depth to start with. Skew <= 1.10.
+async fn pushes_spread_evenly_in_every_shape(client: &Client) {
+    for (name, reliable) in [("bal-batch", false), ("bal-batch-reliable", true)] {
+        let mut b = client.queue(name);
+        if reliable {
+            b = b.reliable();
+        }
+        let q = b.open().await.unwrap();
+        assert_eq!(q.shards().active().count(), MASTERS);
+        let p = q.producer().build().unwrap();
+        p.send_batch((0..200_000).map(|i| format!("m{i}")))
+            .await
+            .unwrap();
+        let (d, s) = skew(&q).await;
+        eprintln!("{name}: one send_batch of 200,000: skew {s:.3} {d:?}");
+        assert!(s <= 1.10, "{name}: {d:?}");
+    }
+
+    let q = client.queue("bal-tens").open().await.unwrap();
+    let p = q.producer().build().unwrap();
+    let tasks: Vec<_> = (0..10)
+        .map(|t| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                for i in 0..20_000 {
+                    p.send(format!("{t}-{i}")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    futures::future::try_join_all(tasks).await.unwrap();
+    let (d, s) = skew(&q).await;
+    eprintln!("one producer, 10 concurrent sends: skew {s:.3} {d:?}");
+    assert!(s <= 1.10, "{d:?}");
+
+    let q = client.queue("bal-many-batches").open().await.unwrap();
+    let tasks: Vec<_> = (0..4)
+        .map(|t| {
+            let p = q.producer().build().unwrap();
+            tokio::spawn(async move {
+                p.send_batch((0..50_000).map(|i| format!("{t}-{i}")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    futures::future::try_join_all(tasks).await.unwrap();
+    let (d, s) = skew(&q).await;
+    eprintln!("4 producers, one batch of 50,000 each: skew {s:.3} {d:?}");
+    assert!(s <= 1.10, "{d:?}");
+
+    let q = client.queue("bal-many-sends").open().await.unwrap();
+    let mut tasks = Vec::new();
+    for pr in 0..8 {
+        let p = q.producer().build().unwrap();
+        for t in 0..4 {
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..6_250 {
+                    p.send(format!("{pr}-{t}-{i}")).await.unwrap();
+                }
+            }));
+        }
+    }
+    futures::future::try_join_all(tasks).await.unwrap();
+    let (d, s) = skew(&q).await;
+    eprintln!("8 producers, 4 concurrent sends each: skew {s:.3} {d:?}");
+    assert!(s <= 1.10, "{d:?}");
+
+    // 60,000 on one shard (keyed), then 200,000 unkeyed from a new producer: the deep shard
+    // takes nothing until the others caught up.
+    let q = client.queue("bal-uneven").open().await.unwrap();
+    let keyed = q.producer().build().unwrap();
+    for _ in 0..60 {
+        let sends = (0..1000).map(|i| keyed.send_keyed("deep", format!("k{i}")));
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+    }
+    let p = q.producer().build().unwrap();
+    p.send_batch((0..200_000).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+    let d: Vec<u64> = q.stats().await.unwrap().iter().map(|s| s.depth).collect();
+    assert_eq!(d.iter().sum::<u64>(), 260_000);
+    let deep = d
+        .iter()
+        .position(|&x| x == 60_000)
+        .expect("the deep shard took nothing");
+    let rest: Vec<u64> = d
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != deep)
+        .map(|(_, &x)| x)
+        .collect();
+    let mean = rest.iter().sum::<u64>() as f64 / rest.len() as f64;
+    let s = *rest.iter().max().unwrap() as f64 / mean;
+    eprintln!("60,000 on one shard, then 200,000: the others' skew {s:.3} {d:?}");
+    assert!(s <= 1.10, "{d:?}");
+}
