@@ -233,7 +233,7 @@ mod tests {
             }
             if t < chunks {
                 let p = t % producers;
-                if (t / producers) % snapshot_every == 0 {
+                if (t / producers).is_multiple_of(snapshot_every) {
                     fold_snapshot(&mut history[p], &mut base[p], &real, &landed[p]);
                 }
                 let lane = least_loaded(&pool, |i| base[p][i] + mine[p][i], &mut rng);
