@@ -275,4 +275,17 @@ pub struct BenchArgs {
     /// Queue name (default: a fresh name per run).
     #[arg(long)]
     pub queue: Option<String>,
+    /// Open loop: send this many messages a second in all (spread over the producers, on
+    /// a schedule that does not slow down when the system does) while the consumers
+    /// receive, and report latency from each message's intended send time. Runs instead
+    /// of the other phases.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Consumers outside any group: each sweeps and blocks on every shard (how every
+    /// consumer worked before groups).
+    #[arg(long)]
+    pub without_group: bool,
+    /// With --rate: how long to send, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
 }

@@ -328,6 +328,44 @@ fn bench_reports_three_phases() {
 
     let o = slotq(&["--url", &c.url(), "bench", "--size", "8"]);
     assert_eq!(o.status.code(), Some(2));
+
+    // Open loop: 4,000 a second for half a second, latency from the intended send times.
+    let o = slotq(&[
+        "--url",
+        &c.url(),
+        "--json",
+        "bench",
+        "--rate",
+        "4000",
+        "--duration",
+        "0.5",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let phases = v["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 1, "{v}");
+    let p = &phases[0];
+    assert_eq!(p["phase"], "rate");
+    assert_eq!(p["messages"], 2000);
+    assert_eq!(p["target_msgs_per_s"], 4000.0);
+    assert!(p["offered_msgs_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    let l = &p["latency_us"];
+    let q = |k: &str| l[k].as_u64().unwrap();
+    assert!(
+        q("p50") > 0 && q("p50") <= q("p99") && q("p99") <= q("p999") && q("p999") <= q("max"),
+        "{l}"
+    );
+    let url = c.url();
+    for bad in [["--rate", "0"], ["--rate", "-5"], ["--duration", "0"]] {
+        let mut args = vec!["--url", &url, "bench", "--rate", "1000"];
+        args.extend(bad);
+        let o = slotq(&args);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+    }
 }
 
 #[test]

@@ -140,6 +140,9 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         phases: vec!["e2e".to_string()],
         anchor: None,
         queue: Some(format!("{name}-latency")),
+        rate: None,
+        duration: 5.0,
+        without_group: false,
     };
     let report = super::bench::run(router, &url, &bench, false).await?;
     if let Some(line) = report.lines().find(|l| l.starts_with("push+pop")) {

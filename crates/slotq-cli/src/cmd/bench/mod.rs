@@ -1,6 +1,10 @@
 //! `slotq bench`: push only, pop only, then push and pop together, each reported on its
 //! own; optionally the same traffic through one plain list with the redis crate's cluster
-//! client (the usual way to run a Redis queue on a cluster).
+//! client (the usual way to run a Redis queue on a cluster); or, with `--rate`, traffic at a
+//! fixed arrival rate with latencies from each message's intended send time.
+
+mod rate;
+mod reference;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +36,8 @@ pub struct Phase {
     latency_us: Option<(u64, u64, u64, u64)>,
     /// Pop phases: the least and the most one consumer took, as a share of the mean.
     shares: Option<(f64, f64)>,
+    /// Open-loop phases: the rate asked for and the rate the messages were handed over at.
+    offered: Option<(f64, f64)>,
 }
 
 impl Phase {
@@ -79,12 +85,22 @@ pub async fn run(
         }
     }
     let anchor = match &args.anchor {
-        Some(script) => Some(run_anchor(script, cluster, args.size, show).await?),
+        Some(script) => Some(reference::run_anchor(script, cluster, args.size, show).await?),
         None => None,
     };
-    let want = |p: &str| args.phases.iter().any(|x| x == p);
+    let want = |p: &str| args.rate.is_none() && args.phases.iter().any(|x| x == p);
     let mut ran = Vec::new();
     let mut per_node = BTreeMap::new();
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate > 0.0) || !(args.duration.is_finite() && args.duration > 0.0)
+        {
+            return Err(CliError::Usage(
+                "--rate and --duration must be positive numbers".into(),
+            ));
+        }
+        let duration = Duration::from_secs_f64(args.duration);
+        ran.push(rate::rate_phase(&q, args, rate, duration, show).await?);
+    }
     if want("push") || want("pop") {
         ran.push(push_phase(&q, args, start, show).await?);
         per_node = self::per_node(&q).await?;
@@ -96,7 +112,7 @@ pub async fn run(
         ran.push(e2e_phase(&q, args, start, show).await?);
     }
     let baseline = if args.baseline {
-        Some(baseline(url, args, show).await?)
+        Some(reference::baseline(url, args, show).await?)
     } else {
         None
     };
@@ -108,11 +124,14 @@ pub async fn run(
             "queue": name,
             "messages": args.messages, "size": args.size,
             "producers": args.producers, "consumers": args.consumers, "keyed": args.keyed, "reliable": args.reliable,
+            "rate": args.rate, "duration": args.rate.map(|_| args.duration),
             "shards": q.shards().shards.len(),
             "phases": phases.iter().map(|p| json!({
                 "phase": p.name, "messages": p.messages, "secs": p.secs, "msgs_per_s": p.rate().round(),
                 "latency_us": p.latency_us.map(|(p50, p99, p999, max)| json!({"p50": p50, "p99": p99, "p999": p999, "max": max})),
                 "consumer_share": p.shares.map(|(min, max)| json!({"min": min, "max": max})),
+                "target_msgs_per_s": p.offered.map(|o| o.0),
+                "offered_msgs_per_s": p.offered.map(|o| o.1.round()),
             })).collect::<Vec<_>>(),
             "messages_per_node": per_node,
             "anchor": anchor.as_ref().map(|a| json!({"push_msgs_per_s": a.push, "pop_msgs_per_s": a.pop})),
@@ -144,9 +163,23 @@ pub async fn run(
         .iter()
         .map(|(n, c)| vec![n.clone(), c.to_string()])
         .collect();
+    let what = match args.rate {
+        Some(rate) => format!(
+            "open loop: {rate:.0} msgs/s for {} s (latency from each message's intended send time)",
+            args.duration
+        ),
+        None => format!("{} messages", args.messages),
+    };
+    let placement = if per_node.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nmessages per node after the push phase:\n{}",
+            table(&["NODE", "MESSAGES"], &nodes)
+        )
+    };
     Ok(format!(
-        "slotq bench: {} messages of {} bytes, {} producers, {} consumers, {}, {} shards\n{}\n{}\nmessages per node after the push phase:\n{}",
-        args.messages,
+        "slotq bench: {what} of {} bytes, {} producers, {} consumers, {}, {} shards\n{}\n{}{placement}",
         args.size,
         args.producers,
         args.consumers,
@@ -165,7 +198,6 @@ pub async fn run(
             &["PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999", "X ANCHOR"],
             &rows
         ),
-        table(&["NODE", "MESSAGES"], &nodes)
     ))
 }
 
@@ -177,7 +209,7 @@ fn fmt_us(us: u64) -> String {
     }
 }
 
-fn bar(total: usize, label: &str, show: bool) -> ProgressBar {
+pub(super) fn bar(total: usize, label: &str, show: bool) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(
         Some(total as u64),
         if show {
@@ -196,14 +228,14 @@ fn bar(total: usize, label: &str, show: bool) -> ProgressBar {
 }
 
 /// A payload: id, send time (nanoseconds since the bench started), padding.
-fn payload(id: u64, sent_ns: u64, size: usize) -> Vec<u8> {
+pub(super) fn payload(id: u64, sent_ns: u64, size: usize) -> Vec<u8> {
     let mut p = vec![b'x'; size];
     p[..8].copy_from_slice(&id.to_be_bytes());
     p[8..16].copy_from_slice(&sent_ns.to_be_bytes());
     p
 }
 
-fn nanos_since(start: Instant) -> u64 {
+pub(super) fn nanos_since(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
 
@@ -287,11 +319,12 @@ async fn push_phase(
         secs,
         latency_us: None,
         shares: None,
+        offered: None,
     })
 }
 
 /// The least and the most of `counts`, as a share of their mean.
-fn spread(counts: &[usize]) -> Option<(f64, f64)> {
+pub(super) fn spread(counts: &[usize]) -> Option<(f64, f64)> {
     let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
     (mean > 0.0).then(|| {
         let min = counts.iter().copied().min().unwrap_or(0) as f64 / mean;
@@ -303,7 +336,7 @@ fn spread(counts: &[usize]) -> Option<(f64, f64)> {
 /// Consumer tasks receive until `target` messages arrived in total; returns the merged
 /// latency histogram (send timestamp to receipt), how many each consumer took, and when
 /// the last message arrived (a phase ends there, not when the consumers have shut down).
-async fn consume(
+pub(super) async fn consume(
     q: &Queue,
     args: &BenchArgs,
     target: usize,
@@ -315,7 +348,11 @@ async fn consume(
     let mut tasks = Vec::new();
     let reliable = args.reliable;
     for _ in 0..args.consumers {
-        let mut consumer = q.consumer().build()?;
+        let mut consumer = if args.without_group {
+            q.consumer().without_group().build()?
+        } else {
+            q.consumer().build()?
+        };
         let got = got.clone();
         let last = last.clone();
         let pb = pb.clone();
@@ -368,6 +405,7 @@ async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, Cli
     pb.finish();
     Ok(Phase {
         shares: spread(&counts),
+        offered: None,
         name: "pop",
         messages: args.messages,
         secs,
@@ -393,6 +431,7 @@ async fn e2e_phase(
     pb.finish();
     Ok(Phase {
         shares: spread(&counts),
+        offered: None,
         name: "push+pop",
         messages: args.messages,
         secs,
@@ -432,127 +471,4 @@ async fn cleanup(q: &Queue) {
         slotq::redis::cmd("DEL").arg(q.meta_key()).clone(),
     ));
     let _ = cluster.batch(cmds, cluster.default_opts()).await;
-}
-
-/// The usual way: one LPUSH per message and one RPOP per message on a single list, through
-/// the redis crate's cluster client, with as many calls in flight as slotq's tasks have.
-async fn baseline(url: &str, args: &BenchArgs, show: bool) -> Result<Vec<Phase>, CliError> {
-    use redis::AsyncCommands;
-    let client = redis::cluster::ClusterClient::new(vec![url])
-        .map_err(|e| CliError::Other(e.to_string()))?;
-    let conn = client
-        .get_async_connection()
-        .await
-        .map_err(|e| CliError::Other(format!("baseline: {e}")))?;
-    let key = "slotq-bench-baseline:{list}";
-    let in_flight = 64;
-    let start = Instant::now();
-    let mut phases = Vec::new();
-    for (name, tasks) in [
-        ("plain list push", args.producers),
-        ("plain list pop", args.consumers),
-    ] {
-        let pb = bar(args.messages, name, show);
-        let t0 = Instant::now();
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut handles = Vec::new();
-        for _ in 0..tasks * in_flight {
-            let mut conn = conn.clone();
-            let next = next.clone();
-            let pb = pb.clone();
-            let (total, size, push) = (args.messages, args.size, name.ends_with("push"));
-            handles.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
-                        return Ok::<_, redis::RedisError>(());
-                    }
-                    if push {
-                        let _: i64 = conn
-                            .lpush(key, payload(i as u64, nanos_since(start), size))
-                            .await?;
-                    } else {
-                        let _: Option<Vec<u8>> = conn.rpop(key, None).await?;
-                    }
-                    pb.inc(1);
-                }
-            }));
-        }
-        for h in handles {
-            h.await
-                .map_err(|e| CliError::Other(e.to_string()))?
-                .map_err(|e| CliError::Other(format!("baseline: {e}")))?;
-        }
-        pb.finish();
-        phases.push(Phase {
-            name,
-            messages: args.messages,
-            secs: t0.elapsed().as_secs_f64(),
-            latency_us: None,
-            shares: None,
-        });
-    }
-    let mut conn = conn;
-    let _: Result<i64, _> = conn.del(key).await;
-    Ok(phases)
-}
-
-/// The anchor's figures.
-#[derive(Debug, Clone, Copy)]
-struct Anchor {
-    push: f64,
-    pop: f64,
-}
-
-impl Anchor {
-    /// Pops compare with the anchor's pops; pushes and end-to-end runs with its pushes.
-    fn ratio(&self, p: &Phase) -> f64 {
-        let base = if p.name.ends_with("pop") && !p.name.contains('+') {
-            self.pop
-        } else {
-            self.push
-        };
-        p.rate() / base
-    }
-}
-
-async fn run_anchor(
-    script: &std::path::Path,
-    cluster: &Cluster,
-    size: usize,
-    show: bool,
-) -> Result<Anchor, CliError> {
-    let seed = cluster
-        .topology()
-        .masters()
-        .first()
-        .map(|m| m.addr.to_string())
-        .ok_or_else(|| CliError::Other("the cluster has no master".into()))?;
-    if show {
-        eprintln!("running the anchor {} against {seed} ...", script.display());
-    }
-    let out = tokio::process::Command::new("bash")
-        .arg(script)
-        .arg(&seed)
-        .arg(size.to_string())
-        .output()
-        .await
-        .map_err(|e| CliError::Other(format!("cannot run the anchor {}: {e}", script.display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rate = |op: &str| -> Option<f64> {
-        text.lines()
-            .find(|l| l.starts_with("ANCHOR") && l.contains(&format!("op={op} ")))?
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("msgs_per_s="))?
-            .parse()
-            .ok()
-    };
-    match (rate("push"), rate("pop")) {
-        (Some(push), Some(pop)) if push > 0.0 && pop > 0.0 => Ok(Anchor { push, pop }),
-        _ => Err(CliError::Other(format!(
-            "the anchor printed no figures:\n{}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        ))),
-    }
 }

@@ -1,0 +1,141 @@
+//! What slotq's figures are compared with: the machine's anchor (redis-benchmark, run by
+//! a script) and the usual way of running a Redis queue on a cluster (one plain list
+//! through the redis crate's cluster client).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use slotq::Cluster;
+
+use super::{Phase, bar, nanos_since, payload};
+use crate::CliError;
+use crate::args::BenchArgs;
+
+/// The usual way: one LPUSH per message and one RPOP per message on a single list, through
+/// the redis crate's cluster client, with as many calls in flight as slotq's tasks have.
+pub(super) async fn baseline(
+    url: &str,
+    args: &BenchArgs,
+    show: bool,
+) -> Result<Vec<Phase>, CliError> {
+    use redis::AsyncCommands;
+    let client = redis::cluster::ClusterClient::new(vec![url])
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    let conn = client
+        .get_async_connection()
+        .await
+        .map_err(|e| CliError::Other(format!("baseline: {e}")))?;
+    let key = "slotq-bench-baseline:{list}";
+    let in_flight = 64;
+    let start = Instant::now();
+    let mut phases = Vec::new();
+    for (name, tasks) in [
+        ("plain list push", args.producers),
+        ("plain list pop", args.consumers),
+    ] {
+        let pb = bar(args.messages, name, show);
+        let t0 = Instant::now();
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..tasks * in_flight {
+            let mut conn = conn.clone();
+            let next = next.clone();
+            let pb = pb.clone();
+            let (total, size, push) = (args.messages, args.size, name.ends_with("push"));
+            handles.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return Ok::<_, redis::RedisError>(());
+                    }
+                    if push {
+                        let _: i64 = conn
+                            .lpush(key, payload(i as u64, nanos_since(start), size))
+                            .await?;
+                    } else {
+                        let _: Option<Vec<u8>> = conn.rpop(key, None).await?;
+                    }
+                    pb.inc(1);
+                }
+            }));
+        }
+        for h in handles {
+            h.await
+                .map_err(|e| CliError::Other(e.to_string()))?
+                .map_err(|e| CliError::Other(format!("baseline: {e}")))?;
+        }
+        pb.finish();
+        phases.push(Phase {
+            name,
+            messages: args.messages,
+            secs: t0.elapsed().as_secs_f64(),
+            latency_us: None,
+            shares: None,
+            offered: None,
+        });
+    }
+    let mut conn = conn;
+    let _: Result<i64, _> = conn.del(key).await;
+    Ok(phases)
+}
+
+/// The anchor's figures.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Anchor {
+    pub(super) push: f64,
+    pub(super) pop: f64,
+}
+
+impl Anchor {
+    /// Pops compare with the anchor's pops; pushes and end-to-end runs with its pushes.
+    pub(super) fn ratio(&self, p: &Phase) -> f64 {
+        let base = if p.name.ends_with("pop") && !p.name.contains('+') {
+            self.pop
+        } else {
+            self.push
+        };
+        p.rate() / base
+    }
+}
+
+pub(super) async fn run_anchor(
+    script: &std::path::Path,
+    cluster: &Cluster,
+    size: usize,
+    show: bool,
+) -> Result<Anchor, CliError> {
+    let seed = cluster
+        .topology()
+        .masters()
+        .first()
+        .map(|m| m.addr.to_string())
+        .ok_or_else(|| CliError::Other("the cluster has no master".into()))?;
+    if show {
+        eprintln!("running the anchor {} against {seed} ...", script.display());
+    }
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .arg(&seed)
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|e| CliError::Other(format!("cannot run the anchor {}: {e}", script.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |op: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with("ANCHOR") && l.contains(&format!("op={op} ")))?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("msgs_per_s="))?
+            .parse()
+            .ok()
+    };
+    match (rate("push"), rate("pop")) {
+        (Some(push), Some(pop)) if push > 0.0 && pop > 0.0 => Ok(Anchor { push, pop }),
+        _ => Err(CliError::Other(format!(
+            "the anchor printed no figures:\n{}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ))),
+    }
+}
