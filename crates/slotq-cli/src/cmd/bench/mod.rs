@@ -92,8 +92,8 @@ pub async fn run(
     let mut ran = Vec::new();
     let mut per_node = BTreeMap::new();
     if let Some(rate) = args.rate {
-        if !(rate.is_finite() && rate > 0.0) || !(args.duration.is_finite() && args.duration > 0.0)
-        {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !(positive(rate) && positive(args.duration)) {
             return Err(CliError::Usage(
                 "--rate and --duration must be positive numbers".into(),
             ));
