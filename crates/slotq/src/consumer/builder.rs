@@ -152,8 +152,6 @@ impl ConsumerBuilder {
             weights: HashMap::new(),
             payload_sizes: HashMap::new(),
             rotate: 0,
-            fed_by_waiters: false,
-            last_sweep: None,
         })
     }
 }

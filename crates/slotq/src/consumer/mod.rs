@@ -55,8 +55,6 @@ pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 pub const BLOCK_GRACE: Duration = Duration::from_secs(1);
 /// How often a group member refreshes what it tells the group (held and deep shards).
 const REPORT_EVERY: Duration = Duration::from_millis(200);
-/// Longest a consumer fed by its waiters goes without a sweep.
-const SWEEP_AT_LEAST_EVERY: Duration = Duration::from_millis(10);
 /// Largest depth weight of a shard that keeps returning full batches.
 const MAX_WEIGHT: usize = 8;
 /// Most messages in one lease.
@@ -86,11 +84,6 @@ pub struct Consumer {
     /// Average payload size per shard, from the last pop that brought messages.
     payload_sizes: HashMap<String, usize>,
     rotate: usize,
-    /// The last messages came from a waiter that emptied its shard (a batch short of
-    /// `pop_batch`): the next wait skips the sweep (see [`Consumer::fill`]).
-    fed_by_waiters: bool,
-    /// When the last sweep started.
-    last_sweep: Option<Instant>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -276,41 +269,19 @@ impl Consumer {
         Ok(())
     }
 
-    /// Takes what the waiters delivered; notes whether they emptied their shards.
-    fn take_inbox(&mut self, batch: Vec<Message>) {
-        if !batch.is_empty() {
-            self.fed_by_waiters = batch.len() < self.pop_batch;
-        }
-        self.buffer.extend(batch);
-    }
-
     /// Gets at least one message into the buffer, or returns at the deadline.
-    ///
-    /// A sweep comes first, unless the waiters have just fed the consumer with batches that
-    /// emptied their shards: then a sweep would find the shards empty (a round trip per
-    /// node for nothing, which at a steady trickle was most rounds) and the consumer
-    /// blocks again at once. It still sweeps every [`SWEEP_AT_LEAST_EVERY`], for the
-    /// shards it does not block on (stealing) and for new shards.
     async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
         loop {
             while let Ok(batch) = self.inbox_rx.try_recv() {
-                self.take_inbox(batch);
+                self.buffer.extend(batch);
             }
             if !self.buffer.is_empty() {
                 self.set_busy();
                 return Ok(());
             }
-            let skip = self.fed_by_waiters
-                && self
-                    .last_sweep
-                    .is_some_and(|t| t.elapsed() < SWEEP_AT_LEAST_EVERY);
-            self.fed_by_waiters = false;
-            if !skip {
-                self.last_sweep = Some(Instant::now());
-                if self.sweep().await? > 0 {
-                    self.set_busy();
-                    return Ok(());
-                }
+            if self.sweep().await? > 0 {
+                self.set_busy();
+                return Ok(());
             }
             self.ensure_waiters();
             self.idle.send_replace(true);
@@ -328,7 +299,7 @@ impl Consumer {
             tokio::select! {
                 got = self.inbox_rx.recv() => {
                     if let Some(batch) = got {
-                        self.take_inbox(batch);
+                        self.buffer.extend(batch);
                     }
                 }
                 _ = regroup => {
