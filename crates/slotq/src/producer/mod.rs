@@ -131,10 +131,18 @@ impl Producer {
             self.inner.check(p)?;
         }
         self.inner.snapshot_if_due().await;
+        // A batch that fits one push goes to one lane whole: one choice, one `RPUSH`. A
+        // larger one is placed in chunks of the choice span, which merge per lane into
+        // pushes of up to `max_batch_messages` again.
+        let grain = if payloads.len() <= self.inner.cfg.max_batch_messages {
+            payloads.len().max(1)
+        } else {
+            self.inner.span()
+        };
         let mut signals = Vec::new();
         let mut iter = payloads.into_iter().map(|p| self.inner.wrap(p)).peekable();
         while iter.peek().is_some() {
-            let chunk: Vec<Vec<u8>> = iter.by_ref().take(self.inner.span()).collect();
+            let chunk: Vec<Vec<u8>> = iter.by_ref().take(grain).collect();
             self.inner.acquire(chunk.len()).await;
             let lane = self.inner.pick_fresh()?;
             signals.push(self.inner.enqueue(&lane, chunk, false));
