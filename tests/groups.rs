@@ -88,6 +88,67 @@ async fn an_idle_group_blocks_once_per_shard_not_once_per_member() {
 }
 
 /// Shards per member, and owner per shard.
+/// More members than shards: those without a shard of their own live on stealing, and
+/// hear of deep shards within a fraction of a heartbeat (they beat ten times as often
+/// while hungry), so a short burst is shared by all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_without_shards_steal_their_share_of_a_burst() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("burst").open().await.unwrap();
+    // Six members on three shards, settled before the burst.
+    let mut members = Vec::new();
+    for _ in 0..6 {
+        let mut m = q.consumer().group("g").build().unwrap();
+        assert!(
+            m.recv_batch_timeout(1, Duration::from_millis(50))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        members.push(m);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let total = 60_000usize;
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = members
+        .into_iter()
+        .map(|mut m| {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut mine = 0usize;
+                while got.load(std::sync::atomic::Ordering::Relaxed) < total {
+                    let batch = m
+                        .recv_batch_timeout(100, Duration::from_millis(100))
+                        .await
+                        .unwrap();
+                    // Work that takes time: 5 ms per 100 messages.
+                    if !batch.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    mine += batch.len();
+                    got.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                m.close().await;
+                mine
+            })
+        })
+        .collect();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..total).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+    let shares: Vec<usize> = futures::future::try_join_all(tasks).await.unwrap();
+    assert_eq!(shares.iter().sum::<usize>(), total);
+    let mean = total as f64 / shares.len() as f64;
+    eprintln!("six members on three shards, shares of a burst of {total}: {shares:?}");
+    assert!(
+        shares.iter().all(|&n| n as f64 >= 0.75 * mean),
+        "a member got less than 0.75 of the mean: {shares:?}"
+    );
+}
+
 async fn owners(q: &Queue, group: &str) -> (Vec<usize>, BTreeMap<String, String>) {
     let st = q.group_status(group).await.unwrap();
     let mut per: Vec<usize> = st.members.iter().map(|m| m.shards.len()).collect();

@@ -100,10 +100,16 @@ pub(crate) struct Report {
     pub(crate) swept: std::collections::HashMap<String, std::time::Instant>,
     /// The consumer waits, blocked on its (then empty) shards.
     pub(crate) idle: bool,
+    /// Since when the consumer's sweeps found nothing at all, its own shards nor others'.
+    pub(crate) hungry_since: Option<std::time::Instant>,
 }
 
 /// Messages waiting in a shard that make it worth stealing from however busy its owner.
 pub const DEEP_BACKLOG: u64 = 1000;
+/// How long a member without shards of its own that found nothing beats ten times as
+/// often, to hear of deep shards to steal from within a tenth of a beat. Bounded, so that
+/// an idle group goes back to one beat per member per interval.
+pub const HUNGRY_WINDOW: Duration = Duration::from_secs(3);
 
 /// A running membership: a task that beats every third of the timeout.
 pub(crate) struct Membership {
@@ -160,7 +166,13 @@ impl Membership {
                 match beat.send(false, &owned).await {
                     Ok(v) => {
                         let old = tx.borrow().generation;
-                        pause = if v.generation != old || !v.waiting.is_empty() {
+                        let hungry = beat
+                            .report
+                            .lock()
+                            .unwrap()
+                            .hungry_since
+                            .is_some_and(|t| t.elapsed() < HUNGRY_WINDOW);
+                        pause = if v.generation != old || !v.waiting.is_empty() || hungry {
                             every / 10
                         } else {
                             every

@@ -154,6 +154,27 @@ impl Grouped {
         }
     }
 
+    /// Whether the consumer's last sweep found nothing at all. A member that owns no shard
+    /// (the group has more members than shards) lives on stealing: when it goes hungry it
+    /// beats at once and then ten times as often for a while (see
+    /// [`crate::group::HUNGRY_WINDOW`]), so it hears of deep shards soon. A member with
+    /// shards of its own keeps its pace: it has work whenever its shards do, and a trickle
+    /// that wakes it now and then must not cost ten beats a second.
+    pub(super) fn hungry(&self, hungry: bool) {
+        let hungry = hungry && self.view.owned.is_empty();
+        if let Some(m) = &self.member {
+            let mut r = m.report.lock().unwrap();
+            match (hungry, r.hungry_since) {
+                (true, None) => {
+                    r.hungry_since = Some(Instant::now());
+                    m.poke.notify_one();
+                }
+                (false, Some(_)) => r.hungry_since = None,
+                _ => {}
+            }
+        }
+    }
+
     /// Whether the consumer waits, blocked on its own shards.
     pub(super) fn idle(&self, idle: bool) {
         if let Some(m) = &self.member {

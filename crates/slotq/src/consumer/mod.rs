@@ -323,6 +323,10 @@ impl Consumer {
         if self.round.is_none() {
             let asks = self.plan_round();
             if asks.is_empty() {
+                // Nothing owned and nothing to steal from (yet).
+                if let Some(g) = &self.group {
+                    g.hungry(true);
+                }
                 return Ok(0);
             }
             self.round = Some(Round::start(&self.ctx, asks));
@@ -387,6 +391,7 @@ impl Consumer {
                     .increment(stolen as u64);
             }
             self.found_nothing = got == stolen;
+            g.hungry(got == 0);
         }
         self.buffer.extend(out.messages);
         let queue = self.queue.name().to_string();
