@@ -49,7 +49,8 @@ pub enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
-    /// Push messages: the arguments, or one message per line of standard input.
+    /// Push messages: the arguments, or one message per line of standard input (bytes,
+    /// sent as lines arrive; `-0` for NUL-separated messages).
     ///
     /// Example: seq 1 1000 | slotq push orders
     Push {
@@ -57,6 +58,9 @@ pub enum Command {
         queue: String,
         /// Messages; none means one per stdin line.
         messages: Vec<String>,
+        /// Standard input holds NUL-separated messages (which may contain newlines).
+        #[arg(short = '0', long)]
+        null: bool,
         /// Send keyed: every message goes to the shard this key maps to (FIFO per key).
         #[arg(long)]
         key: Option<String>,
@@ -83,6 +87,9 @@ pub enum Command {
         /// stay leased and come back when the lease expires.
         #[arg(long)]
         ack: bool,
+        /// Write a NUL after each payload instead of a newline.
+        #[arg(short = '0', long)]
+        null: bool,
     },
     /// Run as a consumer: print messages as they arrive (one per line) until Ctrl-C,
     /// optionally serving metrics for Prometheus.
@@ -107,6 +114,9 @@ pub enum Command {
         /// processing.
         #[arg(long)]
         ordered: bool,
+        /// Write a NUL after each payload instead of a newline.
+        #[arg(short = '0', long)]
+        null: bool,
     },
     /// A consumer group: members, their shards and lag, last heartbeats.
     ///

@@ -27,6 +27,10 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 
 /// Exit code when the named queue does not exist.
 pub const EXIT_NOT_FOUND: u8 = 4;
+/// Exit code when standard output could not be written (a full disk, an I/O error). A
+/// closed pipe (`slotq pop Q -n 1000 | head -1`) is not an error: the reader is done, and
+/// the command stops quietly with 0 after giving back what it did not write.
+pub const EXIT_OUTPUT: u8 = 5;
 
 /// Errors of the CLI, each with an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +44,26 @@ pub enum CliError {
     /// An error from the testkit (local clusters).
     #[error("{0}")]
     Testkit(#[from] slotq_testkit::TestkitError),
+    /// Standard output could not be written; `given_back` messages went back to the queue.
+    #[error("writing output: {error}{}", given_back_note(*.given_back))]
+    Output {
+        /// What the write returned.
+        error: std::io::Error,
+        /// Messages popped but not written, given back (plain queues: to the head of their
+        /// shard; at-least-once: released from their leases).
+        given_back: usize,
+    },
     /// Anything else.
     #[error("{0}")]
     Other(String),
+}
+
+fn given_back_note(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} message(s) not written went back to the queue)")
+    }
 }
 
 impl CliError {
@@ -61,6 +82,8 @@ impl CliError {
             CliError::Slotq(slotq::Error::QueueNotFound(_)) => EXIT_NOT_FOUND,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
+            CliError::Output { error, .. } if output::is_closed_pipe(error) => EXIT_OK,
+            CliError::Output { .. } => EXIT_OUTPUT,
             _ => EXIT_FAILURE,
         }
     }
@@ -76,13 +99,22 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(&cli).await {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::from(EXIT_OK)
-        }
+    let result = match run(&cli).await {
+        Ok(out) => output::RawOut::stdout()
+            .and_then(|mut o| o.write_all(out.as_bytes()))
+            .map_err(|error| CliError::Output {
+                error,
+                given_back: 0,
+            }),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => {
-            eprintln!("slotq: {e}");
+            // A closed pipe is the reader's choice, not a failure worth a message.
+            if !matches!(&e, CliError::Output { error, .. } if output::is_closed_pipe(error)) {
+                eprintln!("slotq: {e}");
+            }
             ExitCode::from(e.exit_code())
         }
     }
@@ -98,22 +130,33 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
         Command::Push {
             queue,
             messages,
+            null,
             key,
             reliable,
             max_attempts,
         } => {
             let cluster = connect(cli).await?;
-            let mode = reliable.then_some(*max_attempts);
-            cmd::queue::push(&cluster, queue, messages, key.as_deref(), mode, cli.json).await
+            let opts = cmd::push::Options {
+                key: key.clone(),
+                reliable: reliable.then_some(*max_attempts),
+                null: *null,
+                json: cli.json,
+            };
+            cmd::push::run(&cluster, queue, messages, opts).await
         }
         Command::Pop {
             queue,
             count,
             wait,
             ack,
+            null,
         } => {
             let cluster = connect(cli).await?;
-            cmd::queue::pop(&cluster, queue, *count, *wait, *ack, cli.json).await
+            let format = cmd::queue::OutputFormat {
+                null: *null,
+                json: cli.json,
+            };
+            cmd::queue::pop(&cluster, queue, *count, *wait, *ack, format).await
         }
         Command::Consume {
             queue,
@@ -122,6 +165,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             count,
             group,
             ordered,
+            null,
         } => {
             // The recorder goes in before the router exists, so that nothing is missed.
             let handle = match metrics {
@@ -135,6 +179,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                 count: *count,
                 group: group.clone(),
                 ordered: *ordered,
+                null: *null,
             };
             cmd::consume::run(&cluster, queue, opts).await
         }

@@ -246,7 +246,8 @@ fn push_pop_stats_plan_expand_round_trip() {
         stdout(&o)
     );
 
-    // Bad input: exit code 2, nothing pushed.
+    // Bad input: exit code 2; from standard input, the lines before the bad one are sent
+    // (input is streamed), the bad one and the rest are not.
     let o = slotq(&["--url", u, "push", "bad name", "x"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("invalid queue name"));
@@ -256,9 +257,10 @@ fn push_pop_stats_plan_expand_round_trip() {
         Some(2),
         "an empty line is an empty payload"
     );
+    assert!(stderr(&o).contains("message 2"), "{}", stderr(&o));
     let o = slotq(&["--url", u, "--json", "stats", "jobs"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(v["total_depth"], 0);
+    assert_eq!(v["total_depth"], 1);
 }
 
 #[test]

@@ -1,6 +1,5 @@
 //! `slotq consume`: a long-running consumer that can serve metrics for Prometheus.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -50,6 +49,8 @@ pub struct Options {
     pub group: String,
     /// Ordered mode.
     pub ordered: bool,
+    /// NUL after each payload instead of a newline.
+    pub null: bool,
 }
 
 /// Consumes `queue` until Ctrl-C (or `count` messages), printing one message per line.
@@ -60,6 +61,7 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
         count,
         group,
         ordered,
+        null,
     } = opts;
     slotq::group::validate_group_name(&group)?;
     let q = super::queue::open_existing(cluster, queue).await?;
@@ -86,26 +88,28 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
         builder = builder.ordered();
     }
     let mut consumer = builder.build()?;
-    let mut out = std::io::stdout();
+    let mut out = crate::output::RawOut::stdout().map_err(|error| CliError::Output {
+        error,
+        given_back: 0,
+    })?;
+    // SIGTERM (systemd, docker, Kubernetes) stops it like Ctrl-C: what it took and did not
+    // write goes back when the consumer closes.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Other(format!("SIGTERM handler: {e}")))?;
     let mut seen = 0u64;
     loop {
         let want = count.map_or(1000, |c| (c - seen).min(1000) as usize);
         let batch = tokio::select! {
             b = consumer.recv_batch(want) => b?,
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
         };
-        let mut text = Vec::new();
-        for m in &batch {
-            text.extend_from_slice(&m.payload);
-            text.push(b'\n');
+        let n = batch.len() as u64;
+        if let Err(e) = super::queue::write_batch(&mut out, &mut consumer, batch, null, ack).await {
+            consumer.close().await;
+            return Err(e);
         }
-        out.write_all(&text)
-            .and_then(|_| out.flush())
-            .map_err(|e| CliError::Other(e.to_string()))?;
-        if ack {
-            consumer.ack_all(&batch).await?;
-        }
-        seen += batch.len() as u64;
+        seen += n;
         if count.is_some_and(|c| seen >= c) {
             break;
         }

@@ -6,5 +6,6 @@ pub mod demo;
 pub mod dev_cluster;
 pub mod group;
 pub mod keyslot;
+pub mod push;
 pub mod queue;
 pub mod slots;

@@ -1,6 +1,5 @@
 //! Queue commands: `push`, `pop`, `stats`, `plan`, `expand`.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use serde_json::json;
@@ -8,64 +7,65 @@ use slotq::placement::{self, ShardState};
 use slotq::{Client, Cluster};
 
 use crate::CliError;
-use crate::output::table;
+use crate::output::{RawOut, table};
 
-/// `slotq push QUEUE [MSG...] [--key K]`.
-pub async fn push(
-    cluster: &Cluster,
-    queue: &str,
-    messages: &[String],
-    key: Option<&str>,
-    reliable: Option<u32>,
-    as_json: bool,
-) -> Result<String, CliError> {
-    let mut builder = Client::from_cluster(cluster.clone()).queue(queue);
-    if let Some(max_attempts) = reliable {
-        builder = builder.max_attempts(max_attempts);
-    }
-    let q = builder.open().await?;
-    let producer = q.producer().build()?;
-    let mut payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.clone().into_bytes()).collect();
-    if messages.is_empty() {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            let line = line.map_err(|e| CliError::Other(format!("reading stdin: {e}")))?;
-            payloads.push(line.into_bytes());
-        }
-    }
-    let n = payloads.len();
-    // Refuse the whole input before sending any of it.
-    for p in &payloads {
-        slotq::producer::check_payload(
-            p.len(),
-            slotq::producer::DEFAULT_MAX_PAYLOAD,
-            slotq::EmptyPayloads::Reject,
-        )?;
-    }
-    match key {
-        Some(k) => {
-            for p in payloads {
-                producer.send_keyed(k, p).await?;
-            }
-        }
-        None => producer.send_batch(payloads).await?,
-    }
-    Ok(if as_json {
-        format!("{}\n", json!({"queue": queue, "pushed": n}))
-    } else {
-        eprintln!("pushed {n} message(s) to {queue}");
-        String::new()
-    })
+/// What `pop` and `consume` write.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputFormat {
+    /// NUL after each payload instead of a newline (`-0`).
+    pub null: bool,
+    /// A JSON document instead of raw payloads.
+    pub json: bool,
 }
 
-/// `slotq pop QUEUE [-n N] [--wait SECS]`.
+/// Writes a batch of messages to standard output as it arrives; on an at-least-once
+/// queue with `ack`, acknowledges exactly those written. If the output fails, gives back
+/// what was not written (and what the consumer still holds) and returns the error.
+pub async fn write_batch(
+    out: &mut RawOut,
+    consumer: &mut slotq::Consumer,
+    batch: Vec<slotq::Message>,
+    null: bool,
+    ack: bool,
+) -> Result<(), CliError> {
+    let sep = if null { 0 } else { b'\n' };
+    let (n, error) = out.write_items(batch.iter().map(|m| m.payload.as_slice()), sep);
+    if ack {
+        consumer.ack_all(&batch[..n]).await?;
+    }
+    match error {
+        None => Ok(()),
+        Some(error) => Err(give_back(consumer, &batch[n..], error).await),
+    }
+}
+
+/// Gives back `unwritten` (the caller then closes the consumer, which gives back what it
+/// popped and did not hand out); the error to return.
+pub async fn give_back(
+    consumer: &mut slotq::Consumer,
+    unwritten: &[slotq::Message],
+    error: std::io::Error,
+) -> CliError {
+    match consumer.release_all(unwritten).await {
+        Ok(_) => CliError::Output {
+            error,
+            given_back: unwritten.len(),
+        },
+        Err(e) => CliError::Other(format!(
+            "writing output: {error}; and giving back {} message(s) not written failed: {e}",
+            unwritten.len()
+        )),
+    }
+}
+
+/// `slotq pop QUEUE [-n N] [--wait SECS]`: writes each batch as it arrives.
 pub async fn pop(
     cluster: &Cluster,
     queue: &str,
     count: usize,
     wait: f64,
     ack: bool,
-    as_json: bool,
+    format: OutputFormat,
 ) -> Result<String, CliError> {
     if count == 0 {
         return Err(CliError::Usage("-n must be at least 1".into()));
@@ -82,16 +82,21 @@ pub async fn pop(
             "--ack needs an at-least-once queue; {queue} is at-most-once (pops are final)"
         )));
     }
+    let mut out = RawOut::stdout().map_err(|error| CliError::Output {
+        error,
+        given_back: 0,
+    })?;
     let per_shard = count.div_ceil(q.shards().shards.len().max(1)).max(1);
     // A one-off pop reads every shard itself: it takes no shards from a running group.
     let mut consumer = q.consumer().without_group().pop_batch(per_shard).build()?;
     let wait = Duration::from_secs_f64(wait).max(Duration::from_millis(1));
-    let mut out = Vec::new();
-    while out.len() < count {
+    let mut taken = 0usize;
+    let mut kept = Vec::new();
+    while taken < count {
         let got = consumer
             .recv_batch_timeout(
-                count - out.len(),
-                if out.is_empty() {
+                count - taken,
+                if taken == 0 {
                     wait
                 } else {
                     Duration::from_millis(1)
@@ -101,15 +106,38 @@ pub async fn pop(
         if got.is_empty() {
             break;
         }
-        out.extend(got);
+        taken += got.len();
+        if format.json {
+            kept.extend(got);
+        } else if let Err(e) = write_batch(&mut out, &mut consumer, got, format.null, ack).await {
+            consumer.close().await;
+            return Err(e);
+        }
+    }
+    if format.json {
+        let items: Vec<serde_json::Value> = kept
+            .iter()
+            .map(|m| {
+                let (field, payload) = crate::output::payload_json(&m.payload);
+                let mut v = json!({"shard": &*m.shard, "id": m.id.map(|i| i.to_string()), "attempt": m.attempt});
+                v[field] = payload;
+                v
+            })
+            .collect();
+        let text = format!("{}\n", serde_json::Value::Array(items));
+        if let Err(error) = out.write_all(text.as_bytes()) {
+            let e = give_back(&mut consumer, &kept, error).await;
+            consumer.close().await;
+            return Err(e);
+        }
+        if ack {
+            consumer.ack_all(&kept).await?;
+        }
     }
     if reliable {
-        if ack {
-            consumer.ack_all(&out).await?;
-        } else if !out.is_empty() {
+        if !ack && taken > 0 {
             eprintln!(
-                "{} message(s) leased, not acknowledged: they return when the lease expires (use --ack)",
-                out.len()
+                "{taken} message(s) leased, not acknowledged: they return when the lease expires (use --ack)"
             );
         }
         // Whatever the consumer popped beyond `count` must not sit out a lease.
@@ -128,20 +156,7 @@ pub async fn pop(
         }
     }
     consumer.close().await;
-    Ok(if as_json {
-        let items: Vec<_> = out
-            .iter()
-            .map(|m| {
-                json!({"shard": &*m.shard, "payload": String::from_utf8_lossy(&m.payload),
-                       "id": m.id.map(|i| i.to_string()), "attempt": m.attempt})
-            })
-            .collect();
-        format!("{}\n", serde_json::Value::Array(items))
-    } else {
-        out.iter()
-            .map(|m| format!("{}\n", String::from_utf8_lossy(&m.payload)))
-            .collect()
-    })
+    Ok(String::new())
 }
 
 /// `slotq stats QUEUE`.

@@ -43,18 +43,28 @@ pub(super) async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<M
 
 /// Pushes popped payloads back to the head of their list, first one first.
 pub(super) async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
-    if payloads.is_empty() {
-        return;
-    }
     let n = payloads.len();
+    if let Err(e) = push_to_head(cluster, slot, key, payloads).await {
+        tracing::error!(key, count = n, cause = %e, "could not return popped messages");
+    }
+}
+
+/// Pushes payloads to the head of their list, first one first (`LPUSH`, reversed).
+pub(super) async fn push_to_head(
+    cluster: &Cluster,
+    slot: Slot,
+    key: &str,
+    payloads: Vec<Vec<u8>>,
+) -> Result<()> {
+    if payloads.is_empty() {
+        return Ok(());
+    }
     let mut cmd = redis::cmd("LPUSH");
     cmd.arg(key);
     for p in payloads.iter().rev() {
         cmd.arg(p.as_slice());
     }
-    if let Err(e) = cluster.query::<Value>(slot, &cmd).await {
-        tracing::error!(key, count = n, cause = %e, "could not return popped messages");
-    }
+    cluster.query::<Value>(slot, &cmd).await.map(|_| ())
 }
 
 /// Parses an `LPOP key count` reply (nil or an array of payloads).

@@ -189,10 +189,43 @@ impl Consumer {
     }
 
     /// Gives messages back without counting a delivery: they go to the head of their shard
-    /// at once (for messages taken but not worked on).
+    /// at once, in their order (for messages taken but not worked on, or not written
+    /// where they were meant to go). At-least-once messages are released from their
+    /// leases; at-most-once messages, which left Redis when they were popped, are pushed
+    /// back to the head of their shard (counted in the report as settled).
     pub async fn release_all(&self, msgs: &[Message]) -> Result<SettleReport> {
-        let refs: Vec<&LeaseRef> = msgs.iter().map(Message::lease).collect::<Result<_>>()?;
-        lease::settle_many(&refs, Settle::Release).await
+        let (leased, plain): (Vec<&Message>, Vec<&Message>) =
+            msgs.iter().partition(|m| m.lease.is_some());
+        let refs: Vec<&LeaseRef> = leased
+            .into_iter()
+            .map(Message::lease)
+            .collect::<Result<_>>()?;
+        let mut report = if refs.is_empty() {
+            SettleReport::default()
+        } else {
+            lease::settle_many(&refs, Settle::Release).await?
+        };
+        // Plain messages: per shard, in their order, to the head.
+        let mut by_shard: Vec<(Arc<str>, Vec<Vec<u8>>)> = Vec::new();
+        for m in plain {
+            match by_shard.iter_mut().find(|(t, _)| *t == m.shard) {
+                Some((_, v)) => v.push(m.payload.clone()),
+                None => by_shard.push((m.shard.clone(), vec![m.payload.clone()])),
+            }
+        }
+        for (tag, payloads) in by_shard {
+            let n = payloads.len();
+            let key = ready_key(self.queue.prefix(), &tag);
+            giveback::push_to_head(
+                self.queue.cluster(),
+                crate::slot::tag_slot(&tag),
+                &key,
+                payloads,
+            )
+            .await?;
+            report.settled += n;
+        }
+        Ok(report)
     }
 
     /// Negatively acknowledges many messages at once (see [`Message::nack`]).

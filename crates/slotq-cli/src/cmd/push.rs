@@ -1,0 +1,173 @@
+//! `slotq push`: the arguments, or standard input streamed as it arrives.
+//!
+//! Standard input is read as bytes on a thread of its own, one message per line (or per
+//! NUL with `-0`); a message never has to be valid UTF-8. Messages go out in batches as
+//! they come: a batch is sent when it holds 1,000 messages or when the input pauses (no
+//! more bytes ready right now), so `tail -F app.log | slotq push logs` sends each line
+//! within a round trip. At most a few batches are read ahead, so memory stays bounded
+//! however large the input. A bad message (empty, or larger than a payload may be) stops
+//! the push: it is reported with its line number, and the messages before it stay sent.
+
+use std::io::BufRead;
+
+use serde_json::json;
+use slotq::{Client, Cluster};
+use tokio::sync::mpsc;
+
+use crate::CliError;
+
+/// Messages per batch handed to the producer.
+const BATCH: usize = 1000;
+/// Batches read ahead of the sending.
+const READ_AHEAD: usize = 8;
+
+/// How `slotq push` runs.
+pub struct Options {
+    /// Send keyed.
+    pub key: Option<String>,
+    /// Create a missing queue in at-least-once mode with this many attempts.
+    pub reliable: Option<u32>,
+    /// NUL-separated input.
+    pub null: bool,
+    /// JSON summary.
+    pub json: bool,
+}
+
+/// What the reader thread hands over: a batch with the line number of its first message,
+/// or the read error that ended the input.
+enum Read {
+    Batch(u64, Vec<Vec<u8>>),
+    Failed(std::io::Error),
+}
+
+/// Pushes the arguments, or standard input.
+pub async fn run(
+    cluster: &Cluster,
+    queue: &str,
+    messages: &[String],
+    opts: Options,
+) -> Result<String, CliError> {
+    let mut builder = Client::from_cluster(cluster.clone()).queue(queue);
+    if let Some(max_attempts) = opts.reliable {
+        builder = builder.max_attempts(max_attempts);
+    }
+    let q = builder.open().await?;
+    let producer = q.producer().build()?;
+    let mut sent = 0u64;
+    let result = if messages.is_empty() {
+        stream_stdin(&producer, opts.key.as_deref(), opts.null, &mut sent).await
+    } else {
+        let batch: Vec<Vec<u8>> = messages.iter().map(|m| m.clone().into_bytes()).collect();
+        send(&producer, opts.key.as_deref(), 1, batch, &mut sent).await
+    };
+    if let Err(e) = result {
+        if sent > 0 {
+            eprintln!("pushed {sent} message(s) to {queue} before stopping");
+        }
+        return Err(e);
+    }
+    Ok(if opts.json {
+        format!("{}\n", json!({"queue": queue, "pushed": sent}))
+    } else {
+        eprintln!("pushed {sent} message(s) to {queue}");
+        String::new()
+    })
+}
+
+/// Sends a batch (first message on line `first`); a bad message stops it: the messages
+/// before it are sent, then the error is returned.
+async fn send(
+    producer: &slotq::Producer,
+    key: Option<&str>,
+    first: u64,
+    mut batch: Vec<Vec<u8>>,
+    sent: &mut u64,
+) -> Result<(), CliError> {
+    let bad = batch.iter().enumerate().find_map(|(i, p)| {
+        slotq::producer::check_payload(
+            p.len(),
+            slotq::producer::DEFAULT_MAX_PAYLOAD,
+            slotq::EmptyPayloads::Reject,
+        )
+        .err()
+        .map(|e| CliError::Usage(format!("message {}: {e}", first + i as u64)))
+        .map(|e| (i, e))
+    });
+    if let Some((i, _)) = &bad {
+        batch.truncate(*i);
+    }
+    let n = batch.len() as u64;
+    match key {
+        Some(k) => {
+            let sends = batch.into_iter().map(|p| producer.send_keyed(k, p));
+            for r in futures::future::join_all(sends).await {
+                r?;
+            }
+        }
+        None if n > 0 => producer.send_batch(batch).await?,
+        None => {}
+    }
+    *sent += n;
+    bad.map_or(Ok(()), |(_, e)| Err(e))
+}
+
+async fn stream_stdin(
+    producer: &slotq::Producer,
+    key: Option<&str>,
+    null: bool,
+    sent: &mut u64,
+) -> Result<(), CliError> {
+    let (tx, mut rx) = mpsc::channel::<Read>(READ_AHEAD);
+    let sep = if null { 0 } else { b'\n' };
+    std::thread::spawn(move || read_stdin(sep, &tx));
+    while let Some(read) = rx.recv().await {
+        match read {
+            Read::Batch(first, batch) => send(producer, key, first, batch, sent).await?,
+            Read::Failed(e) => {
+                return Err(CliError::Other(format!("reading standard input: {e}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reader thread: splits standard input at `sep` and hands over a batch when it is
+/// full or when no more input is ready.
+fn read_stdin(sep: u8, tx: &mpsc::Sender<Read>) {
+    let mut input = std::io::BufReader::with_capacity(1 << 16, std::io::stdin());
+    let mut batch = Vec::new();
+    let mut line = 0u64;
+    let mut first = 1u64;
+    let mut item = Vec::new();
+    loop {
+        item.clear();
+        match input.read_until(sep, &mut item) {
+            Ok(0) => break,
+            Ok(_) => {
+                if item.last() == Some(&sep) {
+                    item.pop();
+                }
+                line += 1;
+                if batch.is_empty() {
+                    first = line;
+                }
+                batch.push(std::mem::take(&mut item));
+                // Send when full, or when nothing more is buffered (the input paused).
+                if batch.len() >= BATCH || input.buffer().is_empty() {
+                    let full = std::mem::take(&mut batch);
+                    if tx.blocking_send(Read::Batch(first, full)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.blocking_send(Read::Failed(e));
+                return;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Read::Batch(first, batch));
+    }
+}
