@@ -6,10 +6,10 @@
 //! flight (bounded by `max_batch_messages` / `max_batch_bytes`, after an optional
 //! `linger`). A send resolves only after Redis acknowledged its batch.
 //!
-//! Unkeyed sends stick to one lane for [`CHOICE_SPAN`] messages, then take the healthy
+//! Unkeyed sends stick to one lane for `CHOICE_SPAN` (100) messages, then take the healthy
 //! lane whose shard is shallowest as far as this producer knows: a snapshot of every
 //! shard's depth (read at the first send and every second after), plus every message this
-//! producer has put there since, in flight or queued (see [`lanes::least_loaded`]). Chunks
+//! producer has put there since, in flight or queued (see `lanes::least_loaded`). Chunks
 //! of one lane merge into batches of up to `max_batch_messages`, so the span is only the
 //! grain of the balance, not the size of a push. Keyed sends use a jump consistent hash of
 //! the key over the active shards, so each key's messages stay in one shard, in order.
