@@ -172,6 +172,23 @@ pub enum Command {
         /// Queue name.
         queue: String,
     },
+    /// Every slotq queue on the cluster: mode, shards, depth, in flight, dead letters.
+    ///
+    /// Example: slotq queues --json
+    Queues,
+    /// The head of each shard, nothing removed (at most N messages a shard).
+    ///
+    /// Example: slotq peek orders -n 5
+    Peek {
+        /// Queue name.
+        queue: String,
+        /// Most messages per shard.
+        #[arg(short = 'n', long = "count", default_value_t = 10)]
+        count: usize,
+        /// Write a NUL after each payload instead of a newline.
+        #[arg(short = '0', long)]
+        null: bool,
+    },
     /// Benchmark: push only, pop only, then push and pop together.
     ///
     /// Example: slotq bench --messages 1000000 --size 64 --producers 4 --consumers 4

@@ -216,6 +216,14 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             let cluster = connect(cli).await?;
             cmd::queue::plan(&cluster, queue, *shards_per_master, cli.json).await
         }
+        Command::Queues => {
+            let cluster = connect(cli).await?;
+            cmd::inspect::queues(&cluster, cli.json).await
+        }
+        Command::Peek { queue, count, null } => {
+            let cluster = connect(cli).await?;
+            cmd::inspect::peek(&cluster, queue, *count, *null, cli.json).await
+        }
         Command::Expand { queue } => {
             let cluster = connect(cli).await?;
             cmd::queue::expand(&cluster, queue, cli.json).await

@@ -199,3 +199,58 @@ fn a_consumer_stopped_with_sigterm_gives_back_what_it_did_not_write() {
     );
     assert_eq!(read as u64 + left, 300_000);
 }
+
+#[test]
+fn queues_and_peek_look_without_taking() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let o = run(&["--url", &url, "queues"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, b"no slotq queues on this cluster\n");
+    assert!(
+        run_with_input(&["--url", &url, "push", "plain"], b"1\n2\n3\n")
+            .status
+            .success()
+    );
+    assert!(
+        run_with_input(
+            &["--url", &url, "push", "--reliable", "sure"],
+            b"a\ncaf\xe9\n"
+        )
+        .status
+        .success()
+    );
+
+    let o = run(&["--url", &url, "--json", "queues"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["plain", "sure"], "{v}");
+    assert_eq!(v[0]["mode"], "at-most-once");
+    assert_eq!(v[0]["depth"], 3);
+    assert_eq!(v[0]["shards"], 3);
+    assert_eq!(v[1]["mode"], "at-least-once");
+    assert_eq!(v[1]["depth"], 2);
+    assert_eq!(v[1]["in_flight"], 0);
+
+    // The head of each shard, in order; nothing removed.
+    let o = run(&["--url", &url, "peek", "plain", "-n", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, b"1\n2\n");
+    let o = run(&["--url", &url, "--json", "peek", "sure"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["payload"], "a", "{v}");
+    assert_eq!(v[1]["payload_base64"], "Y2Fm6Q==", "{v}");
+    assert!(v[0]["id"].is_string());
+    assert_eq!(depth(&url, "plain"), 3);
+    assert_eq!(depth(&url, "sure"), 2);
+
+    let o = run(&["--url", &url, "peek", "missing"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let o = run(&["--url", &url, "peek", "plain", "-n", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -5,6 +5,7 @@ pub mod consume;
 pub mod demo;
 pub mod dev_cluster;
 pub mod group;
+pub mod inspect;
 pub mod keyslot;
 pub mod push;
 pub mod queue;

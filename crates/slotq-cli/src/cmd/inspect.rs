@@ -1,0 +1,180 @@
+//! Looking without touching: `slotq queues` (every queue on the cluster) and `slotq peek`
+//! (the head of each shard, nothing removed).
+
+use serde_json::json;
+use slotq::Cluster;
+use slotq::redis::{self, Value};
+
+use crate::CliError;
+use crate::output::{RawOut, payload_json, table};
+
+/// Registry keys on every master: `<prefix>:{<queue>}:meta`.
+async fn queue_names(cluster: &Cluster) -> Result<Vec<String>, CliError> {
+    let prefix = slotq::placement::DEFAULT_PREFIX;
+    let pattern = format!("{prefix}:{{*}}:meta");
+    let mut names = std::collections::BTreeSet::new();
+    let masters: Vec<slotq::NodeAddr> = cluster
+        .topology()
+        .masters()
+        .iter()
+        .map(|m| m.addr.clone())
+        .collect();
+    for addr in masters {
+        let mut cursor = "0".to_string();
+        loop {
+            let cmd = redis::cmd("SCAN")
+                .arg(&cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone();
+            let (next, keys): (String, Vec<String>) = cluster.node_query(&addr, &cmd).await?;
+            for k in keys {
+                if let Some(name) = k
+                    .strip_prefix(&format!("{prefix}:{{"))
+                    .and_then(|r| r.strip_suffix("}:meta"))
+                {
+                    names.insert(name.to_string());
+                }
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// `slotq queues`: every slotq queue on the cluster with its mode, shards and totals.
+pub async fn queues(cluster: &Cluster, as_json: bool) -> Result<String, CliError> {
+    let mut rows = Vec::new();
+    let mut items = Vec::new();
+    for name in queue_names(cluster).await? {
+        let q = super::queue::open_existing(cluster, &name).await?;
+        let stats = q.stats().await?;
+        let sum = |f: fn(&slotq::ShardStats) -> Option<u64>| -> Option<u64> {
+            stats.iter().map(f).sum::<Option<u64>>()
+        };
+        let depth: u64 = stats.iter().map(|s| s.depth).sum();
+        let (in_flight, dead) = (sum(|s| s.in_flight), sum(|s| s.dead));
+        let mode = match q.mode() {
+            slotq::DeliveryMode::AtMostOnce => "at-most-once",
+            _ => "at-least-once",
+        };
+        let shards = q.shards().shards.len();
+        items.push(
+            json!({"queue": name, "mode": mode, "shards": shards, "depth": depth,
+                          "in_flight": in_flight, "dead": dead}),
+        );
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        rows.push(vec![
+            name,
+            mode.to_string(),
+            shards.to_string(),
+            depth.to_string(),
+            opt(in_flight),
+            opt(dead),
+        ]);
+    }
+    if as_json {
+        return Ok(format!("{}\n", serde_json::Value::Array(items)));
+    }
+    if rows.is_empty() {
+        return Ok("no slotq queues on this cluster\n".into());
+    }
+    Ok(table(
+        &["QUEUE", "MODE", "SHARDS", "DEPTH", "IN FLIGHT", "DEAD"],
+        &rows,
+    ))
+}
+
+/// `slotq peek QUEUE [-n N]`: up to N messages from the head of each shard, in order,
+/// nothing removed (`LRANGE`; at-least-once frames are opened to their messages).
+pub async fn peek(
+    cluster: &Cluster,
+    queue: &str,
+    count: usize,
+    null: bool,
+    as_json: bool,
+) -> Result<String, CliError> {
+    if count == 0 {
+        return Err(CliError::Usage("-n must be at least 1".into()));
+    }
+    let q = super::queue::open_existing(cluster, queue).await?;
+    let reliable = q.mode() != slotq::DeliveryMode::AtMostOnce;
+    let set = q.shards();
+    let cmds = set
+        .shards
+        .iter()
+        .map(|s| {
+            // A frame holds many messages: the first `count` elements hold at least
+            // `count` messages.
+            let cmd = redis::cmd("LRANGE")
+                .arg(q.ready_key(&s.tag))
+                .arg(0)
+                .arg(count as i64 - 1)
+                .clone();
+            (s.slot, cmd)
+        })
+        .collect();
+    let replies = cluster.batch(cmds, cluster.default_opts()).await;
+    let mut peeked: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
+    for (s, r) in set.shards.iter().zip(replies) {
+        let items: Vec<Vec<u8>> = match r? {
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => Some(b),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut taken = 0;
+        for item in items {
+            if reliable {
+                // KEEP entries hold the keys of a shard in place; they are no messages.
+                let Ok(envelopes) = slotq::lease::decode_frame(&item) else {
+                    continue;
+                };
+                for e in envelopes {
+                    if taken == count {
+                        break;
+                    }
+                    let env = slotq::lease::decode_envelope(e)?;
+                    peeked.push((s.tag.clone(), env.payload, Some(env.id.to_string())));
+                    taken += 1;
+                }
+            } else if taken < count {
+                peeked.push((s.tag.clone(), item, None));
+                taken += 1;
+            }
+        }
+    }
+    if as_json {
+        let items: Vec<serde_json::Value> = peeked
+            .iter()
+            .map(|(shard, payload, id)| {
+                let (field, p) = payload_json(payload);
+                let mut v = json!({"shard": shard, "id": id});
+                v[field] = p;
+                v
+            })
+            .collect();
+        return Ok(format!("{}\n", serde_json::Value::Array(items)));
+    }
+    let mut out = RawOut::stdout().map_err(|error| CliError::Output {
+        error,
+        given_back: 0,
+    })?;
+    let sep = if null { 0 } else { b'\n' };
+    if let (_, Some(error)) = out.write_items(peeked.iter().map(|(_, p, _)| p.as_slice()), sep) {
+        return Err(CliError::Output {
+            error,
+            given_back: 0,
+        });
+    }
+    Ok(String::new())
+}
