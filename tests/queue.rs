@@ -383,3 +383,72 @@ async fn bad_input_is_refused_and_loses_nothing() {
         .unwrap_err();
     assert!(matches!(err, Error::QueueNotFound(_)), "{err:?}");
 }
+
+/// Deleting a queue removes every key of it (ready lists, leases, counts, dead letters,
+/// groups, the registry), and producers and consumers still using it get a typed error
+/// instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_leaves_no_key_and_its_users_get_a_typed_error() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("doomed").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..1000).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+    // Some leased, one nacked to the dead letters, a group member with a heartbeat.
+    let mut member = q.consumer().build().unwrap();
+    let taken = member.recv_batch(10).await.unwrap();
+    taken[0].nack(None).await.unwrap();
+    let idle = client.queue("doomed").open().await.unwrap();
+    let mut waiting = idle.consumer().build().unwrap();
+    let waiter = tokio::spawn(async move {
+        loop {
+            match waiting.recv().await {
+                Ok(m) => drop(m),
+                Err(e) => return e,
+            }
+        }
+    });
+    let dbsize = || -> i64 {
+        c.masters()
+            .into_iter()
+            .map(|m| c.node(m).cmd::<i64>(&redis::cmd("DBSIZE")).unwrap())
+            .sum()
+    };
+    assert!(dbsize() > 3);
+
+    let report = q.delete().await.unwrap();
+    assert_eq!(report.shards, 3);
+    assert!(report.keys > 3 && report.messages <= 1000, "{report:?}");
+    assert_eq!(dbsize(), 0, "every key of the queue is gone");
+
+    // Users of the queue find out within a registry poll or two.
+    let started = Instant::now();
+    let err = loop {
+        match producer.send("late").await {
+            Err(e) => break e,
+            Ok(()) => assert!(started.elapsed() < Duration::from_secs(5), "sends go on"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(matches!(err, slotq::Error::QueueNotFound(_)), "{err}");
+    let err = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("a consumer of a deleted queue does not wait forever")
+        .unwrap();
+    assert!(matches!(err, slotq::Error::QueueNotFound(_)), "{err}");
+    assert!(matches!(
+        member.recv_batch_timeout(10, Duration::from_secs(3)).await,
+        Err(slotq::Error::QueueNotFound(_))
+    ));
+    // Nobody wrote to it after the delete.
+    drop(member);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dbsize(), 0, "no key written after the delete");
+    assert!(
+        client.queue("doomed").must_exist().open().await.is_err(),
+        "the registry is gone"
+    );
+}

@@ -172,6 +172,17 @@ pub enum Command {
         /// Queue name.
         queue: String,
     },
+    /// Delete a queue: every key of it on every node (messages, leases, dead letters,
+    /// groups). Producers and consumers still using it fail with "does not exist".
+    ///
+    /// Example: slotq delete orders --yes
+    Delete {
+        /// Queue name.
+        queue: String,
+        /// Really delete (without it, nothing is deleted).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Every slotq queue on the cluster: mode, shards, depth, in flight, dead letters.
     ///
     /// Example: slotq queues --json

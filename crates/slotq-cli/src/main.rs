@@ -216,6 +216,10 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             let cluster = connect(cli).await?;
             cmd::queue::plan(&cluster, queue, *shards_per_master, cli.json).await
         }
+        Command::Delete { queue, yes } => {
+            let cluster = connect(cli).await?;
+            cmd::inspect::delete(&cluster, queue, *yes, cli.json).await
+        }
         Command::Queues => {
             let cluster = connect(cli).await?;
             cmd::inspect::queues(&cluster, cli.json).await

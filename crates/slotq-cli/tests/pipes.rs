@@ -253,4 +253,26 @@ fn queues_and_peek_look_without_taking() {
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let o = run(&["--url", &url, "peek", "plain", "-n", "0"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // Delete: refused without --yes (nothing removed), then every key of the queue.
+    let o = run(&["--url", &url, "delete", "plain"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--yes"), "{}", stderr(&o));
+    assert_eq!(depth(&url, "plain"), 3);
+    let o = run(&["--url", &url, "--json", "delete", "plain", "--yes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["messages"], 3, "{v}");
+    assert_eq!(v["shards"], 3, "{v}");
+    let o = run(&["--url", &url, "--json", "queues"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        1,
+        "only the other queue is left: {v}"
+    );
+    assert_eq!(
+        run(&["--url", &url, "peek", "plain"]).status.code(),
+        Some(4)
+    );
 }

@@ -356,6 +356,9 @@ impl Beat {
             Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
             _ => String::new(),
         };
+        if let Some(Value::Int(-2)) = items.first() {
+            return Err(Error::QueueNotFound(self.queue.name().to_string()));
+        }
         if let Some(Value::Int(-1)) = items.first() {
             return Err(Error::GroupModeMismatch {
                 group: self.cfg.name.clone(),

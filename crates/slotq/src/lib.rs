@@ -63,6 +63,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod consumer;
+pub mod delete;
 pub mod error;
 pub mod group;
 pub mod lease;

@@ -121,6 +121,8 @@ impl QueueBuilder {
             checking: AtomicBool::new(false),
             registry_poll: self.registry_poll,
             bulk_limit: std::sync::atomic::AtomicU64::new(DEFAULT_BULK_LIMIT),
+            deleted: AtomicBool::new(false),
+            live_check: tokio::sync::Mutex::new(()),
             scripts: Scripts::new(),
             lease_scripts: Arc::new(crate::lease::LeaseScripts::new()),
             group_script: Arc::new(Script::new(include_str!("lua/group_beat.lua"))),
@@ -185,13 +187,18 @@ pub(crate) struct QueueInner {
     shards: RwLock<Arc<ShardSet>>,
     checked: Mutex<Instant>,
     checking: AtomicBool,
-    registry_poll: Duration,
+    pub(crate) registry_poll: Duration,
     pub(crate) scripts: Scripts,
     pub(crate) lease_scripts: Arc<crate::lease::LeaseScripts>,
     /// The consumer-group heartbeat.
     pub(crate) group_script: Arc<Script>,
     /// The server's largest string (`proto-max-bulk-len`), read when the queue is opened.
     pub(crate) bulk_limit: std::sync::atomic::AtomicU64,
+    /// The registry was found gone (the queue was deleted): sends and receives fail with
+    /// [`Error::QueueNotFound`].
+    pub(crate) deleted: AtomicBool,
+    /// One registry look at a time in [`Queue::check_live`].
+    live_check: tokio::sync::Mutex<()>,
 }
 
 /// One shard's numbers, from [`Queue::stats`].
@@ -246,6 +253,42 @@ impl Queue {
     /// The router this queue uses.
     pub fn cluster(&self) -> &Cluster {
         &self.inner.cluster
+    }
+
+    /// Fails with [`Error::QueueNotFound`] once the queue was found deleted (its registry
+    /// gone). When the last look at the registry is older than the registry poll (1 s by
+    /// default), this looks again before answering, and every caller waits for that one
+    /// look: a producer that was idle while the queue was deleted must not write to it.
+    pub(crate) async fn check_live(&self) -> Result<()> {
+        let due =
+            |inner: &QueueInner| inner.checked.lock().unwrap().elapsed() >= inner.registry_poll;
+        if due(&self.inner) && !self.inner.deleted.load(Ordering::Acquire) {
+            let _one = self.inner.live_check.lock().await;
+            if due(&self.inner) {
+                let seen: Result<Option<u64>> = self
+                    .inner
+                    .cluster
+                    .query_with(
+                        self.inner.meta_slot,
+                        redis::cmd("HGET").arg(&self.inner.meta).arg("version"),
+                        self.inner.idempotent(),
+                    )
+                    .await;
+                match seen {
+                    Ok(None) => self.inner.deleted.store(true, Ordering::Release),
+                    Ok(Some(v)) if v != self.inner.shards.read().unwrap().version => {
+                        self.inner.reload().await?;
+                    }
+                    // Unreachable registry: the send or receive finds out on its own.
+                    _ => {}
+                }
+                *self.inner.checked.lock().unwrap() = Instant::now();
+            }
+        }
+        if self.inner.deleted.load(Ordering::Acquire) {
+            return Err(Error::QueueNotFound(self.inner.name.clone()));
+        }
+        Ok(())
     }
 
     /// The current shard set; looks for a newer registry version in the background at
@@ -731,6 +774,10 @@ impl QueueInner {
                 )
                 .await;
             match seen {
+                Ok(None) if known > 0 => {
+                    tracing::warn!(queue = %me.name, "the queue's registry is gone: the queue was deleted");
+                    me.deleted.store(true, Ordering::Release);
+                }
                 Ok(Some(v)) if v != known => {
                     if let Err(e) = me.reload().await {
                         tracing::warn!(queue = %me.name, cause = %e, "registry reload failed");

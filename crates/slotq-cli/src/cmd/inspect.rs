@@ -1,5 +1,5 @@
-//! Looking without touching: `slotq queues` (every queue on the cluster) and `slotq peek`
-//! (the head of each shard, nothing removed).
+//! Queues as a whole: `slotq queues` (every queue on the cluster), `slotq peek` (the head
+//! of each shard, nothing removed) and `slotq delete`.
 
 use serde_json::json;
 use slotq::Cluster;
@@ -177,4 +177,31 @@ pub async fn peek(
         });
     }
     Ok(String::new())
+}
+
+/// `slotq delete QUEUE --yes`.
+pub async fn delete(
+    cluster: &Cluster,
+    queue: &str,
+    yes: bool,
+    as_json: bool,
+) -> Result<String, CliError> {
+    let q = super::queue::open_existing(cluster, queue).await?;
+    if !yes {
+        return Err(CliError::Usage(format!(
+            "this deletes every message of {queue}; add --yes to do it"
+        )));
+    }
+    let r = q.delete().await?;
+    Ok(if as_json {
+        format!(
+            "{}\n",
+            json!({"queue": queue, "keys": r.keys, "messages": r.messages, "shards": r.shards})
+        )
+    } else {
+        format!(
+            "deleted {queue}: {} shard(s), {} key(s), {} ready message(s)\n",
+            r.shards, r.keys, r.messages
+        )
+    })
 }

@@ -99,6 +99,7 @@ impl Consumer {
     /// The next message; waits (blocking server-side) until there is one.
     pub async fn recv(&mut self) -> Result<Message> {
         loop {
+            self.queue.check_live().await?;
             self.sync_group().await?;
             self.release_stale();
             if let Some(m) = self.buffer.pop_front() {
@@ -114,6 +115,7 @@ impl Consumer {
     /// Up to `max` messages; waits until there is at least one.
     pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Message>> {
         loop {
+            self.queue.check_live().await?;
             self.sync_group().await?;
             self.release_stale();
             if !self.buffer.is_empty() {
@@ -131,6 +133,7 @@ impl Consumer {
     ) -> Result<Vec<Message>> {
         let deadline = Instant::now() + timeout;
         loop {
+            self.queue.check_live().await?;
             self.sync_group().await?;
             self.release_stale();
             if !self.buffer.is_empty() || Instant::now() >= deadline {
@@ -305,6 +308,7 @@ impl Consumer {
     /// Gets at least one message into the buffer, or returns at the deadline.
     async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
         loop {
+            self.queue.check_live().await?;
             while let Ok(batch) = self.inbox_rx.try_recv() {
                 self.buffer.extend(batch);
             }

@@ -11,7 +11,11 @@
 -- Returns {gen, owned, released, waiting, deep, members}: space-separated shard numbers
 -- (owned: pop them; released: stop and confirm by leaving them out of 'held'; waiting:
 -- yours once the old owner let go; deep: others' deep shards, to steal from).
--- Or {-1, mode} when the group runs in the other mode.
+-- Or {-1, mode} when the group runs in the other mode; {-2} when the queue's registry is
+-- gone (the queue was deleted: nothing is written, so a member cannot bring its group back).
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {-2}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, timeout, leaving = ARGV[1], tonumber(ARGV[2]), ARGV[3] == 'leave'

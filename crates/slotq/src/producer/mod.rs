@@ -94,6 +94,7 @@ impl Producer {
 
     /// Sends one message to some healthy shard; resolves when Redis stored it.
     pub async fn send(&self, payload: impl Into<Vec<u8>>) -> Result<()> {
+        self.inner.cfg.queue.check_live().await?;
         let payload = payload.into();
         self.inner.check(&payload)?;
         let payload = self.inner.wrap(payload);
@@ -111,6 +112,7 @@ impl Producer {
         key: impl AsRef<[u8]>,
         payload: impl Into<Vec<u8>>,
     ) -> Result<()> {
+        self.inner.cfg.queue.check_live().await?;
         let payload = payload.into();
         self.inner.check(&payload)?;
         let payload = self.inner.wrap(payload);
@@ -126,6 +128,7 @@ impl Producer {
         &self,
         payloads: impl IntoIterator<Item = P>,
     ) -> Result<()> {
+        self.inner.cfg.queue.check_live().await?;
         let payloads: Vec<Vec<u8>> = payloads.into_iter().map(Into::into).collect();
         for p in &payloads {
             self.inner.check(p)?;
