@@ -271,13 +271,26 @@ impl Queue {
                     .query_with(
                         self.inner.meta_slot,
                         redis::cmd("HGET").arg(&self.inner.meta).arg("version"),
-                        self.inner.idempotent(),
+                        // One try, briefly: a registry master that is down must not hold
+                        // up sends to the other masters (the look is retried a poll later).
+                        crate::cluster::RequestOpts {
+                            retry_budget: Duration::ZERO,
+                            timeout: self
+                                .inner
+                                .cluster
+                                .default_opts()
+                                .timeout
+                                .min(Duration::from_millis(500)),
+                            ..self.inner.idempotent()
+                        },
                     )
                     .await;
                 match seen {
                     Ok(None) => self.inner.deleted.store(true, Ordering::Release),
                     Ok(Some(v)) if v != self.inner.shards.read().unwrap().version => {
-                        self.inner.reload().await?;
+                        if let Err(e) = self.inner.reload().await {
+                            tracing::warn!(queue = %self.inner.name, cause = %e, "registry reload failed");
+                        }
                     }
                     // Unreachable registry: the send or receive finds out on its own.
                     _ => {}
