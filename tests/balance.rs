@@ -1,19 +1,12 @@
 //! Pushes spread evenly whatever the producer's shape: one big batch, one producer with
 //! concurrent sends, shards of unequal depth to start with. Real clusters.
 
-use slotq::{Client, Queue};
+use slotq::Client;
 use slotq_testkit::TestCluster;
+use slotq_tests::skew;
 
 async fn client(url: &str) -> Client {
     Client::from_cluster(slotq_tests::router(url).await)
-}
-
-/// Depth per shard and the skew: the deepest over the mean.
-async fn skew(q: &Queue) -> (Vec<u64>, f64) {
-    let d: Vec<u64> = q.stats().await.unwrap().iter().map(|s| s.depth).collect();
-    let mean = d.iter().sum::<u64>() as f64 / d.len() as f64;
-    let max = *d.iter().max().unwrap() as f64;
-    (d, max / mean)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,3 +47,11 @@ pub fn total_commands(c: &slotq_testkit::TestCluster) -> u64 {
         })
         .sum()
 }
+
+/// Depth per shard and the skew: the deepest over the mean.
+pub async fn skew(q: &slotq::Queue) -> (Vec<u64>, f64) {
+    let d: Vec<u64> = q.stats().await.unwrap().iter().map(|s| s.depth).collect();
+    let mean = d.iter().sum::<u64>() as f64 / d.len() as f64;
+    let max = *d.iter().max().unwrap() as f64;
+    (d, max / mean)
+}
