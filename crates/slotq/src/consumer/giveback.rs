@@ -2,7 +2,6 @@
 //! their shard (`LPUSH`, order kept), leased ones released through their lease (no
 //! delivery counted), newest lease first so that the oldest ends up first.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use redis::Value;
@@ -30,15 +29,35 @@ pub(super) async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<M
             tracing::warn!(cause = %e, "could not return leased messages; they return when their lease expires");
         }
     }
-    let left = plain;
-    let mut by_shard: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
-    for m in left {
-        by_shard.entry(m.shard).or_default().push(m.payload);
+    for (shard, result) in plain_to_head(cluster, prefix, &plain).await {
+        if let Err(e) = result {
+            tracing::error!(%shard, cause = %e, "could not return popped messages");
+        }
     }
+}
+
+/// Pushes plain (at-most-once) messages back to the head of their shards, in their order,
+/// one `LPUSH` per shard; the outcome per shard.
+pub(super) async fn plain_to_head(
+    cluster: &Cluster,
+    prefix: &str,
+    msgs: &[Message],
+) -> Vec<(Arc<str>, Result<usize>)> {
+    let mut by_shard: Vec<(Arc<str>, Vec<Vec<u8>>)> = Vec::new();
+    for m in msgs {
+        match by_shard.iter_mut().find(|(t, _)| *t == m.shard) {
+            Some((_, v)) => v.push(m.payload.clone()),
+            None => by_shard.push((m.shard.clone(), vec![m.payload.clone()])),
+        }
+    }
+    let mut out = Vec::with_capacity(by_shard.len());
     for (tag, payloads) in by_shard {
+        let n = payloads.len();
         let key = ready_key(prefix, &tag);
-        give_back(cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
+        let r = push_to_head(cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
+        out.push((tag, r.map(|()| n)));
     }
+    out
 }
 
 /// Pushes popped payloads back to the head of their list, first one first.

@@ -209,24 +209,11 @@ impl Consumer {
             lease::settle_many(&refs, Settle::Release).await?
         };
         // Plain messages: per shard, in their order, to the head.
-        let mut by_shard: Vec<(Arc<str>, Vec<Vec<u8>>)> = Vec::new();
-        for m in plain {
-            match by_shard.iter_mut().find(|(t, _)| *t == m.shard) {
-                Some((_, v)) => v.push(m.payload.clone()),
-                None => by_shard.push((m.shard.clone(), vec![m.payload.clone()])),
-            }
-        }
-        for (tag, payloads) in by_shard {
-            let n = payloads.len();
-            let key = ready_key(self.queue.prefix(), &tag);
-            giveback::push_to_head(
-                self.queue.cluster(),
-                crate::slot::tag_slot(&tag),
-                &key,
-                payloads,
-            )
-            .await?;
-            report.settled += n;
+        let plain: Vec<Message> = plain.into_iter().cloned().collect();
+        for (_, r) in
+            giveback::plain_to_head(self.queue.cluster(), self.queue.prefix(), &plain).await
+        {
+            report.settled += r?;
         }
         Ok(report)
     }
