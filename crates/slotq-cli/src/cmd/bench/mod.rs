@@ -323,6 +323,16 @@ async fn push_phase(
     })
 }
 
+/// p50, p99, p999 and max of a latency histogram, in microseconds.
+pub(super) fn percentiles(h: &Histogram<u64>) -> (u64, u64, u64, u64) {
+    (
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max(),
+    )
+}
+
 /// The least and the most of `counts`, as a share of their mean.
 pub(super) fn spread(counts: &[usize]) -> Option<(f64, f64)> {
     let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
@@ -435,12 +445,7 @@ async fn e2e_phase(
         name: "push+pop",
         messages: args.messages,
         secs,
-        latency_us: Some((
-            hist.value_at_quantile(0.5),
-            hist.value_at_quantile(0.99),
-            hist.value_at_quantile(0.999),
-            hist.max(),
-        )),
+        latency_us: Some(percentiles(&hist)),
     })
 }
 

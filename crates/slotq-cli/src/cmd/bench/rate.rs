@@ -93,12 +93,7 @@ pub(super) async fn rate_phase(
         name: "rate",
         messages: total,
         secs: last.duration_since(origin).as_secs_f64(),
-        latency_us: Some((
-            hist.value_at_quantile(0.5),
-            hist.value_at_quantile(0.99),
-            hist.value_at_quantile(0.999),
-            hist.max(),
-        )),
+        latency_us: Some(super::percentiles(&hist)),
         shares: super::spread(&counts),
         offered: Some((rate, total as f64 / sent_span.as_secs_f64())),
     })
