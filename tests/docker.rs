@@ -86,6 +86,28 @@ fn compose_has_six_healthy_cluster_nodes_and_a_creator() {
         slotq["depends_on"]["cluster-create"]["condition"].as_str(),
         Some("service_completed_successfully")
     );
+
+    // Workers stop with SIGTERM: compose must wait longer than their grace before it kills.
+    let worker = &docs[0]["services"]["worker"];
+    let cmd = strings(&worker["command"]);
+    assert_eq!(&cmd[..3], ["consume", "jobs", "--exec"], "{cmd:?}");
+    let grace: u64 = cmd
+        .iter()
+        .position(|c| c == "--grace")
+        .and_then(|i| cmd.get(i + 1))
+        .and_then(|g| g.parse().ok())
+        .expect("--grace SECS");
+    let stop: u64 = worker["stop_grace_period"]
+        .as_str()
+        .and_then(|s| s.strip_suffix('s'))
+        .and_then(|s| s.parse().ok())
+        .expect("stop_grace_period in seconds");
+    assert!(
+        stop > grace,
+        "compose waits {stop} s, workers need {grace} s"
+    );
+    let handler = repo_file("docker/handler.sh");
+    assert!(handler.starts_with("#!/bin/sh"), "{handler}");
 }
 
 #[test]

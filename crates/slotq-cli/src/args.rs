@@ -91,10 +91,13 @@ pub enum Command {
         #[arg(short = '0', long)]
         null: bool,
     },
-    /// Run as a consumer: print messages as they arrive (one per line) until Ctrl-C,
-    /// optionally serving metrics for Prometheus.
+    /// Run as a consumer: print messages as they arrive (one per line), or run a handler
+    /// command per message (--exec), until Ctrl-C or SIGTERM; optionally serve metrics for
+    /// Prometheus.
     ///
     /// Example: slotq consume orders --ack --metrics 127.0.0.1:9464
+    ///
+    /// Example: slotq consume orders --exec './handle.py' --concurrency 8 --timeout 60
     Consume {
         /// Queue name.
         queue: String,
@@ -115,8 +118,15 @@ pub enum Command {
         #[arg(long)]
         ordered: bool,
         /// Write a NUL after each payload instead of a newline.
-        #[arg(short = '0', long)]
+        #[arg(short = '0', long, conflicts_with = "exec")]
         null: bool,
+        /// At-least-once queues: how long a popped message stays leased before it is
+        /// delivered again (with --exec, leases are extended while the handler runs).
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        lease: Option<std::time::Duration>,
+        /// Run a handler per message instead of printing.
+        #[command(flatten)]
+        exec: ExecArgs,
     },
     /// A consumer group: members, their shards and lag, last heartbeats.
     ///
@@ -326,4 +336,53 @@ pub struct BenchArgs {
     /// With --rate: how long to send, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
+}
+
+/// `slotq consume --exec`: the worker runner.
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// Run CMD through `sh -c` once per message: the payload on its standard input,
+    /// SLOTQ_QUEUE, SLOTQ_SHARD, SLOTQ_MESSAGE_ID and SLOTQ_ATTEMPT in its environment.
+    /// On an at-least-once queue its exit status settles the message: 0 acknowledges,
+    /// anything else (or a timeout) negatively acknowledges it with a backoff delay.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// Handlers running at once.
+    #[arg(long, default_value_t = 1, requires = "exec", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// Stop a handler that runs longer than this (SIGTERM to its process group, SIGKILL
+    /// 2 s later); the run counts as failed.
+    #[arg(long, value_name = "SECS", requires = "exec", value_parser = parse_secs)]
+    pub timeout: Option<std::time::Duration>,
+    /// Delay before a failed message is delivered again: SECS after the first failure,
+    /// doubling with each further attempt.
+    #[arg(long, value_name = "SECS", default_value = "1", requires = "exec", value_parser = parse_secs_or_zero)]
+    pub backoff: std::time::Duration,
+    /// Largest backoff delay.
+    #[arg(long, value_name = "SECS", default_value = "300", requires = "exec", value_parser = parse_secs_or_zero)]
+    pub backoff_max: std::time::Duration,
+    /// On Ctrl-C or SIGTERM: how long running handlers may take to finish before they are
+    /// stopped (and their messages given back).
+    #[arg(long, value_name = "SECS", default_value = "30", requires = "exec", value_parser = parse_secs_or_zero)]
+    pub grace: std::time::Duration,
+}
+
+/// A duration in seconds (fractions allowed), more than zero.
+fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_secs_or_zero(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
+/// A duration in seconds (fractions allowed), zero or more.
+fn parse_secs_or_zero(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= std::time::Duration::from_secs(365 * 24 * 3600))
+        .ok_or_else(|| format!("{s:?} is not between 0 and a year"))
 }

@@ -166,6 +166,8 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             group,
             ordered,
             null,
+            lease,
+            exec,
         } => {
             // The recorder goes in before the router exists, so that nothing is missed.
             let handle = match metrics {
@@ -180,6 +182,18 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                 group: group.clone(),
                 ordered: *ordered,
                 null: *null,
+                lease: *lease,
+                exec: exec.exec.as_ref().map(|command| cmd::exec::Settings {
+                    queue: queue.clone(),
+                    command: command.clone(),
+                    concurrency: usize::from(exec.concurrency),
+                    timeout: exec.timeout,
+                    backoff: exec.backoff,
+                    backoff_max: exec.backoff_max,
+                    grace: exec.grace,
+                    lease: slotq::lease::DEFAULT_LEASE,
+                    count: *count,
+                }),
             };
             cmd::consume::run(&cluster, queue, opts).await
         }

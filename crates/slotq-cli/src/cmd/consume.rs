@@ -51,6 +51,10 @@ pub struct Options {
     pub ordered: bool,
     /// NUL after each payload instead of a newline.
     pub null: bool,
+    /// The consumer's lease (at-least-once queues).
+    pub lease: Option<Duration>,
+    /// Run a handler per message instead of printing (`slotq consume --exec`).
+    pub exec: Option<super::exec::Settings>,
 }
 
 /// Consumes `queue` until Ctrl-C (or `count` messages), printing one message per line.
@@ -62,6 +66,8 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
         group,
         ordered,
         null,
+        lease,
+        exec,
     } = opts;
     slotq::group::validate_group_name(&group)?;
     let q = super::queue::open_existing(cluster, queue).await?;
@@ -86,6 +92,16 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
     let mut builder = q.consumer().group(group);
     if ordered {
         builder = builder.ordered();
+    }
+    if let Some(lease) = lease {
+        builder = builder.lease(lease);
+    }
+    if let Some(mut settings) = exec {
+        // Pop no more than the handlers can take, so little waits leased in the buffer.
+        builder = builder.pop_batch(settings.concurrency.min(slotq::consumer::DEFAULT_POP_BATCH));
+        settings.lease = lease.unwrap_or(slotq::lease::DEFAULT_LEASE);
+        super::exec::run(builder.build()?, settings).await?;
+        return Ok(String::new());
     }
     let mut consumer = builder.build()?;
     let mut out = crate::output::RawOut::stdout().map_err(|error| CliError::Output {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod consume;
 pub mod demo;
 pub mod dev_cluster;
+pub mod exec;
 pub mod group;
 pub mod inspect;
 pub mod keyslot;
