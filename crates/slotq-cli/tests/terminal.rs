@@ -123,3 +123,40 @@ fn demo_renders_in_a_terminal() {
     let slot = row.split_whitespace().nth(1).expect("slot column");
     assert_eq!(header.find("SLOT"), row.find(slot), "{header}\n{row}");
 }
+
+#[test]
+fn a_long_push_shows_progress_on_a_terminal_and_clears_it() {
+    let c = ClusterBuilder::new().masters(2).start().unwrap();
+    let url = c.url();
+    let bin = env!("CARGO_BIN_EXE_slotq");
+    let err_file = std::env::temp_dir().join(format!("slotq-progress-{}", std::process::id()));
+    let err = err_file.display();
+    // Input that lasts a few seconds: a terminal shows a line that counts what was sent.
+    let input = "(seq 1 1000; sleep 1.5; seq 1001 2000; sleep 3; seq 2001 3000)";
+    let t = Tmux::new(&format!(
+        "{input} | {bin} --url {url} push slow; echo EXITED $?; \
+         {input} | {bin} --url {url} push piped 2>{err}; sleep 30"
+    ));
+    let screen = t.wait_for("pushed 2000 message(s), ", Duration::from_secs(10));
+    assert!(screen.contains("msg/s"), "{screen}");
+    let screen = t.wait_for("EXITED 0", Duration::from_secs(10));
+    assert!(
+        screen.contains("pushed 3000 message(s) to slow"),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains("msg/s"),
+        "the progress line is cleared before the summary:\n{screen}"
+    );
+    // Standard error that is not a terminal gets the summary only.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let written = loop {
+        let s = std::fs::read_to_string(&err_file).unwrap_or_default();
+        if s.contains("pushed") || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = std::fs::remove_file(&err_file);
+    assert_eq!(written, "pushed 3000 message(s) to piped\n");
+}

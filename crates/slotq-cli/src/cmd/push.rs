@@ -7,6 +7,8 @@
 //! within a round trip. At most a few batches are read ahead, so memory stays bounded
 //! however large the input. A bad message (empty, or larger than a payload may be) stops
 //! the push: it is reported with its line number, and the messages before it stay sent.
+//! On a terminal, an input that lasts more than a second shows a progress line on
+//! standard error (messages, bytes, rate), redrawn in place and cleared at the end.
 
 use std::io::BufRead;
 
@@ -120,15 +122,78 @@ async fn stream_stdin(
     let (tx, mut rx) = mpsc::channel::<Read>(READ_AHEAD);
     let sep = if null { 0 } else { b'\n' };
     std::thread::spawn(move || read_stdin(sep, &tx));
-    while let Some(read) = rx.recv().await {
+    let mut progress = Progress::new();
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let result = loop {
+        let read = tokio::select! {
+            read = rx.recv() => read,
+            _ = tick.tick() => {
+                progress.draw(*sent);
+                continue;
+            }
+        };
         match read {
-            Read::Batch(first, batch) => send(producer, key, first, batch, sent).await?,
-            Read::Failed(e) => {
-                return Err(CliError::Other(format!("reading standard input: {e}")));
+            None => break Ok(()),
+            Some(Read::Batch(first, batch)) => {
+                let bytes: usize = batch.iter().map(Vec::len).sum();
+                if let Err(e) = send(producer, key, first, batch, sent).await {
+                    break Err(e);
+                }
+                progress.bytes += bytes as u64;
+            }
+            Some(Read::Failed(e)) => {
+                break Err(CliError::Other(format!("reading standard input: {e}")));
             }
         }
+    };
+    progress.clear();
+    result
+}
+
+/// How often the progress line is redrawn.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Inputs shorter than this show no progress line.
+const PROGRESS_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The progress line on standard error, drawn in place when it is a terminal and the input
+/// lasts longer than [`PROGRESS_AFTER`]; cleared before the summary.
+struct Progress {
+    terminal: bool,
+    started: std::time::Instant,
+    drawn: bool,
+    bytes: u64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            started: std::time::Instant::now(),
+            drawn: false,
+            bytes: 0,
+        }
     }
-    Ok(())
+
+    fn draw(&mut self, sent: u64) {
+        let elapsed = self.started.elapsed();
+        if !self.terminal || elapsed < PROGRESS_AFTER {
+            return;
+        }
+        let rate = sent as f64 / elapsed.as_secs_f64();
+        eprint!(
+            "\r\x1b[2Kpushed {sent} message(s), {:.1} MB, {rate:.0} msg/s, {:.0} s",
+            self.bytes as f64 / 1e6,
+            elapsed.as_secs_f64()
+        );
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[2K");
+            self.drawn = false;
+        }
+    }
 }
 
 /// The reader thread: splits standard input at `sep` and hands over a batch when it is
