@@ -56,7 +56,7 @@ impl Queue {
     }
 
     /// Deletes the keys of `slot` that start with `start`; how many.
-    async fn delete_in_slot(&self, slot: Slot, start: &str) -> Result<usize> {
+    pub(crate) async fn delete_in_slot(&self, slot: Slot, start: &str) -> Result<usize> {
         let cluster = self.cluster();
         let owner = cluster
             .topology()

@@ -191,6 +191,15 @@ pub enum Error {
     #[error("queue {0:?} does not exist (no registry found)")]
     QueueNotFound(String),
 
+    /// Another client kept changing the queue's registry while this call tried to change
+    /// it (compare-and-set lost every time); nothing was changed by this call.
+    #[error("the registry of queue {0:?} kept changing under this update; try again")]
+    RegistryContention(String),
+
+    /// Someone else is doing this already (another rebalance of the same queue).
+    #[error("busy: {0}")]
+    Busy(String),
+
     /// A reply had an unexpected shape.
     #[error("unexpected reply: {0}")]
     Protocol(String),
@@ -210,6 +219,8 @@ impl Error {
                 | Error::ClusterUnavailable { .. }
                 | Error::TooManyRedirects { .. }
                 | Error::QueueFull { .. }
+                | Error::RegistryContention(_)
+                | Error::Busy(_)
         )
     }
 

@@ -70,6 +70,7 @@ pub mod lease;
 pub mod placement;
 pub mod producer;
 pub mod queue;
+pub mod rebalance;
 mod script;
 pub mod slot;
 pub mod telemetry;

@@ -64,13 +64,17 @@ pub fn shard_key(prefix: &str, tag: &str, kind: &str) -> String {
     format!("{prefix}:{{{tag}}}:{kind}")
 }
 
-/// Whether a shard takes new messages.
+/// Whether a shard takes new messages (see `rebalance` for the life of a shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShardState {
     /// Receives pushes and is popped.
     Active,
-    /// Receives no pushes; popped until empty.
+    /// Receives no unkeyed pushes (keyed ones still, for the keys it holds); popped until
+    /// empty.
     Draining,
+    /// Being retired: receives no pushes at all (keyed sends for its keys wait until its
+    /// keys have moved); popped until empty, then removed from the registry.
+    Retiring,
 }
 
 /// One shard of a queue.
@@ -87,7 +91,8 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn new(queue: &str, number: u32, state: ShardState) -> Shard {
+    /// The shard numbered `number` of `queue`.
+    pub fn new(queue: &str, number: u32, state: ShardState) -> Shard {
         let tag = shard_tag(queue, number);
         Shard {
             slot: tag_slot(&tag),
@@ -125,6 +130,11 @@ pub struct ShardSet {
     pub shards_per_master: u32,
     /// At-most-once or at-least-once.
     pub mode: DeliveryMode,
+    /// Where keyed messages go: key bucket `b` (`jump_hash(fnv1a(key), keyed.len())`) is
+    /// served by the shard numbered `keyed[b]`. Fixed in length when the queue is created;
+    /// a bucket moves to another shard only when its shard is retired (empty), so the
+    /// messages of one key never wait on two shards at once.
+    pub keyed: Vec<u32>,
 }
 
 impl ShardSet {
@@ -152,6 +162,15 @@ impl ShardSet {
             ),
             ("active".into(), list(ShardState::Active)),
             ("draining".into(), list(ShardState::Draining)),
+            ("retiring".into(), list(ShardState::Retiring)),
+            (
+                "keyed".into(),
+                self.keyed
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
             (
                 "mode".into(),
                 match self.mode {
@@ -193,13 +212,30 @@ impl ShardSet {
             .into_iter()
             .map(|n| Shard::new(queue, n, ShardState::Active))
             .collect();
-        shards.extend(
-            numbers("draining")?
-                .into_iter()
-                .map(|n| Shard::new(queue, n, ShardState::Draining)),
-        );
+        for (field, state) in [
+            ("draining", ShardState::Draining),
+            ("retiring", ShardState::Retiring),
+        ] {
+            shards.extend(
+                numbers(field)?
+                    .into_iter()
+                    .map(|n| Shard::new(queue, n, state)),
+            );
+        }
         if shards.is_empty() {
             return Err(bad("no shards"));
+        }
+        // Registries written before the keyed layout: keys follow the active shards.
+        let mut keyed = numbers("keyed")?;
+        if keyed.is_empty() {
+            keyed = shards
+                .iter()
+                .filter(|s| s.state == ShardState::Active)
+                .map(|s| s.number)
+                .collect();
+        }
+        if keyed.iter().any(|n| !shards.iter().any(|s| s.number == *n)) {
+            return Err(bad("keyed layout names a shard that is not in the registry"));
         }
         let mode = match fields.get("mode").map(String::as_str) {
             None | Some("at-most-once") => DeliveryMode::AtMostOnce,
@@ -213,7 +249,19 @@ impl ShardSet {
             shards,
             shards_per_master: num("shards_per_master")? as u32,
             mode,
+            keyed,
         })
+    }
+
+    /// The shard that serves keyed messages with this key hash.
+    pub fn keyed_shard(&self, key_hash: u64) -> Option<&Shard> {
+        let n = *self.keyed.get(jump_hash(key_hash, self.keyed.len()))?;
+        self.shards.iter().find(|s| s.number == n)
+    }
+
+    /// A shard by number.
+    pub fn shard(&self, number: u32) -> Option<&Shard> {
+        self.shards.iter().find(|s| s.number == number)
     }
 }
 
@@ -389,6 +437,7 @@ mod tests {
             ],
             shards_per_master: 1,
             mode: DeliveryMode::AtLeastOnce { max_attempts: 3 },
+            keyed: vec![7, 0, 2],
         };
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);

@@ -116,6 +116,7 @@ impl QueueBuilder {
                 shards: Vec::new(),
                 shards_per_master: self.shards_per_master,
                 mode: self.mode,
+                keyed: Vec::new(),
             })),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
@@ -365,10 +366,7 @@ impl Queue {
                 });
             }
         }
-        Err(Error::Protocol(format!(
-            "registry of {:?} kept changing; expand gave up",
-            inner.name
-        )))
+        Err(Error::RegistryContention(inner.name.clone()))
     }
 
     /// Depth of every shard (one LLEN per shard, pipelined per node) and where it sits; for
@@ -642,7 +640,7 @@ impl QueueInner {
     }
 
     /// Reliable queues: makes the shards' keys exist for good (see `lease::keep_shards`).
-    async fn keep_shards(&self, shards: &[placement::Shard]) {
+    pub(crate) async fn keep_shards(&self, shards: &[placement::Shard]) {
         let keys: Vec<crate::lease::ShardKeys> = shards
             .iter()
             .map(|s| crate::lease::ShardKeys::new(&self.prefix, &s.tag))
@@ -650,7 +648,7 @@ impl QueueInner {
         crate::lease::keep_shards(&self.cluster, &self.lease_scripts, &keys).await;
     }
 
-    async fn read_registry(&self) -> Result<Option<ShardSet>> {
+    pub(crate) async fn read_registry(&self) -> Result<Option<ShardSet>> {
         let v: Value = self
             .cluster
             .query_with(
@@ -674,6 +672,7 @@ impl QueueInner {
         }
         let proposal = ShardSet {
             version: 1,
+            keyed: shards.iter().map(|s| s.number).collect(),
             shards,
             shards_per_master: k,
             mode,
@@ -684,7 +683,7 @@ impl QueueInner {
         ShardSet::from_fields(&self.name, &hash_fields(v)?)
     }
 
-    async fn write_registry(&self, expected: u64, next: &ShardSet) -> Result<bool> {
+    pub(crate) async fn write_registry(&self, expected: u64, next: &ShardSet) -> Result<bool> {
         let v = self
             .registry_script(&self.scripts.update, Some(expected), next)
             .await?;

@@ -322,6 +322,7 @@ fn state(s: ShardState) -> &'static str {
     match s {
         ShardState::Active => "active",
         ShardState::Draining => "draining",
+        ShardState::Retiring => "retiring",
     }
 }
 

@@ -36,7 +36,7 @@ pub use builder::{
 use lanes::{CHOICE_SPAN, Lane, LaneState, Lanes, Signal};
 
 use crate::error::{Error, Result};
-use crate::placement::{ShardSet, fnv1a, jump_hash, ready_key};
+use crate::placement::{Shard, ShardSet, ShardState, fnv1a, ready_key};
 use crate::queue::Queue;
 
 /// Sends messages to a queue. Clone-able, `Send + Sync`; clones share batches.
@@ -100,7 +100,7 @@ impl Producer {
         let payload = self.inner.wrap(payload);
         self.inner.snapshot_if_due().await;
         self.inner.acquire(1).await;
-        let lane = self.inner.pick(None)?;
+        let lane = self.inner.pick()?;
         let signal = self.inner.enqueue(&lane, vec![payload], false);
         signal.wait().await
     }
@@ -116,8 +116,8 @@ impl Producer {
         let payload = payload.into();
         self.inner.check(&payload)?;
         let payload = self.inner.wrap(payload);
+        let lane = self.inner.keyed_lane(key.as_ref()).await?;
         self.inner.acquire(1).await;
-        let lane = self.inner.pick(Some(key.as_ref()))?;
         let signal = self.inner.enqueue(&lane, vec![payload], true);
         signal.wait().await
     }
@@ -290,30 +290,51 @@ impl ProducerInner {
         }
         let mut l = self.lanes.write().unwrap();
         if l.version != set.version || l.active.is_empty() {
-            let prefix = &self.cfg.queue.inner.prefix;
-            let mut active = Vec::new();
-            for s in set.active() {
-                let lane = l
-                    .by_tag
-                    .entry(s.tag.clone())
-                    .or_insert_with(|| {
-                        Arc::new(Lane {
-                            tag: s.tag.clone(),
-                            slot: s.slot,
-                            key: ready_key(prefix, &s.tag),
-                            base: AtomicI64::new(0),
-                            landed: AtomicI64::new(0),
-                            pending: AtomicI64::new(0),
-                            state: Mutex::new(LaneState::default()),
-                        })
-                    })
-                    .clone();
-                active.push(lane);
-            }
+            let active = set.active().map(|s| self.lane_in(&mut l, s)).collect();
             l.active = active;
             l.version = set.version;
         }
         l.active.clone()
+    }
+
+    /// The lane of `shard`, made on first use.
+    fn lane_in(&self, lanes: &mut Lanes, shard: &Shard) -> Arc<Lane> {
+        let prefix = &self.cfg.queue.inner.prefix;
+        lanes
+            .by_tag
+            .entry(shard.tag.clone())
+            .or_insert_with(|| {
+                Arc::new(Lane {
+                    tag: shard.tag.clone(),
+                    slot: shard.slot,
+                    key: ready_key(prefix, &shard.tag),
+                    base: AtomicI64::new(0),
+                    landed: AtomicI64::new(0),
+                    pending: AtomicI64::new(0),
+                    state: Mutex::new(LaneState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// The lane of the shard that serves `key` in the keyed layout. While that shard is
+    /// being retired, the send waits (up to [`KEYED_HOLD`]) until its keys have moved: a
+    /// key's messages never wait on two shards at once, so they stay in order. After the
+    /// hold the shard is used as it is (the rebalance retires a shard well within the
+    /// hold, or gives up and puts it back to draining).
+    async fn keyed_lane(&self, key: &[u8]) -> Result<Arc<Lane>> {
+        let hash = fnv1a(key);
+        let held_since = Instant::now();
+        loop {
+            let set = self.cfg.queue.shards();
+            let shard = set
+                .keyed_shard(hash)
+                .ok_or_else(|| Error::QueueNotFound(self.cfg.queue.name().to_string()))?;
+            if shard.state != ShardState::Retiring || held_since.elapsed() >= KEYED_HOLD {
+                return Ok(self.lane_in(&mut self.lanes.write().unwrap(), shard));
+            }
+            tokio::time::sleep(KEYED_HOLD_STEP).await;
+        }
     }
 
     fn healthy(&self, lane: &Lane) -> bool {
@@ -324,14 +345,10 @@ impl ProducerInner {
         }
     }
 
-    fn pick(&self, key: Option<&[u8]>) -> Result<Arc<Lane>> {
+    fn pick(&self) -> Result<Arc<Lane>> {
         let lanes = self.lanes();
         if lanes.is_empty() {
             return Err(Error::QueueNotFound(self.cfg.queue.name().to_string()));
-        }
-        if let Some(key) = key {
-            let i = jump_hash(fnv1a(key), lanes.len());
-            return Ok(lanes[i].clone());
         }
         let cur = self.sticky.load(Ordering::Relaxed);
         let count = self.sticky_count.fetch_add(1, Ordering::Relaxed);
@@ -450,6 +467,10 @@ impl ProducerInner {
 
 /// How often a producer re-reads its shards' depths while it sends.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// Longest a keyed send waits for the keys of a retiring shard to move.
+pub const KEYED_HOLD: Duration = Duration::from_secs(30);
+/// How often a held keyed send looks at the shard set again.
+const KEYED_HOLD_STEP: Duration = Duration::from_millis(50);
 
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
