@@ -165,15 +165,46 @@ pub enum Command {
         #[arg(long, requires = "watch")]
         count: Option<u32>,
     },
-    /// Dry run: where a queue's shards would be placed on this cluster.
+    /// Dry run: where a queue's shards would be placed on this cluster; or, with
+    /// --simulate N, on N masters with an even slot map (no server is asked).
     ///
     /// Example: slotq plan orders --shards-per-master 2
+    ///
+    /// Example: slotq plan orders --simulate 1000 --reshard 10
     Plan {
         /// Queue name.
         queue: String,
         /// Shards per master for a new queue.
         #[arg(long, default_value_t = slotq::placement::DEFAULT_SHARDS_PER_MASTER)]
         shards_per_master: u32,
+        /// Lay the queue out on this many simulated masters instead of the cluster.
+        #[arg(long, value_name = "MASTERS")]
+        simulate: Option<usize>,
+        /// With --simulate: move this share of every master's slots to the next master
+        /// and show what a rebalance would do.
+        #[arg(long, value_name = "PCT", requires = "simulate")]
+        reshard: Option<f64>,
+    },
+    /// Bring a queue to exactly its shards per master on every master that owns slots:
+    /// add shards, drain surplus ones (producers stop writing to them at once), retire
+    /// drained ones (their keys deleted, anything left moved to a live shard).
+    ///
+    /// Example: slotq rebalance orders --dry-run
+    ///
+    /// Example: slotq rebalance orders --watch 5
+    Rebalance {
+        /// Queue name.
+        queue: String,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep following the cluster: a step every SECS (masters added or removed, slots
+        /// moved) until Ctrl-C or SIGTERM.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs, conflicts_with = "dry_run")]
+        watch: Option<std::time::Duration>,
+        /// Without --watch: how long to keep stepping while shards drain.
+        #[arg(long, value_name = "SECS", default_value = "120", value_parser = parse_secs_or_zero)]
+        wait: std::time::Duration,
     },
     /// Add shards on masters that have fewer than the queue's shards per master.
     ///

@@ -226,9 +226,35 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
         Command::Plan {
             queue,
             shards_per_master,
+            simulate: Some(masters),
+            reshard,
+        } => {
+            slotq::placement::validate_queue_name(queue)?;
+            cmd::rebalance::simulate(*masters, *shards_per_master, *reshard, cli.json)
+        }
+        Command::Plan {
+            queue,
+            shards_per_master,
+            simulate: None,
+            ..
         } => {
             let cluster = connect(cli).await?;
             cmd::queue::plan(&cluster, queue, *shards_per_master, cli.json).await
+        }
+        Command::Rebalance {
+            queue,
+            dry_run,
+            watch,
+            wait,
+        } => {
+            let cluster = connect(cli).await?;
+            let opts = cmd::rebalance::Options {
+                dry_run: *dry_run,
+                watch: *watch,
+                wait: *wait,
+                json: cli.json,
+            };
+            cmd::rebalance::run(&cluster, queue, opts).await
         }
         Command::Delete { queue, yes } => {
             let cluster = connect(cli).await?;

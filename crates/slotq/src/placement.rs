@@ -235,7 +235,9 @@ impl ShardSet {
                 .collect();
         }
         if keyed.iter().any(|n| !shards.iter().any(|s| s.number == *n)) {
-            return Err(bad("keyed layout names a shard that is not in the registry"));
+            return Err(bad(
+                "keyed layout names a shard that is not in the registry",
+            ));
         }
         let mode = match fields.get("mode").map(String::as_str) {
             None | Some("at-most-once") => DeliveryMode::AtMostOnce,

@@ -10,4 +10,5 @@ pub mod inspect;
 pub mod keyslot;
 pub mod push;
 pub mod queue;
+pub mod rebalance;
 pub mod slots;

@@ -18,7 +18,7 @@
 
 pub mod plan;
 mod retire;
-pub use retire::{RETIRE_DEPTH, RETIRE_WINDOW};
+pub use retire::{RETIRE_DEPTH, RETIRE_WINDOW_POLLS};
 pub mod simulate;
 
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //!    is empty: nothing ready, nothing leased. Empty shards are retired in one registry
 //!    version: removed, their keyed buckets handed to active shards (held keyed sends go
 //!    there now, after every older message of their keys was taken). Shards that did not
-//!    empty within [`RETIRE_WINDOW`] go back to draining, so held sends never wait long.
+//!    empty within [`RETIRE_WINDOW_POLLS`] registry polls go back to draining, so held sends never wait long.
 //! 3. Two registry polls later (no client uses the shard any more), whatever is still in
 //!    it is moved to an active shard — a late push, a lease taken at the last moment, the
 //!    delayed and dead messages — copied first and removed after, so a crash in between
@@ -28,8 +28,9 @@ use crate::queue::Queue;
 
 /// Draining shards with at most this many ready messages are set to retiring.
 pub const RETIRE_DEPTH: u64 = 1000;
-/// Longest a shard stays retiring in one step before it goes back to draining.
-pub const RETIRE_WINDOW: Duration = Duration::from_secs(10);
+/// Longest a shard stays retiring in one step before it goes back to draining, in
+/// registry polls (10 s with the default poll).
+pub const RETIRE_WINDOW_POLLS: u32 = 10;
 /// How often a retiring shard is looked at.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
 /// Messages moved per command.
@@ -86,7 +87,7 @@ pub(super) async fn step(q: &Queue, report: &mut RebalanceReport) -> Result<()> 
     let t0 = Instant::now();
     let poll = q.inner.registry_poll;
     let seen_by_all = poll * 2;
-    let window = RETIRE_WINDOW.min(KEYED_HOLD.saturating_sub(poll * 3));
+    let window = (poll * RETIRE_WINDOW_POLLS).min(KEYED_HOLD.saturating_sub(poll * 3));
     // 2. Watch until empty.
     let tag = |n: u32| crate::slot::shard_tag(q.name(), n);
     let mut empty: Vec<u32>;
@@ -116,7 +117,10 @@ pub(super) async fn step(q: &Queue, report: &mut RebalanceReport) -> Result<()> 
         let gone: Vec<u32> = empty
             .iter()
             .copied()
-            .filter(|n| s.shard(*n).is_some_and(|sh| sh.state == ShardState::Retiring))
+            .filter(|n| {
+                s.shard(*n)
+                    .is_some_and(|sh| sh.state == ShardState::Retiring)
+            })
             .collect();
         next.keyed = reassign_buckets(s, &gone);
         next.shards.retain(|sh| !gone.contains(&sh.number));
@@ -233,14 +237,17 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
         let n = items.len();
         frames.extend(items);
         let _: Value = cluster
-            .query(from.slot, redis::cmd("LTRIM").arg(&src.ready).arg(n).arg(-1))
+            .query(
+                from.slot,
+                redis::cmd("LTRIM").arg(&src.ready).arg(n).arg(-1),
+            )
             .await?;
     }
-    let leases: Vec<Vec<u8>> = cluster
-        .query(from.slot, redis::cmd("HVALS").arg(&src.inflight))
+    let leases: Vec<(Vec<u8>, Vec<u8>)> = cluster
+        .query(from.slot, redis::cmd("HGETALL").arg(&src.inflight))
         .await?;
-    for l in leases.iter().filter(|l| l.as_slice() != KEEP) {
-        frames.extend(crate::lease::unpack_strings(l)?);
+    for (_, frames_of_lease) in leases.iter().filter(|(field, _)| field != KEEP) {
+        frames.extend(crate::lease::unpack_strings(frames_of_lease)?);
     }
     let mut count = 0u64;
     for f in &frames {
@@ -257,7 +264,10 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
     moved += count;
     // Dead letters, in order.
     let dead: Vec<Vec<u8>> = cluster
-        .query(from.slot, redis::cmd("LRANGE").arg(&src.dead).arg(0).arg(-1))
+        .query(
+            from.slot,
+            redis::cmd("LRANGE").arg(&src.dead).arg(0).arg(-1),
+        )
         .await?;
     let dead: Vec<Vec<u8>> = dead.into_iter().filter(|d| d != KEEP).collect();
     for chunk in dead.chunks(MOVE_CHUNK) {

@@ -90,11 +90,7 @@ pub fn run(masters: usize, k: u32, reshard_percent: Option<f64>) -> Simulation {
         shards_per_master: k,
         mode: DeliveryMode::AtMostOnce,
     };
-    let registry_bytes = set
-        .to_fields()
-        .iter()
-        .map(|(f, v)| f.len() + v.len())
-        .sum();
+    let registry_bytes = set.to_fields().iter().map(|(f, v)| f.len() + v.len()).sum();
     let reshard = reshard_percent.map(|percent| {
         let after = even_topology(masters, percent);
         let slots_moved = (0..16384u16)
@@ -124,7 +120,11 @@ pub fn run(masters: usize, k: u32, reshard_percent: Option<f64>) -> Simulation {
             counts.values().copied().min().unwrap_or(0),
             counts.values().copied().max().unwrap_or(0),
         ),
-        search_steps: shards.iter().map(|s| u64::from(s.number) + 1).max().unwrap_or(0),
+        search_steps: shards
+            .iter()
+            .map(|s| u64::from(s.number) + 1)
+            .max()
+            .unwrap_or(0),
         registry_bytes,
         plan_time,
         reshard,
