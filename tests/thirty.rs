@@ -2,7 +2,8 @@
 //! scenario in this file, which run one after another on queues of their own. Starting
 //! the cluster once keeps the suite's wall time in check.
 
-use std::time::Instant;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use slotq::Client;
 use slotq_testkit::TestCluster;
@@ -21,6 +22,8 @@ async fn thirty_masters() {
     eprintln!("30-master cluster up in {:.1?}", started.elapsed());
     let client = client(&c.url()).await;
     pushes_spread_evenly_in_every_shape(&client).await;
+    eprintln!("balance done in {:.1?}", started.elapsed());
+    a_queue_follows_a_master_that_is_emptied(&c, &client).await;
     eprintln!("done in {:.1?}", started.elapsed());
 }
 
@@ -148,4 +151,64 @@ async fn pushes_spread_evenly_in_every_shape(client: &Client) {
     let s = *rest.iter().max().unwrap() as f64 / mean;
     eprintln!("60,000 on one shard, then 200,000: the others' skew {s:.3} {d:?}");
     assert!(s <= 1.10, "{d:?}");
+}
+
+/// 60,000 messages on a 30-shard queue; every slot of the last master moves to the one
+/// before it; a rebalance (while a consumer takes everything) retires the extra shard:
+/// 29 shards, one per master that owns slots, every message delivered once.
+async fn a_queue_follows_a_master_that_is_emptied(c: &TestCluster, client: &Client) {
+    let q = client
+        .queue("lifecycle")
+        .registry_poll(Duration::from_millis(200))
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(q.shards().shards.len(), MASTERS);
+    q.producer()
+        .build()
+        .unwrap()
+        .send_batch((0..60_000).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+    let masters = c.masters();
+    let (from, to) = (masters[MASTERS - 1], masters[MASTERS - 2]);
+    let moved = Instant::now();
+    c.migrate_slots(&c.slots_of(from), to).unwrap();
+    client.cluster().refresh().await.unwrap();
+    eprintln!("every slot of one master moved in {:.1?}", moved.elapsed());
+    let plan = q.rebalance_plan().await.unwrap();
+    assert_eq!((plan.drain.len(), plan.add.len()), (1, 0), "{plan:?}");
+
+    let consumer_q = q.clone();
+    let consume = tokio::spawn(async move {
+        let mut c = consumer_q.consumer().build().unwrap();
+        let mut got = HashSet::new();
+        while got.len() < 60_000 {
+            for m in c.recv_batch(1000).await.unwrap() {
+                assert!(got.insert(m.payload), "no duplicates");
+            }
+        }
+        c.close().await;
+        got.len()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut retired = Vec::new();
+    loop {
+        let r = q.rebalance().await.unwrap();
+        retired.extend(r.retired.clone());
+        if r.settled() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r:?}");
+    }
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    let got = tokio::time::timeout(Duration::from_secs(60), consume)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, 60_000);
+    let set = q.reload().await.unwrap();
+    assert_eq!(set.active().count(), MASTERS - 1);
+    assert_eq!(set.shards.len(), MASTERS - 1);
+    assert!(q.rebalance_plan().await.unwrap().is_empty());
 }
