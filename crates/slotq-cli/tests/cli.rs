@@ -621,3 +621,76 @@ fn group_shows_members_their_shards_and_lag() {
     let o = slotq(&["--url", &u, "consume", "gq", "--group", "{x}"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn rebalance_follows_an_emptied_master_and_plan_simulates_a_thousand() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+    assert!(
+        slotq(&["--url", u, "push", "follow", "a", "b", "c"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        stdout(&slotq(&["--url", u, "pop", "follow", "-n", "3"]))
+            .lines()
+            .count(),
+        3
+    );
+    c.migrate_slots(&c.slots_of(2), 0).unwrap();
+
+    let o = slotq(&["--url", u, "stats", "follow"]);
+    assert!(
+        stdout(&o).contains("rebalance: would add 0, reactivate 0, drain 1"),
+        "{}",
+        stdout(&o)
+    );
+    let o = slotq(&["--url", u, "--json", "rebalance", "follow", "--dry-run"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["drain"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["add"].as_array().unwrap().len(), 0, "{v}");
+    let drained = v["drain"][0]["tag"].as_str().unwrap().to_string();
+
+    let o = slotq(&["--url", u, "--json", "rebalance", "follow"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["retired"], serde_json::json!([drained]), "{v}");
+    assert_eq!(v["settled"], true);
+    let o = slotq(&["--url", u, "rebalance", "follow"]);
+    assert!(stdout(&o).contains("balanced"), "{}", stdout(&o));
+    let o = slotq(&["--url", u, "--json", "stats", "follow"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["shards"].as_array().unwrap().len(), 2);
+
+    // No server needed to see placement at 1000 masters.
+    let o = slotq(&[
+        "--json",
+        "plan",
+        "any",
+        "--simulate",
+        "1000",
+        "--reshard",
+        "10",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["shards"], 1000);
+    assert_eq!(
+        (
+            v["shards_per_master_min"].as_u64(),
+            v["shards_per_master_max"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(v["reshard"]["add"], v["reshard"]["drain"]);
+    for bad in [
+        &["plan", "any", "--reshard", "10"][..],
+        &["plan", "any", "--simulate", "0"],
+        &["plan", "any", "--simulate", "10", "--reshard", "150"],
+        &["rebalance", "follow", "--dry-run", "--watch", "1"],
+    ] {
+        let o = slotq(&[&["--url", u], bad].concat());
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+    }
+}

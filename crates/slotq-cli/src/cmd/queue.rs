@@ -165,6 +165,13 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
     let stats = q.stats().await?;
     let total: u64 = stats.iter().map(|s| s.depth).sum();
     let set = q.shards();
+    // What a rebalance would change on the cluster as it is now.
+    let plan = q.rebalance_plan().await?;
+    let idle = set
+        .shards
+        .iter()
+        .filter(|s| s.state != ShardState::Active)
+        .count();
     if as_json {
         let shards: Vec<_> = stats
             .iter()
@@ -177,7 +184,9 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             .collect();
         return Ok(format!(
             "{}\n",
-            json!({"queue": queue, "version": set.version, "shards": shards, "total_depth": total})
+            json!({"queue": queue, "version": set.version, "shards": shards, "total_depth": total,
+                   "rebalance": {"add": plan.add.len(), "reactivate": plan.reactivate.len(),
+                                 "drain": plan.drain.len(), "retire_when_empty": idle}})
         ));
     }
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
@@ -204,8 +213,18 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             format!("at-least-once, {max_attempts} attempts")
         }
     };
+    let advice = if plan.is_empty() && idle == 0 {
+        String::new()
+    } else {
+        format!(
+            "rebalance: would add {}, reactivate {}, drain {}; {idle} shard(s) draining, retired once empty (slotq rebalance {queue})\n",
+            plan.add.len(),
+            plan.reactivate.len(),
+            plan.drain.len()
+        )
+    };
     Ok(format!(
-        "queue {queue}: {} shards, {mode}, registry version {}\n\n{}\ntotal depth {total}\n",
+        "queue {queue}: {} shards, {mode}, registry version {}\n\n{}\ntotal depth {total}\n{advice}",
         stats.len(),
         set.version,
         table(
