@@ -337,7 +337,8 @@ pub async fn expand(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Str
     })
 }
 
-fn state(s: ShardState) -> &'static str {
+/// How a shard state is shown.
+pub(crate) fn state(s: ShardState) -> &'static str {
     match s {
         ShardState::Active => "active",
         ShardState::Draining => "draining",

@@ -119,8 +119,8 @@ pub async fn run(
 struct Placement {
     queue: String,
     version: u64,
-    /// (shard, slot, master, depth)
-    shards: Vec<(String, u16, String, u64)>,
+    /// (shard, slot, master, depth, state)
+    shards: Vec<(String, u16, String, u64, &'static str)>,
     /// master -> (shards, depth)
     per_master: std::collections::BTreeMap<String, (usize, u64)>,
 }
@@ -138,7 +138,7 @@ impl Placement {
         json!({
             "name": self.queue,
             "version": self.version,
-            "shards": self.shards.iter().map(|(t, s, m, d)| json!({"tag": t, "slot": s, "master": m, "depth": d})).collect::<Vec<_>>(),
+            "shards": self.shards.iter().map(|(t, s, m, d, st)| json!({"tag": t, "slot": s, "master": m, "depth": d, "state": st})).collect::<Vec<_>>(),
             "per_master": self.per_master.iter().map(|(m, (n, d))| json!({"master": m, "shards": n, "depth": d})).collect::<Vec<_>>(),
             "shard_skew": self.shard_skew(),
             "depth_skew": self.depth_skew(),
@@ -154,7 +154,15 @@ impl Placement {
         let shards: Vec<Vec<String>> = self
             .shards
             .iter()
-            .map(|(t, s, m, d)| vec![t.clone(), s.to_string(), m.clone(), d.to_string()])
+            .map(|(t, s, m, d, st)| {
+                vec![
+                    t.clone(),
+                    s.to_string(),
+                    m.clone(),
+                    st.to_string(),
+                    d.to_string(),
+                ]
+            })
             .collect();
         format!(
             "\nqueue {} (registry version {}): shards per master skew {:.2}, depth skew {:.2} (max/min)\n\n{}\n{}",
@@ -163,7 +171,7 @@ impl Placement {
             self.shard_skew(),
             self.depth_skew(),
             table(&["MASTER", "SHARDS", "DEPTH"], &rows),
-            table(&["SHARD", "SLOT", "MASTER", "DEPTH"], &shards)
+            table(&["SHARD", "SLOT", "MASTER", "STATE", "DEPTH"], &shards)
         )
     }
 }
@@ -196,7 +204,13 @@ async fn queue_placement(cluster: &Cluster, queue: &str) -> Result<Placement, Cl
         let e = per_master.entry(master.clone()).or_default();
         e.0 += 1;
         e.1 += s.depth;
-        shards.push((s.tag.clone(), s.slot, master, s.depth));
+        shards.push((
+            s.tag.clone(),
+            s.slot,
+            master,
+            s.depth,
+            super::queue::state(s.state),
+        ));
     }
     Ok(Placement {
         queue: queue.to_string(),
