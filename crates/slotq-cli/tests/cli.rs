@@ -663,6 +663,37 @@ fn rebalance_follows_an_emptied_master_and_plan_simulates_a_thousand() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["shards"].as_array().unwrap().len(), 2);
 
+    // --watch follows the cluster: slots go back to the emptied master, which gets a
+    // shard again without anyone asking.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_slotq"))
+        .args(["--url", u, "rebalance", "follow", "--watch", "0.3"])
+        .env_remove("SLOTQ_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let back: Vec<u16> = c.slots_of(0).into_iter().take(200).collect();
+    c.migrate_slots(&back, 2).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = slotq(&["--url", u, "--json", "stats", "follow"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        if v["shards"].as_array().unwrap().len() == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(watch.wait().unwrap().success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("added follow#"), "{err}");
+
     // No server needed to see placement at 1000 masters.
     let o = slotq(&[
         "--json",
