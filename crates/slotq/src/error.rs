@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::server_error::ServerErrorKind;
 use crate::topology::NodeAddr;
 
 /// Result alias used across the crate.
@@ -87,12 +88,14 @@ pub enum Error {
         slot: u16,
     },
 
-    /// The cluster kept answering TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN until the
-    /// call's deadline.
+    /// The cluster kept answering TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN / BUSY /
+    /// READONLY until the call's deadline.
     #[error("cluster unavailable at {node}: {code} {message}")]
     ClusterUnavailable {
         /// The node that answered.
         node: NodeAddr,
+        /// What the reply meant.
+        kind: ServerErrorKind,
         /// The error code (e.g. `CLUSTERDOWN`).
         code: String,
         /// The server's message.
@@ -120,7 +123,9 @@ pub enum Error {
     Server {
         /// The node that answered.
         node: NodeAddr,
-        /// The error code (`ERR`, `WRONGTYPE`, `NOSCRIPT`, ...).
+        /// What the reply meant (parsed from the code once).
+        kind: ServerErrorKind,
+        /// The error code (`ERR`, `WRONGTYPE`, `OOM`, ...).
         code: String,
         /// The rest of the message.
         message: String,

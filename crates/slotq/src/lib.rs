@@ -72,6 +72,7 @@ pub mod producer;
 pub mod queue;
 pub mod rebalance;
 mod script;
+pub mod server_error;
 pub mod slot;
 pub mod telemetry;
 pub mod topology;
@@ -85,6 +86,7 @@ pub use lease::{LeaseId, MessageId, SettleReport, Settled};
 pub use placement::DeliveryMode;
 pub use producer::{EmptyPayloads, Producer};
 pub use queue::{Queue, ShardStats};
+pub use server_error::{RetryMethod, ServerErrorKind};
 pub use topology::{NodeAddr, Topology};
 
 /// The `redis` crate this library speaks through (for building commands).

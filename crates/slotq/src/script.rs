@@ -4,6 +4,7 @@ use redis::Value;
 
 use crate::cluster::{Cluster, RequestOpts};
 use crate::error::{Error, Result};
+use crate::server_error::RetryMethod;
 use crate::slot::Slot;
 
 /// A Lua script and its SHA1.
@@ -54,7 +55,7 @@ impl Script {
             .query_with(slot, &self.cmd(keys, args, false), opts)
             .await
         {
-            Err(Error::Server { code, .. }) if code == "NOSCRIPT" => {
+            Err(Error::Server { kind, .. }) if kind.retry_method() == RetryMethod::ReloadScript => {
                 cluster
                     .query_with(slot, &self.cmd(keys, args, true), opts)
                     .await
@@ -92,7 +93,9 @@ pub(crate) async fn run_batch(
     let missing: Vec<usize> = results
         .iter()
         .enumerate()
-        .filter(|(_, r)| matches!(r, Err(Error::Server { code, .. }) if code == "NOSCRIPT"))
+        .filter(|(_, r)| {
+            matches!(r, Err(Error::Server { kind, .. }) if kind.retry_method() == RetryMethod::ReloadScript)
+        })
         .map(|(i, _)| i)
         .collect();
     if !missing.is_empty() {

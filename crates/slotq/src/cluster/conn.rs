@@ -148,7 +148,7 @@ impl Dialer {
             }
             match conn.cmd(&redis::cmd("PING")).await {
                 Ok(Value::ServerError(e))
-                    if matches!(e.code(), "NOAUTH" | "WRONGPASS" | "NOPERM") =>
+                    if crate::server_error::ServerErrorKind::parse(e.code()).is_auth() =>
                 {
                     Err(Error::Auth {
                         node: node.clone(),

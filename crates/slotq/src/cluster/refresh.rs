@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::Inner;
 use super::node::Node;
@@ -148,10 +148,14 @@ fn mentions(e: &redis::RedisError, what: &str) -> bool {
 fn server_error(node: &NodeAddr, e: &redis::RedisError) -> Error {
     match super::reply::classify(node, Err(e.clone())) {
         super::reply::Outcome::Failed(err) => err,
-        _ => Error::Server {
-            node: node.clone(),
-            code: e.code().unwrap_or("ERR").to_string(),
-            message: e.to_string(),
-        },
+        _ => {
+            let code = e.code().unwrap_or("ERR");
+            Error::Server {
+                node: node.clone(),
+                kind: crate::server_error::ServerErrorKind::parse(code),
+                code: code.to_string(),
+                message: e.to_string(),
+            }
+        }
     }
 }

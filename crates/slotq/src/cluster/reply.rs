@@ -3,6 +3,7 @@
 use redis::{RedisError, RedisResult, Value};
 
 use crate::error::Error;
+use crate::server_error::{RetryMethod, ServerErrorKind};
 use crate::slot::Slot;
 use crate::topology::NodeAddr;
 
@@ -15,8 +16,13 @@ pub(crate) enum Outcome {
     Moved { slot: Slot, to: NodeAddr },
     /// The key is being migrated: resend once to `to`, preceded by ASKING.
     Ask { to: NodeAddr },
-    /// TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN / BUSY: pause and resend.
-    Busy { code: String, message: String },
+    /// Transient (TRYAGAIN, LOADING, BUSY; CLUSTERDOWN, MASTERDOWN, READONLY, UNBLOCKED
+    /// also want a fresh slot map): pause and resend.
+    Busy {
+        kind: ServerErrorKind,
+        code: String,
+        message: String,
+    },
     /// A final error for the caller.
     Failed(Error),
 }
@@ -38,30 +44,33 @@ fn classify_error(node: &NodeAddr, e: &RedisError) -> Outcome {
 }
 
 fn by_code(node: &NodeAddr, code: &str, detail: &str) -> Outcome {
-    match code {
-        "MOVED" | "ASK" => {
+    let kind = ServerErrorKind::parse(code);
+    match kind.retry_method() {
+        RetryMethod::Redirect => {
             let mut parts = detail.split_whitespace();
             let slot = parts.next().and_then(|s| s.parse::<Slot>().ok());
             let to = parts.next().and_then(|a| parse_redirect_addr(a, node));
-            match (code, slot, to) {
-                ("MOVED", Some(slot), Some(to)) => Outcome::Moved { slot, to },
-                ("ASK", Some(_), Some(to)) => Outcome::Ask { to },
+            match (kind, slot, to) {
+                (ServerErrorKind::Moved, Some(slot), Some(to)) => Outcome::Moved { slot, to },
+                (ServerErrorKind::Ask, Some(_), Some(to)) => Outcome::Ask { to },
                 _ => Outcome::Failed(Error::Protocol(format!(
                     "{node}: malformed redirect {code} {detail}"
                 ))),
             }
         }
-        // BUSY: a script is running on the node; the command was not run.
-        "TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" | "BUSY" => Outcome::Busy {
+        // The command was not run: resend (after a fresh slot map where the cluster moved).
+        RetryMethod::WaitAndRetry | RetryMethod::RefreshAndRetry => Outcome::Busy {
+            kind,
             code: code.to_string(),
             message: detail.to_string(),
         },
-        "WRONGPASS" | "NOAUTH" | "NOPERM" => Outcome::Failed(Error::Auth {
+        _ if kind.is_auth() => Outcome::Failed(Error::Auth {
             node: node.clone(),
             reason: format!("{code} {detail}"),
         }),
         _ => Outcome::Failed(Error::Server {
             node: node.clone(),
+            kind,
             code: code.to_string(),
             message: detail.to_string(),
         }),
@@ -106,7 +115,14 @@ mod tests {
 
     #[test]
     fn busy_and_final() {
-        for code in ["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "BUSY"] {
+        for code in [
+            "TRYAGAIN",
+            "CLUSTERDOWN",
+            "LOADING",
+            "MASTERDOWN",
+            "BUSY",
+            "READONLY",
+        ] {
             assert!(matches!(by_code(&node(), code, "x"), Outcome::Busy { .. }));
         }
         assert!(matches!(

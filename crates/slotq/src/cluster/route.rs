@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use futures::future::join_all;
 use redis::{Cmd, RedisResult, Value};
@@ -13,6 +14,7 @@ use super::reply::{Outcome, classify};
 use super::{Inner, RequestOpts};
 use crate::config::{FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE};
 use crate::error::{Error, Result};
+use crate::server_error::RetryMethod;
 use crate::slot::Slot;
 use crate::topology::NodeAddr;
 
@@ -63,8 +65,13 @@ pub(crate) async fn run_on_node(
         Ok(reply) => match classify(addr, reply) {
             Outcome::Done(v) => Ok(v),
             Outcome::Failed(e) => Err(e),
-            Outcome::Busy { code, message } => Err(Error::ClusterUnavailable {
+            Outcome::Busy {
+                kind,
+                code,
+                message,
+            } => Err(Error::ClusterUnavailable {
                 node: addr.clone(),
+                kind,
                 code,
                 message,
             }),
@@ -180,16 +187,21 @@ pub(crate) async fn run_batch(
                             max_redirects,
                         );
                     }
-                    Outcome::Busy { code, message } => {
+                    Outcome::Busy {
+                        kind,
+                        code,
+                        message,
+                    } => {
                         inner.counters.busy.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(crate::telemetry::BUSY_RETRIES).increment(1);
-                        if code == "CLUSTERDOWN" || code == "MASTERDOWN" {
+                        if kind.retry_method() == RetryMethod::RefreshAndRetry {
                             inner.request_refresh();
                         }
                         later.push((
                             i,
                             Error::ClusterUnavailable {
                                 node: addr.clone(),
+                                kind,
                                 code,
                                 message,
                             },

@@ -11,6 +11,7 @@ use super::giveback::{give_back, list_items};
 use super::{BLOCK_GRACE, Message};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::server_error::{RetryMethod, ServerErrorKind};
 use crate::slot::Slot;
 use crate::topology::NodeAddr;
 
@@ -131,8 +132,8 @@ impl Waiter {
                     }
                 }
                 Ok(Ok(Value::ServerError(e))) => {
-                    let code = e.code().to_string();
-                    if self.on_error(&code, &mut conn).await {
+                    let kind = ServerErrorKind::parse(e.code());
+                    if self.on_error(Some(kind), &mut conn).await {
                         return;
                     }
                 }
@@ -158,7 +159,7 @@ impl Waiter {
                 },
                 Ok(Err(broken)) => {
                     tracing::debug!(shard = %self.tag, cause = %broken.0, "blocking connection broke");
-                    if self.on_error("IO", &mut conn).await {
+                    if self.on_error(None, &mut conn).await {
                         return;
                     }
                 }
@@ -166,19 +167,24 @@ impl Waiter {
         }
     }
 
-    /// Reacts to an error reply; returns true when the consumer is gone.
-    async fn on_error(&mut self, code: &str, conn: &mut Option<Blocking>) -> bool {
-        match code {
+    /// Reacts to an error reply (`None`: the connection broke); returns true when the
+    /// consumer is gone. A blocking pop waits on one node, so a redirect is not followed
+    /// in place: the waiter learns the new map and blocks again where the shard is now.
+    async fn on_error(
+        &mut self,
+        kind: Option<ServerErrorKind>,
+        conn: &mut Option<Blocking>,
+    ) -> bool {
+        match kind.map(ServerErrorKind::retry_method) {
             // The slot moved or the node changed role: learn the new map, reconnect.
-            "MOVED" | "ASK" | "UNBLOCKED" | "READONLY" => {
+            Some(RetryMethod::Redirect | RetryMethod::RefreshAndRetry) => {
                 *conn = None;
                 self.cluster.request_refresh();
             }
-            "CLUSTERDOWN" | "TRYAGAIN" | "LOADING" | "MASTERDOWN" | "BUSY" => {
-                self.cluster.request_refresh();
-            }
+            // Momentary: same node, same connection, after the pause.
+            Some(RetryMethod::WaitAndRetry) => {}
             _ => {
-                tracing::debug!(shard = %self.tag, code, "blocking pop failed");
+                tracing::debug!(shard = %self.tag, ?kind, "blocking pop failed");
                 *conn = None;
             }
         }

@@ -157,7 +157,12 @@ impl ProducerInner {
 /// duplicates.
 fn rerouteable(e: &Error, ambiguous: bool) -> bool {
     match e {
-        Error::QueueFull { .. } => true,
+        // The shard's master refused it; another master may take it.
+        Error::QueueFull { .. }
+        | Error::Server {
+            kind: crate::server_error::ServerErrorKind::OutOfMemory,
+            ..
+        } => true,
         Error::NotReplicated { .. } => ambiguous,
         e if e.may_have_run() => ambiguous && e.is_retryable(),
         e => e.is_retryable(),
