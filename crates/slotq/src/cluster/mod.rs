@@ -11,11 +11,15 @@
 //!   are idempotent ([`RequestOpts::idempotent`]); commands that were never sent are.
 
 mod conn;
+#[cfg(test)]
+mod fake_node;
 mod node;
 mod refresh;
 mod reply;
 mod resp;
 mod route;
+#[cfg(test)]
+mod router_tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

@@ -31,73 +31,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 
+mod codec;
+
+pub(crate) use codec::unpack_strings;
+pub use codec::{
+    ENVELOPE_HEADER, ENVELOPE_MAGIC, Envelope, FRAME_MAGIC, MAX_FRAME, MessageId, decode_envelope,
+    decode_frame, encode_envelope, encode_frame,
+};
+
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::placement::shard_key;
 use crate::script::{Call, Script};
 use crate::slot::{Slot, tag_slot};
 
-/// Bytes before the payload in an envelope.
-pub const ENVELOPE_HEADER: usize = 28;
-/// First two bytes of every envelope.
-pub const ENVELOPE_MAGIC: [u8; 2] = [0xA5, 0x01];
 /// Lease length of a reliable pop, by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Most expired leases (and most due delayed messages) one pop returns to the ready list.
 pub const REAP_LIMIT: usize = 100;
-
-/// First two bytes of every frame.
-pub const FRAME_MAGIC: [u8; 2] = [0xA5, 0x02];
-/// Most messages in one frame.
-pub const MAX_FRAME: usize = 8192;
-
-/// Packs envelopes into a frame.
-pub fn encode_frame(envelopes: &[Vec<u8>]) -> Vec<u8> {
-    let bytes: usize = envelopes.iter().map(|e| e.len() + 5).sum();
-    let mut f = Vec::with_capacity(bytes + 9);
-    f.extend_from_slice(&FRAME_MAGIC);
-    f.extend_from_slice(&(envelopes.len() as u16).to_be_bytes());
-    let n = envelopes.len();
-    if n < 16 {
-        f.push(0x90 | n as u8);
-    } else if n <= 0xffff {
-        f.push(0xdc);
-        f.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        f.push(0xdd);
-        f.extend_from_slice(&(n as u32).to_be_bytes());
-    }
-    for e in envelopes {
-        let len = e.len();
-        if len < 32 {
-            f.push(0xa0 | len as u8);
-        } else if len <= 0xff {
-            f.extend_from_slice(&[0xd9, len as u8]);
-        } else if len <= 0xffff {
-            f.push(0xda);
-            f.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            f.push(0xdb);
-            f.extend_from_slice(&(len as u32).to_be_bytes());
-        }
-        f.extend_from_slice(e);
-    }
-    f
-}
-
-/// Unpacks a frame into its envelopes.
-pub fn decode_frame(f: &[u8]) -> Result<Vec<Vec<u8>>> {
-    if f.len() < 5 || f[0..2] != FRAME_MAGIC {
-        return Err(Error::Protocol("not a slotq frame".into()));
-    }
-    let envelopes = unpack_strings(&f[4..])?;
-    if envelopes.len() != u16::from_be_bytes([f[2], f[3]]) as usize {
-        return Err(Error::Protocol(
-            "frame count does not match its contents".into(),
-        ));
-    }
-    Ok(envelopes)
-}
 
 /// The member, field or list head that keeps a reliable shard's keys in existence (see
 /// `lua/lease_pop.lua`): in a slot being migrated, Redis runs a multi-key script only when
@@ -123,66 +74,6 @@ impl std::fmt::Display for LeaseId {
     }
 }
 
-/// A message id: 16 bytes, unique per message, the same on every delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId(pub [u8; 16]);
-
-impl std::fmt::Display for MessageId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Wraps a payload in an envelope.
-pub fn encode_envelope(id: MessageId, payload: &[u8]) -> Vec<u8> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut e = Vec::with_capacity(ENVELOPE_HEADER + payload.len());
-    e.extend_from_slice(&ENVELOPE_MAGIC);
-    e.extend_from_slice(&id.0);
-    e.extend_from_slice(&0u16.to_be_bytes());
-    e.extend_from_slice(&now.to_be_bytes());
-    e.extend_from_slice(payload);
-    e
-}
-
-/// A decoded envelope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// The message id.
-    pub id: MessageId,
-    /// Deliveries before the current one.
-    pub deliveries: u16,
-    /// Enqueue time, ms since the Unix epoch.
-    pub enqueued_ms: u64,
-    /// The payload.
-    pub payload: Vec<u8>,
-}
-
-/// Unwraps an envelope.
-pub fn decode_envelope(mut e: Vec<u8>) -> Result<Envelope> {
-    if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
-        return Err(Error::Protocol(
-            "not a slotq envelope (was the queue written by an at-most-once producer?)".into(),
-        ));
-    }
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&e[2..18]);
-    let deliveries = u16::from_be_bytes([e[18], e[19]]);
-    let enqueued_ms = u64::from_be_bytes(e[20..28].try_into().expect("8 bytes"));
-    e.drain(..ENVELOPE_HEADER);
-    Ok(Envelope {
-        id: MessageId(id),
-        deliveries,
-        enqueued_ms,
-        payload: e,
-    })
-}
-
 /// The Lua scripts of reliable delivery.
 pub(crate) struct LeaseScripts {
     pub(crate) pop: Script,
@@ -196,12 +87,12 @@ pub(crate) struct LeaseScripts {
 impl LeaseScripts {
     pub(crate) fn new() -> Self {
         LeaseScripts {
-            pop: Script::new(include_str!("lua/lease_pop.lua")),
-            settle: Script::new(include_str!("lua/settle.lua")),
-            extend: Script::new(include_str!("lua/extend.lua")),
-            replay: Script::new(include_str!("lua/replay_dead.lua")),
-            inflight: Script::new(include_str!("lua/inflight_count.lua")),
-            keep: Script::new(include_str!("lua/keep.lua")),
+            pop: Script::new(include_str!("../lua/lease_pop.lua")),
+            settle: Script::new(include_str!("../lua/settle.lua")),
+            extend: Script::new(include_str!("../lua/extend.lua")),
+            replay: Script::new(include_str!("../lua/replay_dead.lua")),
+            inflight: Script::new(include_str!("../lua/inflight_count.lua")),
+            keep: Script::new(include_str!("../lua/keep.lua")),
         }
     }
 }
@@ -533,39 +424,6 @@ pub(crate) async fn extend(r: &LeaseRef, by: Duration) -> Result<Option<SystemTi
     }
 }
 
-/// Decodes a msgpack array of strings (what `cmsgpack.pack` makes of a Lua list of
-/// strings), borrowing nothing: each string is copied out once.
-pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let bad = || Error::Protocol("lease: malformed msgpack".into());
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8]> {
-        let s = b.get(at..at + n).ok_or_else(bad)?;
-        at += n;
-        Ok(s)
-    };
-    let be = |s: &[u8]| s.iter().fold(0usize, |acc, &x| (acc << 8) | x as usize);
-    let head = take(1)?[0];
-    let len = match head {
-        0x90..=0x9f => (head & 0x0f) as usize,
-        0xdc => be(take(2)?),
-        0xdd => be(take(4)?),
-        _ => return Err(bad()),
-    };
-    let mut out = Vec::with_capacity(len);
-    for _ in 0..len {
-        let h = take(1)?[0];
-        let n = match h {
-            0xa0..=0xbf => (h & 0x1f) as usize,
-            0xd9 | 0xc4 => be(take(1)?),
-            0xda | 0xc5 => be(take(2)?),
-            0xdb | 0xc6 => be(take(4)?),
-            _ => return Err(bad()),
-        };
-        out.push(take(n)?.to_vec());
-    }
-    Ok(out)
-}
-
 /// Positions as sorted, merged inclusive ranges (what the settle script takes).
 fn ranges(ps: &[u32]) -> Vec<(u32, u32)> {
     let mut v = ps.to_vec();
@@ -614,49 +472,5 @@ mod tests {
             vec![(1, 3), (5, 5), (9, 10)]
         );
         assert!(ranges(&[]).is_empty());
-    }
-
-    #[test]
-    fn frames_round_trip() {
-        for n in [0usize, 1, 15, 16, 300] {
-            let envs: Vec<Vec<u8>> = (0..n)
-                .map(|i| encode_envelope(MessageId([i as u8; 16]), &vec![b'p'; i * 3]))
-                .collect();
-            let f = encode_frame(&envs);
-            assert_eq!(decode_frame(&f).unwrap(), envs, "{n} envelopes");
-        }
-        assert!(decode_frame(b"\xA5\x01junk").is_err());
-    }
-
-    #[test]
-    fn msgpack_arrays_of_strings() {
-        // fixarray of fixstr "a", str8 of 40 bytes.
-        let mut b = vec![0x92, 0xa1, b'a', 0xd9, 40];
-        b.extend_from_slice(&[b'x'; 40]);
-        assert_eq!(
-            unpack_strings(&b).unwrap(),
-            vec![b"a".to_vec(), vec![b'x'; 40]]
-        );
-        // array16 of one str16.
-        let mut b = vec![0xdc, 0, 1, 0xda, 1, 0];
-        b.extend_from_slice(&[7; 256]);
-        assert_eq!(unpack_strings(&b).unwrap(), vec![vec![7; 256]]);
-        assert!(unpack_strings(&[0x92, 0xa1]).is_err());
-        assert!(unpack_strings(&[0x01]).is_err());
-    }
-
-    #[test]
-    fn envelope_round_trip() {
-        let id = MessageId([7; 16]);
-        let e = encode_envelope(id, b"hello");
-        assert_eq!(e.len(), ENVELOPE_HEADER + 5);
-        assert_eq!(&e[..2], &ENVELOPE_MAGIC);
-        let d = decode_envelope(e).unwrap();
-        assert_eq!(d.id, id);
-        assert_eq!(d.deliveries, 0);
-        assert_eq!(d.payload, b"hello");
-        assert!(d.enqueued_ms > 1_600_000_000_000);
-        assert!(decode_envelope(b"raw payload".to_vec()).is_err());
-        assert_eq!(id.to_string(), "07".repeat(16));
     }
 }
