@@ -180,6 +180,88 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A RESP2 reply as a tree, and its bytes.
+    #[derive(Debug, Clone)]
+    enum Reply {
+        Simple(String),
+        Error(String, String),
+        Int(i64),
+        Bulk(Vec<u8>),
+        NilBulk,
+        NilArray,
+        Array(Vec<Reply>),
+    }
+
+    fn encode(r: &Reply, out: &mut Vec<u8>) {
+        match r {
+            Reply::Simple(s) => out.extend_from_slice(format!("+{s}\r\n").as_bytes()),
+            Reply::Error(code, msg) => {
+                out.extend_from_slice(format!("-{code} {msg}\r\n").as_bytes())
+            }
+            Reply::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+            Reply::Bulk(b) => {
+                out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+                out.extend_from_slice(b);
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::NilBulk => out.extend_from_slice(b"$-1\r\n"),
+            Reply::NilArray => out.extend_from_slice(b"*-1\r\n"),
+            Reply::Array(items) => {
+                out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
+                for i in items {
+                    encode(i, out);
+                }
+            }
+        }
+    }
+
+    fn reply() -> impl Strategy<Value = Reply> {
+        let leaf = prop_oneof![
+            "[a-zA-Z0-9 ]{0,12}".prop_map(Reply::Simple),
+            ("[A-Z]{2,10}", "[a-z0-9 ]{0,20}").prop_map(|(c, m)| Reply::Error(c, m)),
+            any::<i64>().prop_map(Reply::Int),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Reply::Bulk),
+            Just(Reply::NilBulk),
+            Just(Reply::NilArray),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            proptest::collection::vec(inner, 0..6).prop_map(Reply::Array)
+        })
+    }
+
+    proptest! {
+        /// The hot-path parser reads every reply as the `redis` crate does, takes exactly
+        /// its bytes, agrees with the scanner, and waits (never errs) on every cut.
+        #[test]
+        fn parses_as_the_redis_crate_does(r in reply(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let mut bytes = Vec::new();
+            encode(&r, &mut bytes);
+            let len = bytes.len();
+            let expected = redis::parse_redis_value(&bytes).unwrap();
+            bytes.extend_from_slice(&tail);
+            let (ours, used) = parse(&bytes).unwrap().unwrap();
+            prop_assert_eq!(used, len);
+            prop_assert_eq!(ours, expected);
+            prop_assert_eq!(Scanner::default().scan(&bytes).unwrap(), Some(len));
+            for cut in 0..len {
+                prop_assert_eq!(parse(&bytes[..cut]).unwrap(), None, "cut at {}", cut);
+                prop_assert_eq!(Scanner::default().scan(&bytes[..cut]).unwrap(), None);
+            }
+        }
+
+        /// On any bytes: no panic, and whatever it accepts, the `redis` crate reads the same.
+        #[test]
+        fn random_bytes_never_panic_and_what_parses_agrees(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Scanner::default().scan(&bytes);
+            if let Ok(Some((ours, used))) = parse(&bytes) {
+                if let Ok(theirs) = redis::parse_redis_value(&bytes[..used]) {
+                    prop_assert_eq!(ours, theirs);
+                }
+            }
+        }
+    }
 
     #[test]
     fn scalars() {
