@@ -255,10 +255,10 @@ mod tests {
         #[test]
         fn random_bytes_never_panic_and_what_parses_agrees(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Scanner::default().scan(&bytes);
-            if let Ok(Some((ours, used))) = parse(&bytes) {
-                if let Ok(theirs) = redis::parse_redis_value(&bytes[..used]) {
-                    prop_assert_eq!(ours, theirs);
-                }
+            if let Ok(Some((ours, used))) = parse(&bytes)
+                && let Ok(theirs) = redis::parse_redis_value(&bytes[..used])
+            {
+                prop_assert_eq!(ours, theirs);
             }
         }
     }
