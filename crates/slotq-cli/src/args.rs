@@ -345,8 +345,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub baseline: bool,
     /// Phases to run, comma-separated: push, pop, e2e (pop drains what push pushed).
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["push".to_string(), "pop".to_string(), "e2e".to_string()])]
-    pub phases: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![BenchPhase::Push, BenchPhase::Pop, BenchPhase::E2e])]
+    pub phases: Vec<BenchPhase>,
     /// Run this anchor script (the machine's physical limit, e.g. shared/bench/anchor.sh)
     /// against the same cluster first, and report every phase as a ratio to it.
     #[arg(long)]
@@ -416,4 +416,15 @@ fn parse_secs_or_zero(s: &str) -> Result<std::time::Duration, String> {
         .ok()
         .filter(|d| *d <= std::time::Duration::from_secs(365 * 24 * 3600))
         .ok_or_else(|| format!("{s:?} is not between 0 and a year"))
+}
+
+/// A phase of `slotq bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPhase {
+    /// Producers push every message.
+    Push,
+    /// Consumers pop what the push phase left.
+    Pop,
+    /// Producers and consumers at once.
+    E2e,
 }

@@ -102,6 +102,11 @@ pub enum Error {
         message: String,
     },
 
+    /// No master owns a slot in the current slot map (a cluster not set up yet, or every
+    /// master lost): a new queue's shards have nowhere to go.
+    #[error("no master owns slots: the cluster is not serving yet")]
+    NoMasters,
+
     /// The slot kept moving: more MOVED/ASK redirects than allowed for one call.
     #[error("gave up on slot {slot} after {count} redirects")]
     TooManyRedirects {
@@ -221,6 +226,7 @@ impl Error {
                 | Error::ConnectionLost { .. }
                 | Error::NodeDown { .. }
                 | Error::SlotUncovered { .. }
+                | Error::NoMasters
                 | Error::ClusterUnavailable { .. }
                 | Error::TooManyRedirects { .. }
                 | Error::QueueFull { .. }

@@ -668,7 +668,7 @@ impl QueueInner {
         let topology = self.cluster.topology();
         let shards = placement::plan(&self.name, &topology, k);
         if shards.is_empty() {
-            return Err(Error::SlotUncovered { slot: 0 });
+            return Err(Error::NoMasters);
         }
         let proposal = ShardSet {
             version: 1,

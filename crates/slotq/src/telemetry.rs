@@ -2,23 +2,8 @@
 //! application installs a recorder (the `slotq consume --metrics` command serves them for
 //! Prometheus); without one every update is a no-op.
 //!
-//! | name | kind | labels | what |
-//! |---|---|---|---|
-//! | `slotq_messages_pushed_total` | counter | queue | messages stored by producers |
-//! | `slotq_push_failures_total` | counter | queue | messages whose send failed |
-//! | `slotq_push_batch_messages` | histogram | queue | messages per push |
-//! | `slotq_push_seconds` | histogram | queue | time of one push (with reroutes) |
-//! | `slotq_messages_popped_total` | counter | queue | messages taken by consumers |
-//! | `slotq_pop_replies_lost_total` | counter | | at-most-once pops whose reply was lost (their messages may be gone) |
-//! | `slotq_pop_round_seconds` | histogram | queue | time of one sweep over every shard |
-//! | `slotq_messages_settled_total` | counter | kind (ack, nack, release) | settled messages |
-//! | `slotq_redirects_total` | counter | kind (moved, ask) | redirects followed |
-//! | `slotq_busy_retries_total` | counter | | TRYAGAIN / CLUSTERDOWN / LOADING / MASTERDOWN retries |
-//! | `slotq_topology_refreshes_total` | counter | | slot-map refreshes |
-//! | `slotq_node_down_total` | counter | node | times a node was marked down |
-//! | `slotq_group_rebalances_total` | counter | group | assignment changes a member saw |
-//! | `slotq_group_owned_shards` | gauge | group | shards the member owns |
-//! | `slotq_group_steals_total` | counter | group | messages taken from other members' shards |
+//! The table of every metric (name, kind, labels, meaning) is in `docs/operations.md`,
+//! "Metrics"; the constants below are the names.
 
 /// Messages stored by producers.
 pub const PUSHED: &str = "slotq_messages_pushed_total";
@@ -38,7 +23,8 @@ pub const POP_ROUND_SECONDS: &str = "slotq_pop_round_seconds";
 pub const SETTLED: &str = "slotq_messages_settled_total";
 /// Redirects followed, by kind.
 pub const REDIRECTS: &str = "slotq_redirects_total";
-/// Busy-reply retries.
+/// Retries after a transient error reply (TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN,
+/// BUSY, READONLY).
 pub const BUSY_RETRIES: &str = "slotq_busy_retries_total";
 /// Slot-map refreshes.
 pub const REFRESHES: &str = "slotq_topology_refreshes_total";

@@ -137,7 +137,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         keyed: false,
         baseline: false,
         reliable: false,
-        phases: vec!["e2e".to_string()],
+        phases: vec![crate::args::BenchPhase::E2e],
         anchor: None,
         queue: Some(format!("{name}-latency")),
         rate: None,

@@ -292,6 +292,7 @@ impl Inner {
         self.counters
             .nodes_marked_down
             .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::NODE_DOWN, "node" => addr.to_string()).increment(1);
         tracing::warn!(node = %addr, "node marked down");
         self.request_refresh();
     }

@@ -17,7 +17,7 @@ use serde_json::json;
 use slotq::{Client, Cluster, Queue};
 
 use crate::CliError;
-use crate::args::BenchArgs;
+use crate::args::{BenchArgs, BenchPhase};
 use crate::output::table;
 
 /// Messages each producer task hands to the producer per call.
@@ -77,18 +77,11 @@ pub async fn run(
     let show = !as_json;
     let start = Instant::now();
 
-    for p in &args.phases {
-        if !["push", "pop", "e2e"].contains(&p.as_str()) {
-            return Err(CliError::Usage(format!(
-                "unknown phase {p:?}: use push, pop, e2e"
-            )));
-        }
-    }
     let anchor = match &args.anchor {
         Some(script) => Some(reference::run_anchor(script, cluster, args.size, show).await?),
         None => None,
     };
-    let want = |p: &str| args.rate.is_none() && args.phases.iter().any(|x| x == p);
+    let want = |p: BenchPhase| args.rate.is_none() && args.phases.contains(&p);
     let mut ran = Vec::new();
     let mut per_node = BTreeMap::new();
     if let Some(rate) = args.rate {
@@ -101,14 +94,14 @@ pub async fn run(
         let duration = Duration::from_secs_f64(args.duration);
         ran.push(rate::rate_phase(&q, args, rate, duration, show).await?);
     }
-    if want("push") || want("pop") {
+    if want(BenchPhase::Push) || want(BenchPhase::Pop) {
         ran.push(push_phase(&q, args, start, show).await?);
         per_node = self::per_node(&q).await?;
     }
-    if want("pop") {
+    if want(BenchPhase::Pop) {
         ran.push(pop_phase(&q, args, show).await?);
     }
-    if want("e2e") {
+    if want(BenchPhase::E2e) {
         ran.push(e2e_phase(&q, args, start, show).await?);
     }
     let baseline = if args.baseline {
