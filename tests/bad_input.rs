@@ -56,9 +56,18 @@ async fn nobody_listening() {
             .await
             .unwrap_err();
     match &err {
-        Error::Connect { node, .. } => assert_eq!(node.port, port),
+        Error::Connect { node, cause, .. } => {
+            assert_eq!(node.port, port);
+            // The I/O error itself is kept, not only its text.
+            let io = cause
+                .as_ref()
+                .and_then(|c| c.inner().downcast_ref::<std::io::Error>())
+                .expect("the io::Error behind it");
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
         other => panic!("{other:?}"),
     }
+    assert!(std::error::Error::source(&err).is_some());
     assert!(err.is_retryable());
 }
 

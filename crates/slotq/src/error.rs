@@ -9,6 +9,41 @@ use std::time::Duration;
 use crate::server_error::ServerErrorKind;
 use crate::topology::NodeAddr;
 
+/// The lower-level error behind a connection failure (an I/O or TLS error), kept whole so
+/// that [`std::error::Error::source`] reaches it; shared, so that [`Error`] stays `Clone`.
+#[derive(Clone)]
+pub struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    /// Wraps an error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(std::sync::Arc::new(e))
+    }
+
+    /// The wrapped error, to downcast (`cause.inner().downcast_ref::<std::io::Error>()`).
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -36,6 +71,9 @@ pub enum Error {
         node: NodeAddr,
         /// Why the connection failed.
         reason: String,
+        /// The I/O error behind it, when there is one.
+        #[source]
+        cause: Option<Cause>,
     },
 
     /// The server rejected the username/password.
@@ -54,6 +92,9 @@ pub enum Error {
         node: NodeAddr,
         /// What the TLS layer reported.
         reason: String,
+        /// The TLS or I/O error behind it, when there is one.
+        #[source]
+        cause: Option<Cause>,
     },
 
     /// A node did not answer within the request deadline. The command may have run.
@@ -72,6 +113,9 @@ pub enum Error {
         node: NodeAddr,
         /// What the I/O layer reported.
         reason: String,
+        /// The I/O error behind it, when there is one.
+        #[source]
+        cause: Option<Cause>,
     },
 
     /// The node is marked down after recent failures; the call was not sent.

@@ -81,7 +81,7 @@ pub use client::Client;
 pub use cluster::{Cluster, RequestOpts, RouterStats};
 pub use config::ClusterConfig;
 pub use consumer::{Consumer, Message};
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};
 pub use lease::{LeaseId, MessageId, SettleReport, Settled};
 pub use placement::DeliveryMode;
 pub use producer::{EmptyPayloads, Producer};

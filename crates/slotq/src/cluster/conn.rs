@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::resp;
-use crate::error::Error;
+use crate::error::{Cause, Error};
 use crate::topology::NodeAddr;
 
 /// Writes are coalesced up to this many bytes.
@@ -34,9 +34,15 @@ pub(crate) struct Dialer {
     pub(crate) connect_timeout: Duration,
 }
 
-/// Why a request got no reply.
+/// Why a request got no reply: what happened, and the I/O error behind it if any.
 #[derive(Debug, Clone)]
-pub(crate) struct Broken(pub(crate) String);
+pub(crate) struct Broken(pub(crate) String, pub(crate) Option<Cause>);
+
+impl Broken {
+    fn closed() -> Broken {
+        Broken("connection closed".into(), None)
+    }
+}
 
 struct Request {
     bytes: Vec<u8>,
@@ -57,10 +63,18 @@ struct Shared {
 
 impl Shared {
     fn fail_all(&self, why: &str) {
+        self.fail_with(Broken(why.to_string(), None));
+    }
+
+    fn fail_io(&self, e: std::io::Error) {
+        self.fail_with(Broken(e.to_string(), Some(Cause::new(e))));
+    }
+
+    fn fail_with(&self, broken: Broken) {
         self.closed.store(true, Ordering::Release);
         let waiting: Vec<Waiting> = self.waiting.lock().unwrap().drain(..).collect();
         for w in waiting {
-            let _ = w.tx.send(Err(Broken(why.to_string())));
+            let _ = w.tx.send(Err(broken.clone()));
         }
     }
 }
@@ -78,9 +92,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 impl Dialer {
     /// Connects, upgrades to TLS if configured, authenticates, and checks the protocol.
     pub(crate) async fn dial(&self, node: &NodeAddr) -> Result<Conn, Error> {
-        let connect_err = |reason: String| Error::Connect {
+        let connect_err = |reason: String, cause: Option<Cause>| Error::Connect {
             node: node.clone(),
             reason,
+            cause,
         };
         let tcp = match tokio::time::timeout(
             self.connect_timeout,
@@ -89,12 +104,12 @@ impl Dialer {
         .await
         {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(connect_err(e.to_string())),
+            Ok(Err(e)) => return Err(connect_err(e.to_string(), Some(Cause::new(e)))),
             Err(_) => {
-                return Err(connect_err(format!(
-                    "no connection within {:?}",
-                    self.connect_timeout
-                )));
+                return Err(connect_err(
+                    format!("no connection within {:?}", self.connect_timeout),
+                    None,
+                ));
             }
         };
         let _ = tcp.set_nodelay(true);
@@ -106,6 +121,7 @@ impl Dialer {
                         Error::Tls {
                             node: node.clone(),
                             reason: format!("bad server name: {e}"),
+                            cause: Some(Cause::new(e)),
                         }
                     })?;
                 let connector = tokio_rustls::TlsConnector::from(cfg.clone());
@@ -116,12 +132,14 @@ impl Dialer {
                         return Err(Error::Tls {
                             node: node.clone(),
                             reason: e.to_string(),
+                            cause: Some(Cause::new(e)),
                         });
                     }
                     Err(_) => {
                         return Err(Error::Tls {
                             node: node.clone(),
                             reason: format!("no TLS handshake within {:?}", self.connect_timeout),
+                            cause: None,
                         });
                     }
                 }
@@ -156,17 +174,20 @@ impl Dialer {
                     })
                 }
                 Ok(Value::SimpleString(s)) if s == "PONG" => Ok(()),
-                Ok(other) => Err(connect_err(format!("unexpected reply to PING: {other:?}"))),
+                Ok(other) => Err(connect_err(
+                    format!("unexpected reply to PING: {other:?}"),
+                    None,
+                )),
                 Err(b) => Err(not_redis(node, &b)),
             }
         };
         match tokio::time::timeout(self.connect_timeout, handshake).await {
             Ok(Ok(())) => Ok(conn),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(connect_err(format!(
-                "no handshake within {:?}",
-                self.connect_timeout
-            ))),
+            Err(_) => Err(connect_err(
+                format!("no handshake within {:?}", self.connect_timeout),
+                None,
+            )),
         }
     }
 }
@@ -175,6 +196,7 @@ fn not_redis(node: &NodeAddr, b: &Broken) -> Error {
     Error::Connect {
         node: node.clone(),
         reason: format!("the server did not answer in the Redis protocol ({})", b.0),
+        cause: b.1.clone(),
     }
 }
 
@@ -197,7 +219,7 @@ impl Conn {
                 match reader.read_buf(&mut buf).await {
                     Ok(0) => return rshared.fail_all("connection closed by the server"),
                     Ok(_) => {}
-                    Err(e) => return rshared.fail_all(&e.to_string()),
+                    Err(e) => return rshared.fail_io(e),
                 }
                 let mut used = 0;
                 loop {
@@ -279,13 +301,13 @@ impl Conn {
     /// Sends packed commands and waits for `replies` replies (in order).
     pub(crate) async fn exec(&self, bytes: Vec<u8>, replies: usize) -> Result<Vec<Value>, Broken> {
         if self.is_closed() {
-            return Err(Broken("connection closed".into()));
+            return Err(Broken::closed());
         }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request { bytes, replies, tx })
-            .map_err(|_| Broken("connection closed".into()))?;
-        rx.await.map_err(|_| Broken("connection closed".into()))?
+            .map_err(|_| Broken::closed())?;
+        rx.await.map_err(|_| Broken::closed())?
     }
 
     /// Sends one command and waits for its reply.

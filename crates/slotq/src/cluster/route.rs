@@ -46,6 +46,7 @@ pub(crate) async fn send_raw(
             Err(Error::ConnectionLost {
                 node: node.addr.clone(),
                 reason: b.0,
+                cause: b.1,
             })
         }
         Ok(Ok(Value::ServerError(e))) => Ok(Err(e.into())),
@@ -344,6 +345,7 @@ async fn send_group(
             Err(SendError::MaybeSent(Error::ConnectionLost {
                 node: addr.clone(),
                 reason: b.0,
+                cause: b.1,
             }))
         }
         Ok(Ok(values)) => {

@@ -213,6 +213,7 @@ impl Waiter {
         .map_err(|b| Error::Connect {
             node: node.clone(),
             reason: b.0,
+            cause: b.1,
         })?;
         match id {
             Value::Int(id) => Ok(Blocking {
