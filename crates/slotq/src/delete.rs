@@ -42,7 +42,7 @@ impl Queue {
         let mut keys = self
             .delete_in_slot(meta_slot, &format!("{prefix}:{{{name}}}:"))
             .await?;
-        tokio::time::sleep(self.inner.registry_poll * 2).await;
+        tokio::time::sleep(self.registry_poll() * 2).await;
         for s in &set.shards {
             keys += self
                 .delete_in_slot(s.slot, &format!("{prefix}:{{{}}}:", s.tag))

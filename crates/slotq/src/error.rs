@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use crate::node_addr::NodeAddr;
 use crate::server_error::ServerErrorKind;
-use crate::topology::NodeAddr;
 
 /// The lower-level error behind a connection failure (an I/O or TLS error), kept whole so
 /// that [`std::error::Error::source`] reaches it; shared, so that [`Error`] stays `Clone`.

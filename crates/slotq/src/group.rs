@@ -427,7 +427,14 @@ pub struct GroupStatus {
 }
 
 /// Reads a group's members and owners, and each shard's depth.
-pub(crate) async fn status(queue: &Queue, name: &str) -> Result<GroupStatus> {
+impl Queue {
+    /// A consumer group's members, their shards, and each shard's lag.
+    pub async fn group_status(&self, group: &str) -> Result<GroupStatus> {
+        status(self, group).await
+    }
+}
+
+async fn status(queue: &Queue, name: &str) -> Result<GroupStatus> {
     validate_group_name(name)?;
     let key = group_key(queue, name);
     let slot = crate::slot::key_slot(queue.meta_key());

@@ -67,6 +67,7 @@ pub mod delete;
 pub mod error;
 pub mod group;
 pub mod lease;
+pub mod node_addr;
 pub mod placement;
 pub mod producer;
 pub mod queue;

@@ -127,7 +127,7 @@ impl ConsumerBuilder {
             },
             ctx: round::Ctx {
                 cluster: self.queue.cluster().clone(),
-                scripts: self.queue.inner.lease_scripts.clone(),
+                scripts: self.queue.lease_scripts(),
                 max_attempts,
                 lease: self.lease,
             },
@@ -153,5 +153,12 @@ impl ConsumerBuilder {
             payload_sizes: HashMap::new(),
             rotate: 0,
         })
+    }
+}
+
+impl Queue {
+    /// A consumer builder for this queue.
+    pub fn consumer(&self) -> ConsumerBuilder {
+        ConsumerBuilder::new(self.clone())
     }
 }

@@ -47,7 +47,7 @@ impl Grouped {
         }
         let joining = self.joining.get_or_insert_with(|| {
             let (queue, cfg) = (queue.clone(), self.cfg.clone());
-            let script = queue.inner.group_script.clone();
+            let script = queue.group_script();
             tokio::spawn(async move { Membership::join(queue, cfg, script, lease).await })
         });
         let joined = joining.await;

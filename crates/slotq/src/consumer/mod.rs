@@ -164,7 +164,7 @@ impl Consumer {
         let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, (h, _))| h).collect();
         let (cluster, prefix) = (
             self.queue.cluster().clone(),
-            self.queue.inner.prefix.clone(),
+            self.queue.prefix().to_string(),
         );
         let group = self.group.take();
         drop(self);
@@ -271,7 +271,7 @@ impl Consumer {
                     self.buffer.extend(keep);
                     let (cluster, prefix) = (
                         self.queue.cluster().clone(),
-                        self.queue.inner.prefix.clone(),
+                        self.queue.prefix().to_string(),
                     );
                     let task =
                         tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
@@ -395,7 +395,7 @@ impl Consumer {
             for (tag, give) in by_shard {
                 let (cluster, prefix) = (
                     self.queue.cluster().clone(),
-                    self.queue.inner.prefix.clone(),
+                    self.queue.prefix().to_string(),
                 );
                 let task =
                     tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
@@ -477,7 +477,7 @@ impl Consumer {
     }
 
     fn keys_of(&mut self, tag: &str) -> Arc<ShardKeys> {
-        let prefix = &self.queue.inner.prefix;
+        let prefix = self.queue.prefix();
         self.keys
             .entry(tag.to_string())
             .or_insert_with(|| Arc::new(ShardKeys::new(prefix, tag)))
@@ -523,7 +523,7 @@ impl Consumer {
         );
         let (cluster, prefix) = (
             self.queue.cluster().clone(),
-            self.queue.inner.prefix.clone(),
+            self.queue.prefix().to_string(),
         );
         match self.group.as_mut() {
             Some(g) if g.cfg.ordered => {
@@ -564,7 +564,7 @@ impl Consumer {
                 cluster: self.queue.cluster().clone(),
                 slot: s.slot,
                 tag: Arc::from(s.tag.as_str()),
-                key: ready_key(&self.queue.inner.prefix, &s.tag),
+                key: ready_key(self.queue.prefix(), &s.tag),
                 count: self.pop_batch,
                 block: self.block_timeout,
                 idle: self.idle.subscribe(),
@@ -595,7 +595,7 @@ impl Drop for Consumer {
             return;
         };
         let cluster = self.queue.cluster().clone();
-        let prefix = self.queue.inner.prefix.clone();
+        let prefix = self.queue.prefix().to_string();
         let ctx = self.ctx.clone();
         rt.spawn(async move {
             let mut left = left;

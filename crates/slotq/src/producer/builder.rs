@@ -199,6 +199,13 @@ pub fn check_payload(len: usize, max: usize, empty: EmptyPayloads) -> Result<()>
     Ok(())
 }
 
+impl Queue {
+    /// A producer builder for this queue.
+    pub fn producer(&self) -> ProducerBuilder {
+        ProducerBuilder::new(self.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

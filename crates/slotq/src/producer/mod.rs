@@ -198,7 +198,7 @@ impl ProducerInner {
     /// onto the stale ones. Best effort: if a shard does not answer, nothing changes.
     async fn snapshot(&self) {
         let lanes = self.lanes();
-        let prefix = &self.cfg.queue.inner.prefix;
+        let prefix = self.cfg.queue.prefix();
         let cmds = lanes
             .iter()
             .map(|l| {
@@ -299,7 +299,7 @@ impl ProducerInner {
 
     /// The lane of `shard`, made on first use.
     fn lane_in(&self, lanes: &mut Lanes, shard: &Shard) -> Arc<Lane> {
-        let prefix = &self.cfg.queue.inner.prefix;
+        let prefix = self.cfg.queue.prefix();
         lanes
             .by_tag
             .entry(shard.tag.clone())

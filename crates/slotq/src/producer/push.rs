@@ -60,7 +60,7 @@ impl ProducerInner {
                 let mut args: Vec<&[u8]> = Vec::with_capacity(batch.payloads.len() + 1);
                 args.push(max_s.as_bytes());
                 args.extend(batch.payloads.iter().map(Vec::as_slice));
-                let scripts = &self.cfg.queue.inner.scripts;
+                let scripts = self.cfg.queue.scripts();
                 scripts.push_bounded.cmd(&[&lane.key], &args, true)
             }
         };
@@ -69,7 +69,7 @@ impl ProducerInner {
         let count = self.reliable.then(|| {
             redis::cmd("INCRBY")
                 .arg(crate::placement::shard_key(
-                    &self.cfg.queue.inner.prefix,
+                    self.cfg.queue.prefix(),
                     &lane.tag,
                     "count",
                 ))

@@ -128,9 +128,9 @@ impl Queue {
                 return Ok(set);
             }
             let next = plan.apply(&set);
-            if self.inner.write_registry(set.version, &next).await? {
+            if self.write_registry(set.version, &next).await? {
                 if next.mode != crate::placement::DeliveryMode::AtMostOnce {
-                    self.inner.keep_shards(&plan.add).await;
+                    self.keep_shards(&plan.add).await;
                 }
                 let tag = |n: &u32| crate::slot::shard_tag(self.name(), *n);
                 report.added = plan.add.iter().map(|s| s.tag.clone()).collect();

@@ -85,7 +85,7 @@ pub(super) async fn step(q: &Queue, report: &mut RebalanceReport) -> Result<()> 
     })
     .await?;
     let t0 = Instant::now();
-    let poll = q.inner.registry_poll;
+    let poll = q.registry_poll();
     let seen_by_all = poll * 2;
     let window = (poll * RETIRE_WINDOW_POLLS).min(KEYED_HOLD.saturating_sub(poll * 3));
     // 2. Watch until empty.
@@ -172,7 +172,7 @@ async fn update(q: &Queue, change: impl Fn(&ShardSet) -> ShardSet) -> Result<Sha
             return Ok(next);
         }
         next.version = set.version + 1;
-        if q.inner.write_registry(set.version, &next).await? {
+        if q.write_registry(set.version, &next).await? {
             q.reload().await?;
             return Ok(next);
         }
