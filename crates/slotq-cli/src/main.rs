@@ -2,6 +2,7 @@
 
 mod args;
 mod cmd;
+mod json;
 mod output;
 
 use std::process::ExitCode;

@@ -61,15 +61,6 @@ pub fn is_closed_pipe(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::BrokenPipe
 }
 
-/// A payload for JSON output: the text when it is UTF-8, else base64 (standard alphabet,
-/// padded) under another field name, so that any payload round-trips.
-pub fn payload_json(payload: &[u8]) -> (&'static str, serde_json::Value) {
-    match std::str::from_utf8(payload) {
-        Ok(text) => ("payload", serde_json::Value::String(text.to_string())),
-        Err(_) => ("payload_base64", serde_json::Value::String(base64(payload))),
-    }
-}
-
 /// Standard base64 with padding.
 pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -158,8 +149,6 @@ mod tests {
         ] {
             assert_eq!(base64(raw), enc);
         }
-        assert_eq!(payload_json(b"caf\xe9").0, "payload_base64");
-        assert_eq!(payload_json("café".as_bytes()).0, "payload");
     }
 
     #[test]

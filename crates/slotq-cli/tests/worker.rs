@@ -234,7 +234,8 @@ fn exec_keeps_leases_while_handlers_run_and_drains_on_sigterm() {
         "p4",
     ]);
     // Handlers run 2.5 s on a 1 s lease: only the extensions keep their messages.
-    let handler = r#"echo "$SLOTQ_ATTEMPT" >> "$RUNS/started"; sleep 2.5; cat >> "$RUNS/done"; echo >> "$RUNS/done""#;
+    // One write per line (handlers run at once and append to the same file).
+    let handler = r#"p=$(cat); echo "$SLOTQ_ATTEMPT" >> "$RUNS/started"; sleep 2.5; echo "$p" >> "$RUNS/done""#;
     let w = worker(
         &url,
         "long",

@@ -6,7 +6,7 @@ use slotq::Cluster;
 use slotq::redis::{self, Value};
 
 use crate::CliError;
-use crate::output::{RawOut, payload_json, table};
+use crate::output::{RawOut, table};
 
 /// Registry keys on every master: `<prefix>:{<queue>}:meta`.
 async fn queue_names(cluster: &Cluster) -> Result<Vec<String>, CliError> {
@@ -64,10 +64,14 @@ pub async fn queues(cluster: &Cluster, as_json: bool) -> Result<String, CliError
             _ => "at-least-once",
         };
         let shards = q.shards().shards.len();
-        items.push(
-            json!({"queue": name, "mode": mode, "shards": shards, "depth": depth,
-                          "in_flight": in_flight, "dead": dead}),
-        );
+        items.push(crate::json::QueueSummary {
+            queue: name.clone(),
+            mode,
+            shards,
+            depth,
+            in_flight,
+            dead,
+        });
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         rows.push(vec![
             name,
@@ -79,7 +83,7 @@ pub async fn queues(cluster: &Cluster, as_json: bool) -> Result<String, CliError
         ]);
     }
     if as_json {
-        return Ok(format!("{}\n", serde_json::Value::Array(items)));
+        return Ok(crate::json::line(&items));
     }
     if rows.is_empty() {
         return Ok("no slotq queues on this cluster\n".into());
@@ -154,16 +158,16 @@ pub async fn peek(
         }
     }
     if as_json {
-        let items: Vec<serde_json::Value> = peeked
+        let items: Vec<crate::json::Message<'_>> = peeked
             .iter()
-            .map(|(shard, payload, id)| {
-                let (field, p) = payload_json(payload);
-                let mut v = json!({"shard": shard, "id": id});
-                v[field] = p;
-                v
+            .map(|(shard, payload, id)| crate::json::Message {
+                shard,
+                id: id.clone(),
+                attempt: None,
+                payload: crate::json::Payload::of(payload),
             })
             .collect();
-        return Ok(format!("{}\n", serde_json::Value::Array(items)));
+        return Ok(crate::json::line(&items));
     }
     let mut out = RawOut::stdout().map_err(|error| CliError::Output {
         error,

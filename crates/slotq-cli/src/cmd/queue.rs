@@ -115,16 +115,16 @@ pub async fn pop(
         }
     }
     if format.json {
-        let items: Vec<serde_json::Value> = kept
+        let items: Vec<crate::json::Message<'_>> = kept
             .iter()
-            .map(|m| {
-                let (field, payload) = crate::output::payload_json(&m.payload);
-                let mut v = json!({"shard": &*m.shard, "id": m.id.map(|i| i.to_string()), "attempt": m.attempt});
-                v[field] = payload;
-                v
+            .map(|m| crate::json::Message {
+                shard: &m.shard,
+                id: m.id.map(|i| i.to_string()),
+                attempt: Some(m.attempt),
+                payload: crate::json::Payload::of(&m.payload),
             })
             .collect();
-        let text = format!("{}\n", serde_json::Value::Array(items));
+        let text = crate::json::line(&items);
         if let Err(error) = out.write_all(text.as_bytes()) {
             let e = give_back(&mut consumer, &kept, error).await;
             consumer.close().await;
@@ -173,21 +173,32 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
         .filter(|s| s.state != ShardState::Active)
         .count();
     if as_json {
-        let shards: Vec<_> = stats
+        let shards = stats
             .iter()
-            .map(|s| {
-                json!({"tag": s.tag, "slot": s.slot, "node": s.node.as_ref().map(|n| n.to_string()),
-                       "state": state(s.state), "depth": s.depth, "in_flight": s.in_flight,
-                       "delayed": s.delayed, "dead": s.dead,
-                       "oldest_age_ms": s.oldest_age.map(|a| a.as_millis() as u64)})
+            .map(|s| crate::json::Shard {
+                tag: s.tag.clone(),
+                slot: s.slot,
+                node: s.node.as_ref().map(|n| n.to_string()),
+                state: state(s.state),
+                depth: s.depth,
+                in_flight: s.in_flight,
+                delayed: s.delayed,
+                dead: s.dead,
+                oldest_age_ms: s.oldest_age.map(|a| a.as_millis() as u64),
             })
             .collect();
-        return Ok(format!(
-            "{}\n",
-            json!({"queue": queue, "version": set.version, "shards": shards, "total_depth": total,
-                   "rebalance": {"add": plan.add.len(), "reactivate": plan.reactivate.len(),
-                                 "drain": plan.drain.len(), "retire_when_empty": idle}})
-        ));
+        return Ok(crate::json::line(&crate::json::Stats {
+            queue,
+            version: set.version,
+            shards,
+            total_depth: total,
+            rebalance: crate::json::RebalanceHint {
+                add: plan.add.len(),
+                reactivate: plan.reactivate.len(),
+                drain: plan.drain.len(),
+                retire_when_empty: idle,
+            },
+        }));
     }
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
     let rows: Vec<Vec<String>> = stats
@@ -360,14 +371,18 @@ pub async fn dead(
         DeadAction::List => {
             let dead = q.dead_letters(count).await?;
             if as_json {
-                let items: Vec<_> = dead
+                // Payloads that are not UTF-8 show as base64, as everywhere.
+                let items: Vec<crate::json::DeadLetter<'_>> = dead
                     .iter()
-                    .map(|d| {
-                        json!({"shard": d.shard, "id": d.id.to_string(), "deliveries": d.deliveries,
-                               "enqueued_ms": d.enqueued_ms, "payload": String::from_utf8_lossy(&d.payload)})
+                    .map(|d| crate::json::DeadLetter {
+                        shard: &d.shard,
+                        id: d.id.to_string(),
+                        deliveries: d.deliveries,
+                        enqueued_ms: d.enqueued_ms,
+                        payload: crate::json::Payload::of(&d.payload),
                     })
                     .collect();
-                return Ok(format!("{}\n", serde_json::Value::Array(items)));
+                return Ok(crate::json::line(&items));
             }
             let rows: Vec<Vec<String>> = dead
                 .iter()

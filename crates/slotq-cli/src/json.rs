@@ -1,0 +1,163 @@
+//! The shapes of `--json` output, one struct per document, so that every field is written
+//! down once (and a test that reads the output reads what these say).
+
+use serde::Serialize;
+
+/// A payload: UTF-8 text as `"payload"`, anything else as `"payload_base64"` (standard
+/// alphabet, padded), so that bytes survive the trip through JSON.
+#[derive(Debug, Serialize)]
+pub enum Payload {
+    /// Valid UTF-8.
+    #[serde(rename = "payload")]
+    Text(String),
+    /// Anything else, in base64.
+    #[serde(rename = "payload_base64")]
+    Base64(String),
+}
+
+impl Payload {
+    /// The JSON form of `bytes`.
+    pub fn of(bytes: &[u8]) -> Payload {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Payload::Text(text.to_string()),
+            Err(_) => Payload::Base64(crate::output::base64(bytes)),
+        }
+    }
+}
+
+/// A message, as `pop` (with `attempt`) and `peek` (without) print it.
+#[derive(Debug, Serialize)]
+pub struct Message<'a> {
+    /// The shard it came from.
+    pub shard: &'a str,
+    /// At-least-once queues: the message id (32 hex digits).
+    pub id: Option<String>,
+    /// Which delivery this is (pop only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The payload.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+/// A dead letter (`dead Q list`).
+#[derive(Debug, Serialize)]
+pub struct DeadLetter<'a> {
+    /// Its shard.
+    pub shard: &'a str,
+    /// Its id.
+    pub id: String,
+    /// Deliveries it had.
+    pub deliveries: u32,
+    /// First enqueued, ms since the Unix epoch (producer clock).
+    pub enqueued_ms: u64,
+    /// The payload.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+/// `stats Q`.
+#[derive(Debug, Serialize)]
+pub struct Stats<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Its registry version.
+    pub version: u64,
+    /// Every shard.
+    pub shards: Vec<Shard>,
+    /// Ready messages in all shards.
+    pub total_depth: u64,
+    /// What a rebalance would do now.
+    pub rebalance: RebalanceHint,
+}
+
+/// One shard in `stats`.
+#[derive(Debug, Serialize)]
+pub struct Shard {
+    /// `<queue>#<n>`.
+    pub tag: String,
+    /// Its slot.
+    pub slot: u16,
+    /// The master serving it.
+    pub node: Option<String>,
+    /// `active`, `draining` or `retiring`.
+    pub state: &'static str,
+    /// Ready messages.
+    pub depth: u64,
+    /// At-least-once: leased, not settled.
+    pub in_flight: Option<u64>,
+    /// At-least-once: waiting for a delayed redelivery.
+    pub delayed: Option<u64>,
+    /// At-least-once: dead letters.
+    pub dead: Option<u64>,
+    /// At-least-once: age of the oldest ready message.
+    pub oldest_age_ms: Option<u64>,
+}
+
+/// What `slotq rebalance` would do.
+#[derive(Debug, Serialize)]
+pub struct RebalanceHint {
+    /// Shards it would add.
+    pub add: usize,
+    /// Draining shards it would make active again.
+    pub reactivate: usize,
+    /// Active shards it would set to drain.
+    pub drain: usize,
+    /// Shards draining now, retired once empty.
+    pub retire_when_empty: usize,
+}
+
+/// One queue in `queues`.
+#[derive(Debug, Serialize)]
+pub struct QueueSummary {
+    /// Its name.
+    pub queue: String,
+    /// `at-most-once` or `at-least-once`.
+    pub mode: &'static str,
+    /// Its shards.
+    pub shards: usize,
+    /// Ready messages.
+    pub depth: u64,
+    /// At-least-once: leased, not settled.
+    pub in_flight: Option<u64>,
+    /// At-least-once: dead letters.
+    pub dead: Option<u64>,
+}
+
+/// One JSON document and a newline.
+pub fn line(v: &impl Serialize) -> String {
+    // Serializing these shapes (strings, numbers, options) cannot fail.
+    format!(
+        "{}\n",
+        serde_json::to_string(v).expect("plain data serializes")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_text_or_base64_beside_the_other_fields() {
+        let m = Message {
+            shard: "q#0",
+            id: None,
+            attempt: Some(1),
+            payload: Payload::of(b"caf\xe9"),
+        };
+        assert_eq!(
+            line(&m),
+            "{\"shard\":\"q#0\",\"id\":null,\"attempt\":1,\"payload_base64\":\"Y2Fm6Q==\"}\n"
+        );
+        let m = Message {
+            shard: "q#0",
+            id: None,
+            attempt: None,
+            payload: Payload::of("café".as_bytes()),
+        };
+        assert_eq!(
+            line(&m),
+            "{\"shard\":\"q#0\",\"id\":null,\"payload\":\"café\"}\n"
+        );
+    }
+}
