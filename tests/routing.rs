@@ -257,3 +257,68 @@ async fn commands_wait_out_a_long_script_busy() {
     );
     script.join().unwrap();
 }
+
+/// A master at `maxmemory` refuses writes with OOM: a keyed push to its shard fails at
+/// once with a typed error (no retry can help), unkeyed batches go to the other masters,
+/// and pops (which free memory) still drain it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_out_of_memory_refuses_pushes_typed_and_unkeyed_go_elsewhere() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let client = slotq::Client::from_cluster(router(&c.url()).await);
+    let q = client.queue("oom").open().await.unwrap();
+    let p = q.producer().build().unwrap();
+    let set = q.shards();
+    let full = set.shards[0].clone();
+    let owner = c.owner_of(full.slot).unwrap();
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            set.keyed_shard(slotq::placement::fnv1a(k.as_bytes()))
+                .is_some_and(|s| s.number == full.number)
+        })
+        .unwrap();
+    p.send_keyed(&key, "before").await.unwrap();
+    let _: () = c
+        .node(owner)
+        .cmd(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1))
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let e = p.send_keyed(&key, "refused").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            slotq::Error::Server {
+                kind: slotq::ServerErrorKind::OutOfMemory,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!e.may_have_run());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "final, not retried for the whole budget"
+    );
+    p.send_batch((0..3000).map(|i| format!("u{i}")))
+        .await
+        .unwrap();
+    let stats = q.stats().await.unwrap();
+    let on_full = stats.iter().find(|s| s.tag == full.tag).unwrap().depth;
+    assert_eq!(on_full, 1, "only the message from before: {stats:?}");
+    assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 3001);
+
+    // Pops still work on the full master.
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let mut got = 0;
+    while got < 3001 {
+        got += consumer.recv_batch(1000).await.unwrap().len();
+    }
+    assert_eq!(got, 3001);
+    consumer.close().await;
+    let _: () = c
+        .node(owner)
+        .cmd(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0))
+        .unwrap();
+    p.send_keyed(&key, "after").await.unwrap();
+}
