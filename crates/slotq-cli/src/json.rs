@@ -124,6 +124,114 @@ pub struct QueueSummary {
     pub dead: Option<u64>,
 }
 
+/// `push` (summary).
+#[derive(Debug, Serialize)]
+pub struct Pushed<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Messages sent.
+    pub pushed: u64,
+}
+
+/// `expand`.
+#[derive(Debug, Serialize)]
+pub struct Expanded<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Shards added.
+    pub added: &'a [String],
+    /// Registry version after.
+    pub version: u64,
+}
+
+/// `plan` (a new queue, or what `expand` would add).
+#[derive(Debug, Serialize)]
+pub struct Planned<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// `create` or `expand`.
+    pub action: &'a str,
+    /// The shards.
+    pub shards: Vec<PlannedShard>,
+}
+
+/// One shard of a plan.
+#[derive(Debug, Serialize)]
+pub struct PlannedShard {
+    /// `<queue>#<n>`.
+    pub tag: String,
+    /// Its slot.
+    pub slot: u16,
+    /// The master serving the slot.
+    pub node: String,
+}
+
+/// `dead Q replay`.
+#[derive(Debug, Serialize)]
+pub struct Replayed {
+    /// Dead letters put back into the queue.
+    pub replayed: u64,
+}
+
+/// `dead Q purge`.
+#[derive(Debug, Serialize)]
+pub struct Purged {
+    /// Dead letters removed.
+    pub purged: u64,
+}
+
+/// `delete Q --yes`.
+#[derive(Debug, Serialize)]
+pub struct Deleted<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Keys deleted.
+    pub keys: usize,
+    /// Ready messages that were in it.
+    pub messages: u64,
+    /// Shards whose keys were deleted.
+    pub shards: usize,
+}
+
+/// `keyslot` (one per key).
+#[derive(Debug, Serialize)]
+pub struct KeySlot<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// Its slot.
+    pub slot: u16,
+}
+
+/// `dev-cluster up` and `status`.
+#[derive(Debug, Serialize)]
+pub struct DevCluster<'a> {
+    /// The URL to use.
+    pub url: String,
+    /// Where its files are.
+    pub dir: &'a std::path::Path,
+    /// Its processes.
+    pub nodes: Vec<DevNode>,
+}
+
+/// One process of a dev cluster.
+#[derive(Debug, Serialize)]
+pub struct DevNode {
+    /// Its port.
+    pub port: u16,
+    /// Its process id.
+    pub pid: u32,
+    /// `status` only: whether it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<bool>,
+}
+
+/// `dev-cluster down`.
+#[derive(Debug, Serialize)]
+pub struct Stopped {
+    /// Processes stopped.
+    pub stopped: usize,
+}
+
 /// One JSON document and a newline.
 pub fn line(v: &impl Serialize) -> String {
     // Serializing these shapes (strings, numbers, options) cannot fail.

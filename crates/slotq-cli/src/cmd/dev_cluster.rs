@@ -1,6 +1,5 @@
 //! `slotq dev-cluster up|down|status`
 
-use serde_json::json;
 use slotq_testkit::dev::{DevCluster, default_dir};
 
 use crate::CliError;
@@ -19,10 +18,19 @@ pub fn run(action: &DevAction, as_json: bool) -> Result<String, CliError> {
             }
             let dev = DevCluster::up(*port, *masters, *replicas, &default_dir(*port))?;
             Ok(if as_json {
-                format!(
-                    "{}\n",
-                    json!({"url": dev.url(), "dir": dev.dir, "nodes": dev.nodes.iter().map(|(p, pid)| json!({"port": p, "pid": pid})).collect::<Vec<_>>()})
-                )
+                crate::json::line(&crate::json::DevCluster {
+                    url: dev.url(),
+                    dir: &dev.dir,
+                    nodes: dev
+                        .nodes
+                        .iter()
+                        .map(|(port, pid)| crate::json::DevNode {
+                            port: *port,
+                            pid: *pid,
+                            running: None,
+                        })
+                        .collect(),
+                })
             } else {
                 format!(
                     "dev cluster up: {masters} masters, {replicas} replica(s) each, ports {}\nfiles: {}\n\nuse it:   export SLOTQ_URL={}\nstop it:  slotq dev-cluster down --port {port}\n",
@@ -36,7 +44,7 @@ pub fn run(action: &DevAction, as_json: bool) -> Result<String, CliError> {
             let dev = DevCluster::load(&default_dir(p.port))?;
             let n = dev.down()?;
             Ok(if as_json {
-                format!("{}\n", json!({"stopped": n}))
+                crate::json::line(&crate::json::Stopped { stopped: n })
             } else {
                 format!("dev cluster on port {} stopped ({n} processes)\n", p.port)
             })
@@ -49,10 +57,18 @@ pub fn run(action: &DevAction, as_json: bool) -> Result<String, CliError> {
                 .map(|(port, pid)| (*port, *pid, DevCluster::is_alive(*pid)))
                 .collect();
             Ok(if as_json {
-                format!(
-                    "{}\n",
-                    json!({"url": dev.url(), "dir": dev.dir, "nodes": nodes.iter().map(|(p, pid, up)| json!({"port": p, "pid": pid, "running": up})).collect::<Vec<_>>()})
-                )
+                crate::json::line(&crate::json::DevCluster {
+                    url: dev.url(),
+                    dir: &dev.dir,
+                    nodes: nodes
+                        .iter()
+                        .map(|(port, pid, up)| crate::json::DevNode {
+                            port: *port,
+                            pid: *pid,
+                            running: Some(*up),
+                        })
+                        .collect(),
+                })
             } else {
                 let rows: Vec<Vec<String>> = nodes
                     .iter()

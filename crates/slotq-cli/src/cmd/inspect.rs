@@ -1,7 +1,6 @@
 //! Queues as a whole: `slotq queues` (every queue on the cluster), `slotq peek` (the head
 //! of each shard, nothing removed) and `slotq delete`.
 
-use serde_json::json;
 use slotq::Cluster;
 use slotq::redis::{self, Value};
 
@@ -198,10 +197,12 @@ pub async fn delete(
     }
     let r = q.delete().await?;
     Ok(if as_json {
-        format!(
-            "{}\n",
-            json!({"queue": queue, "keys": r.keys, "messages": r.messages, "shards": r.shards})
-        )
+        crate::json::line(&crate::json::Deleted {
+            queue,
+            keys: r.keys,
+            messages: r.messages,
+            shards: r.shards,
+        })
     } else {
         format!(
             "deleted {queue}: {} shard(s), {} key(s), {} ready message(s)\n",

@@ -12,7 +12,6 @@
 
 use std::io::BufRead;
 
-use serde_json::json;
 use slotq::{Client, Cluster};
 use tokio::sync::mpsc;
 
@@ -69,7 +68,10 @@ pub async fn run(
         return Err(e);
     }
     Ok(if opts.json {
-        format!("{}\n", json!({"queue": queue, "pushed": sent}))
+        crate::json::line(&crate::json::Pushed {
+            queue,
+            pushed: sent,
+        })
     } else {
         eprintln!("pushed {sent} message(s) to {queue}");
         String::new()

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use slotq::placement::{self, ShardState};
 use slotq::{Client, Cluster};
 
@@ -295,14 +294,19 @@ pub async fn plan(
         })
         .collect();
     if as_json {
-        let items: Vec<_> = rows
+        let shards = rows
             .iter()
-            .map(|(t, s, n)| json!({"tag": t, "slot": s, "node": n}))
+            .map(|(t, s, n)| crate::json::PlannedShard {
+                tag: t.clone(),
+                slot: *s,
+                node: n.clone(),
+            })
             .collect();
-        return Ok(format!(
-            "{}\n",
-            json!({"queue": queue, "action": kind, "shards": items})
-        ));
+        return Ok(crate::json::line(&crate::json::Planned {
+            queue,
+            action: kind,
+            shards,
+        }));
     }
     if rows.is_empty() {
         return Ok(format!(
@@ -330,10 +334,11 @@ pub async fn expand(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Str
     let q = open_existing(cluster, queue).await?;
     let report = q.expand().await?;
     Ok(if as_json {
-        format!(
-            "{}\n",
-            json!({"queue": queue, "added": report.added, "version": report.version})
-        )
+        crate::json::line(&crate::json::Expanded {
+            queue,
+            added: &report.added,
+            version: report.version,
+        })
     } else if report.added.is_empty() {
         format!(
             "queue {queue}: every master already has its shards (version {})\n",
@@ -404,7 +409,7 @@ pub async fn dead(
         DeadAction::Replay => {
             let n = q.replay_dead(count).await?;
             Ok(if as_json {
-                format!("{}\n", json!({"replayed": n}))
+                crate::json::line(&crate::json::Replayed { replayed: n })
             } else {
                 format!("{n} dead letter(s) moved back into {queue}\n")
             })
@@ -412,7 +417,7 @@ pub async fn dead(
         DeadAction::Purge => {
             let n = q.purge_dead().await?;
             Ok(if as_json {
-                format!("{}\n", json!({"purged": n}))
+                crate::json::line(&crate::json::Purged { purged: n })
             } else {
                 format!("{n} dead letter(s) deleted from {queue}\n")
             })
