@@ -1,6 +1,6 @@
 //! `slotq slots`: masters, replicas, slot ranges, slot counts and keys per node.
 
-use serde_json::json;
+use serde::Serialize;
 use slotq::topology::Health;
 use slotq::{Cluster, redis};
 
@@ -8,14 +8,62 @@ use crate::CliError;
 
 use crate::output::{bar, ranges, table};
 
-/// One master's row.
+/// One master's row (also its `--json` shape).
+#[derive(Serialize)]
 struct MasterRow {
     addr: String,
     id: String,
     slots: usize,
     ranges: String,
     keys: Option<i64>,
-    replicas: Vec<(String, &'static str)>,
+    replicas: Vec<Replica>,
+}
+
+/// A replica of a master.
+#[derive(Serialize)]
+struct Replica {
+    addr: String,
+    health: &'static str,
+}
+
+/// `slots --json`.
+#[derive(Serialize)]
+struct SlotMap<'a> {
+    /// `cluster` or `standalone`.
+    mode: &'static str,
+    masters: &'a [MasterRow],
+    /// Slot ranges no master serves.
+    uncovered: String,
+    /// With `--queue`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<PlacementJson<'a>>,
+}
+
+/// A queue's placement in `slots --queue --json`.
+#[derive(Serialize)]
+struct PlacementJson<'a> {
+    name: &'a str,
+    version: u64,
+    shards: Vec<PlacedShard<'a>>,
+    per_master: Vec<MasterLoad<'a>>,
+    shard_skew: f64,
+    depth_skew: f64,
+}
+
+#[derive(Serialize)]
+struct PlacedShard<'a> {
+    tag: &'a str,
+    slot: u16,
+    master: &'a str,
+    depth: u64,
+    state: &'static str,
+}
+
+#[derive(Serialize)]
+struct MasterLoad<'a> {
+    master: &'a str,
+    shards: usize,
+    depth: u64,
 }
 
 /// Renders the slot map of `cluster`.
@@ -40,31 +88,30 @@ pub async fn run(
             replicas: t
                 .replicas_of(&m.addr)
                 .iter()
-                .map(|r| (r.addr.to_string(), health(r.health)))
+                .map(|r| Replica {
+                    addr: r.addr.to_string(),
+                    health: health(r.health),
+                })
                 .collect(),
         });
     }
     let gaps = ranges(&t.gaps());
     if as_json {
-        let masters: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "addr": r.addr, "id": r.id, "slots": r.slots, "ranges": r.ranges,
-                    "keys": r.keys,
-                    "replicas": r.replicas.iter().map(|(a, h)| json!({"addr": a, "health": h})).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let mut v = json!({
-            "mode": if t.is_standalone() { "standalone" } else { "cluster" },
-            "masters": masters,
-            "uncovered": gaps,
-        });
-        if let Some(q) = queue {
-            v["queue"] = queue_placement(cluster, q).await?.to_json();
-        }
-        return Ok(format!("{v}\n"));
+        let placement = match queue {
+            Some(q) => Some(queue_placement(cluster, q).await?),
+            None => None,
+        };
+        let map = SlotMap {
+            mode: if t.is_standalone() {
+                "standalone"
+            } else {
+                "cluster"
+            },
+            masters: &rows,
+            uncovered: gaps,
+            queue: placement.as_ref().map(Placement::to_json),
+        };
+        return Ok(crate::json::line(&map));
     }
     let mut out = String::new();
     let mode = if t.is_standalone() {
@@ -87,11 +134,11 @@ pub async fn run(
                 } else {
                     r.replicas
                         .iter()
-                        .map(|(a, h)| {
-                            if *h == "online" {
-                                a.clone()
+                        .map(|r| {
+                            if r.health == "online" {
+                                r.addr.clone()
                             } else {
-                                format!("{a} ({h})")
+                                format!("{} ({})", r.addr, r.health)
                             }
                         })
                         .collect::<Vec<_>>()
@@ -134,15 +181,33 @@ impl Placement {
         skew(self.shards.iter().map(|s| s.3 as f64))
     }
 
-    fn to_json(&self) -> serde_json::Value {
-        json!({
-            "name": self.queue,
-            "version": self.version,
-            "shards": self.shards.iter().map(|(t, s, m, d, st)| json!({"tag": t, "slot": s, "master": m, "depth": d, "state": st})).collect::<Vec<_>>(),
-            "per_master": self.per_master.iter().map(|(m, (n, d))| json!({"master": m, "shards": n, "depth": d})).collect::<Vec<_>>(),
-            "shard_skew": self.shard_skew(),
-            "depth_skew": self.depth_skew(),
-        })
+    fn to_json(&self) -> PlacementJson<'_> {
+        PlacementJson {
+            name: &self.queue,
+            version: self.version,
+            shards: self
+                .shards
+                .iter()
+                .map(|(tag, slot, master, depth, state)| PlacedShard {
+                    tag,
+                    slot: *slot,
+                    master,
+                    depth: *depth,
+                    state,
+                })
+                .collect(),
+            per_master: self
+                .per_master
+                .iter()
+                .map(|(master, (shards, depth))| MasterLoad {
+                    master,
+                    shards: *shards,
+                    depth: *depth,
+                })
+                .collect(),
+            shard_skew: self.shard_skew(),
+            depth_skew: self.depth_skew(),
+        }
     }
 
     fn render(&self) -> String {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::json;
 use slotq::{Client, Cluster, Queue};
 
 use crate::CliError;
@@ -113,24 +112,34 @@ pub async fn run(
 
     let phases: Vec<&Phase> = ran.iter().chain(baseline.iter().flatten()).collect();
     if as_json {
-        let v = json!({
-            "queue": name,
-            "messages": args.messages, "size": args.size,
-            "producers": args.producers, "consumers": args.consumers, "keyed": args.keyed, "reliable": args.reliable,
-            "rate": args.rate, "duration": args.rate.map(|_| args.duration),
-            "shards": q.shards().shards.len(),
-            "phases": phases.iter().map(|p| json!({
-                "phase": p.name, "messages": p.messages, "secs": p.secs, "msgs_per_s": p.rate().round(),
-                "latency_us": p.latency_us.map(|(p50, p99, p999, max)| json!({"p50": p50, "p99": p99, "p999": p999, "max": max})),
-                "consumer_share": p.shares.map(|(min, max)| json!({"min": min, "max": max})),
-                "target_msgs_per_s": p.offered.map(|o| o.0),
-                "offered_msgs_per_s": p.offered.map(|o| o.1.round()),
-            })).collect::<Vec<_>>(),
-            "messages_per_node": per_node,
-            "anchor": anchor.as_ref().map(|a| json!({"push_msgs_per_s": a.push, "pop_msgs_per_s": a.pop})),
-            "ratios": anchor.as_ref().map(|a| phases.iter().map(|p| json!({"phase": p.name, "ratio": a.ratio(p)})).collect::<Vec<_>>()),
-        });
-        return Ok(format!("{v}\n"));
+        let report = json::Report {
+            queue: &name,
+            messages: args.messages,
+            size: args.size,
+            producers: args.producers,
+            consumers: args.consumers,
+            keyed: args.keyed,
+            reliable: args.reliable,
+            rate: args.rate,
+            duration: args.rate.map(|_| args.duration),
+            shards: q.shards().shards.len(),
+            phases: phases.iter().map(|p| json::PhaseOut::of(p)).collect(),
+            messages_per_node: &per_node,
+            anchor: anchor.as_ref().map(|a| json::AnchorOut {
+                push_msgs_per_s: a.push,
+                pop_msgs_per_s: a.pop,
+            }),
+            ratios: anchor.as_ref().map(|a| {
+                phases
+                    .iter()
+                    .map(|p| json::Ratio {
+                        phase: p.name,
+                        ratio: a.ratio(p),
+                    })
+                    .collect()
+            }),
+        };
+        return Ok(crate::json::line(&report));
     }
     let rows: Vec<Vec<String>> = phases
         .iter()
@@ -469,4 +478,91 @@ async fn cleanup(q: &Queue) {
         slotq::redis::cmd("DEL").arg(q.meta_key()).clone(),
     ));
     let _ = cluster.batch(cmds, cluster.default_opts()).await;
+}
+
+/// The `--json` report of `slotq bench`.
+mod json {
+    use std::collections::BTreeMap;
+
+    use serde::Serialize;
+
+    use super::Phase;
+
+    #[derive(Serialize)]
+    pub(super) struct Report<'a> {
+        pub(super) queue: &'a str,
+        pub(super) messages: usize,
+        pub(super) size: usize,
+        pub(super) producers: usize,
+        pub(super) consumers: usize,
+        pub(super) keyed: bool,
+        pub(super) reliable: bool,
+        pub(super) rate: Option<f64>,
+        pub(super) duration: Option<f64>,
+        pub(super) shards: usize,
+        pub(super) phases: Vec<PhaseOut>,
+        pub(super) messages_per_node: &'a BTreeMap<String, u64>,
+        pub(super) anchor: Option<AnchorOut>,
+        pub(super) ratios: Option<Vec<Ratio>>,
+    }
+
+    /// One phase: throughput, and latency percentiles, consumer shares and the offered
+    /// rate where the phase measures them.
+    #[derive(Serialize)]
+    pub(super) struct PhaseOut {
+        phase: &'static str,
+        messages: usize,
+        secs: f64,
+        msgs_per_s: f64,
+        latency_us: Option<Latency>,
+        consumer_share: Option<Share>,
+        target_msgs_per_s: Option<f64>,
+        offered_msgs_per_s: Option<f64>,
+    }
+
+    impl PhaseOut {
+        pub(super) fn of(p: &Phase) -> PhaseOut {
+            PhaseOut {
+                phase: p.name,
+                messages: p.messages,
+                secs: p.secs,
+                msgs_per_s: p.rate().round(),
+                latency_us: p.latency_us.map(|(p50, p99, p999, max)| Latency {
+                    p50,
+                    p99,
+                    p999,
+                    max,
+                }),
+                consumer_share: p.shares.map(|(min, max)| Share { min, max }),
+                target_msgs_per_s: p.offered.map(|o| o.0),
+                offered_msgs_per_s: p.offered.map(|o| o.1.round()),
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    struct Latency {
+        p50: u64,
+        p99: u64,
+        p999: u64,
+        max: u64,
+    }
+
+    #[derive(Serialize)]
+    struct Share {
+        min: f64,
+        max: f64,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct AnchorOut {
+        pub(super) push_msgs_per_s: f64,
+        pub(super) pop_msgs_per_s: f64,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct Ratio {
+        pub(super) phase: &'static str,
+        pub(super) ratio: f64,
+    }
 }
