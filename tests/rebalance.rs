@@ -37,6 +37,25 @@ async fn rebalance_until_settled(q: &Queue) -> slotq::rebalance::RebalanceReport
     }
 }
 
+/// A 3-master cluster, a queue on it (registry poll 100 ms), then every slot of master 2
+/// moved to master `to`: `to` now holds two of the queue's shards.
+async fn queue_on_an_emptied_master(
+    name: &str,
+    to: usize,
+    configure: impl FnOnce(slotq::queue::QueueBuilder) -> slotq::queue::QueueBuilder,
+) -> (slotq_testkit::TestCluster, Client, Queue) {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let client = client(&c.url()).await;
+    let q = configure(client.queue(name).registry_poll(POLL))
+        .open()
+        .await
+        .unwrap();
+    let slots = c.slots_of(2);
+    c.migrate_slots(&slots, to).unwrap();
+    client.cluster().refresh().await.unwrap();
+    (c, client, q)
+}
+
 /// Keys of a shard still in Redis.
 fn keys_of(c: &slotq_testkit::TestCluster, tag: &str) -> usize {
     let slot = slotq::slot::tag_slot(tag);
@@ -165,17 +184,7 @@ async fn a_new_master_gets_a_shard_that_running_producers_use() {
 /// shard holding keys: nothing lost, nothing twice, every key's messages in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_under_load_keeps_every_message_and_per_key_order() {
-    let c = ClusterBuilder::new().masters(3).start().unwrap();
-    let client = client(&c.url()).await;
-    let q = client
-        .queue("under-load")
-        .registry_poll(POLL)
-        .open()
-        .await
-        .unwrap();
-    let slots = c.slots_of(2);
-    c.migrate_slots(&slots, 1).unwrap();
-    client.cluster().refresh().await.unwrap();
+    let (_c, _client, q) = queue_on_an_emptied_master("under-load", 1, |b| b).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let keyed = {
@@ -281,30 +290,14 @@ async fn a_rebalance_under_load_keeps_every_message_and_per_key_order() {
 /// settled (the holder's ack lands), and dead letters move to a live shard on retirement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_and_dead_letters_live_through_retirement() {
-    let c = ClusterBuilder::new().masters(3).start().unwrap();
-    let client = client(&c.url()).await;
-    let q = client
-        .queue("reliable-retire")
-        .registry_poll(POLL)
-        .max_attempts(1)
-        .open()
-        .await
-        .unwrap();
-    let slots = c.slots_of(2);
-    c.migrate_slots(&slots, 0).unwrap();
-    client.cluster().refresh().await.unwrap();
+    let (c, _client, q) =
+        queue_on_an_emptied_master("reliable-retire", 0, |b| b.max_attempts(1)).await;
     let plan = q.rebalance_plan().await.unwrap();
     assert_eq!(plan.drain.len(), 1, "{plan:?}");
     let victim = slotq::slot::shard_tag("reliable-retire", plan.drain[0]);
     // A key whose messages go to the shard that will drain.
     let set = q.shards();
-    let key = (0..)
-        .map(|i| format!("k{i}"))
-        .find(|k| {
-            set.keyed_shard(slotq::placement::fnv1a(k.as_bytes()))
-                .is_some_and(|s| s.number == plan.drain[0])
-        })
-        .unwrap();
+    let key = slotq_tests::key_for_shard(&set, plan.drain[0]);
     let p = q.producer().build().unwrap();
     for i in 0..10 {
         p.send_keyed(&key, format!("r{i}")).await.unwrap();
@@ -345,27 +338,11 @@ async fn leases_and_dead_letters_live_through_retirement() {
 /// which wait for the shard to empty and then go to the shard its keys moved to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_backlog_on_a_retiring_shard_comes_before_its_newer_messages() {
-    let c = ClusterBuilder::new().masters(3).start().unwrap();
-    let client = client(&c.url()).await;
-    let q = client
-        .queue("handover")
-        .registry_poll(POLL)
-        .open()
-        .await
-        .unwrap();
-    let slots = c.slots_of(2);
-    c.migrate_slots(&slots, 0).unwrap();
-    client.cluster().refresh().await.unwrap();
+    let (_c, _client, q) = queue_on_an_emptied_master("handover", 0, |b| b).await;
     let plan = q.rebalance_plan().await.unwrap();
     assert_eq!(plan.drain.len(), 1, "{plan:?}");
     let set = q.shards();
-    let key = (0..)
-        .map(|i| format!("k{i}"))
-        .find(|k| {
-            set.keyed_shard(slotq::placement::fnv1a(k.as_bytes()))
-                .is_some_and(|s| s.number == plan.drain[0])
-        })
-        .unwrap();
+    let key = slotq_tests::key_for_shard(&set, plan.drain[0]);
     let p = q.producer().build().unwrap();
     for i in 0..500 {
         p.send_keyed(&key, format!("{i}")).await.unwrap();

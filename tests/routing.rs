@@ -270,13 +270,7 @@ async fn a_master_out_of_memory_refuses_pushes_typed_and_unkeyed_go_elsewhere() 
     let set = q.shards();
     let full = set.shards[0].clone();
     let owner = c.owner_of(full.slot).unwrap();
-    let key = (0..)
-        .map(|i| format!("k{i}"))
-        .find(|k| {
-            set.keyed_shard(slotq::placement::fnv1a(k.as_bytes()))
-                .is_some_and(|s| s.number == full.number)
-        })
-        .unwrap();
+    let key = slotq_tests::key_for_shard(&set, full.number);
     p.send_keyed(&key, "before").await.unwrap();
     let _: () = c
         .node(owner)

@@ -55,3 +55,14 @@ pub async fn skew(q: &slotq::Queue) -> (Vec<u64>, f64) {
     let max = *d.iter().max().unwrap() as f64;
     (d, max / mean)
 }
+
+/// A key that keyed sends put on shard `number` of the queue's current keyed layout.
+pub fn key_for_shard(set: &slotq::placement::ShardSet, number: u32) -> String {
+    (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            set.keyed_shard(slotq::placement::fnv1a(k.as_bytes()))
+                .is_some_and(|s| s.number == number)
+        })
+        .expect("some key lands on every keyed shard")
+}

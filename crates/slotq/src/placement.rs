@@ -352,26 +352,9 @@ pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{Health, NodeInfo, Role};
 
     fn topo(n: usize) -> Topology {
-        let nodes: Vec<NodeInfo> = (0..n)
-            .map(|i| NodeInfo {
-                addr: NodeAddr::new("127.0.0.1", 7000 + i as u16),
-                id: None,
-                role: Role::Master,
-                health: Health::Online,
-                master: None,
-            })
-            .collect();
-        let ranges: Vec<_> = (0..n)
-            .map(|i| {
-                let a = (i * 16384 / n) as u16;
-                let b = ((i + 1) * 16384 / n - 1) as u16;
-                (nodes[i].addr.clone(), a..=b)
-            })
-            .collect();
-        Topology::from_parts(nodes, &ranges)
+        crate::rebalance::simulate::even_topology(n, 0.0)
     }
 
     #[test]

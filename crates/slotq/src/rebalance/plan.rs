@@ -133,27 +133,10 @@ pub fn reassign_buckets(set: &ShardSet, retired: &[u32]) -> Vec<u32> {
 mod tests {
     use super::*;
     use crate::placement::{DeliveryMode, shards_per_node};
-    use crate::topology::{Health, NodeInfo, Role};
 
     /// `n` masters with an even slot map.
-    pub(crate) fn even(n: usize) -> Topology {
-        let nodes: Vec<NodeInfo> = (0..n)
-            .map(|i| NodeInfo {
-                addr: NodeAddr::new("127.0.0.1", 7000 + i as u16),
-                id: None,
-                role: Role::Master,
-                health: Health::Online,
-                master: None,
-            })
-            .collect();
-        let ranges: Vec<_> = (0..n)
-            .map(|i| {
-                let a = (i * 16384 / n) as u16;
-                let b = ((i + 1) * 16384 / n - 1) as u16;
-                (nodes[i].addr.clone(), a..=b)
-            })
-            .collect();
-        Topology::from_parts(nodes, &ranges)
+    fn even(n: usize) -> Topology {
+        crate::rebalance::simulate::even_topology(n, 0.0)
     }
 
     fn created(n: usize, k: u32) -> ShardSet {
