@@ -223,8 +223,8 @@ async fn a_rebalance_under_load_keeps_every_message_and_per_key_order() {
     let consumer = {
         let (q, done) = (q.clone(), done.clone());
         tokio::spawn(async move {
-            // One consumer of every shard: per-shard FIFO in delivery.
-            let mut c = q.consumer().without_group().build().unwrap();
+            // An ordered group (of one): per-key order is what it promises.
+            let mut c = q.consumer().ordered().build().unwrap();
             let mut got: Vec<Vec<u8>> = Vec::new();
             loop {
                 let b = c
@@ -362,7 +362,8 @@ async fn a_keys_backlog_on_a_retiring_shard_comes_before_its_newer_messages() {
         })
     };
     tokio::time::sleep(POLL * 4).await;
-    let mut consumer = q.consumer().without_group().build().unwrap();
+    // An ordered group (of one): per-key order is what it promises.
+    let mut consumer = q.consumer().ordered().build().unwrap();
     let mut got: Vec<u32> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < 600 {
