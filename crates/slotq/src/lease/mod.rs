@@ -447,18 +447,7 @@ fn distinct(ps: &[u32]) -> usize {
 }
 
 fn ints(v: Value) -> Result<Vec<i64>> {
-    match v {
-        Value::Array(items) => items
-            .into_iter()
-            .map(|i| match i {
-                Value::Int(n) => Ok(n),
-                other => Err(Error::Protocol(format!(
-                    "expected an integer, got {other:?}"
-                ))),
-            })
-            .collect(),
-        other => Err(Error::Protocol(format!("expected an array, got {other:?}"))),
-    }
+    redis::from_redis_value(v).map_err(|e| Error::Protocol(format!("expected integers: {e}")))
 }
 
 #[cfg(test)]

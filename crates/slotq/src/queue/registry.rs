@@ -233,18 +233,7 @@ impl QueueInner {
     }
 }
 
+/// The fields of a hash reply (`HGETALL`: pairs in RESP2, a map in RESP3).
 fn hash_fields(v: Value) -> Result<BTreeMap<String, String>> {
-    let text = |v: &Value| crate::topology::as_string(v).unwrap_or_default();
-    match v {
-        Value::Nil => Ok(BTreeMap::new()),
-        Value::Map(pairs) => Ok(pairs.iter().map(|(k, v)| (text(k), text(v))).collect()),
-        Value::Array(items) => Ok(items
-            .chunks(2)
-            .filter_map(|c| match c {
-                [k, v] => Some((text(k), text(v))),
-                _ => None,
-            })
-            .collect()),
-        other => Err(Error::Protocol(format!("registry: unexpected {other:?}"))),
-    }
+    redis::from_redis_value(v).map_err(|e| Error::Protocol(format!("registry: {e}")))
 }

@@ -93,13 +93,8 @@ impl Queue {
             let (mut dead, mut delayed, mut oldest_age, mut in_flight) = (None, None, None, None);
             let depth;
             if reliable {
-                depth = match next()? {
-                    Value::BulkString(b) => String::from_utf8_lossy(&b)
-                        .parse::<i64>()
-                        .unwrap_or(0)
-                        .max(0) as u64,
-                    other => int(other)?,
-                };
+                // The ready count (a string key; absent before the first push).
+                depth = int(next()?)?;
                 // Both hold a KEEP entry once the shard was popped (see `lease::KEEP`).
                 dead = Some(int(next()?)?.saturating_sub(1));
                 delayed = Some(int(next()?)?.saturating_sub(1));
@@ -259,12 +254,10 @@ impl Queue {
     }
 }
 
+/// A count: an integer reply, or nothing (a key that does not exist) as 0; negative counts
+/// are clamped to 0.
 fn int(v: Value) -> Result<u64> {
-    match v {
-        Value::Int(n) => Ok(n.max(0) as u64),
-        Value::Nil => Ok(0),
-        other => Err(Error::Protocol(format!(
-            "expected an integer, got {other:?}"
-        ))),
-    }
+    let n: Option<i64> = redis::from_redis_value(v)
+        .map_err(|e| Error::Protocol(format!("expected an integer: {e}")))?;
+    Ok(n.unwrap_or(0).max(0) as u64)
 }
