@@ -192,7 +192,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                     backoff: exec.backoff,
                     backoff_max: exec.backoff_max,
                     grace: exec.grace,
-                    lease: slotq::lease::DEFAULT_LEASE,
+                    lease: lease.unwrap_or(slotq::lease::DEFAULT_LEASE),
                     count: *count,
                 }),
             };

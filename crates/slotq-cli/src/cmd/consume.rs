@@ -96,10 +96,9 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
     if let Some(lease) = lease {
         builder = builder.lease(lease);
     }
-    if let Some(mut settings) = exec {
+    if let Some(settings) = exec {
         // Pop no more than the handlers can take, so little waits leased in the buffer.
         builder = builder.pop_batch(settings.concurrency.min(slotq::consumer::DEFAULT_POP_BATCH));
-        settings.lease = lease.unwrap_or(slotq::lease::DEFAULT_LEASE);
         super::exec::run(builder.build()?, settings).await?;
         return Ok(String::new());
     }
