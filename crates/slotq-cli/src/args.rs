@@ -348,7 +348,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![BenchPhase::Push, BenchPhase::Pop, BenchPhase::E2e])]
     pub phases: Vec<BenchPhase>,
     /// Run this anchor script (the machine's physical limit, e.g. shared/bench/anchor.sh)
-    /// against the same cluster first, and report every phase as a ratio to it.
+    /// against the same cluster first, at batch 100 and at batch 1000 (the better of the two
+    /// per op counts), and report every phase as a ratio to it.
     #[arg(long)]
     pub anchor: Option<std::path::PathBuf>,
     /// Queue name (default: a fresh name per run).
