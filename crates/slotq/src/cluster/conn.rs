@@ -223,20 +223,10 @@ impl Conn {
                 }
                 let mut used = 0;
                 loop {
-                    // Most replies arrive whole in one read: parse them straight away.
-                    if scanner.is_fresh() {
-                        match resp::parse(&buf[used..]) {
-                            Ok(Some((v, n))) => {
-                                used += n;
-                                if !deliver(&rshared, v) {
-                                    return rshared.fail_all("reply without a request");
-                                }
-                                continue;
-                            }
-                            Ok(None) => {}
-                            Err(e) => return rshared.fail_all(&e.0),
-                        }
-                    }
+                    // Walk to the end of the reply first (cheap, resumable, allocates
+                    // nothing), parse it once it is whole: a large pop reply arrives over
+                    // several reads, and parsing it on each would build and drop most of
+                    // its values each time.
                     let whole = match scanner.scan(&buf[used..]) {
                         Ok(Some(n)) => n,
                         Ok(None) => break,

@@ -32,11 +32,6 @@ pub(crate) struct Scanner {
 }
 
 impl Scanner {
-    /// Whether no value has been walked into yet.
-    pub(crate) fn is_fresh(&self) -> bool {
-        self.pos == 0 && self.open.is_empty()
-    }
-
     /// Walks `buf` (the same bytes as last time, maybe more at the end): the length of the
     /// first whole value, or `None` while it is incomplete.
     pub(crate) fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
@@ -102,11 +97,32 @@ fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
     Some((&rest[..nl - 1], from + nl + 1))
 }
 
+/// A decimal integer: an optional `-`, then 1 to 19 digits, without overflow. (Every
+/// length prefix goes through here, one per payload, so it avoids `str::parse`.)
 fn int(s: &[u8]) -> Result<i64, ProtocolError> {
-    std::str::from_utf8(s)
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .ok_or_else(|| ProtocolError(format!("bad integer {:?}", String::from_utf8_lossy(s))))
+    let bad = || ProtocolError(format!("bad integer {:?}", String::from_utf8_lossy(s)));
+    let (negative, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    if digits.is_empty() || digits.len() > 19 {
+        return Err(bad());
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return Err(bad());
+        }
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+            .ok_or_else(bad)?;
+    }
+    if negative {
+        0i64.checked_sub_unsigned(n).ok_or_else(bad)
+    } else {
+        i64::try_from(n).map_err(|_| bad())
+    }
 }
 
 fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize)>, ProtocolError> {
@@ -232,6 +248,15 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn integers_parse_as_str_parse_does(n in any::<i64>(), junk in "[-+0-9a]{0,21}") {
+            let text = n.to_string();
+            prop_assert_eq!(int(text.as_bytes()).ok(), Some(n));
+            // The protocol never writes a `+` sign; `str::parse` accepts one.
+            let expected = junk.parse::<i64>().ok().filter(|_| !junk.starts_with('+'));
+            prop_assert_eq!(int(junk.as_bytes()).ok(), expected);
+        }
+
         /// The hot-path parser reads every reply as the `redis` crate does, takes exactly
         /// its bytes, agrees with the scanner, and waits (never errs) on every cut.
         #[test]
