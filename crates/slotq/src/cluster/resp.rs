@@ -175,6 +175,26 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Value, usize
             let mut items = Vec::with_capacity((n as usize).min(4096));
             let mut at = next;
             for _ in 0..n {
+                // Bulk strings (popped payloads) are most elements: read them here rather
+                // than through a call that returns the value by a long way round.
+                if buf.get(at) == Some(&b'$') {
+                    let Some((text, next)) = line(buf, at + 1) else {
+                        return Ok(None);
+                    };
+                    let len = int(text)?;
+                    if next != usize::MAX && len >= 0 {
+                        let end = next + len as usize;
+                        if buf.len() < end + 2 {
+                            return Ok(None);
+                        }
+                        if &buf[end..end + 2] != b"\r\n" {
+                            return Err(ProtocolError("bulk string not ended by CRLF".into()));
+                        }
+                        items.push(Value::BulkString(buf[next..end].to_vec()));
+                        at = end + 2;
+                        continue;
+                    }
+                }
                 match parse_at(buf, at, depth + 1)? {
                     Some((v, after)) => {
                         items.push(v);

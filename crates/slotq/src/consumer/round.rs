@@ -143,6 +143,16 @@ pub(super) fn absorb(
         sizes: Vec::with_capacity(asks.len()),
         error: None,
     };
+    // Room for every message up front: a `Message` is large, and growing the vector while
+    // a thousand arrive would move each of them several times.
+    let arriving: usize = replies
+        .iter()
+        .map(|r| match r {
+            Ok(Value::Array(items)) => items.len(),
+            _ => 0,
+        })
+        .sum();
+    out.messages.reserve(arriving);
     for (ask, reply) in asks.iter().zip(replies) {
         let before = out.messages.len();
         let taken = match reply {
