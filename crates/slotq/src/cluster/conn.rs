@@ -254,26 +254,37 @@ impl Conn {
         let wshared = shared.clone();
         tokio::spawn(async move {
             let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+            // Registers the request as waiting for its replies; gives back its bytes.
+            let register = |r: Request| {
+                wshared.waiting.lock().unwrap().push_back(Waiting {
+                    replies: r.replies,
+                    got: Vec::with_capacity(r.replies),
+                    tx: r.tx,
+                });
+                r.bytes
+            };
             while let Some(first) = rx.recv().await {
-                out.clear();
-                let mut next = Some(first);
-                while let Some(r) = next.take() {
-                    wshared.waiting.lock().unwrap().push_back(Waiting {
-                        replies: r.replies,
-                        got: Vec::with_capacity(r.replies),
-                        tx: r.tx,
-                    });
-                    out.extend_from_slice(&r.bytes);
-                    if out.len() < MAX_WRITE {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                if wshared.closed.load(Ordering::Acquire) {
-                    wshared.fail_all("connection closed");
+                let first = register(first);
+                let mut more = rx.try_recv().ok();
+                if more.is_none() {
+                    // Alone in the queue: written from its own bytes, not copied.
+                    write_pending(&mut writer, &wshared, &first).await;
                     continue;
                 }
-                if let Err(e) = writer.write_all(&out).await {
-                    wshared.fail_all(&e.to_string());
+                // Requests queued together are copied into writes of up to MAX_WRITE.
+                out.clear();
+                out.extend_from_slice(&first);
+                while let Some(r) = more.take() {
+                    let bytes = register(r);
+                    out.extend_from_slice(&bytes);
+                    if out.len() >= MAX_WRITE {
+                        write_pending(&mut writer, &wshared, &out).await;
+                        out.clear();
+                    }
+                    more = rx.try_recv().ok();
+                }
+                if !out.is_empty() {
+                    write_pending(&mut writer, &wshared, &out).await;
                 }
             }
             // Every handle is gone: close the socket and stop reading.
@@ -304,6 +315,17 @@ impl Conn {
     pub(crate) async fn cmd(&self, cmd: &redis::Cmd) -> Result<Value, Broken> {
         let mut v = self.exec(cmd.get_packed_command(), 1).await?;
         Ok(v.pop().unwrap_or(Value::Nil))
+    }
+}
+
+/// Writes what was queued, unless the connection broke (then every waiting request fails).
+async fn write_pending(writer: &mut (impl AsyncWrite + Unpin), shared: &Shared, bytes: &[u8]) {
+    if shared.closed.load(Ordering::Acquire) {
+        shared.fail_all("connection closed");
+        return;
+    }
+    if let Err(e) = writer.write_all(bytes).await {
+        shared.fail_all(&e.to_string());
     }
 }
 

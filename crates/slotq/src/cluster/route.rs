@@ -320,7 +320,13 @@ async fn send_group(
             return Err(SendError::NotSent(e));
         }
     };
-    let mut bytes = Vec::new();
+    // Room for the whole write up front (a push of a thousand payloads would otherwise
+    // grow it a dozen times, copying everything each time).
+    let size: usize = group
+        .iter()
+        .map(|(i, _)| packed_size(&cmds[*i].1))
+        .sum();
+    let mut bytes = Vec::with_capacity(size + 32 * group.len());
     let mut replies = group.len();
     for (i, ask) in group {
         if *ask {
@@ -361,4 +367,15 @@ async fn send_group(
             Ok(out)
         }
     }
+}
+
+/// About how many bytes `cmd` takes packed: each argument and its length line.
+fn packed_size(cmd: &Cmd) -> usize {
+    16 + cmd
+        .args_iter()
+        .map(|a| match a {
+            redis::Arg::Simple(b) => b.len() + 16,
+            _ => 24,
+        })
+        .sum::<usize>()
 }
