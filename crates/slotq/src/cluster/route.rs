@@ -322,10 +322,7 @@ async fn send_group(
     };
     // Room for the whole write up front (a push of a thousand payloads would otherwise
     // grow it a dozen times, copying everything each time).
-    let size: usize = group
-        .iter()
-        .map(|(i, _)| packed_size(&cmds[*i].1))
-        .sum();
+    let size: usize = group.iter().map(|(i, _)| packed_size(&cmds[*i].1)).sum();
     let mut bytes = Vec::with_capacity(size + 32 * group.len());
     let mut replies = group.len();
     for (i, ask) in group {

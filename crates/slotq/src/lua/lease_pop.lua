@@ -49,6 +49,54 @@ local function bump(e)
   return string.sub(e, 1, 18) .. string.char(math.floor(a / 256), a % 256) .. string.sub(e, 21), a
 end
 
+-- Where the envelope at byte p of frame f ends (the byte after it), read from its msgpack
+-- header alone; nil if p does not start a string.
+local function skip(f, p)
+  local b = string.byte(f, p)
+  if b == nil then return nil end
+  if b >= 0xa0 and b <= 0xbf then return p + 1 + (b - 0xa0) end
+  if b == 0xd9 or b == 0xc4 then return p + 2 + string.byte(f, p + 1) end
+  if b == 0xda or b == 0xc5 then
+    local h, l = string.byte(f, p + 1, p + 2)
+    return p + 3 + h * 256 + l
+  end
+  if b == 0xdb or b == 0xc6 then
+    local a, b2, c, d = string.byte(f, p + 1, p + 4)
+    return p + 5 + ((a * 256 + b2) * 256 + c) * 256 + d
+  end
+  return nil
+end
+
+-- A frame of n envelopes from their msgpack bytes, as they are.
+local function reframe(n, body)
+  local head
+  if n < 16 then
+    head = string.char(0x90 + n)
+  else
+    head = string.char(0xdc, math.floor(n / 256), n % 256)
+  end
+  return string.char(0xA5, 0x02, math.floor(n / 256), n % 256) .. head .. body
+end
+
+-- Splits frame f after its k-th envelope by walking the envelopes' headers and copying
+-- bytes: no envelope is unpacked or packed again (that cost a frame of a thousand about
+-- 0.3 ms each time a lease took part of it). Returns nil if the frame is not as expected.
+local function split(f, k)
+  local n = count(f)
+  local b = string.byte(f, 5)
+  local start
+  if b >= 0x90 and b <= 0x9f then start = 6
+  elseif b == 0xdc then start = 8
+  elseif b == 0xdd then start = 10
+  else return nil end
+  local p = start
+  for _ = 1, k do
+    p = skip(f, p)
+    if p == nil then return nil end
+  end
+  return reframe(k, string.sub(f, start, p - 1)), reframe(n - k, string.sub(f, p))
+end
+
 local function settled(acks, i)
   local b = string.byte(acks, 4 + math.floor((i - 1) / 8) + 1)
   return b ~= nil and bit.band(b, bit.lshift(1, (i - 1) % 8)) ~= 0
@@ -95,7 +143,8 @@ if #due > 0 then
   redis.call('ZREM', KEYS[5], unpack(due))
 end
 
--- Lease exactly the messages wanted: the last frame taken is split when it holds more.
+-- Lease the messages wanted, up to twice as many: the last frame taken is split when taking
+-- it whole would lease more than that.
 -- The ready list is never touched once it may be gone (after its last frame is popped):
 -- in a migrating slot, touching a missing key fails the script halfway (Redis answers ASK
 -- inside scripts), so the list's length is tracked here instead of asked.
@@ -116,24 +165,29 @@ while total < want and avail > 0 and #frames < 256 and bytes < max_bytes do
     avail = avail - 1
   end
   local c = is_frame(f) and count(f) or 0
-  if c > 0 and total + c > want then
-    local envs = cmsgpack.unpack(string.sub(f, 5))
-    local head, rest = {}, {}
-    for i = 1, #envs do
-      if total + i <= want then
-        head[#head + 1] = envs[i]
-      else
-        rest[#rest + 1] = envs[i]
+  -- A frame is taken whole when that at most doubles what was asked (splitting costs a
+  -- walk over the envelopes taken); only a frame much larger than the rest of the ask is
+  -- split.
+  if c > 0 and total + c > 2 * want then
+    local k = want - total
+    local head, rest = split(f, k)
+    if head == nil then
+      -- Not laid out as expected: unpack and pack again (slow, never seen in practice).
+      local envs = cmsgpack.unpack(string.sub(f, 5))
+      local h, r = {}, {}
+      for i = 1, #envs do
+        if i <= k then h[#h + 1] = envs[i] else r[#r + 1] = envs[i] end
       end
+      head, rest = frame(h), frame(r)
     end
     if last then
-      redis.call('LSET', KEYS[1], 0, frame(rest))
+      redis.call('LSET', KEYS[1], 0, rest)
     else
-      redis.call('LPUSH', KEYS[1], frame(rest))
+      redis.call('LPUSH', KEYS[1], rest)
       avail = avail + 1
     end
-    f = frame(head)
-    c = #head
+    f = head
+    c = k
   elseif last then
     redis.call('LPOP', KEYS[1])
     avail = 0
