@@ -125,6 +125,16 @@ pub fn decode_envelope(mut e: Vec<u8>) -> Result<Envelope> {
 
 /// Decodes a msgpack array of strings (what `cmsgpack.pack` makes of a Lua list of
 /// strings), borrowing nothing: each string is copied out once.
+/// The frames of a lease as the lease script stores them: one frame as it is, more as a
+/// msgpack array of frames.
+pub(crate) fn frames_of_lease(stored: &[u8]) -> Result<Vec<Vec<u8>>> {
+    if stored.len() >= 5 && stored[0..2] == FRAME_MAGIC {
+        Ok(vec![stored.to_vec()])
+    } else {
+        unpack_strings(stored)
+    }
+}
+
 pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
     let bad = || Error::Protocol("lease: malformed msgpack".into());
     let mut at = 0usize;
@@ -162,6 +172,20 @@ pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_lease_is_stored_as_its_one_frame_or_an_array_of_frames() {
+        let envs = vec![encode_envelope(MessageId([7; 16]), b"payload")];
+        let f = encode_frame(&envs);
+        assert_eq!(frames_of_lease(&f).unwrap(), vec![f.clone()]);
+        // Two frames: a msgpack array of two strings (as `cmsgpack.pack` writes it).
+        let mut two = vec![0x92];
+        for _ in 0..2 {
+            two.extend_from_slice(&[0xd9, f.len() as u8]);
+            two.extend_from_slice(&f);
+        }
+        assert_eq!(frames_of_lease(&two).unwrap(), vec![f.clone(), f]);
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -33,7 +33,7 @@ use redis::Value;
 
 mod codec;
 
-pub(crate) use codec::unpack_strings;
+pub(crate) use codec::frames_of_lease;
 pub use codec::{
     ENVELOPE_HEADER, ENVELOPE_MAGIC, Envelope, FRAME_MAGIC, MAX_FRAME, MessageId, decode_envelope,
     decode_frame, encode_envelope, encode_frame,

@@ -1,6 +1,6 @@
 -- Reliable pop: reap expired leases and due delayed messages, then lease messages.
 -- KEYS: 1 ready (LIST of frames), 2 leases (ZSET lease -> deadline ms), 3 inflight (HASH
---       lease -> msgpack array of the leased frames), 4 acks (HASH lease -> u16 count,
+--       lease -> the leased frame, or a msgpack array of them when more), 4 acks (HASH lease -> u16 count,
 --       u16 settled, bitmap), 5 delayed (ZSET envelope -> due ms), 6 dead (LIST of
 --       envelopes), 7 ready count (STRING: messages in 1)
 -- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit, 5 lease id (chosen
@@ -97,6 +97,12 @@ local function split(f, k)
   return reframe(k, string.sub(f, start, p - 1)), reframe(n - k, string.sub(f, p))
 end
 
+-- The frames of a lease as stored: one frame as it is, more as a msgpack array of frames.
+local function frames_of(v)
+  if is_frame(v) then return {v} end
+  return cmsgpack.unpack(v)
+end
+
 local function settled(acks, i)
   local b = string.byte(acks, 4 + math.floor((i - 1) / 8) + 1)
   return b ~= nil and bit.band(b, bit.lshift(1, (i - 1) % 8)) ~= 0
@@ -112,7 +118,7 @@ for e = #expired, 1, -1 do
     local acks = redis.call('HGET', KEYS[4], lease) or ''
     local back = {}
     local i = 0
-    for _, f in ipairs(cmsgpack.unpack(packed)) do
+    for _, f in ipairs(frames_of(packed)) do
       for _, e in ipairs(cmsgpack.unpack(string.sub(f, 5))) do
         i = i + 1
         if not settled(acks, i) then
@@ -213,7 +219,8 @@ if total == 0 then
 end
 local lease = ARGV[5]
 local deadline = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[3], lease, cmsgpack.pack(frames))
+-- One frame (most leases) is stored as it is: packing it would copy it once more.
+redis.call('HSET', KEYS[3], lease, #frames == 1 and frames[1] or cmsgpack.pack(frames))
 redis.call('HSET', KEYS[4], lease,
   string.char(math.floor(total / 256), total % 256, 0, 0) .. string.rep('\0', math.ceil(total / 8)))
 redis.call('ZADD', KEYS[2], deadline, lease)

@@ -48,7 +48,15 @@ local envs = nil
 local now = 0
 if nack or release then
   envs = {}
-  for _, f in ipairs(cmsgpack.unpack(redis.call('HGET', KEYS[2], ARGV[1]))) do
+  local stored = redis.call('HGET', KEYS[2], ARGV[1])
+  -- One frame is stored as it is, more as a msgpack array of frames (see lease_pop.lua).
+  local frames
+  if string.byte(stored, 1) == 0xA5 and string.byte(stored, 2) == 0x02 then
+    frames = {stored}
+  else
+    frames = cmsgpack.unpack(stored)
+  end
+  for _, f in ipairs(frames) do
     for _, e in ipairs(cmsgpack.unpack(string.sub(f, 5))) do
       envs[#envs + 1] = e
     end

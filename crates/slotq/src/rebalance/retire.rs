@@ -247,7 +247,7 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
         .query(from.slot, redis::cmd("HGETALL").arg(&src.inflight))
         .await?;
     for (_, frames_of_lease) in leases.iter().filter(|(field, _)| field != KEEP) {
-        frames.extend(crate::lease::unpack_strings(frames_of_lease)?);
+        frames.extend(crate::lease::frames_of_lease(frames_of_lease)?);
     }
     let mut count = 0u64;
     for f in &frames {
