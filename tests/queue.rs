@@ -149,6 +149,67 @@ async fn keyed_sends_keep_per_key_order() {
     assert!(last.values().all(|&i| i == 999));
 }
 
+/// `send_keyed_batch` puts each key where `send_keyed` does, in the order given: batches
+/// and single sends of the same keys, interleaved, read back in sequence per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_batches_keep_per_key_order_with_single_sends() {
+    const KEYS: u32 = 50;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("keyed-batch").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let mut next = vec![0u32; KEYS as usize];
+    let batch = |n: u32, next: &mut Vec<u32>| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| {
+                let k = i % KEYS;
+                let seq = next[k as usize];
+                next[k as usize] += 1;
+                (format!("key-{k}"), format!("{k}:{seq}"))
+            })
+            .collect()
+    };
+    for round in 0..3 {
+        // 10,000 in one call: more than a push per shard (1,000), so shards take several.
+        let items = batch(10_000, &mut next);
+        producer.send_keyed_batch(items).await.unwrap();
+        if round < 2 {
+            let singles = batch(KEYS, &mut next);
+            let sends = singles.into_iter().map(|(k, p)| {
+                let producer = producer.clone();
+                async move { producer.send_keyed(k, p).await }
+            });
+            for r in futures::future::join_all(sends).await {
+                r.unwrap();
+            }
+        }
+    }
+    let total: u32 = next.iter().sum();
+    let mut consumer = q.consumer().build().unwrap();
+    let mut last: HashMap<u32, i64> = HashMap::new();
+    let mut shard_of: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut n = 0;
+    while n < total {
+        let got = consumer
+            .recv_batch_timeout(1000, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "{n} of {total} arrived");
+        for m in got {
+            let s = String::from_utf8(m.payload.to_vec()).unwrap();
+            let (k, i) = s.split_once(':').unwrap();
+            let (k, i): (u32, i64) = (k.parse().unwrap(), i.parse().unwrap());
+            let prev = last.insert(k, i).unwrap_or(-1);
+            assert_eq!(i, prev + 1, "key {k}: {i} after {prev}");
+            let shard = shard_of.entry(k).or_insert_with(|| m.shard.clone());
+            assert_eq!(*shard, m.shard, "a key stays in one shard");
+            n += 1;
+        }
+    }
+    let shards: std::collections::HashSet<&Arc<str>> = shard_of.values().collect();
+    assert_eq!(shards.len(), 3, "50 keys spread over the three shards");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_openers_agree_on_one_shard_set() {
     let c = TestCluster::start(3, 0).unwrap();

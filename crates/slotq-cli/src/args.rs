@@ -338,6 +338,10 @@ pub struct BenchArgs {
     /// Keyed sends (1000 keys) instead of unkeyed.
     #[arg(long)]
     pub keyed: bool,
+    /// Producers send each message on its own (`send` / `send_keyed`, a chunk's worth at
+    /// once) instead of a chunk at a time (`send_batch` / `send_keyed_batch`).
+    #[arg(long)]
+    pub one_by_one: bool,
     /// At-least-once: consumers lease and acknowledge every message.
     #[arg(long)]
     pub reliable: bool,

@@ -135,6 +135,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         producers: 2,
         consumers: 2,
         keyed: false,
+        one_by_one: false,
         baseline: false,
         reliable: false,
         phases: vec![crate::args::BenchPhase::E2e],

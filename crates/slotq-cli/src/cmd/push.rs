@@ -103,10 +103,9 @@ async fn send(
     let n = batch.len() as u64;
     match key {
         Some(k) => {
-            let sends = batch.into_iter().map(|p| producer.send_keyed(k, p));
-            for r in futures::future::join_all(sends).await {
-                r?;
-            }
+            producer
+                .send_keyed_batch(batch.into_iter().map(|p| (k, p)))
+                .await?
         }
         None if n > 0 => producer.send_batch(batch).await?,
         None => {}

@@ -19,6 +19,7 @@
 //! [`Error::QueueFull`]. Nothing is dropped silently.
 
 mod builder;
+mod keyed;
 mod lanes;
 mod push;
 
@@ -33,10 +34,11 @@ pub use builder::{
     DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_MESSAGES, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_PAYLOAD,
     EmptyPayloads, ProducerBuilder, check_payload,
 };
+pub use keyed::KEYED_HOLD;
 use lanes::{CHOICE_SPAN, Lane, LaneState, Lanes, Signal};
 
 use crate::error::{Error, Result};
-use crate::placement::{Shard, ShardSet, ShardState, fnv1a, ready_key};
+use crate::placement::{Shard, ShardSet, ready_key};
 use crate::queue::Queue;
 
 /// Sends messages to a queue. Clone-able, `Send + Sync`; clones share batches.
@@ -102,23 +104,6 @@ impl Producer {
         self.inner.acquire(1).await;
         let lane = self.inner.pick()?;
         let signal = self.inner.enqueue(&lane, vec![payload], false);
-        signal.wait().await
-    }
-
-    /// Sends one message to the shard `key` maps to; messages with the same key are
-    /// delivered in the order they were sent (while the shard set does not change).
-    pub async fn send_keyed(
-        &self,
-        key: impl AsRef<[u8]>,
-        payload: impl Into<Vec<u8>>,
-    ) -> Result<()> {
-        self.inner.cfg.queue.check_live().await?;
-        let payload = payload.into();
-        self.inner.check(&payload)?;
-        let payload = self.inner.wrap(payload);
-        let lane = self.inner.keyed_lane(key.as_ref()).await?;
-        self.inner.acquire(1).await;
-        let signal = self.inner.enqueue(&lane, vec![payload], true);
         signal.wait().await
     }
 
@@ -317,24 +302,12 @@ impl ProducerInner {
             .clone()
     }
 
-    /// The lane of the shard that serves `key` in the keyed layout. While that shard is
-    /// being retired, the send waits (up to [`KEYED_HOLD`]) until its keys have moved: a
-    /// key's messages never wait on two shards at once, so they stay in order. After the
-    /// hold the shard is used as it is (the rebalance retires a shard well within the
-    /// hold, or gives up and puts it back to draining).
-    async fn keyed_lane(&self, key: &[u8]) -> Result<Arc<Lane>> {
-        let hash = fnv1a(key);
-        let held_since = Instant::now();
-        loop {
-            let set = self.cfg.queue.shards();
-            let shard = set
-                .keyed_shard(hash)
-                .ok_or_else(|| Error::QueueNotFound(self.cfg.queue.name().to_string()))?;
-            if shard.state != ShardState::Retiring || held_since.elapsed() >= KEYED_HOLD {
-                return Ok(self.lane_in(&mut self.lanes.write().unwrap(), shard));
-            }
-            tokio::time::sleep(KEYED_HOLD_STEP).await;
+    /// The lane of `shard`: looked up under the read lock, created under the write lock.
+    fn lane_of(&self, shard: &Shard) -> Arc<Lane> {
+        if let Some(lane) = self.lanes.read().unwrap().by_tag.get(&shard.tag) {
+            return lane.clone();
         }
+        self.lane_in(&mut self.lanes.write().unwrap(), shard)
     }
 
     fn healthy(&self, lane: &Lane) -> bool {
@@ -467,11 +440,6 @@ impl ProducerInner {
 
 /// How often a producer re-reads its shards' depths while it sends.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
-/// Longest a keyed send waits for the keys of a retiring shard to move.
-pub const KEYED_HOLD: Duration = Duration::from_secs(30);
-/// How often a held keyed send looks at the shard set again.
-const KEYED_HOLD_STEP: Duration = Duration::from_millis(50);
-
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

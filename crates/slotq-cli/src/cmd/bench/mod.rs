@@ -267,7 +267,7 @@ async fn produce(
     for (first, n) in shares(args.messages, args.producers) {
         let producer = producer.clone();
         let pb = pb.clone();
-        let (keyed, size) = (args.keyed, args.size);
+        let (keyed, one_by_one, size) = (args.keyed, args.one_by_one, args.size);
         tasks.push(tokio::spawn(async move {
             let mut id = first;
             let end = first + n as u64;
@@ -275,22 +275,36 @@ async fn produce(
                 let chunk_end = (id + PRODUCER_CHUNK as u64).min(end);
                 // One clock read per chunk: the chunk is handed over at once.
                 let sent = nanos_since(start);
-                if keyed {
-                    let sends = (id..chunk_end).map(|i| {
-                        let producer = producer.clone();
-                        async move {
-                            producer
-                                .send_keyed((i % KEYS).to_be_bytes(), payload(i, sent, size))
-                                .await
-                        }
-                    });
-                    for r in futures::future::join_all(sends).await {
-                        r?;
+                match (keyed, one_by_one) {
+                    (true, false) => {
+                        producer
+                            .send_keyed_batch(
+                                (id..chunk_end)
+                                    .map(|i| ((i % KEYS).to_be_bytes(), payload(i, sent, size))),
+                            )
+                            .await?
                     }
-                } else {
-                    producer
-                        .send_batch((id..chunk_end).map(|i| payload(i, sent, size)))
-                        .await?;
+                    (false, false) => {
+                        producer
+                            .send_batch((id..chunk_end).map(|i| payload(i, sent, size)))
+                            .await?
+                    }
+                    (keyed, true) => {
+                        let sends = (id..chunk_end).map(|i| {
+                            let producer = producer.clone();
+                            async move {
+                                let p = payload(i, sent, size);
+                                if keyed {
+                                    producer.send_keyed((i % KEYS).to_be_bytes(), p).await
+                                } else {
+                                    producer.send(p).await
+                                }
+                            }
+                        });
+                        for r in futures::future::join_all(sends).await {
+                            r?;
+                        }
+                    }
                 }
                 pb.inc(chunk_end - id);
                 id = chunk_end;

@@ -1,0 +1,123 @@
+//! Keyed sends: each message goes to the shard its key maps to (a jump consistent hash of
+//! the key over the keyed layout), so a key's messages stay in one shard, in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::lanes::Lane;
+use super::{Producer, ProducerInner};
+use crate::error::{Error, Result};
+use crate::placement::{ShardState, fnv1a};
+
+/// Longest a keyed send waits for the keys of a retiring shard to move.
+pub const KEYED_HOLD: Duration = Duration::from_secs(30);
+/// How often a held keyed send looks at the shard set again.
+const KEYED_HOLD_STEP: Duration = Duration::from_millis(50);
+
+impl Producer {
+    /// Sends one message to the shard `key` maps to; messages with the same key are
+    /// delivered in the order they were sent (while the shard set does not change).
+    pub async fn send_keyed(
+        &self,
+        key: impl AsRef<[u8]>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<()> {
+        self.inner.cfg.queue.check_live().await?;
+        let payload = payload.into();
+        self.inner.check(&payload)?;
+        let payload = self.inner.wrap(payload);
+        let lane = self.inner.keyed_lane(key.as_ref()).await?;
+        self.inner.acquire(1).await;
+        let signal = self.inner.enqueue(&lane, vec![payload], true);
+        signal.wait().await
+    }
+
+    /// Sends many keyed messages: each goes to the shard its key maps to, as
+    /// [`send_keyed`](Self::send_keyed) would send it, and messages with the same key are
+    /// stored in the order given. The messages of one shard travel together, in pushes of
+    /// up to `max_batch_messages`. Resolves when all are stored, or with the first error
+    /// (then some of the messages may have been stored).
+    pub async fn send_keyed_batch<K: AsRef<[u8]>, P: Into<Vec<u8>>>(
+        &self,
+        items: impl IntoIterator<Item = (K, P)>,
+    ) -> Result<()> {
+        self.inner.cfg.queue.check_live().await?;
+        let items: Vec<(u64, Vec<u8>)> = items
+            .into_iter()
+            .map(|(k, p)| (fnv1a(k.as_ref()), p.into()))
+            .collect();
+        for (_, p) in &items {
+            self.inner.check(p)?;
+        }
+        // Group by shard, keeping the given order within each (so within each key).
+        let set = self.inner.cfg.queue.shards();
+        let mut groups: Vec<(Arc<Lane>, Vec<Vec<u8>>)> = Vec::new();
+        let mut group_of: std::collections::HashMap<u32, usize> = Default::default();
+        let mut held = Vec::new();
+        for (hash, payload) in items {
+            let shard = set
+                .keyed_shard(hash)
+                .ok_or_else(|| Error::QueueNotFound(self.inner.cfg.queue.name().to_string()))?;
+            let payload = self.inner.wrap(payload);
+            if shard.state == ShardState::Retiring || !held.is_empty() {
+                // A shard is handing its keys over: from here on, each message waits for
+                // its key's shard as a single keyed send does (and in order).
+                held.push((hash, payload));
+                continue;
+            }
+            let g = *group_of.entry(shard.number).or_insert_with(|| {
+                groups.push((self.inner.lane_of(shard), Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(payload);
+        }
+        let mut signals = Vec::new();
+        let grain = self.inner.cfg.max_batch_messages.max(1);
+        for (lane, payloads) in groups {
+            let mut iter = payloads.into_iter().peekable();
+            while iter.peek().is_some() {
+                let chunk: Vec<Vec<u8>> = iter.by_ref().take(grain).collect();
+                self.inner.acquire(chunk.len()).await;
+                signals.push(self.inner.enqueue(&lane, chunk, true));
+            }
+        }
+        for (hash, payload) in held {
+            let lane = self.inner.keyed_lane_by_hash(hash).await?;
+            self.inner.acquire(1).await;
+            signals.push(self.inner.enqueue(&lane, vec![payload], true));
+        }
+        let mut first_err = None;
+        for s in signals {
+            if let Err(e) = s.wait().await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl ProducerInner {
+    /// The lane of the shard that serves `key` in the keyed layout. While that shard is
+    /// being retired, the send waits (up to [`KEYED_HOLD`]) until its keys have moved: a
+    /// key's messages never wait on two shards at once, so they stay in order. After the
+    /// hold the shard is used as it is (the rebalance retires a shard well within the
+    /// hold, or gives up and puts it back to draining).
+    async fn keyed_lane(&self, key: &[u8]) -> Result<Arc<Lane>> {
+        self.keyed_lane_by_hash(fnv1a(key)).await
+    }
+
+    /// [`keyed_lane`](Self::keyed_lane) of a key by its hash.
+    async fn keyed_lane_by_hash(&self, hash: u64) -> Result<Arc<Lane>> {
+        let held_since = Instant::now();
+        loop {
+            let set = self.cfg.queue.shards();
+            let shard = set
+                .keyed_shard(hash)
+                .ok_or_else(|| Error::QueueNotFound(self.cfg.queue.name().to_string()))?;
+            if shard.state != ShardState::Retiring || held_since.elapsed() >= KEYED_HOLD {
+                return Ok(self.lane_of(shard));
+            }
+            tokio::time::sleep(KEYED_HOLD_STEP).await;
+        }
+    }
+}
