@@ -158,7 +158,10 @@ impl ProducerInner {
     /// producers sending 200,000 in batches of 1,000 on 30 masters ended 1.2 apart with
     /// the time rule alone). `sending` messages are about to be placed.
     async fn snapshot_if_due(self: &Arc<Self>, sending: usize) {
-        let sent = self.sent_since_snapshot.fetch_add(sending, Ordering::Relaxed) + sending;
+        let sent = self
+            .sent_since_snapshot
+            .fetch_add(sending, Ordering::Relaxed)
+            + sending;
         let due = {
             let at = self.snapshot_at.lock().unwrap();
             match *at {
