@@ -48,8 +48,13 @@ impl ProducerInner {
                 .arg(crate::lease::encode_frame(&batch.payloads))
                 .clone(),
             None => {
-                let mut cmd = redis::cmd("RPUSH");
-                cmd.arg(&lane.key);
+                // Sized up front: growing it payload by payload copied it a dozen times.
+                let bytes: usize = batch.payloads.iter().map(Vec::len).sum();
+                let mut cmd = redis::Cmd::with_capacity(
+                    batch.payloads.len() + 2,
+                    bytes + lane.key.len() + "RPUSH".len(),
+                );
+                cmd.arg("RPUSH").arg(&lane.key);
                 for p in &batch.payloads {
                     cmd.arg(p.as_slice());
                 }
