@@ -158,7 +158,7 @@ impl Consumer {
             let replies = round.replies().await;
             let round = self.round.take().expect("a round in flight");
             let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
-            self.buffer.extend(out.messages);
+            self.buffer_up(out.messages);
         }
         let left = self.take_unhanded();
         let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, (h, _))| h).collect();
@@ -233,9 +233,24 @@ impl Consumer {
         &self.queue
     }
 
+    /// Appends popped messages to the buffer; into an empty buffer they move as a whole
+    /// (messages are large, and a round brings thousands).
+    fn buffer_up(&mut self, messages: Vec<Message>) {
+        if self.buffer.is_empty() {
+            self.buffer = messages.into();
+        } else {
+            self.buffer.extend(messages);
+        }
+    }
+
     fn take(&mut self, max: usize) -> Vec<Message> {
         let n = max.min(self.buffer.len());
-        let out: Vec<Message> = self.buffer.drain(..n).collect();
+        let out: Vec<Message> = if n == self.buffer.len() {
+            // All of it: the buffer's storage becomes the batch, nothing is moved.
+            std::mem::take(&mut self.buffer).into()
+        } else {
+            self.buffer.drain(..n).collect()
+        };
         if let Some(g) = self.group.as_mut() {
             g.handed(&out);
         }
@@ -297,7 +312,7 @@ impl Consumer {
         loop {
             self.queue.check_live().await?;
             while let Ok(batch) = self.inbox_rx.try_recv() {
-                self.buffer.extend(batch);
+                self.buffer_up(batch);
             }
             if !self.buffer.is_empty() {
                 self.set_busy();
@@ -323,7 +338,7 @@ impl Consumer {
             tokio::select! {
                 got = self.inbox_rx.recv() => {
                     if let Some(batch) = got {
-                        self.buffer.extend(batch);
+                        self.buffer_up(batch);
                     }
                 }
                 _ = regroup => {
@@ -417,7 +432,7 @@ impl Consumer {
             self.found_nothing = got == stolen;
             g.hungry(got == 0);
         }
-        self.buffer.extend(out.messages);
+        self.buffer_up(out.messages);
         let queue = self.queue.name().to_string();
         metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
             .record(round.started.elapsed().as_secs_f64());
