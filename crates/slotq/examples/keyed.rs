@@ -28,6 +28,13 @@ async fn main() -> slotq::Result<()> {
     for t in tasks {
         t.await.expect("task")?;
     }
+    // The next hundred steps of every customer in one call: grouped by shard into shared
+    // pushes, in order per key.
+    producer
+        .send_keyed_batch((100..200).flat_map(|step| {
+            (0..10).map(move |c| (format!("customer-{c}"), format!("{c}:{step}")))
+        }))
+        .await?;
 
     let mut consumer = queue.consumer().build()?;
     let mut last: HashMap<u32, i64> = HashMap::new();
