@@ -420,11 +420,20 @@ impl Consumer {
         let got = out.messages.len();
         if let Some(g) = &self.group {
             g.swept(round.asks.iter().map(|a| &*a.keys.tag));
-            let stolen = out
-                .messages
-                .iter()
-                .filter(|m| !g.owned().contains(&*m.shard))
-                .count();
+            // Counted per shard asked, not per message (a lookup a message showed in the
+            // profile of one consumer on 30 shards). Ordered members keep nothing of
+            // shards they do not own (given back above).
+            let stolen: usize = if g.cfg.ordered {
+                0
+            } else {
+                round
+                    .asks
+                    .iter()
+                    .zip(&out.sizes)
+                    .filter(|(a, _)| !g.owned().contains(&*a.keys.tag))
+                    .map(|(_, (n, _))| n)
+                    .sum()
+            };
             if stolen > 0 {
                 metrics::counter!(crate::telemetry::GROUP_STEALS, "group" => g.cfg.name.clone())
                     .increment(stolen as u64);
