@@ -131,22 +131,35 @@ async fn keyed_sends_keep_per_key_order() {
         t.await.unwrap();
     }
     let mut consumer = q.consumer().build().unwrap();
-    let mut last: HashMap<u32, i64> = HashMap::new();
-    let mut shard_of: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut order = KeyOrder::default();
     let mut n = 0;
     while n < 100_000 {
         for m in consumer.recv_batch(1000).await.unwrap() {
-            let s = String::from_utf8(m.payload).unwrap();
-            let (k, i) = s.split_once(':').unwrap();
-            let (k, i): (u32, i64) = (k.parse().unwrap(), i.parse().unwrap());
-            let prev = last.insert(k, i).unwrap_or(-1);
-            assert_eq!(i, prev + 1, "key {k}: {i} after {prev}");
-            let shard = shard_of.entry(k).or_insert_with(|| m.shard.clone());
-            assert_eq!(*shard, m.shard, "a key stays in one shard");
+            order.check(&m);
             n += 1;
         }
     }
-    assert!(last.values().all(|&i| i == 999));
+    assert!(order.last.values().all(|&i| i == 999));
+}
+
+/// Checks messages `"<key>:<seq>"` as they arrive: each key's sequence has no gap and no
+/// reordering, and a key stays in one shard.
+#[derive(Default)]
+struct KeyOrder {
+    last: HashMap<u32, i64>,
+    shard_of: HashMap<u32, Arc<str>>,
+}
+
+impl KeyOrder {
+    fn check(&mut self, m: &slotq::Message) {
+        let s = std::str::from_utf8(&m.payload).unwrap();
+        let (k, i) = s.split_once(':').unwrap();
+        let (k, i): (u32, i64) = (k.parse().unwrap(), i.parse().unwrap());
+        let prev = self.last.insert(k, i).unwrap_or(-1);
+        assert_eq!(i, prev + 1, "key {k}: {i} after {prev}");
+        let shard = self.shard_of.entry(k).or_insert_with(|| m.shard.clone());
+        assert_eq!(*shard, m.shard, "a key stays in one shard");
+    }
 }
 
 /// `send_keyed_batch` puts each key where `send_keyed` does, in the order given: batches
@@ -186,8 +199,7 @@ async fn keyed_batches_keep_per_key_order_with_single_sends() {
     }
     let total: u32 = next.iter().sum();
     let mut consumer = q.consumer().build().unwrap();
-    let mut last: HashMap<u32, i64> = HashMap::new();
-    let mut shard_of: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut order = KeyOrder::default();
     let mut n = 0;
     while n < total {
         let got = consumer
@@ -196,17 +208,11 @@ async fn keyed_batches_keep_per_key_order_with_single_sends() {
             .unwrap();
         assert!(!got.is_empty(), "{n} of {total} arrived");
         for m in got {
-            let s = String::from_utf8(m.payload.to_vec()).unwrap();
-            let (k, i) = s.split_once(':').unwrap();
-            let (k, i): (u32, i64) = (k.parse().unwrap(), i.parse().unwrap());
-            let prev = last.insert(k, i).unwrap_or(-1);
-            assert_eq!(i, prev + 1, "key {k}: {i} after {prev}");
-            let shard = shard_of.entry(k).or_insert_with(|| m.shard.clone());
-            assert_eq!(*shard, m.shard, "a key stays in one shard");
+            order.check(&m);
             n += 1;
         }
     }
-    let shards: std::collections::HashSet<&Arc<str>> = shard_of.values().collect();
+    let shards: std::collections::HashSet<&Arc<str>> = order.shard_of.values().collect();
     assert_eq!(shards.len(), 3, "50 keys spread over the three shards");
 }
 
