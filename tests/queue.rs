@@ -413,7 +413,12 @@ async fn bad_input_is_refused_and_loses_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidPayload(_)));
-    // A batch with one bad payload sends none of it.
+    let err = producer
+        .send_keyed_batch([("k1", b"ok".to_vec()), ("k2", Vec::new())])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidPayload(_)), "{err:?}");
+    // A batch with one bad payload (keyed or not) sends none of it.
     let total: u64 = q.stats().await.unwrap().iter().map(|s| s.depth).sum();
     assert_eq!(total, 1);
     let lenient = q
