@@ -338,7 +338,8 @@ async fn durable_sends_wait_for_replicas_or_fail_typed() {
         .arg(q.ready_key(&shard.tag))
         .query(&mut conn)
         .unwrap();
-    assert_eq!(on_replica, 100, "acknowledged sends are on the replica");
+    // Each send is a frame behind its head: two list elements.
+    assert_eq!(on_replica, 200, "acknowledged sends are on the replica");
     let replicas: Vec<usize> = (3..6).collect();
     for &r in &replicas {
         c.pause(r).unwrap();

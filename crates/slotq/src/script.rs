@@ -74,7 +74,7 @@ pub(crate) struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn cmd(&self, load: bool) -> redis::Cmd {
+    pub(crate) fn cmd(&self, load: bool) -> redis::Cmd {
         let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
         let args: Vec<&[u8]> = self.args.iter().map(Vec::as_slice).collect();
         self.script.cmd(&keys, &args, load)

@@ -1,5 +1,5 @@
-//! One poll round: a pop on every shard (`LPOP key count`, or the lease script on
-//! at-least-once queues), one pipeline per node, all nodes at once.
+//! One poll round: a pop on every shard (`LPOP key count`, or a lease on at-least-once
+//! queues, see `lease::pop`), one pipeline per node, all nodes at once.
 //!
 //! Invariants (what makes a round lose nothing):
 //! - A round is a future the consumer owns. When `recv` is cancelled mid-round (a
@@ -23,7 +23,7 @@ use redis::Value;
 use super::Message;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
-use crate::lease::{self, Lease, LeaseId, LeaseRef, LeaseScripts, ShardKeys};
+use crate::lease::{self, Lease, LeaseAsk, LeaseId, LeaseRef, LeaseScripts, Leasing, ShardKeys};
 
 /// What one shard is asked in a round.
 pub(super) struct Ask {
@@ -49,7 +49,15 @@ pub(super) const MAX_POP_BYTES: usize = 8 << 20;
 /// Most messages asked of a shard before its payload size is known.
 pub(super) const FIRST_POP_COUNT: usize = 8;
 
-type Replies = Pin<Box<dyn Future<Output = Vec<Result<Value>>> + Send>>;
+/// One shard's answer in a round.
+pub(super) enum Reply {
+    /// An `LPOP` reply (at-most-once queues).
+    Items(Value),
+    /// A lease, or none (at-least-once queues).
+    Lease(Leasing),
+}
+
+type Replies = Pin<Box<dyn Future<Output = Vec<Result<Reply>>> + Send>>;
 
 /// A round in flight.
 pub(super) struct Round {
@@ -61,7 +69,7 @@ pub(super) struct Round {
 
 impl Round {
     /// Waits for the replies. Cancel-safe: awaiting again resumes the same round.
-    pub(super) async fn replies(&mut self) -> Vec<Result<Value>> {
+    pub(super) async fn replies(&mut self) -> Vec<Result<Reply>> {
         let fut = self.replies.get_mut().unwrap_or_else(|p| p.into_inner());
         fut.await
     }
@@ -101,24 +109,25 @@ impl Round {
                             )
                         })
                         .collect();
-                    cluster.batch(cmds, opts).await
+                    let replies = cluster.batch(cmds, opts).await;
+                    replies.into_iter().map(|r| r.map(Reply::Items)).collect()
                 }
                 Some(max_attempts) => {
-                    let calls: Vec<crate::script::Call<'_>> = sent
+                    let asks: Vec<LeaseAsk<'_>> = sent
                         .iter()
-                        .map(|a| {
-                            let id = a.lease.expect("at-least-once asks name their lease");
-                            a.keys.pop_call(
-                                &scripts,
-                                a.count,
-                                lease,
-                                max_attempts,
-                                id,
-                                MAX_POP_BYTES,
-                            )
+                        .map(|a| LeaseAsk {
+                            keys: &a.keys,
+                            count: a.count,
+                            id: a.lease.expect("at-least-once asks name their lease"),
                         })
                         .collect();
-                    crate::script::run_batch(&cluster, &calls, opts).await
+                    let terms = lease::LeaseTerms {
+                        lease,
+                        max_attempts,
+                        max_bytes: MAX_POP_BYTES,
+                    };
+                    let replies = lease::lease_many(&cluster, &scripts, &asks, terms, opts).await;
+                    replies.into_iter().map(|r| r.map(Reply::Lease)).collect()
                 }
             }
         });
@@ -135,7 +144,7 @@ pub(super) fn absorb(
     ctx: &Ctx,
     asks: &[Ask],
     started: Instant,
-    replies: Vec<Result<Value>>,
+    replies: Vec<Result<Reply>>,
 ) -> Outcome {
     let mut out = Outcome {
         messages: Vec::new(),
@@ -148,7 +157,8 @@ pub(super) fn absorb(
     let arriving: usize = replies
         .iter()
         .map(|r| match r {
-            Ok(Value::Array(items)) => items.len(),
+            Ok(Reply::Items(Value::Array(items))) => items.len(),
+            Ok(Reply::Lease(Leasing::Leased { count, .. })) => *count,
             _ => 0,
         })
         .sum();
@@ -156,15 +166,28 @@ pub(super) fn absorb(
     for (ask, reply) in asks.iter().zip(replies) {
         let before = out.messages.len();
         let taken = match reply {
-            Ok(v) => match ctx.max_attempts {
-                None => each_item(v, |payload| {
-                    out.messages
-                        .push(Message::plain(payload, ask.keys.tag.clone()))
-                }),
-                Some(max_attempts) => {
-                    take_lease(ctx, ask, v, max_attempts, started, &mut out.messages)
+            Ok(Reply::Items(v)) => each_item(v, |payload| {
+                out.messages
+                    .push(Message::plain(payload, ask.keys.tag.clone()))
+            }),
+            Ok(Reply::Lease(Leasing::Nothing)) => Ok(0),
+            Ok(Reply::Lease(Leasing::Leased {
+                deadline_ms,
+                count,
+                items,
+            })) => {
+                let max_attempts = ctx.max_attempts.unwrap_or(u32::MAX);
+                let leased = (deadline_ms, count, items);
+                take_lease(ctx, ask, leased, max_attempts, started, &mut out.messages)
+            }
+            Ok(Reply::Lease(Leasing::Unread(e))) => {
+                // The lease exists but none of it arrived: give it back by name (below
+                // for errors that may hide a pop, which every lost reply does).
+                if !e.may_have_run() {
+                    lost_reply(ctx, ask, &e);
                 }
-            },
+                Err(e)
+            }
             Err(e) => Err(e),
         };
         let new = &out.messages[before..];
@@ -219,37 +242,31 @@ fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
     }
 }
 
-/// Buffers the messages of a reliable pop reply `[leased, deadline, reaped, frame...]`.
+/// Buffers the messages of a lease: its frames (heads skipped) hold `count` messages.
 fn take_lease(
     ctx: &Ctx,
     ask: &Ask,
-    v: Value,
+    (deadline_ms, count, items): (i64, usize, Vec<Value>),
     max_attempts: u32,
     started: Instant,
     into: &mut Vec<Message>,
 ) -> Result<usize> {
-    let Value::Array(items) = v else {
-        return Err(Error::Protocol(format!(
-            "reliable pop: unexpected reply {v:?}"
-        )));
-    };
-    let mut items = items.into_iter();
-    let (Some(Value::Int(leased)), Some(Value::Int(deadline_ms)), Some(_reaped)) =
-        (items.next(), items.next(), items.next())
-    else {
-        return Err(Error::Protocol("reliable pop: short reply".into()));
-    };
-    if leased == 0 {
-        return Ok(0);
-    }
-    let mut envelopes = Vec::new();
+    let mut envelopes = Vec::with_capacity(count);
     for item in items {
         let Value::BulkString(f) = item else {
             return Err(Error::Protocol(
                 "reliable pop: a frame is not a string".into(),
             ));
         };
-        envelopes.extend(lease::decode_frame(&f)?);
+        if lease::decode_frame_head(&f).is_none() {
+            envelopes.extend(lease::decode_frame(&f)?);
+        }
+    }
+    if envelopes.len() != count {
+        return Err(Error::Protocol(format!(
+            "reliable pop: the lease holds {} messages, its script counted {count}",
+            envelopes.len()
+        )));
     }
     let lease = Arc::new(Lease {
         cluster: ctx.cluster.clone(),

@@ -14,6 +14,67 @@ pub const ENVELOPE_MAGIC: [u8; 2] = [0xA5, 0x01];
 pub const FRAME_MAGIC: [u8; 2] = [0xA5, 0x02];
 /// Most messages in one frame.
 pub const MAX_FRAME: usize = 8192;
+/// First two bytes of every frame head.
+pub const FRAME_HEAD_MAGIC: [u8; 2] = [0xA5, 0x03];
+/// Bytes in a frame head.
+pub const FRAME_HEAD_LEN: usize = 16;
+
+/// The head a frame is stored behind in a ready list: `0xA5 0x03`, the frame's message
+/// count (u16 BE), its length in bytes (u32 BE), and the enqueue time of its first envelope
+/// (u64 BE ms, zero when it has none). Scripts read heads, never frames (see
+/// `lua/frames.lua`).
+pub fn frame_head(frame: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(FRAME_HEAD_LEN);
+    h.extend_from_slice(&FRAME_HEAD_MAGIC);
+    h.extend_from_slice(frame.get(2..4).unwrap_or(&[0, 0]));
+    h.extend_from_slice(&(frame.len().min(u32::MAX as usize) as u32).to_be_bytes());
+    let first = first_envelope(frame).and_then(|e| e.get(20..28));
+    h.extend_from_slice(first.unwrap_or(&[0; 8]));
+    h
+}
+
+/// What a frame head says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// Messages in the frame.
+    pub count: usize,
+    /// The frame's length in bytes.
+    pub bytes: usize,
+    /// Enqueue time of the frame's first message, ms since the Unix epoch (0: not known).
+    pub first_enqueued_ms: u64,
+}
+
+/// Reads a frame head; `None` for anything else (a frame, a KEEP entry).
+pub fn decode_frame_head(h: &[u8]) -> Option<FrameHead> {
+    if h.len() != FRAME_HEAD_LEN || h[0..2] != FRAME_HEAD_MAGIC {
+        return None;
+    }
+    Some(FrameHead {
+        count: u16::from_be_bytes([h[2], h[3]]) as usize,
+        bytes: u32::from_be_bytes(h[4..8].try_into().expect("4 bytes")) as usize,
+        first_enqueued_ms: u64::from_be_bytes(h[8..16].try_into().expect("8 bytes")),
+    })
+}
+
+/// The bytes of a frame's first envelope, read from the msgpack headers alone.
+fn first_envelope(f: &[u8]) -> Option<&[u8]> {
+    let be = |s: &[u8]| s.iter().fold(0usize, |acc, &x| (acc << 8) | x as usize);
+    let start = match *f.get(4)? {
+        0x91..=0x9f => 5,
+        0xdc => 7,
+        0xdd => 9,
+        _ => return None,
+    };
+    let h = *f.get(start)?;
+    let (from, len) = match h {
+        0xa0..=0xbf => (start + 1, (h & 0x1f) as usize),
+        0xd9 | 0xc4 => (start + 2, be(f.get(start + 1..start + 2)?)),
+        0xda | 0xc5 => (start + 3, be(f.get(start + 1..start + 3)?)),
+        0xdb | 0xc6 => (start + 5, be(f.get(start + 1..start + 5)?)),
+        _ => return None,
+    };
+    f.get(from..from.checked_add(len)?)
+}
 
 /// Packs envelopes into a frame.
 pub fn encode_frame(envelopes: &[Vec<u8>]) -> Vec<u8> {
@@ -188,6 +249,26 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_head_tells_count_length_and_first_enqueue_time() {
+        for n in [1usize, 15, 16, 300] {
+            let envs: Vec<Vec<u8>> = (0..n)
+                .map(|i| encode_envelope(MessageId([i as u8; 16]), &vec![b'p'; 40 + i]))
+                .collect();
+            let f = encode_frame(&envs);
+            let h = frame_head(&f);
+            let d = decode_frame_head(&h).expect("a head");
+            assert_eq!(d.count, n);
+            assert_eq!(d.bytes, f.len());
+            let first = decode_envelope(envs[0].clone()).unwrap();
+            assert_eq!(d.first_enqueued_ms, first.enqueued_ms);
+        }
+        let empty = frame_head(&encode_frame(&[]));
+        assert_eq!(decode_frame_head(&empty).unwrap().first_enqueued_ms, 0);
+        assert!(decode_frame_head(&encode_frame(&[])).is_none());
+        assert!(decode_frame_head(b"~").is_none());
+    }
+
+    #[test]
     fn frames_round_trip() {
         for n in [0usize, 1, 15, 16, 300] {
             let envs: Vec<Vec<u8>> = (0..n)
@@ -254,6 +335,8 @@ mod tests {
         #[test]
         fn random_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_frame(&bytes);
+            let _ = frame_head(&bytes);
+            let _ = decode_frame_head(&bytes);
             let _ = unpack_strings(&bytes);
             let _ = decode_envelope(bytes);
         }

@@ -32,12 +32,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::Value;
 
 mod codec;
+mod pop;
 
 pub(crate) use codec::frames_of_lease;
 pub use codec::{
-    ENVELOPE_HEADER, ENVELOPE_MAGIC, Envelope, FRAME_MAGIC, MAX_FRAME, MessageId, decode_envelope,
-    decode_frame, encode_envelope, encode_frame,
+    ENVELOPE_HEADER, ENVELOPE_MAGIC, Envelope, FRAME_HEAD_LEN, FRAME_HEAD_MAGIC, FRAME_MAGIC,
+    FrameHead, MAX_FRAME, MessageId, decode_envelope, decode_frame, decode_frame_head,
+    encode_envelope, encode_frame, frame_head,
 };
+pub(crate) use pop::{LeaseAsk, LeaseTerms, Leasing, lease_many};
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
@@ -87,10 +90,19 @@ pub(crate) struct LeaseScripts {
 impl LeaseScripts {
     pub(crate) fn new() -> Self {
         LeaseScripts {
-            pop: Script::new(include_str!("../lua/lease_pop.lua")),
-            settle: Script::new(include_str!("../lua/settle.lua")),
+            pop: Script::new(concat!(
+                include_str!("../lua/frames.lua"),
+                include_str!("../lua/lease_pop.lua")
+            )),
+            settle: Script::new(concat!(
+                include_str!("../lua/frames.lua"),
+                include_str!("../lua/settle.lua")
+            )),
             extend: Script::new(include_str!("../lua/extend.lua")),
-            replay: Script::new(include_str!("../lua/replay_dead.lua")),
+            replay: Script::new(concat!(
+                include_str!("../lua/frames.lua"),
+                include_str!("../lua/replay_dead.lua")
+            )),
             inflight: Script::new(include_str!("../lua/inflight_count.lua")),
             keep: Script::new(include_str!("../lua/keep.lua")),
         }
@@ -110,6 +122,8 @@ pub(crate) struct ShardKeys {
     pub(crate) dead: String,
     /// Messages in the ready list (frames hold many; producers and scripts keep it).
     pub(crate) count: String,
+    /// What every lease's list is named by, the lease id after it.
+    pub(crate) lease_prefix: String,
 }
 
 impl ShardKeys {
@@ -125,17 +139,19 @@ impl ShardKeys {
             delayed: k("delayed"),
             dead: k("dead"),
             count: k("count"),
+            lease_prefix: k("lease:"),
         }
     }
 
-    /// The keys `settle.lua` declares: the lease's three, and for messages that go back
+    /// The keys `settle.lua` declares: the lease's four, and for messages that go back
     /// (nack, release) also the ready list, delayed set, dead letters and count. Acks
     /// declare only the lease keys, which exist while the lease does (see `KEEP`).
-    fn settle_keys(&self, returns_messages: bool) -> Vec<String> {
+    fn settle_keys(&self, id: LeaseId, returns_messages: bool) -> Vec<String> {
         let mut keys = vec![
             self.leases.clone(),
             self.inflight.clone(),
             self.acks.clone(),
+            self.lease_list(id),
         ];
         if returns_messages {
             keys.extend([
@@ -146,38 +162,6 @@ impl ShardKeys {
             ]);
         }
         keys
-    }
-
-    pub(crate) fn pop_call<'a>(
-        &self,
-        scripts: &'a LeaseScripts,
-        count: usize,
-        lease: Duration,
-        max_attempts: u32,
-        id: LeaseId,
-        max_bytes: usize,
-    ) -> Call<'a> {
-        Call {
-            slot: self.slot,
-            script: &scripts.pop,
-            keys: vec![
-                self.ready.clone(),
-                self.leases.clone(),
-                self.inflight.clone(),
-                self.acks.clone(),
-                self.delayed.clone(),
-                self.dead.clone(),
-                self.count.clone(),
-            ],
-            args: vec![
-                count.to_string().into_bytes(),
-                (lease.as_millis().max(1) as u64).to_string().into_bytes(),
-                max_attempts.to_string().into_bytes(),
-                REAP_LIMIT.to_string().into_bytes(),
-                id.to_string().into_bytes(),
-                max_bytes.to_string().into_bytes(),
-            ],
-        }
     }
 
     fn settle_call<'a>(
@@ -207,7 +191,7 @@ impl ShardKeys {
                 args.push(last.to_string().into_bytes());
             }
         }
-        let keys = self.settle_keys(matches!(how, Settle::Nack(_) | Settle::Release));
+        let keys = self.settle_keys(lease.id, matches!(how, Settle::Nack(_) | Settle::Release));
         Call {
             slot: self.slot,
             script: &scripts.settle,
@@ -346,7 +330,7 @@ pub(crate) async fn release_lost(
     let call = Call {
         slot: keys.slot,
         script: &scripts.settle,
-        keys: keys.settle_keys(true),
+        keys: keys.settle_keys(id, true),
         args: vec![
             id.to_string().into_bytes(),
             b"releaseall".to_vec(),

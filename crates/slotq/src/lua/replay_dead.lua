@@ -3,7 +3,6 @@
 -- KEYS: 1 dead, 2 ready, 3 ready count. ARGV: 1 count. Returns how many moved.
 -- The dead list starts with a KEEP element (see lease_pop.lua) and never goes away: the
 -- last element taken becomes the new KEEP head, so no key is ever touched while missing.
-local KEEP = '~'
 local len = redis.call('LLEN', KEYS[1])
 local first = 0
 if len > 0 and redis.call('LINDEX', KEYS[1], 0) == KEEP then
@@ -26,9 +25,9 @@ for i = 1, #msgs do
   end
 end
 if #back > 0 then
-  local n = #back
-  redis.call('RPUSH', KEYS[2], string.char(0xA5, 0x02, math.floor(n / 256), n % 256) .. cmsgpack.pack(back))
-  redis.call('INCRBY', KEYS[3], n)
+  local f = frame(back)
+  redis.call('RPUSH', KEYS[2], head(#back, f, back[1]), f)
+  redis.call('INCRBY', KEYS[3], #back)
 end
 -- What is not an envelope stays dead, right behind the KEEP head, in its order.
 for k = #keep, 1, -1 do

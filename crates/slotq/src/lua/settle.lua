@@ -1,8 +1,9 @@
 -- Settles messages of one lease: ack (done), nack (requeue now, later, or dead-letter), or
 -- release (back to the head of the ready list, not counted as a delivery).
--- KEYS: 1 leases, 2 inflight, 3 acks; nack and release also 4 ready, 5 delayed, 6 dead,
---       7 ready count (acks declare only the first three: those exist while the lease
---       does, so acks go through in a slot that is being migrated)
+-- KEYS: 1 leases, 2 inflight (leases of older versions), 3 acks, 4 the lease's list (see
+--       lease_pop.lua); nack and release also 5 ready, 6 delayed, 7 dead, 8 ready count
+--       (acks declare only the first four: those exist while the lease does, so acks go
+--       through in a slot that is being migrated)
 -- ARGV: 1 lease id, 2 mode ('ack' | 'nack' | 'release' | 'ackall' | 'releaseall'), 3 delay
 --       ms (nack), 4 max attempts (nack), 5 messages the caller holds in the lease (-1: not
 --       known), 6.. ranges of message positions in the lease as pairs first, last (1-based,
@@ -22,15 +23,11 @@ if ARGV[5] ~= '-1' and n ~= tonumber(ARGV[5]) then
   return {-2, n, 0}
 end
 if ARGV[2] == 'ackall' then
+  redis.call('DEL', KEYS[4])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[1], ARGV[1])
   return {n - done, 1, 0}
-end
-
-local function frame(list)
-  local c = #list
-  return string.char(0xA5, 0x02, math.floor(c / 256), c % 256) .. cmsgpack.pack(list)
 end
 
 local bytes = {string.byte(acks, 5, -1)}
@@ -48,21 +45,17 @@ local envs = nil
 local now = 0
 if nack or release then
   envs = {}
-  local stored = redis.call('HGET', KEYS[2], ARGV[1])
-  -- One frame is stored as it is, more as a msgpack array of frames (see lease_pop.lua).
-  local frames
-  if string.byte(stored, 1) == 0xA5 and string.byte(stored, 2) == 0x02 then
-    frames = {stored}
-  else
-    frames = cmsgpack.unpack(stored)
+  local frames = frames_in(redis.call('LRANGE', KEYS[4], 0, -1))
+  if #frames == 0 then
+    local stored = redis.call('HGET', KEYS[2], ARGV[1])
+    if stored then frames = frames_of(stored) end
   end
   for _, f in ipairs(frames) do
-    for _, e in ipairs(cmsgpack.unpack(string.sub(f, 5))) do
+    for _, e in ipairs(envelopes(f)) do
       envs[#envs + 1] = e
     end
   end
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = server_ms()
 end
 local delay = tonumber(ARGV[3])
 local max_attempts = tonumber(ARGV[4])
@@ -96,15 +89,12 @@ for j = 1, #ranges - 1, 2 do
       if release then
         back[#back + 1] = envs[i]
       elseif nack then
-        local e = envs[i]
-        local a = string.byte(e, 19) * 256 + string.byte(e, 20) + 1
-        if a > 65535 then a = 65535 end
-        e = string.sub(e, 1, 18) .. string.char(math.floor(a / 256), a % 256) .. string.sub(e, 21)
+        local e, a = bump(envs[i])
         if a >= max_attempts then
-          redis.call('RPUSH', KEYS[6], e)
+          redis.call('RPUSH', KEYS[7], e)
           dead = dead + 1
         elseif delay > 0 then
-          redis.call('ZADD', KEYS[5], now + delay, e)
+          redis.call('ZADD', KEYS[6], now + delay, e)
         else
           back[#back + 1] = e
         end
@@ -113,15 +103,18 @@ for j = 1, #ranges - 1, 2 do
   end
 end
 if #back > 0 then
-  redis.call('INCRBY', KEYS[7], #back)
+  redis.call('INCRBY', KEYS[8], #back)
+  local f = frame(back)
+  local h = head(#back, f, back[1])
   if release then
-    redis.call('LPUSH', KEYS[4], frame(back))
+    redis.call('LPUSH', KEYS[5], f, h)
   else
-    redis.call('RPUSH', KEYS[4], frame(back))
+    redis.call('RPUSH', KEYS[5], h, f)
   end
 end
 done = done + newly
 if done >= n then
+  redis.call('DEL', KEYS[4])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[1], ARGV[1])

@@ -42,11 +42,16 @@ impl ProducerInner {
             opts.retry_budget = Duration::ZERO;
         }
         let cmd = match self.cfg.max_depth {
-            // At-least-once queues: the whole batch is one frame, one list element.
-            None if self.reliable => redis::cmd("RPUSH")
-                .arg(&lane.key)
-                .arg(crate::lease::encode_frame(&batch.payloads))
-                .clone(),
+            // At-least-once queues: the whole batch is one frame, behind its head (one
+            // command, so the two are never apart).
+            None if self.reliable => {
+                let frame = crate::lease::encode_frame(&batch.payloads);
+                redis::cmd("RPUSH")
+                    .arg(&lane.key)
+                    .arg(crate::lease::frame_head(&frame))
+                    .arg(frame)
+                    .clone()
+            }
             None => {
                 // Sized up front: growing it payload by payload copied it a dozen times.
                 let bytes: usize = batch.payloads.iter().map(Vec::len).sum();

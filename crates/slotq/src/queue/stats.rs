@@ -98,14 +98,19 @@ impl Queue {
                 // Both hold a KEEP entry once the shard was popped (see `lease::KEEP`).
                 dead = Some(int(next()?)?.saturating_sub(1));
                 delayed = Some(int(next()?)?.saturating_sub(1));
-                oldest_age = match next()? {
-                    Value::BulkString(f) => crate::lease::decode_frame(&f)
-                        .ok()
-                        .and_then(|envs| envs.into_iter().next())
-                        .and_then(|e| crate::lease::decode_envelope(e).ok())
-                        .map(|e| Duration::from_millis(now_ms.saturating_sub(e.enqueued_ms))),
+                // The first element: a frame's head (or a frame an older version wrote).
+                let first_ms = match next()? {
+                    Value::BulkString(f) => match crate::lease::decode_frame_head(&f) {
+                        Some(h) => Some(h.first_enqueued_ms).filter(|&ms| ms > 0),
+                        None => crate::lease::decode_frame(&f)
+                            .ok()
+                            .and_then(|envs| envs.into_iter().next())
+                            .and_then(|e| crate::lease::decode_envelope(e).ok())
+                            .map(|e| e.enqueued_ms),
+                    },
                     _ => None,
                 };
+                oldest_age = first_ms.map(|ms| Duration::from_millis(now_ms.saturating_sub(ms)));
                 in_flight = Some(int(inflight.next().expect("one reply per shard")?)?);
             } else {
                 depth = int(next()?)?;

@@ -227,15 +227,17 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
         ShardKeys::new(prefix, &to.tag),
     );
     // Ready frames, and the frames of leases still held (their holders' acks will find
-    // the lease gone: the messages are delivered again from `to`).
+    // the lease gone: the messages are delivered again from `to`). Heads are left behind
+    // and written again beside each frame.
     let mut frames = Vec::new();
+    let is_frame = |f: &Vec<u8>| f.len() >= 5 && f[0..2] == crate::lease::FRAME_MAGIC;
     loop {
         let items = list_range(q, from, &src.ready, MOVE_CHUNK).await?;
         if items.is_empty() {
             break;
         }
         let n = items.len();
-        frames.extend(items);
+        frames.extend(items.into_iter().filter(is_frame));
         let _: Value = cluster
             .query(
                 from.slot,
@@ -243,18 +245,34 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
             )
             .await?;
     }
-    let leases: Vec<(Vec<u8>, Vec<u8>)> = cluster
+    let leases: Vec<String> = cluster
+        .query(
+            from.slot,
+            redis::cmd("ZRANGE").arg(&src.leases).arg(0).arg(-1),
+        )
+        .await?;
+    for id in leases.iter().filter(|id| id.as_bytes() != KEEP) {
+        let list = format!("{}{id}", src.lease_prefix);
+        let items = list_range(q, from, &list, 0).await?;
+        frames.extend(items.into_iter().filter(is_frame));
+    }
+    // Leases stored by older versions.
+    let stored: Vec<(Vec<u8>, Vec<u8>)> = cluster
         .query(from.slot, redis::cmd("HGETALL").arg(&src.inflight))
         .await?;
-    for (_, frames_of_lease) in leases.iter().filter(|(field, _)| field != KEEP) {
+    for (_, frames_of_lease) in stored.iter().filter(|(field, _)| field != KEEP) {
         frames.extend(crate::lease::frames_of_lease(frames_of_lease)?);
     }
     let mut count = 0u64;
     for f in &frames {
         count += crate::lease::decode_frame(f)?.len() as u64;
     }
-    for chunk in frames.chunks(MOVE_CHUNK) {
-        push(q, to, &dst.ready, chunk).await?;
+    for chunk in frames.chunks(MOVE_CHUNK / 2) {
+        let headed: Vec<Vec<u8>> = chunk
+            .iter()
+            .flat_map(|f| [crate::lease::frame_head(f), f.clone()])
+            .collect();
+        push(q, to, &dst.ready, &headed).await?;
     }
     if count > 0 {
         let _: Value = cluster
@@ -298,6 +316,7 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
     Ok(moved)
 }
 
+/// The first `n` elements of a list (all of them when `n` is 0).
 async fn list_range(q: &Queue, shard: &Shard, key: &str, n: usize) -> Result<Vec<Vec<u8>>> {
     q.cluster()
         .query(

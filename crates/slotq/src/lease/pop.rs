@@ -1,0 +1,201 @@
+//! Taking leases: the lease script on each shard asked, and the lease's list read right
+//! behind it.
+//!
+//! The script (`lua/lease_pop.lua`) moves whole frames from the ready list into a list of
+//! the lease's own (`SORT ... STORE`, chosen from the frames' heads) and answers with counts
+//! only; the frames reach the client through an `LRANGE` of that list sent in the same
+//! write. The frame bytes never enter Lua, where every string is hashed byte by byte on
+//! arrival: that hashing, for frames read and written back by the script, was most of what
+//! a lease cost (`perf`: a quarter of the machine in one Lua loop).
+
+use std::time::Duration;
+
+use redis::Value;
+
+use super::{LeaseId, LeaseScripts, REAP_LIMIT, ShardKeys};
+use crate::cluster::{Cluster, RequestOpts};
+use crate::error::{Error, Result};
+use crate::script::Call;
+use crate::server_error::RetryMethod;
+
+/// What one shard's lease call brought.
+#[derive(Debug)]
+pub(crate) enum Leasing {
+    /// The shard had nothing to lease.
+    Nothing,
+    /// A lease, and the elements of its list: frames, each behind its head where it had one.
+    Leased {
+        deadline_ms: i64,
+        /// Messages in the lease.
+        count: usize,
+        items: Vec<Value>,
+    },
+    /// The lease was made, but its list could not be read: nothing of it reaches the
+    /// consumer, so it is to be released by name.
+    Unread(Error),
+}
+
+/// One shard asked for a lease.
+pub(crate) struct LeaseAsk<'a> {
+    pub(crate) keys: &'a ShardKeys,
+    pub(crate) count: usize,
+    pub(crate) id: LeaseId,
+}
+
+/// How leases are taken.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseTerms {
+    pub(crate) lease: Duration,
+    pub(crate) max_attempts: u32,
+    /// Most payload bytes one lease takes (at least one frame is taken).
+    pub(crate) max_bytes: usize,
+}
+
+impl ShardKeys {
+    fn pop_call<'a>(
+        &self,
+        scripts: &'a LeaseScripts,
+        ask: &LeaseAsk<'_>,
+        t: LeaseTerms,
+    ) -> Call<'a> {
+        Call {
+            slot: self.slot,
+            script: &scripts.pop,
+            keys: vec![
+                self.ready.clone(),
+                self.leases.clone(),
+                self.inflight.clone(),
+                self.acks.clone(),
+                self.delayed.clone(),
+                self.dead.clone(),
+                self.count.clone(),
+                self.lease_list(ask.id),
+            ],
+            args: vec![
+                ask.count.to_string().into_bytes(),
+                (t.lease.as_millis().max(1) as u64).to_string().into_bytes(),
+                t.max_attempts.to_string().into_bytes(),
+                REAP_LIMIT.to_string().into_bytes(),
+                ask.id.to_string().into_bytes(),
+                t.max_bytes.to_string().into_bytes(),
+            ],
+        }
+    }
+}
+
+fn read_list(call: &Call<'_>) -> (crate::slot::Slot, redis::Cmd) {
+    let list = call.keys.last().expect("the lease's list is the last key");
+    (
+        call.slot,
+        redis::cmd("LRANGE").arg(list).arg(0).arg(-1).clone(),
+    )
+}
+
+/// Asks every shard of `asks` for a lease: the script and the read of its list, one pipeline
+/// per node, all nodes at once. One result per ask, in order.
+pub(crate) async fn lease_many(
+    cluster: &Cluster,
+    scripts: &LeaseScripts,
+    asks: &[LeaseAsk<'_>],
+    terms: LeaseTerms,
+    opts: RequestOpts,
+) -> Vec<Result<Leasing>> {
+    let calls: Vec<Call<'_>> = asks
+        .iter()
+        .map(|a| a.keys.pop_call(scripts, a, terms))
+        .collect();
+    let send = |load: bool, which: &[usize]| {
+        let mut cmds = Vec::with_capacity(which.len() * 2);
+        for &i in which {
+            cmds.push((calls[i].slot, calls[i].cmd(load)));
+            cmds.push(read_list(&calls[i]));
+        }
+        cmds
+    };
+    let all: Vec<usize> = (0..calls.len()).collect();
+    let mut replies = pairs(cluster.batch(send(false, &all), opts).await);
+    // A node that lost its scripts (a restart, SCRIPT FLUSH) gets them with the calls again.
+    let missing: Vec<usize> = (0..replies.len())
+        .filter(|&i| {
+            matches!(&replies[i].0, Err(Error::Server { kind, .. }) if kind.retry_method() == RetryMethod::ReloadScript)
+        })
+        .collect();
+    if !missing.is_empty() {
+        let again = pairs(cluster.batch(send(true, &missing), opts).await);
+        for (i, r) in missing.into_iter().zip(again) {
+            replies[i] = r;
+        }
+    }
+    let mut out: Vec<Result<Leasing>> = Vec::with_capacity(replies.len());
+    // Leases whose list came back short: the read went ahead of a script that was
+    // redirected or retried. Read once more, on their own.
+    let mut reread: Vec<(usize, i64, usize, usize)> = Vec::new();
+    for (i, (script, list)) in replies.into_iter().enumerate() {
+        out.push(match script.and_then(parse_counts) {
+            Err(e) => Err(e),
+            Ok(None) => Ok(Leasing::Nothing),
+            Ok(Some((deadline_ms, count, elements))) => match list {
+                Ok(Value::Array(items)) if items.len() == elements => Ok(Leasing::Leased {
+                    deadline_ms,
+                    count,
+                    items,
+                }),
+                _ => {
+                    reread.push((i, deadline_ms, count, elements));
+                    Ok(Leasing::Nothing)
+                }
+            },
+        });
+    }
+    if !reread.is_empty() {
+        let cmds = reread.iter().map(|&(i, ..)| read_list(&calls[i])).collect();
+        for (&(i, deadline_ms, count, elements), r) in
+            reread.iter().zip(cluster.batch(cmds, opts).await)
+        {
+            out[i] = Ok(match r {
+                Ok(Value::Array(items)) if items.len() == elements => Leasing::Leased {
+                    deadline_ms,
+                    count,
+                    items,
+                },
+                Ok(other) => Leasing::Unread(Error::Protocol(format!(
+                    "reliable pop: the lease's list holds {other:?}, not {elements} elements"
+                ))),
+                Err(e) => Leasing::Unread(e),
+            });
+        }
+    }
+    out
+}
+
+/// Splits a batch's replies into (script, list read) pairs.
+fn pairs(replies: Vec<Result<Value>>) -> Vec<(Result<Value>, Result<Value>)> {
+    let mut it = replies.into_iter();
+    let mut out = Vec::with_capacity(it.len() / 2);
+    while let (Some(a), Some(b)) = (it.next(), it.next()) {
+        out.push((a, b));
+    }
+    out
+}
+
+/// `[leased, deadline, reaped, messages, elements]`: `None` when nothing was leased.
+fn parse_counts(v: Value) -> Result<Option<(i64, usize, usize)>> {
+    let v: Vec<i64> = redis::from_redis_value(v)
+        .map_err(|e| Error::Protocol(format!("reliable pop: unexpected reply: {e}")))?;
+    match v.as_slice() {
+        [0, ..] => Ok(None),
+        [1, deadline, _reaped, count, elements] if *count > 0 && *elements > 0 => {
+            Ok(Some((*deadline, *count as usize, *elements as usize)))
+        }
+        other => Err(Error::Protocol(format!(
+            "reliable pop: unexpected reply {other:?}"
+        ))),
+    }
+}
+
+/// The keys' lease lists are named by lease: `prefix:{tag}:lease:<id>`.
+impl ShardKeys {
+    pub(crate) fn lease_list(&self, id: LeaseId) -> String {
+        format!("{}{id}", self.lease_prefix)
+    }
+}
