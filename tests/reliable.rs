@@ -521,3 +521,97 @@ async fn leases_split_frames_of_every_shape_without_loss_or_reorder() {
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
     assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
 }
+
+/// A ready list may hold frames written without a head (by an older version), elements no
+/// slotq producer wrote, and leases stored in the inflight hash: frames are served in their
+/// place (a large one cut in pieces), foreign elements are parked with the dead letters,
+/// and an expired lease stored in place comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_without_heads_foreign_elements_and_leases_stored_in_place_are_served() {
+    use slotq::lease::{MessageId, encode_envelope, encode_frame};
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("older").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let payloads = |from: usize, n: usize| (from..from + n).map(|i| format!("m{i:05}"));
+    producer
+        .send_keyed_batch(payloads(0, 100).map(|p| ("k", p)))
+        .await
+        .unwrap();
+    let stats = q.stats().await.unwrap();
+    let s = stats.iter().find(|s| s.depth == 100).unwrap();
+    let owner = c.owner_of(s.slot).unwrap();
+    let key = |kind: &str| q.ready_key(&s.tag).replace(":ready", &format!(":{kind}"));
+    let frame_of = |ps: Vec<String>| {
+        let envs: Vec<Vec<u8>> = ps
+            .iter()
+            .map(|p| encode_envelope(MessageId(rand_id()), p.as_bytes()))
+            .collect();
+        encode_frame(&envs)
+    };
+    let node = c.node(owner);
+    let run = |cmd: &mut redis::Cmd| node.cmd::<redis::Value>(cmd).unwrap();
+    run(redis::cmd("RPUSH")
+        .arg(key("ready"))
+        .arg(frame_of(payloads(100, 50).collect()))
+        .arg("not a frame")
+        .arg(frame_of(payloads(150, 2000).collect())));
+    run(redis::cmd("INCRBY").arg(key("count")).arg(2050));
+    producer
+        .send_keyed_batch(payloads(2150, 100).map(|p| ("k", p)))
+        .await
+        .unwrap();
+    // A lease an older version stored in place, expired long ago: 3 messages, none settled.
+    run(redis::cmd("HSET")
+        .arg(key("inflight"))
+        .arg("old-lease")
+        .arg(frame_of(payloads(2250, 3).collect())));
+    run(redis::cmd("HSET")
+        .arg(key("acks"))
+        .arg("old-lease")
+        .arg(&[0u8, 3, 0, 0, 0][..]));
+    run(redis::cmd("ZADD")
+        .arg(key("leases"))
+        .arg(1)
+        .arg("old-lease"));
+
+    let mut consumer = q.consumer().pop_batch(100).build().unwrap();
+    let mut got: Vec<slotq::Message> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 2253 && Instant::now() < deadline {
+        let batch = consumer
+            .recv_batch_timeout(100, Duration::from_millis(500))
+            .await
+            .unwrap();
+        consumer.ack_all(&batch).await.unwrap();
+        got.extend(batch);
+    }
+    let seen: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(seen.len(), 2253, "every message once");
+    // The reaped lease comes first (back to the head of the list), then the list in order.
+    let (reaped, rest): (Vec<_>, Vec<_>) = got.iter().partition(|m| m.attempt == 2);
+    assert_eq!(reaped.len(), 3, "the lease stored in place came back");
+    let rest: Vec<String> = rest
+        .iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(rest, payloads(0, 2250).collect::<Vec<_>>(), "in order");
+    let dead: Vec<Vec<u8>> = node
+        .cmd(redis::cmd("LRANGE").arg(key("dead")).arg(0).arg(-1))
+        .unwrap();
+    assert!(dead.contains(&b"not a frame".to_vec()), "parked: {dead:?}");
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
+}
+
+fn rand_id() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    id
+}

@@ -175,9 +175,10 @@ pub(super) fn absorb(
                 deadline_ms,
                 count,
                 items,
+                in_list,
             })) => {
                 let max_attempts = ctx.max_attempts.unwrap_or(u32::MAX);
-                let leased = (deadline_ms, count, items);
+                let leased = (deadline_ms, count, items, in_list);
                 take_lease(ctx, ask, leased, max_attempts, started, &mut out.messages)
             }
             Ok(Reply::Lease(Leasing::Unread(e))) => {
@@ -246,7 +247,7 @@ fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
 fn take_lease(
     ctx: &Ctx,
     ask: &Ask,
-    (deadline_ms, count, items): (i64, usize, Vec<Value>),
+    (deadline_ms, count, items, in_list): (i64, usize, Vec<Value>, bool),
     max_attempts: u32,
     started: Instant,
     into: &mut Vec<Message>,
@@ -278,6 +279,7 @@ fn take_lease(
         local_deadline: started + ctx.lease,
         max_attempts,
         count: envelopes.len(),
+        in_list,
         closed: std::sync::atomic::AtomicBool::new(false),
     });
     let n = envelopes.len();

@@ -143,15 +143,15 @@ impl ShardKeys {
         }
     }
 
-    /// The keys `settle.lua` declares: the lease's four, and for messages that go back
-    /// (nack, release) also the ready list, delayed set, dead letters and count. Acks
-    /// declare only the lease keys, which exist while the lease does (see `KEEP`).
-    fn settle_keys(&self, id: LeaseId, returns_messages: bool) -> Vec<String> {
+    /// The keys `settle.lua` declares: the lease's three, and for messages that go back
+    /// (nack, release) also the ready list, delayed set, dead letters and count; last, the
+    /// lease's list when it has one (`None`: stored in place). Acks declare only the
+    /// lease's keys, which exist while the lease does (see `KEEP`).
+    fn settle_keys(&self, list: Option<LeaseId>, returns_messages: bool) -> Vec<String> {
         let mut keys = vec![
             self.leases.clone(),
             self.inflight.clone(),
             self.acks.clone(),
-            self.lease_list(id),
         ];
         if returns_messages {
             keys.extend([
@@ -161,6 +161,7 @@ impl ShardKeys {
                 self.count.clone(),
             ]);
         }
+        keys.extend(list.map(|id| self.lease_list(id)));
         keys
     }
 
@@ -191,7 +192,8 @@ impl ShardKeys {
                 args.push(last.to_string().into_bytes());
             }
         }
-        let keys = self.settle_keys(lease.id, matches!(how, Settle::Nack(_) | Settle::Release));
+        let list = lease.in_list.then_some(lease.id);
+        let keys = self.settle_keys(list, matches!(how, Settle::Nack(_) | Settle::Release));
         Call {
             slot: self.slot,
             script: &scripts.settle,
@@ -214,6 +216,9 @@ pub(crate) struct Lease {
     pub(crate) max_attempts: u32,
     /// Messages in the lease.
     pub(crate) count: usize,
+    /// Its frames are in a list of its own (else in the shard's inflight hash: a lease taken
+    /// while its slot was being migrated, see `pop`).
+    pub(crate) in_list: bool,
     /// Every message of it settled (or the lease was gone): nothing of it is open.
     pub(crate) closed: std::sync::atomic::AtomicBool,
 }
@@ -330,7 +335,8 @@ pub(crate) async fn release_lost(
     let call = Call {
         slot: keys.slot,
         script: &scripts.settle,
-        keys: keys.settle_keys(id, true),
+        // Whether the lease got a list is not known: the script looks in both places.
+        keys: keys.settle_keys(Some(id), true),
         args: vec![
             id.to_string().into_bytes(),
             b"releaseall".to_vec(),

@@ -7,6 +7,11 @@
 //! write. The frame bytes never enter Lua, where every string is hashed byte by byte on
 //! arrival: that hashing, for frames read and written back by the script, was most of what
 //! a lease cost (`perf`: a quarter of the machine in one Lua loop).
+//!
+//! A slot being migrated serves a script only when every key it names exists on the node,
+//! and a lease's list never exists before its lease: there the script answers TRYAGAIN, and
+//! the lease is taken again *in place*: frames read by the script, stored in the shard's
+//! inflight hash and returned in its reply (slower, but served while the slot moves).
 
 use std::time::Duration;
 
@@ -16,19 +21,21 @@ use super::{LeaseId, LeaseScripts, REAP_LIMIT, ShardKeys};
 use crate::cluster::{Cluster, RequestOpts};
 use crate::error::{Error, Result};
 use crate::script::Call;
-use crate::server_error::RetryMethod;
+use crate::server_error::{RetryMethod, ServerErrorKind};
 
 /// What one shard's lease call brought.
 #[derive(Debug)]
 pub(crate) enum Leasing {
     /// The shard had nothing to lease.
     Nothing,
-    /// A lease, and the elements of its list: frames, each behind its head where it had one.
+    /// A lease and its frames (with the heads they had in the list, for the caller to skip).
     Leased {
         deadline_ms: i64,
         /// Messages in the lease.
         count: usize,
         items: Vec<Value>,
+        /// Stored in a list of its own (else in place, in the inflight hash).
+        in_list: bool,
     },
     /// The lease was made, but its list could not be read: nothing of it reaches the
     /// consumer, so it is to be released by name.
@@ -52,25 +59,34 @@ pub(crate) struct LeaseTerms {
 }
 
 impl ShardKeys {
+    /// The name of a lease's list: `prefix:{tag}:lease:<id>`.
+    pub(crate) fn lease_list(&self, id: LeaseId) -> String {
+        format!("{}{id}", self.lease_prefix)
+    }
+
     fn pop_call<'a>(
         &self,
         scripts: &'a LeaseScripts,
         ask: &LeaseAsk<'_>,
         t: LeaseTerms,
+        in_list: bool,
     ) -> Call<'a> {
+        let mut keys = vec![
+            self.ready.clone(),
+            self.leases.clone(),
+            self.inflight.clone(),
+            self.acks.clone(),
+            self.delayed.clone(),
+            self.dead.clone(),
+            self.count.clone(),
+        ];
+        if in_list {
+            keys.push(self.lease_list(ask.id));
+        }
         Call {
             slot: self.slot,
             script: &scripts.pop,
-            keys: vec![
-                self.ready.clone(),
-                self.leases.clone(),
-                self.inflight.clone(),
-                self.acks.clone(),
-                self.delayed.clone(),
-                self.dead.clone(),
-                self.count.clone(),
-                self.lease_list(ask.id),
-            ],
+            keys,
             args: vec![
                 ask.count.to_string().into_bytes(),
                 (t.lease.as_millis().max(1) as u64).to_string().into_bytes(),
@@ -102,7 +118,7 @@ pub(crate) async fn lease_many(
 ) -> Vec<Result<Leasing>> {
     let calls: Vec<Call<'_>> = asks
         .iter()
-        .map(|a| a.keys.pop_call(scripts, a, terms))
+        .map(|a| a.keys.pop_call(scripts, a, terms, true))
         .collect();
     let send = |load: bool, which: &[usize]| {
         let mut cmds = Vec::with_capacity(which.len() * 2);
@@ -130,8 +146,17 @@ pub(crate) async fn lease_many(
     // Leases whose list came back short: the read went ahead of a script that was
     // redirected or retried. Read once more, on their own.
     let mut reread: Vec<(usize, i64, usize, usize)> = Vec::new();
+    // Shards whose slot is being migrated: leased in place.
+    let mut in_place: Vec<usize> = Vec::new();
     for (i, (script, list)) in replies.into_iter().enumerate() {
         out.push(match script.and_then(parse_counts) {
+            Err(Error::ClusterUnavailable {
+                kind: ServerErrorKind::TryAgain,
+                ..
+            }) => {
+                in_place.push(i);
+                Ok(Leasing::Nothing)
+            }
             Err(e) => Err(e),
             Ok(None) => Ok(Leasing::Nothing),
             Ok(Some((deadline_ms, count, elements))) => match list {
@@ -139,6 +164,7 @@ pub(crate) async fn lease_many(
                     deadline_ms,
                     count,
                     items,
+                    in_list: true,
                 }),
                 _ => {
                     reread.push((i, deadline_ms, count, elements));
@@ -157,12 +183,23 @@ pub(crate) async fn lease_many(
                     deadline_ms,
                     count,
                     items,
+                    in_list: true,
                 },
                 Ok(other) => Leasing::Unread(Error::Protocol(format!(
                     "reliable pop: the lease's list holds {other:?}, not {elements} elements"
                 ))),
                 Err(e) => Leasing::Unread(e),
             });
+        }
+    }
+    if !in_place.is_empty() {
+        let calls: Vec<Call<'_>> = in_place
+            .iter()
+            .map(|&i| asks[i].keys.pop_call(scripts, &asks[i], terms, false))
+            .collect();
+        let replies = crate::script::run_batch(cluster, &calls, opts).await;
+        for (&i, r) in in_place.iter().zip(replies) {
+            out[i] = r.and_then(parse_in_place);
         }
     }
     out
@@ -184,7 +221,7 @@ fn parse_counts(v: Value) -> Result<Option<(i64, usize, usize)>> {
         .map_err(|e| Error::Protocol(format!("reliable pop: unexpected reply: {e}")))?;
     match v.as_slice() {
         [0, ..] => Ok(None),
-        [1, deadline, _reaped, count, elements] if *count > 0 && *elements > 0 => {
+        [1, deadline, _reaped, count, elements] if *count > 0 && *elements >= 0 => {
             Ok(Some((*deadline, *count as usize, *elements as usize)))
         }
         other => Err(Error::Protocol(format!(
@@ -193,9 +230,24 @@ fn parse_counts(v: Value) -> Result<Option<(i64, usize, usize)>> {
     }
 }
 
-/// The keys' lease lists are named by lease: `prefix:{tag}:lease:<id>`.
-impl ShardKeys {
-    pub(crate) fn lease_list(&self, id: LeaseId) -> String {
-        format!("{}{id}", self.lease_prefix)
+/// `[leased, deadline, reaped, messages, 0, frame...]` of a lease stored in place.
+fn parse_in_place(v: Value) -> Result<Leasing> {
+    let Value::Array(mut items) = v else {
+        return Err(Error::Protocol(format!(
+            "reliable pop: unexpected reply {v:?}"
+        )));
+    };
+    if items.len() < 5 {
+        return Err(Error::Protocol("reliable pop: short reply".into()));
     }
+    let frames = items.split_off(5);
+    Ok(match parse_counts(Value::Array(items))? {
+        None => Leasing::Nothing,
+        Some((deadline_ms, count, _)) => Leasing::Leased {
+            deadline_ms,
+            count,
+            items: frames,
+            in_list: false,
+        },
+    })
 }

@@ -1,9 +1,9 @@
 -- Settles messages of one lease: ack (done), nack (requeue now, later, or dead-letter), or
 -- release (back to the head of the ready list, not counted as a delivery).
--- KEYS: 1 leases, 2 inflight (leases of older versions), 3 acks, 4 the lease's list (see
---       lease_pop.lua); nack and release also 5 ready, 6 delayed, 7 dead, 8 ready count
---       (acks declare only the first four: those exist while the lease does, so acks go
---       through in a slot that is being migrated)
+-- KEYS: 1 leases, 2 inflight (leases stored in place, see lease_pop.lua), 3 acks; nack and
+--       release also 4 ready, 5 delayed, 6 dead, 7 ready count; last, the lease's list when
+--       it has one (acks declare only the lease's keys: those exist while the lease does, so
+--       acks go through in a slot that is being migrated)
 -- ARGV: 1 lease id, 2 mode ('ack' | 'nack' | 'release' | 'ackall' | 'releaseall'), 3 delay
 --       ms (nack), 4 max attempts (nack), 5 messages the caller holds in the lease (-1: not
 --       known), 6.. ranges of message positions in the lease as pairs first, last (1-based,
@@ -13,6 +13,14 @@
 -- Returns {settled now, lease complete (0/1), dead-lettered}; {-1, 0, 0} when the lease no
 -- longer exists (it expired and its messages were requeued, or it was settled in full);
 -- {-2, n, 0} when the lease holds n messages, not as many as the caller says.
+local list = nil
+if #KEYS == 4 or #KEYS == 8 then list = KEYS[#KEYS] end
+local function forget()
+  if list then redis.call('DEL', list) end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 local acks = redis.call('HGET', KEYS[3], ARGV[1])
 if not acks then
   return {-1, 0, 0}
@@ -23,10 +31,7 @@ if ARGV[5] ~= '-1' and n ~= tonumber(ARGV[5]) then
   return {-2, n, 0}
 end
 if ARGV[2] == 'ackall' then
-  redis.call('DEL', KEYS[4])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[1], ARGV[1])
+  forget()
   return {n - done, 1, 0}
 end
 
@@ -45,8 +50,12 @@ local envs = nil
 local now = 0
 if nack or release then
   envs = {}
-  local frames = frames_in(redis.call('LRANGE', KEYS[4], 0, -1))
+  local frames = {}
+  if list then
+    frames = frames_in(redis.call('LRANGE', list, 0, -1))
+  end
   if #frames == 0 then
+    -- Stored in place (a lease taken while its slot was migrating, or by an older version).
     local stored = redis.call('HGET', KEYS[2], ARGV[1])
     if stored then frames = frames_of(stored) end
   end
@@ -91,10 +100,10 @@ for j = 1, #ranges - 1, 2 do
       elseif nack then
         local e, a = bump(envs[i])
         if a >= max_attempts then
-          redis.call('RPUSH', KEYS[7], e)
+          redis.call('RPUSH', KEYS[6], e)
           dead = dead + 1
         elseif delay > 0 then
-          redis.call('ZADD', KEYS[6], now + delay, e)
+          redis.call('ZADD', KEYS[5], now + delay, e)
         else
           back[#back + 1] = e
         end
@@ -103,21 +112,18 @@ for j = 1, #ranges - 1, 2 do
   end
 end
 if #back > 0 then
-  redis.call('INCRBY', KEYS[8], #back)
+  redis.call('INCRBY', KEYS[7], #back)
   local f = frame(back)
   local h = head(#back, f, back[1])
   if release then
-    redis.call('LPUSH', KEYS[5], f, h)
+    redis.call('LPUSH', KEYS[4], f, h)
   else
-    redis.call('RPUSH', KEYS[5], h, f)
+    redis.call('RPUSH', KEYS[4], h, f)
   end
 end
 done = done + newly
 if done >= n then
-  redis.call('DEL', KEYS[4])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[1], ARGV[1])
+  forget()
   return {newly, 1, dead}
 end
 local chunks = {string.char(math.floor(n / 256), n % 256, math.floor(done / 256), done % 256)}
