@@ -252,23 +252,6 @@ fn take_lease(
     started: Instant,
     into: &mut Vec<Message>,
 ) -> Result<usize> {
-    let mut envelopes = Vec::with_capacity(count);
-    for item in items {
-        let Value::BulkString(f) = item else {
-            return Err(Error::Protocol(
-                "reliable pop: a frame is not a string".into(),
-            ));
-        };
-        if lease::decode_frame_head(&f).is_none() {
-            envelopes.extend(lease::decode_frame(&f)?);
-        }
-    }
-    if envelopes.len() != count {
-        return Err(Error::Protocol(format!(
-            "reliable pop: the lease holds {} messages, its script counted {count}",
-            envelopes.len()
-        )));
-    }
     let lease = Arc::new(Lease {
         cluster: ctx.cluster.clone(),
         scripts: ctx.scripts.clone(),
@@ -278,24 +261,49 @@ fn take_lease(
         // The server's deadline, on this process's clock (conservative: from the send).
         local_deadline: started + ctx.lease,
         max_attempts,
-        count: envelopes.len(),
+        count,
         in_list,
         closed: std::sync::atomic::AtomicBool::new(false),
     });
-    let n = envelopes.len();
-    for (i, e) in envelopes.into_iter().enumerate() {
-        let env = lease::decode_envelope(e)?;
-        into.push(Message {
-            payload: env.payload,
-            shard: ask.keys.tag.clone(),
-            id: Some(env.id),
-            attempt: env.deliveries as u32 + 1,
-            enqueued_ms: Some(env.enqueued_ms),
-            lease: Some(LeaseRef {
-                lease: lease.clone(),
-                position: i as u32 + 1,
-            }),
-        });
+    let before = into.len();
+    let mut decode = || -> Result<()> {
+        for item in &items {
+            let Value::BulkString(f) = item else {
+                return Err(Error::Protocol(
+                    "reliable pop: a frame is not a string".into(),
+                ));
+            };
+            if lease::decode_frame_head(f).is_some() {
+                continue;
+            }
+            lease::for_each_envelope(f, |env| {
+                let position = (into.len() - before) as u32 + 1;
+                into.push(Message {
+                    payload: env.payload,
+                    shard: ask.keys.tag.clone(),
+                    id: Some(env.id),
+                    attempt: env.deliveries as u32 + 1,
+                    enqueued_ms: Some(env.enqueued_ms),
+                    lease: Some(LeaseRef {
+                        lease: lease.clone(),
+                        position,
+                    }),
+                });
+            })?;
+        }
+        Ok(())
+    };
+    let decoded = decode();
+    let n = into.len() - before;
+    if let Err(e) = decoded {
+        into.truncate(before);
+        return Err(e);
+    }
+    if n != count {
+        into.truncate(before);
+        return Err(Error::Protocol(format!(
+            "reliable pop: the lease holds {n} messages, its script counted {count}"
+        )));
     }
     Ok(n)
 }

@@ -137,11 +137,21 @@ impl std::fmt::Display for MessageId {
     }
 }
 
-/// Wraps a payload in an envelope.
+/// Wraps a payload in an envelope, enqueued now.
 pub fn encode_envelope(id: MessageId, payload: &[u8]) -> Vec<u8> {
-    let now = SystemTime::now()
+    encode_envelope_at(id, payload, now_ms())
+}
+
+/// Milliseconds since the Unix epoch, on this machine's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wraps a payload in an envelope enqueued at `now` (ms since the Unix epoch): a batch
+/// reads the clock once, not once per message.
+pub fn encode_envelope_at(id: MessageId, payload: &[u8], now: u64) -> Vec<u8> {
     let mut e = Vec::with_capacity(ENVELOPE_HEADER + payload.len());
     e.extend_from_slice(&ENVELOPE_MAGIC);
     e.extend_from_slice(&id.0);
@@ -164,12 +174,57 @@ pub struct Envelope {
     pub payload: Vec<u8>,
 }
 
+/// Unwraps an envelope held in a borrowed buffer: the payload is copied out once.
+fn decode_envelope_in(e: &[u8]) -> Result<Envelope> {
+    if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
+        return Err(not_an_envelope());
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&e[2..18]);
+    Ok(Envelope {
+        id: MessageId(id),
+        deliveries: u16::from_be_bytes([e[18], e[19]]),
+        enqueued_ms: u64::from_be_bytes(e[20..28].try_into().expect("8 bytes")),
+        payload: e[ENVELOPE_HEADER..].to_vec(),
+    })
+}
+
+fn not_an_envelope() -> Error {
+    Error::Protocol(
+        "not a slotq envelope (was the queue written by an at-most-once producer?)".into(),
+    )
+}
+
+/// Hands every envelope of a frame to `each`, decoded, each payload copied once out of the
+/// frame; returns how many there were. Nothing is handed out from a frame whose count or
+/// layout is wrong.
+pub(crate) fn for_each_envelope(f: &[u8], mut each: impl FnMut(Envelope)) -> Result<usize> {
+    if f.len() < 5 || f[0..2] != FRAME_MAGIC {
+        return Err(Error::Protocol("not a slotq frame".into()));
+    }
+    let mut slices = Vec::with_capacity(u16::from_be_bytes([f[2], f[3]]) as usize);
+    strings(&f[4..], |s| slices.push(s))?;
+    if slices.len() != u16::from_be_bytes([f[2], f[3]]) as usize {
+        return Err(Error::Protocol(
+            "frame count does not match its contents".into(),
+        ));
+    }
+    if slices
+        .iter()
+        .any(|e| e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC)
+    {
+        return Err(not_an_envelope());
+    }
+    for e in &slices {
+        each(decode_envelope_in(e)?);
+    }
+    Ok(slices.len())
+}
+
 /// Unwraps an envelope.
 pub fn decode_envelope(mut e: Vec<u8>) -> Result<Envelope> {
     if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
-        return Err(Error::Protocol(
-            "not a slotq envelope (was the queue written by an at-most-once producer?)".into(),
-        ));
+        return Err(not_an_envelope());
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&e[2..18]);
@@ -184,10 +239,8 @@ pub fn decode_envelope(mut e: Vec<u8>) -> Result<Envelope> {
     })
 }
 
-/// Decodes a msgpack array of strings (what `cmsgpack.pack` makes of a Lua list of
-/// strings), borrowing nothing: each string is copied out once.
-/// The frames of a lease as the lease script stores them: one frame as it is, more as a
-/// msgpack array of frames.
+/// The frames of a lease stored in place (in the inflight hash): one frame as it is, more
+/// as a msgpack array of frames.
 pub(crate) fn frames_of_lease(stored: &[u8]) -> Result<Vec<Vec<u8>>> {
     if stored.len() >= 5 && stored[0..2] == FRAME_MAGIC {
         Ok(vec![stored.to_vec()])
@@ -196,11 +249,22 @@ pub(crate) fn frames_of_lease(stored: &[u8]) -> Result<Vec<Vec<u8>>> {
     }
 }
 
+/// Decodes a msgpack array of strings, borrowing nothing: each string is copied out once.
 pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    strings(b, |s| out.push(s.to_vec()))?;
+    Ok(out)
+}
+
+/// Walks a msgpack array of strings (what `cmsgpack.pack` makes of a Lua list of strings),
+/// handing each string to `each` as a slice of `b`; returns how many there were.
+fn strings<'b>(b: &'b [u8], mut each: impl FnMut(&'b [u8])) -> Result<usize> {
     let bad = || Error::Protocol("lease: malformed msgpack".into());
     let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8]> {
-        let s = b.get(at..at + n).ok_or_else(bad)?;
+    let mut take = |n: usize| -> Result<&'b [u8]> {
+        let s = b
+            .get(at..at.checked_add(n).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
         at += n;
         Ok(s)
     };
@@ -212,9 +276,6 @@ pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
         0xdd => be(take(4)?),
         _ => return Err(bad()),
     };
-    // Each string takes at least one byte: never reserve more than the input can hold
-    // (a corrupt header announcing 4 billion strings must not abort on allocation).
-    let mut out = Vec::with_capacity(len.min(b.len()));
     for _ in 0..len {
         let h = take(1)?[0];
         let n = match h {
@@ -224,9 +285,9 @@ pub(crate) fn unpack_strings(b: &[u8]) -> Result<Vec<Vec<u8>>> {
             0xdb | 0xc6 => be(take(4)?),
             _ => return Err(bad()),
         };
-        out.push(take(n)?.to_vec());
+        each(take(n)?);
     }
-    Ok(out)
+    Ok(len)
 }
 
 #[cfg(test)]
@@ -321,6 +382,10 @@ mod tests {
             let frame = encode_frame(&envs);
             let back = decode_frame(&frame).unwrap();
             prop_assert_eq!(&back, &envs);
+            let mut direct = Vec::new();
+            prop_assert_eq!(for_each_envelope(&frame, |e| direct.push(e)).unwrap(), envs.len());
+            let via_vec: Vec<Envelope> = back.iter().map(|e| decode_envelope(e.clone()).unwrap()).collect();
+            prop_assert_eq!(direct, via_vec);
             for (e, p) in back.into_iter().zip(&payloads) {
                 let d = decode_envelope(e).unwrap();
                 prop_assert_eq!(d.id, MessageId(id));
@@ -336,6 +401,7 @@ mod tests {
         fn random_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_frame(&bytes);
             let _ = frame_head(&bytes);
+            let _ = for_each_envelope(&bytes, |_| {});
             let _ = decode_frame_head(&bytes);
             let _ = unpack_strings(&bytes);
             let _ = decode_envelope(bytes);

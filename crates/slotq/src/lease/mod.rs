@@ -34,12 +34,12 @@ use redis::Value;
 mod codec;
 mod pop;
 
-pub(crate) use codec::frames_of_lease;
 pub use codec::{
     ENVELOPE_HEADER, ENVELOPE_MAGIC, Envelope, FRAME_HEAD_LEN, FRAME_HEAD_MAGIC, FRAME_MAGIC,
     FrameHead, MAX_FRAME, MessageId, decode_envelope, decode_frame, decode_frame_head,
-    encode_envelope, encode_frame, frame_head,
+    encode_envelope, encode_envelope_at, encode_frame, frame_head, now_ms,
 };
+pub(crate) use codec::{for_each_envelope, frames_of_lease};
 pub(crate) use pop::{LeaseAsk, LeaseTerms, Leasing, lease_many};
 
 use crate::cluster::Cluster;

@@ -25,7 +25,7 @@ impl Producer {
         self.inner.cfg.queue.check_live().await?;
         let payload = payload.into();
         self.inner.check(&payload)?;
-        let payload = self.inner.wrap(payload);
+        let payload = self.inner.wrap(payload, crate::lease::now_ms());
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
         self.inner.acquire(1).await;
         let signal = self.inner.enqueue(&lane, vec![payload], true);
@@ -54,11 +54,12 @@ impl Producer {
         let mut groups: Vec<(Arc<Lane>, Vec<Vec<u8>>)> = Vec::new();
         let mut group_of: std::collections::HashMap<u32, usize> = Default::default();
         let mut held = Vec::new();
+        let now = crate::lease::now_ms();
         for (hash, payload) in items {
             let shard = set
                 .keyed_shard(hash)
                 .ok_or_else(|| Error::QueueNotFound(self.inner.cfg.queue.name().to_string()))?;
-            let payload = self.inner.wrap(payload);
+            let payload = self.inner.wrap(payload, now);
             if shard.state == ShardState::Retiring || !held.is_empty() {
                 // A shard is handing its keys over: from here on, each message waits for
                 // its key's shard as a single keyed send does (and in order).

@@ -105,7 +105,7 @@ impl Producer {
         self.inner.cfg.queue.check_live().await?;
         let payload = payload.into();
         self.inner.check(&payload)?;
-        let payload = self.inner.wrap(payload);
+        let payload = self.inner.wrap(payload, crate::lease::now_ms());
         self.inner.snapshot_if_due(1).await;
         self.inner.acquire(1).await;
         let lane = self.inner.pick()?;
@@ -127,7 +127,11 @@ impl Producer {
         self.inner.snapshot_if_due(payloads.len()).await;
         let grain = self.inner.batch_grain(payloads.len());
         let mut signals = Vec::new();
-        let mut iter = payloads.into_iter().map(|p| self.inner.wrap(p)).peekable();
+        let now = crate::lease::now_ms();
+        let mut iter = payloads
+            .into_iter()
+            .map(|p| self.inner.wrap(p, now))
+            .peekable();
         while iter.peek().is_some() {
             let chunk: Vec<Vec<u8>> = iter.by_ref().take(grain).collect();
             self.inner.acquire(chunk.len()).await;
@@ -282,7 +286,9 @@ impl ProducerInner {
     }
 
     /// For at-least-once queues: the payload in an envelope with a fresh id.
-    fn wrap(&self, payload: Vec<u8>) -> Vec<u8> {
+    /// The bytes stored for a payload: an envelope on at-least-once queues, enqueued at
+    /// `now_ms` (read once per call of the API).
+    fn wrap(&self, payload: Vec<u8>, now_ms: u64) -> Vec<u8> {
         if !self.reliable {
             return payload;
         }
@@ -294,7 +300,7 @@ impl ProducerInner {
                 .fetch_add(1, Ordering::Relaxed)
                 .to_be_bytes(),
         );
-        crate::lease::encode_envelope(crate::lease::MessageId(id), &payload)
+        crate::lease::encode_envelope_at(crate::lease::MessageId(id), &payload, now_ms)
     }
 
     async fn acquire(&self, n: usize) {
