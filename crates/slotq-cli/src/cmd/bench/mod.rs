@@ -390,11 +390,12 @@ pub(super) async fn consume(
                 let batch = consumer
                     .recv_batch_timeout(1000, Duration::from_millis(200))
                     .await?;
+                // Latency ends at receipt: before the batch is acknowledged.
+                let received = start.map(|s| s.elapsed().as_nanos() as u64);
                 if reliable && !batch.is_empty() {
                     consumer.ack_all(&batch).await?;
                 }
-                if let Some(start) = start {
-                    let now = start.elapsed().as_nanos() as u64;
+                if let Some(now) = received {
                     for m in &batch {
                         let sent =
                             u64::from_be_bytes(m.payload[8..16].try_into().unwrap_or_default());
