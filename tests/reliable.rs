@@ -615,3 +615,70 @@ fn rand_id() -> [u8; 16] {
     id[..8].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
     id
 }
+
+/// A frame that cannot be read, behind a valid head, is leased unread with the frames
+/// around it: the lease fails to decode on the consumer, expires, and the reaper returns
+/// the good messages and parks the bad frame with the dead letters. The shard never stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_frame_goes_to_the_dead_letters_and_never_stops_the_shard() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("corrupt").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let payloads = |from: usize, n: usize| (from..from + n).map(|i| format!("m{i:03}"));
+    producer
+        .send_keyed_batch(payloads(0, 50).map(|p| ("k", p)))
+        .await
+        .unwrap();
+    let stats = q.stats().await.unwrap();
+    let s = stats.iter().find(|s| s.depth == 50).unwrap();
+    let node = c.node(c.owner_of(s.slot).unwrap());
+    let key = |kind: &str| q.ready_key(&s.tag).replace(":ready", &format!(":{kind}"));
+    // Five messages announced, then bytes that are no msgpack (0xc1 is never used).
+    let bad: Vec<u8> = [0xA5, 0x02, 0, 5, 0xdc, 0, 5, 0xc1, 0xc1, 0xc1].to_vec();
+    let _: redis::Value = node
+        .cmd(
+            redis::cmd("RPUSH")
+                .arg(key("ready"))
+                .arg(slotq::lease::frame_head(&bad))
+                .arg(&bad),
+        )
+        .unwrap();
+    producer
+        .send_keyed_batch(payloads(50, 50).map(|p| ("k", p)))
+        .await
+        .unwrap();
+
+    let mut consumer = q
+        .consumer()
+        .pop_batch(100)
+        .lease(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut errors = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.len() < 100 && Instant::now() < deadline {
+        match consumer
+            .recv_batch_timeout(100, Duration::from_millis(300))
+            .await
+        {
+            Ok(batch) => {
+                consumer.ack_all(&batch).await.unwrap();
+                seen.extend(batch.into_iter().map(|m| m.payload.to_vec()));
+            }
+            Err(e) => {
+                assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+                errors += 1;
+            }
+        }
+    }
+    eprintln!("{} of 100 received; {errors} receive errors", seen.len());
+    assert_eq!(seen.len(), 100, "every good message arrives");
+    let dead: Vec<Vec<u8>> = node
+        .cmd(redis::cmd("LRANGE").arg(key("dead")).arg(0).arg(-1))
+        .unwrap();
+    assert!(dead.contains(&bad), "the bad frame is parked: {dead:?}");
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
+}

@@ -127,6 +127,23 @@ local function cut(f, size, most)
   return frames, heads
 end
 
+-- The same as `cut`, from envelopes already unpacked.
+local function pieces_of(envs, size, most)
+  local frames, heads = {}, {}
+  local i = 1
+  while i <= #envs do
+    local last = math.min(i + size - 1, #envs)
+    if #frames + 1 >= most then last = #envs end
+    local piece = {}
+    for j = i, last do piece[#piece + 1] = envs[j] end
+    local f = frame(piece)
+    frames[#frames + 1] = f
+    heads[#heads + 1] = head(#piece, f, piece[1])
+    i = last + 1
+  end
+  return frames, heads
+end
+
 -- The frames a lease's list holds (heads skipped).
 local function frames_in(items)
   local out = {}

@@ -60,7 +60,15 @@ for x = #expired, 1, -1 do
   local back = {}
   local i = 0
   for _, f in ipairs(frames) do
-    for _, e in ipairs(envelopes(f)) do
+    local ok, envs = pcall(envelopes, f)
+    if not ok then
+      -- A frame that cannot be read (leased unread, so no one could take its messages):
+      -- kept whole with the dead letters; it must never stop the shard's pops.
+      redis.call('RPUSH', KEYS[6], f)
+      i = i + count(f)
+      envs = {}
+    end
+    for _, e in ipairs(envs) do
       i = i + 1
       if not settled(acks, i) then
         local e2, a = bump(e)
@@ -115,37 +123,37 @@ local function take_by_reading(most)
     if headed and avail >= 2 then
       f = redis.call('LINDEX', KEYS[1], 1)
     end
-    if not is_frame(f) then
-      redis.call('LPOP', KEYS[1])
-      avail = avail - 1
-      if not headed then
-        redis.call('RPUSH', KEYS[6], x)
+    local at = headed and 1 or 0
+    local readable = is_frame(f)
+    local pieces, heads = nil, nil
+    if readable and total + count(f) > 2 * want then
+      pieces, heads = cut(f, want - total, MAX_PIECES)
+      if pieces == nil then
+        -- Not laid out as expected: unpack and pack again (slow, never seen in practice).
+        local ok, envs = pcall(envelopes, f)
+        if ok then
+          pieces, heads = pieces_of(envs, want - total, MAX_PIECES)
+        else
+          readable = false
+        end
+      end
+    end
+    if not readable then
+      -- Not written by a slotq producer, or a frame that cannot be read: parked with the
+      -- dead letters (a head is dropped), never blocking the shard.
+      if headed and is_frame(f) then
+        redis.call('LPOP', KEYS[1], 2)
+        avail = avail - 2
+        redis.call('RPUSH', KEYS[6], f)
+      else
+        redis.call('LPOP', KEYS[1])
+        avail = avail - 1
+        if not headed then
+          redis.call('RPUSH', KEYS[6], x)
+        end
       end
       parked = parked + 1
     else
-      local at = headed and 1 or 0
-      local c = count(f)
-      local pieces, heads = nil, nil
-      if total + c > 2 * want then
-        local size = want - total
-        pieces, heads = cut(f, size, MAX_PIECES)
-        if pieces == nil then
-          -- Not laid out as expected: unpack and pack again (slow, never seen in practice).
-          pieces, heads = {}, {}
-          local envs = envelopes(f)
-          local i = 1
-          while i <= #envs do
-            local last = math.min(i + size - 1, #envs)
-            if #pieces + 1 >= MAX_PIECES then last = #envs end
-            local piece = {}
-            for j = i, last do piece[#piece + 1] = envs[j] end
-            local pf = frame(piece)
-            pieces[#pieces + 1] = pf
-            heads[#heads + 1] = head(#piece, pf, piece[1])
-            i = last + 1
-          end
-        end
-      end
       if pieces ~= nil and #pieces > 1 then
         -- The list never goes away meanwhile: the last piece is written over the frame.
         local p = #pieces
@@ -161,13 +169,12 @@ local function take_by_reading(most)
           avail = avail + 2
         end
         f = pieces[1]
-        c = count(f)
       else
         redis.call('LPOP', KEYS[1], at + 1)
         avail = avail - at - 1
       end
       frames[#frames + 1] = f
-      total = total + c
+      total = total + count(f)
       bytes = bytes + #f
     end
   end
