@@ -29,8 +29,9 @@ pub(super) struct Waiter {
     pub(super) idle: watch::Receiver<bool>,
     pub(super) alive: watch::Receiver<()>,
     pub(super) tx: mpsc::UnboundedSender<Vec<Message>>,
-    /// At-least-once: wait without popping (`BLMOVE key key RIGHT RIGHT` leaves the list
-    /// as it was) and let the consumer lease what arrived.
+    /// At-least-once: wait without popping (`BLMOVE key key LEFT LEFT` leaves the list as
+    /// it was, and its reply is the list's first element: a 16-byte frame head, not a
+    /// frame) and let the consumer lease what arrived.
     pub(super) reliable: bool,
 }
 
@@ -85,8 +86,8 @@ impl Waiter {
                 redis::cmd("BLMOVE")
                     .arg(&self.key)
                     .arg(&self.key)
-                    .arg("RIGHT")
-                    .arg("RIGHT")
+                    .arg("LEFT")
+                    .arg("LEFT")
                     .arg(self.block.as_secs_f64())
                     .clone()
             } else {
