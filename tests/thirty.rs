@@ -23,6 +23,8 @@ async fn thirty_masters() {
     let client = client(&c.url()).await;
     pushes_spread_evenly_in_every_shape(&client).await;
     eprintln!("balance done in {:.1?}", started.elapsed());
+    a_reliable_queue_drains_through_a_group_once(&client).await;
+    eprintln!("reliable drain done in {:.1?}", started.elapsed());
     a_queue_follows_a_master_that_is_emptied(&c, &client).await;
     eprintln!("done in {:.1?}", started.elapsed());
 }
@@ -157,6 +159,49 @@ async fn pushes_spread_evenly_in_every_shape(client: &Client) {
 /// 60,000 messages on a 30-shard queue; every slot of the last master moves to the one
 /// before it; a rebalance (while a consumer takes everything) retires the extra shard:
 /// 29 shards, one per master that owns slots, every message delivered once.
+/// The 200,000 at-least-once messages pushed above, over 30 shards, leased and
+/// acknowledged by a group of 4: each arrives once, on its first delivery, and nothing is
+/// left ready or leased.
+async fn a_reliable_queue_drains_through_a_group_once(client: &Client) {
+    const TOTAL: usize = 200_000;
+    let q = client.queue("bal-batch-reliable").open().await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (q, seen) = (q.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut consumer = q.consumer().build().unwrap();
+                let mut firsts = 0usize;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while seen.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
+                    let batch = consumer
+                        .recv_batch_timeout(1000, Duration::from_millis(200))
+                        .await
+                        .unwrap();
+                    assert_eq!(consumer.ack_all(&batch).await.unwrap().settled, batch.len());
+                    firsts += batch.iter().filter(|m| m.attempt == 1).count();
+                    let mut s = seen.lock().unwrap();
+                    for m in batch {
+                        assert!(s.insert(m.payload), "delivered twice");
+                    }
+                }
+                consumer.close().await;
+                firsts
+            })
+        })
+        .collect();
+    let firsts: usize = futures::future::try_join_all(workers)
+        .await
+        .unwrap()
+        .into_iter()
+        .sum();
+    assert_eq!(seen.lock().unwrap().len(), TOTAL);
+    assert_eq!(firsts, TOTAL, "every message on its first delivery");
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
+}
+
 async fn a_queue_follows_a_master_that_is_emptied(c: &TestCluster, client: &Client) {
     let q = client
         .queue("lifecycle")
