@@ -193,26 +193,12 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
     ));
     out.push_str(&super::queue::stats(router, &rname, false).await?);
 
-    // Clean up.
-    for q in [&queue, &reliable] {
-        let mut cmds = Vec::new();
-        for s in &q.shards().shards {
-            for kind in [
-                "ready", "leases", "inflight", "acks", "delayed", "dead", "count",
-            ] {
-                cmds.push((
-                    s.slot,
-                    slotq::redis::cmd("DEL")
-                        .arg(slotq::placement::shard_key("slotq", &s.tag, kind))
-                        .clone(),
-                ));
-            }
-        }
-        cmds.push((
-            slotq::slot::key_slot(q.meta_key()),
-            slotq::redis::cmd("DEL").arg(q.meta_key()).clone(),
-        ));
-        let _ = router.batch(cmds, router.default_opts()).await;
+    // Clean up: on a cluster of the user's, every key of both queues (leases included);
+    // a throwaway cluster goes away whole.
+    if local.is_none() {
+        let (a, b) = futures::join!(queue.delete(), reliable.delete());
+        a?;
+        b?;
     }
     drop(client);
     out.push_str(match local.take() {
