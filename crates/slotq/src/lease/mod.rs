@@ -104,7 +104,10 @@ impl LeaseScripts {
                 include_str!("../lua/replay_dead.lua")
             )),
             inflight: Script::new(include_str!("../lua/inflight_count.lua")),
-            keep: Script::new(include_str!("../lua/keep.lua")),
+            keep: Script::new(concat!(
+                include_str!("../lua/frames.lua"),
+                include_str!("../lua/keep.lua")
+            )),
         }
     }
 }

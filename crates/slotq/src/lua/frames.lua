@@ -1,5 +1,5 @@
--- Frames, their heads and envelopes: the helpers every at-least-once script shares (this
--- file is put in front of each of them).
+-- Frames, their heads and envelopes, and the shard keys' KEEP entries: the helpers every
+-- at-least-once script shares (this file is put in front of each of them).
 --
 -- Envelope: 0xA5 0x01, 16 bytes id, u16 BE deliveries so far, u64 BE enqueue ms, payload.
 -- Frame: 0xA5 0x02, u16 BE message count, msgpack array of envelopes (one producer batch).
@@ -12,6 +12,21 @@
 -- frames it leased was most of what a lease cost (0.7 ms for five frames of a thousand).
 -- A frame without a head (written by an older version) is still taken, read whole.
 local KEEP = '~'
+
+-- Makes every key of a reliable shard but its ready list exist, for good: a KEEP member,
+-- field or list head that no script removes. In a slot being migrated Redis runs a
+-- multi-key script only when all of its keys are on the node (or none are), so keys that
+-- come and go would stall the shard (TRYAGAIN) for as long as the migration lasts.
+local function keep_keys(leases, inflight, acks, delayed, dead, ready_count)
+  redis.call('ZADD', leases, 'NX', '+inf', KEEP)
+  redis.call('HSETNX', inflight, KEEP, 1)
+  redis.call('HSETNX', acks, KEEP, 1)
+  redis.call('ZADD', delayed, 'NX', '+inf', KEEP)
+  if redis.call('LINDEX', dead, 0) ~= KEEP then
+    redis.call('LPUSH', dead, KEEP)
+  end
+  redis.call('SETNX', ready_count, 0)
+end
 
 local function is_frame(f)
   return #f >= 5 and string.byte(f, 1) == 0xA5 and string.byte(f, 2) == 0x02

@@ -30,14 +30,7 @@ local MAX_PIECES = 64
 -- The KEEP entries are made together (here and by keep.lua) and never removed, so the
 -- leases' one stands for all of them: a lease costs one call for them, not six.
 if not redis.call('ZSCORE', KEYS[2], KEEP) then
-  redis.call('ZADD', KEYS[2], 'NX', '+inf', KEEP)
-  redis.call('HSETNX', KEYS[3], KEEP, 1)
-  redis.call('HSETNX', KEYS[4], KEEP, 1)
-  redis.call('ZADD', KEYS[5], 'NX', '+inf', KEEP)
-  if redis.call('LINDEX', KEYS[6], 0) ~= KEEP then
-    redis.call('LPUSH', KEYS[6], KEEP)
-  end
-  redis.call('SETNX', KEYS[7], 0)
+  keep_keys(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 end
 
 local in_list = #KEYS >= 8
