@@ -326,6 +326,71 @@ async fn a_reliable_shard_keeps_working_while_its_slot_is_migrating() {
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
 }
 
+/// Leases taken into lists of their own before their slot began to migrate, left to expire:
+/// the pops that lease in place while the slot migrates reap them too, and every message
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_that_expire_while_their_slot_migrates_come_back() {
+    const TOTAL: usize = 200;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("migrating-expiry")
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let producer = q.producer().build().unwrap();
+    send_keyed_many(&producer, "k", TOTAL).await;
+    let (_, slot, from) = deep_shard(&c, &q).await;
+    let mut holder = q
+        .consumer()
+        .without_group()
+        .lease(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let mut held = Vec::new();
+    while held.len() < TOTAL {
+        let batch = holder
+            .recv_batch_timeout(TOTAL, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "{} of {TOTAL} leased", held.len());
+        held.extend(batch);
+    }
+    // Ten more, so that the shard's ready list exists: a migrating slot serves its
+    // scripts only while every key they name is on the node.
+    for i in 0..10 {
+        producer.send_keyed("k", format!("late{i}")).await.unwrap();
+    }
+    let to = *c.masters().iter().find(|&&m| m != from).unwrap();
+    let migration = c.begin_migration(slot, to).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let mut other = q.consumer().without_group().build().unwrap();
+    let mut back = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while back.len() < TOTAL + 10 && Instant::now() < deadline {
+        let batch = other
+            .recv_batch_timeout(TOTAL, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(other.ack_all(&batch).await.unwrap().settled, batch.len());
+        back.extend(batch);
+    }
+    assert_eq!(
+        back.len(),
+        TOTAL + 10,
+        "every expired lease came back during the migration"
+    );
+    assert_eq!(back.iter().filter(|m| m.attempt == 2).count(), TOTAL);
+    c.finish_migration(&migration).unwrap();
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
+    assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_with_a_short_lease_dead_letters_nothing_it_never_saw() {
     const TOTAL: usize = 120;

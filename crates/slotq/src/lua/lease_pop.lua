@@ -34,24 +34,26 @@ if not redis.call('ZSCORE', KEYS[2], KEEP) then
 end
 
 local in_list = #KEYS >= 8
-local list_of = nil
-if in_list then list_of = string.sub(KEYS[8], 1, #KEYS[8] - #ARGV[5]) end
+-- Every lease's list is named like KEYS[2] with "lease:<id>" for "leases".
+local list_of = string.sub(KEYS[2], 1, #KEYS[2] - #'leases') .. 'lease:'
 local reaped = 0
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 -- Newest first: each goes to the head, so the oldest ends up first, as it was taken.
 for x = #expired, 1, -1 do
   local lease = expired[x]
-  -- In a slot being migrated the lease's list may be on the other node already: then the
-  -- lease waits for a later pop (lists are not looked for by pops that store in place).
-  local items = {}
-  if in_list then
-    items = redis.pcall('LRANGE', list_of .. lease, 0, -1)
+  -- A lease is stored in place (inflight) or in a list of its own; pops of both kinds
+  -- reap both. In a slot being migrated the lease's list may be on the other node
+  -- already: then the lease waits for a later pop.
+  local frames
+  local listed = false
+  local packed = redis.call('HGET', KEYS[3], lease)
+  if packed then
+    frames = frames_of(packed)
+  else
+    local items = redis.pcall('LRANGE', list_of .. lease, 0, -1)
     if items.err then break end
-  end
-  local frames = frames_in(items)
-  if #items == 0 then
-    local packed = redis.call('HGET', KEYS[3], lease)
-    if packed then frames = frames_of(packed) end
+    frames = frames_in(items)
+    listed = true
   end
   local acks = redis.call('HGET', KEYS[4], lease) or ''
   local back = {}
@@ -83,7 +85,7 @@ for x = #expired, 1, -1 do
     redis.call('LPUSH', KEYS[1], f, head(#back, f, back[1]))
     redis.call('INCRBY', KEYS[7], #back)
   end
-  if in_list then redis.call('DEL', list_of .. lease) end
+  if listed then redis.call('DEL', list_of .. lease) end
   redis.call('HDEL', KEYS[3], lease)
   redis.call('HDEL', KEYS[4], lease)
   redis.call('ZREM', KEYS[2], lease)
