@@ -416,7 +416,7 @@ async fn a_ready_count_left_wrong_by_a_partial_push_heals_when_the_shard_empties
     // As if a push's count update ran without its RPUSH (they are separate commands).
     let stats = q.stats().await.unwrap();
     let s = stats.iter().find(|s| s.depth == 1).unwrap();
-    let count_key = q.ready_key(&s.tag).replace(":ready", ":count");
+    let count_key = shard_key(&q, &s.tag, "count");
     let owner = c.owner_of(s.slot).unwrap();
     c.node(owner)
         .cmd::<()>(redis::cmd("INCRBY").arg(&count_key).arg(1000))
@@ -538,10 +538,8 @@ async fn frames_without_heads_foreign_elements_and_leases_stored_in_place_are_se
         .send_keyed_batch(payloads(0, 100).map(|p| ("k", p)))
         .await
         .unwrap();
-    let stats = q.stats().await.unwrap();
-    let s = stats.iter().find(|s| s.depth == 100).unwrap();
-    let owner = c.owner_of(s.slot).unwrap();
-    let key = |kind: &str| q.ready_key(&s.tag).replace(":ready", &format!(":{kind}"));
+    let (owner, tag) = shard_holding(&c, &q, 100).await;
+    let key = |kind: &str| shard_key(&q, &tag, kind);
     let frame_of = |ps: Vec<String>| {
         let envs: Vec<Vec<u8>> = ps
             .iter()
@@ -608,6 +606,18 @@ async fn frames_without_heads_foreign_elements_and_leases_stored_in_place_are_se
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
 }
 
+/// The shard holding `depth` messages (a keyed batch's): its master's index and its tag.
+async fn shard_holding(c: &TestCluster, q: &slotq::Queue, depth: u64) -> (usize, String) {
+    let stats = q.stats().await.unwrap();
+    let s = stats.iter().find(|s| s.depth == depth).unwrap();
+    (c.owner_of(s.slot).unwrap(), s.tag.clone())
+}
+
+/// The name of one of a shard's keys (`ready`, `count`, `dead`, ...).
+fn shard_key(q: &slotq::Queue, tag: &str, kind: &str) -> String {
+    q.ready_key(tag).replace(":ready", &format!(":{kind}"))
+}
+
 fn rand_id() -> [u8; 16] {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -630,10 +640,9 @@ async fn an_unreadable_frame_goes_to_the_dead_letters_and_never_stops_the_shard(
         .send_keyed_batch(payloads(0, 50).map(|p| ("k", p)))
         .await
         .unwrap();
-    let stats = q.stats().await.unwrap();
-    let s = stats.iter().find(|s| s.depth == 50).unwrap();
-    let node = c.node(c.owner_of(s.slot).unwrap());
-    let key = |kind: &str| q.ready_key(&s.tag).replace(":ready", &format!(":{kind}"));
+    let (owner, tag) = shard_holding(&c, &q, 50).await;
+    let node = c.node(owner);
+    let key = |kind: &str| shard_key(&q, &tag, kind);
     // Five messages announced, then bytes that are no msgpack (0xc1 is never used).
     let bad: Vec<u8> = [0xA5, 0x02, 0, 5, 0xdc, 0, 5, 0xc1, 0xc1, 0xc1].to_vec();
     let _: redis::Value = node
