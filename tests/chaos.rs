@@ -142,7 +142,7 @@ async fn manual_failover_wakes_blocked_consumers_within_a_second() {
         "manual failover: blocked consumer received from {} {after:?} after the promotion",
         m.shard
     );
-    assert_eq!(m.payload, b"after failover");
+    assert_eq!(m.payload, &b"after failover"[..]);
     assert_eq!(&*m.shard, shard.as_str());
     assert!(after < Duration::from_secs(1), "{after:?}");
 }

@@ -319,7 +319,9 @@ async fn members_joining_under_load_lose_and_duplicate_nothing() {
                             .recv_batch_timeout(500, Duration::from_millis(100))
                             .await
                             .unwrap();
-                        got.lock().unwrap().extend(b.into_iter().map(|m| m.payload));
+                        got.lock()
+                            .unwrap()
+                            .extend(b.into_iter().map(|m| m.payload.to_vec()));
                     }
                     consumer.close().await;
                 })

@@ -32,7 +32,7 @@ async fn drain(consumer: &mut slotq::Consumer, window: Duration) -> Vec<Vec<u8>>
         if b.is_empty() {
             return got;
         }
-        got.extend(b.into_iter().map(|m| m.payload));
+        got.extend(b.into_iter().map(|m| m.payload.to_vec()));
     }
 }
 
@@ -53,7 +53,7 @@ async fn drain_acking(
             continue;
         }
         consumer.ack_all(&batch).await.unwrap();
-        seen.extend(batch.into_iter().map(|m| m.payload));
+        seen.extend(batch.into_iter().map(|m| m.payload.to_vec()));
     }
     seen
 }
@@ -208,7 +208,7 @@ async fn a_shard_refusing_pops_does_not_swallow_the_other_shards_messages() {
             .recv_batch_timeout(700, Duration::from_millis(500))
             .await
         {
-            Ok(b) => got.extend(b.into_iter().map(|m| m.payload)),
+            Ok(b) => got.extend(b.into_iter().map(|m| m.payload.to_vec())),
             Err(_) => errors += 1,
         }
     }
@@ -252,7 +252,7 @@ async fn cancelled_receives_and_dropped_consumers_lose_nothing() {
         // Cut receives short at every point of a round.
         let cut = Duration::from_micros(20 + (i * 37) % 400);
         match tokio::time::timeout(cut, consumer.recv_batch(100)).await {
-            Ok(b) => got.extend(b.unwrap().into_iter().map(|m| m.payload)),
+            Ok(b) => got.extend(b.unwrap().into_iter().map(|m| m.payload.to_vec())),
             Err(_) => cancelled += 1,
         }
     }
@@ -261,7 +261,7 @@ async fn cancelled_receives_and_dropped_consumers_lose_nothing() {
         let mut dropped = q.consumer().pop_batch(50).build().unwrap();
         let cut = Duration::from_micros(20 + (i * 53) % 400);
         if let Ok(b) = tokio::time::timeout(cut, dropped.recv_batch(100)).await {
-            got.extend(b.unwrap().into_iter().map(|m| m.payload));
+            got.extend(b.unwrap().into_iter().map(|m| m.payload.to_vec()));
         }
     }
     assert!(cancelled > 0, "no receive was cut short");
@@ -306,12 +306,12 @@ async fn a_reliable_shard_keeps_working_while_its_slot_is_migrating() {
             nacked_once = true;
             let rest = &batch[1..];
             assert_eq!(consumer.ack_all(rest).await.unwrap().settled, rest.len());
-            seen.extend(rest.iter().map(|m| m.payload.clone()));
+            seen.extend(rest.iter().map(|m| m.payload.to_vec()));
             continue;
         }
         let report = consumer.ack_all(&batch).await.unwrap();
         assert_eq!(report.settled, batch.len(), "acks during the migration");
-        seen.extend(batch.into_iter().map(|m| m.payload));
+        seen.extend(batch.into_iter().map(|m| m.payload.to_vec()));
     }
     eprintln!(
         "{} of {TOTAL} consumed in {:?} while the slot was migrating",
@@ -461,7 +461,7 @@ async fn a_durable_send_asked_to_another_node_is_confirmed_by_that_node() {
     plain.send_keyed("probe", "first").await.unwrap();
     let (_, slot, from) = deep_shard(&c, &q).await;
     let mut consumer = q.consumer().build().unwrap();
-    assert_eq!(consumer.recv().await.unwrap().payload, b"first");
+    assert_eq!(consumer.recv().await.unwrap().payload, &b"first"[..]);
     consumer.close().await;
 
     // The slot migrates; the empty list is asked (ASK) to the target, whose replica is

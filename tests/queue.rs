@@ -328,7 +328,7 @@ async fn idle_consumer_blocks_and_wakes_on_new_data() {
     let (m, at, consumer) = waiting.await.unwrap();
     let wake = at.duration_since(sent);
     eprintln!("woke {wake:?} after the send");
-    assert_eq!(m.payload, b"ping");
+    assert_eq!(m.payload, &b"ping"[..]);
     assert!(
         wake < Duration::from_secs(1),
         "woken by data, not by a timeout: {wake:?}"
@@ -344,7 +344,7 @@ async fn idle_consumer_blocks_and_wakes_on_new_data() {
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].payload, b"after-drop");
+    assert_eq!(got[0].payload, &b"after-drop"[..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,7 +429,7 @@ async fn bad_input_is_refused_and_loses_nothing() {
     lenient.send(Vec::new()).await.unwrap();
     let mut consumer = q.consumer().build().unwrap();
     let got = consumer.recv_batch(10).await.unwrap();
-    let mut payloads: Vec<Vec<u8>> = got.into_iter().map(|m| m.payload).collect();
+    let mut payloads: Vec<Vec<u8>> = got.into_iter().map(|m| m.payload.to_vec()).collect();
     while payloads.len() < 2 {
         payloads.extend(
             consumer
@@ -437,7 +437,7 @@ async fn bad_input_is_refused_and_loses_nothing() {
                 .await
                 .unwrap()
                 .into_iter()
-                .map(|m| m.payload),
+                .map(|m| m.payload.to_vec()),
         );
     }
     payloads.sort();

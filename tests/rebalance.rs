@@ -109,7 +109,7 @@ async fn emptying_a_master_retires_its_extra_shard_and_loses_nothing() {
                     .await
                     .unwrap()
                     .into_iter()
-                    .map(|m| m.payload),
+                    .map(|m| m.payload.to_vec()),
             );
         }
         c.close().await;
@@ -234,7 +234,7 @@ async fn a_rebalance_under_load_keeps_every_message_and_per_key_order() {
                 if b.is_empty() && done.load(Ordering::Relaxed) {
                     break;
                 }
-                got.extend(b.into_iter().map(|m| m.payload));
+                got.extend(b.into_iter().map(|m| m.payload.to_vec()));
             }
             c.close().await;
             got

@@ -198,7 +198,7 @@ async fn nack_delay_extend_dead_letters_and_replay() {
     // nack: delivered again at once, attempt 2, same id.
     producer.send("a").await.unwrap();
     let m = consumer.recv().await.unwrap();
-    assert_eq!((m.attempt, m.payload.as_slice()), (1, b"a".as_slice()));
+    assert_eq!((m.attempt, &m.payload[..]), (1, b"a".as_slice()));
     let id = m.id.unwrap();
     assert_eq!(m.nack(None).await.unwrap(), Settled::Done);
     assert_eq!(
@@ -400,7 +400,7 @@ async fn idle_reliable_consumer_blocks_and_wakes() {
     let (m, at) = waiting.await.unwrap();
     let wake = at.duration_since(sent);
     eprintln!("reliable consumer woke {wake:?} after the send");
-    assert_eq!(m.payload, b"wake");
+    assert_eq!(m.payload, &b"wake"[..]);
     assert!(
         wake < Duration::from_secs(1),
         "woken by data, not a timeout: {wake:?}"

@@ -179,8 +179,9 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
             break;
         }
         // One payment keeps failing: it is delivered twice, then dead-lettered.
-        let (bad, good): (Vec<_>, Vec<_>) =
-            batch.into_iter().partition(|m| m.payload == b"payment 7");
+        let (bad, good): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|m| m.payload == b"payment 7"[..]);
         acked += consumer.ack_all(&good).await?.settled;
         if !bad.is_empty() {
             failed += consumer.nack_all(&bad, None).await?.settled;

@@ -28,7 +28,7 @@ pub async fn write_batch(
     ack: bool,
 ) -> Result<(), CliError> {
     let sep = if null { 0 } else { b'\n' };
-    let (n, error) = out.write_items(batch.iter().map(|m| m.payload.as_slice()), sep);
+    let (n, error) = out.write_items(batch.iter().map(|m| &m.payload[..]), sep);
     if ack {
         consumer.ack_all(&batch[..n]).await?;
     }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::resp;
+use super::resp::{self, Reply};
 use crate::error::{Cause, Error};
 use crate::topology::NodeAddr;
 
@@ -47,13 +47,16 @@ impl Broken {
 struct Request {
     bytes: Vec<u8>,
     replies: usize,
-    tx: oneshot::Sender<Result<Vec<Value>, Broken>>,
+    items: bool,
+    tx: oneshot::Sender<Result<Vec<Reply>, Broken>>,
 }
 
 struct Waiting {
     replies: usize,
-    got: Vec<Value>,
-    tx: oneshot::Sender<Result<Vec<Value>, Broken>>,
+    /// Arrays of bulk strings come back as [`Reply::Items`].
+    items: bool,
+    got: Vec<Reply>,
+    tx: oneshot::Sender<Result<Vec<Reply>, Broken>>,
 }
 
 struct Shared {
@@ -68,6 +71,15 @@ impl Shared {
 
     fn fail_io(&self, e: std::io::Error) {
         self.fail_with(Broken(e.to_string(), Some(Cause::new(e))));
+    }
+
+    /// Whether the request the next reply belongs to wants arrays as items.
+    fn front_wants_items(&self) -> bool {
+        self.waiting
+            .lock()
+            .unwrap()
+            .front()
+            .is_some_and(|w| w.items)
     }
 
     fn fail_with(&self, broken: Broken) {
@@ -232,14 +244,30 @@ impl Conn {
                         Ok(None) => break,
                         Err(e) => return rshared.fail_all(&e.0),
                     };
-                    match resp::parse(&buf[used..used + whole]) {
-                        Ok(Some((v, n))) => {
-                            used += n;
-                            if !deliver(&rshared, v) {
+                    let reply = if rshared.front_wants_items() {
+                        // Cut the reply out of the buffer (no copy): its payloads keep
+                        // their slices of it, and the reader goes on in fresh room.
+                        buf.advance(used);
+                        used = 0;
+                        resp::parse_items(buf.split_to(whole).freeze())
+                    } else {
+                        match resp::parse(&buf[used..used + whole]) {
+                            Ok(Some((v, n))) => {
+                                used += n;
+                                Ok(Reply::Value(v))
+                            }
+                            Ok(None) => {
+                                Err(resp::ProtocolError("reply shorter than announced".into()))
+                            }
+                            Err(e) => Err(e),
+                        }
+                    };
+                    match reply {
+                        Ok(reply) => {
+                            if !deliver(&rshared, reply) {
                                 return rshared.fail_all("reply without a request");
                             }
                         }
-                        Ok(None) => return rshared.fail_all("reply shorter than announced"),
                         Err(e) => return rshared.fail_all(&e.0),
                     }
                 }
@@ -258,6 +286,7 @@ impl Conn {
             let register = |r: Request| {
                 wshared.waiting.lock().unwrap().push_back(Waiting {
                     replies: r.replies,
+                    items: r.items,
                     got: Vec::with_capacity(r.replies),
                     tx: r.tx,
                 });
@@ -301,12 +330,29 @@ impl Conn {
 
     /// Sends packed commands and waits for `replies` replies (in order).
     pub(crate) async fn exec(&self, bytes: Vec<u8>, replies: usize) -> Result<Vec<Value>, Broken> {
+        let got = self.exec_replies(bytes, replies, false).await?;
+        Ok(got.into_iter().map(Reply::into_value).collect())
+    }
+
+    /// Sends packed commands and waits for `replies` replies (in order); with `items`,
+    /// arrays of bulk strings come back as slices of the read buffer ([`Reply::Items`]).
+    pub(crate) async fn exec_replies(
+        &self,
+        bytes: Vec<u8>,
+        replies: usize,
+        items: bool,
+    ) -> Result<Vec<Reply>, Broken> {
         if self.is_closed() {
             return Err(Broken::closed());
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Request { bytes, replies, tx })
+            .send(Request {
+                bytes,
+                replies,
+                items,
+                tx,
+            })
             .map_err(|_| Broken::closed())?;
         rx.await.map_err(|_| Broken::closed())?
     }
@@ -330,7 +376,7 @@ async fn write_pending(writer: &mut (impl AsyncWrite + Unpin), shared: &Shared, 
 }
 
 /// Hands a reply to the oldest request still waiting; false if none waits.
-fn deliver(shared: &Shared, v: Value) -> bool {
+fn deliver(shared: &Shared, v: Reply) -> bool {
     let mut waiting = shared.waiting.lock().unwrap();
     let Some(front) = waiting.front_mut() else {
         return false;

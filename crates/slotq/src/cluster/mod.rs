@@ -37,6 +37,7 @@ pub(crate) use conn::Conn;
 use conn::Dialer;
 use node::NodePool;
 use refresh::RefreshState;
+pub(crate) use resp::Reply;
 
 /// Deadlines and retry policy for one call.
 #[derive(Debug, Clone, Copy)]
@@ -203,7 +204,17 @@ impl Cluster {
         cmd: &Cmd,
         opts: RequestOpts,
     ) -> Result<T> {
-        let mut out = self.batch(vec![(slot, cmd.clone())], opts).await;
+        self.query_owned(slot, cmd.clone(), opts).await
+    }
+
+    /// [`Cluster::query_with`], taking the command (a large one is not copied again).
+    pub async fn query_owned<T: FromRedisValue>(
+        &self,
+        slot: Slot,
+        cmd: Cmd,
+        opts: RequestOpts,
+    ) -> Result<T> {
+        let mut out = self.batch(vec![(slot, cmd)], opts).await;
         convert(out.pop().expect("one reply per command")?)
     }
 
@@ -211,7 +222,21 @@ impl Cluster {
     /// nodes at once. Each command gets its own result, in order; a command that was
     /// redirected is resent (to its new node) without disturbing the others.
     pub async fn batch(&self, cmds: Vec<(Slot, Cmd)>, opts: RequestOpts) -> Vec<Result<Value>> {
-        route::run_batch(&self.inner, cmds, opts).await
+        route::run_batch(&self.inner, cmds, opts, false)
+            .await
+            .into_iter()
+            .map(|r| r.map(Reply::into_value))
+            .collect()
+    }
+
+    /// [`Cluster::batch`], but replies that are arrays of bulk strings come back as
+    /// [`Reply::Items`]: slices of the buffer they were read into, not copies (pops).
+    pub(crate) async fn batch_items(
+        &self,
+        cmds: Vec<(Slot, Cmd)>,
+        opts: RequestOpts,
+    ) -> Vec<Result<Reply>> {
+        route::run_batch(&self.inner, cmds, opts, true).await
     }
 
     /// Runs `cmd` on one particular node, without routing (admin and inspection).

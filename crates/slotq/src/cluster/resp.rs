@@ -5,7 +5,87 @@
 //! are handed to `redis::parse_redis_value` so that they become the same
 //! `Value::ServerError` the `redis` crate would produce.
 
+use bytes::Bytes;
 use redis::Value;
+
+/// A reply as a connection hands it over.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reply {
+    /// Any reply, as the `redis` crate's value.
+    Value(Value),
+    /// An array of bulk strings, each a slice of the buffer it was read into: popped
+    /// payloads reach their messages without a copy or an allocation each. Only for
+    /// requests that ask for it.
+    Items(Vec<Bytes>),
+}
+
+impl Reply {
+    /// As a `redis` value (arrays of items become arrays of bulk strings, copied).
+    pub(crate) fn into_value(self) -> Value {
+        match self {
+            Reply::Value(v) => v,
+            Reply::Items(items) => Value::Array(
+                items
+                    .into_iter()
+                    .map(|b| Value::BulkString(b.to_vec()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Parses `whole`, exactly one whole reply: an array whose elements are all bulk strings
+/// (not nil) becomes [`Reply::Items`], slices of `whole`; anything else a value, as
+/// [`parse`] makes it.
+pub(crate) fn parse_items(whole: Bytes) -> Result<Reply, ProtocolError> {
+    if let Some(items) = items_of(&whole)? {
+        return Ok(Reply::Items(items));
+    }
+    match parse(&whole)? {
+        Some((v, n)) if n == whole.len() => Ok(Reply::Value(v)),
+        _ => Err(ProtocolError("reply shorter than announced".into())),
+    }
+}
+
+/// The bulk strings of an array of bulk strings, or `None` for any other reply.
+fn items_of(whole: &Bytes) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    if whole.first() != Some(&b'*') {
+        return Ok(None);
+    }
+    let Some((text, mut at)) = line(whole, 1) else {
+        return Ok(None);
+    };
+    if at == usize::MAX {
+        return Ok(None);
+    }
+    let n = int(text)?;
+    if n < 0 {
+        return Ok(None);
+    }
+    let mut items = Vec::with_capacity((n as usize).min(whole.len() / 4));
+    for _ in 0..n {
+        if whole.get(at) != Some(&b'$') {
+            return Ok(None);
+        }
+        let Some((text, next)) = line(whole, at + 1) else {
+            return Ok(None);
+        };
+        if next == usize::MAX {
+            return Ok(None);
+        }
+        let len = int(text)?;
+        if len < 0 {
+            return Ok(None);
+        }
+        let end = next + len as usize;
+        if whole.len() < end + 2 || &whole[end..end + 2] != b"\r\n" {
+            return Ok(None);
+        }
+        items.push(whole.slice(next..end));
+        at = end + 2;
+    }
+    Ok((at == whole.len()).then_some(items))
+}
 
 /// A reply that does not follow the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +374,19 @@ mod tests {
                 prop_assert_eq!(parse(&bytes[..cut]).unwrap(), None, "cut at {}", cut);
                 prop_assert_eq!(Scanner::default().scan(&bytes[..cut]).unwrap(), None);
             }
+        }
+
+        /// Read as items (slices of the buffer), a reply means what it means as a value,
+        /// and every array of bulk strings comes out as items.
+        #[test]
+        fn items_agree_with_values(r in reply()) {
+            let mut bytes = Vec::new();
+            encode(&r, &mut bytes);
+            let expected = parse(&bytes).unwrap().unwrap().0;
+            let read = parse_items(bytes::Bytes::from(bytes)).unwrap();
+            let all_bulk = matches!(&r, Reply::Array(items) if items.iter().all(|i| matches!(i, Reply::Bulk(_))));
+            prop_assert_eq!(matches!(read, super::Reply::Items(_)), all_bulk);
+            prop_assert_eq!(read.into_value(), expected);
         }
 
         /// On any bytes: no panic, and whatever it accepts, the `redis` crate reads the same.

@@ -11,6 +11,7 @@ use redis::{Cmd, RedisResult, Value};
 
 use super::node::Node;
 use super::reply::{Outcome, classify};
+use super::resp::Reply;
 use super::{Inner, RequestOpts};
 use crate::config::{FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE};
 use crate::error::{Error, Result};
@@ -95,14 +96,16 @@ struct Item {
     redirects: u32,
 }
 
-/// Routes `cmds` by slot and runs them; see [`super::Cluster::batch`].
+/// Routes `cmds` by slot and runs them; see [`super::Cluster::batch`]. With `items`,
+/// arrays of bulk strings come back as [`Reply::Items`] (slices of the read buffer).
 pub(crate) async fn run_batch(
     inner: &Arc<Inner>,
     cmds: Vec<(Slot, Cmd)>,
     opts: RequestOpts,
-) -> Vec<Result<Value>> {
+    items_wanted: bool,
+) -> Vec<Result<Reply>> {
     let n = cmds.len();
-    let mut results: Vec<Option<Result<Value>>> = (0..n).map(|_| None).collect();
+    let mut results: Vec<Option<Result<Reply>>> = (0..n).map(|_| None).collect();
     let mut items: Vec<Item> = (0..n).map(|_| Item::default()).collect();
     let mut pending: Vec<usize> = (0..n).collect();
     let deadline = Instant::now() + opts.retry_budget;
@@ -130,7 +133,7 @@ pub(crate) async fn run_batch(
         let sends = groups.into_iter().map(|(addr, group)| {
             let cmds = &cmds;
             async move {
-                let r = send_group(inner, &addr, &group, cmds, opts).await;
+                let r = send_group(inner, &addr, &group, cmds, opts, items_wanted).await;
                 (addr, group, r)
             }
         });
@@ -160,8 +163,16 @@ pub(crate) async fn run_batch(
             };
             let unit: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
             for ((i, _), reply) in group.into_iter().zip(replies) {
-                match classify(&addr, reply) {
-                    Outcome::Done(v) => results[i] = Some(Ok(v)),
+                let value = match reply {
+                    // An array of bulk strings: never an error or a redirect.
+                    Reply::Items(b) => {
+                        results[i] = Some(Ok(Reply::Items(b)));
+                        continue;
+                    }
+                    Reply::Value(v) => v,
+                };
+                match classify(&addr, Ok(value)) {
+                    Outcome::Done(v) => results[i] = Some(Ok(Reply::Value(v))),
                     Outcome::Failed(e) => results[i] = Some(Err(e)),
                     Outcome::Moved { slot, to } => {
                         inner.apply_moved(slot, &to);
@@ -238,7 +249,7 @@ pub(crate) async fn run_batch(
 /// for all of them, or the owner in the updated map), after the same pause.
 fn regroup(
     unit: &[usize],
-    results: &mut [Option<Result<Value>>],
+    results: &mut [Option<Result<Reply>>],
     items: &mut [Item],
     pending: &mut Vec<usize>,
     later: &mut Vec<(usize, Error)>,
@@ -277,7 +288,7 @@ fn regroup(
 
 fn redirect(
     item: &mut Item,
-    result: &mut Option<Result<Value>>,
+    result: &mut Option<Result<Reply>>,
     pending: &mut Vec<usize>,
     i: usize,
     slot: Slot,
@@ -301,7 +312,8 @@ async fn send_group(
     group: &[(usize, bool)],
     cmds: &[(Slot, Cmd)],
     opts: RequestOpts,
-) -> std::result::Result<Vec<RedisResult<Value>>, SendError> {
+    items: bool,
+) -> std::result::Result<Vec<Reply>, SendError> {
     let timeout = opts.timeout;
     // ASKING targets are importing nodes: the map may still call them down or unknown.
     let asking = group.iter().any(|(_, a)| *a);
@@ -332,7 +344,7 @@ async fn send_group(
         }
         cmds[*i].1.write_packed_command(&mut bytes);
     }
-    match tokio::time::timeout(timeout, conn.exec(bytes, replies)).await {
+    match tokio::time::timeout(timeout, conn.exec_replies(bytes, replies, items)).await {
         Err(_) => {
             if !opts.isolated {
                 inner.mark_down(addr);
@@ -359,7 +371,7 @@ async fn send_group(
                 if *ask {
                     values.next();
                 }
-                out.push(Ok(values.next().unwrap_or(Value::Nil)));
+                out.push(values.next().unwrap_or(Reply::Value(Value::Nil)));
             }
             Ok(out)
         }

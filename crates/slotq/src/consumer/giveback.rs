@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use redis::Value;
 
 use super::Message;
@@ -43,7 +44,7 @@ pub(super) async fn plain_to_head(
     prefix: &str,
     msgs: &[Message],
 ) -> Vec<(Arc<str>, Result<usize>)> {
-    let mut by_shard: Vec<(Arc<str>, Vec<Vec<u8>>)> = Vec::new();
+    let mut by_shard: Vec<(Arc<str>, Vec<Bytes>)> = Vec::new();
     for m in msgs {
         match by_shard.iter_mut().find(|(t, _)| *t == m.shard) {
             Some((_, v)) => v.push(m.payload.clone()),
@@ -61,7 +62,7 @@ pub(super) async fn plain_to_head(
 }
 
 /// Pushes popped payloads back to the head of their list, first one first.
-pub(super) async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Vec<u8>>) {
+pub(super) async fn give_back(cluster: &Cluster, slot: Slot, key: &str, payloads: Vec<Bytes>) {
     let n = payloads.len();
     if let Err(e) = push_to_head(cluster, slot, key, payloads).await {
         tracing::error!(key, count = n, cause = %e, "could not return popped messages");
@@ -73,7 +74,7 @@ pub(super) async fn push_to_head(
     cluster: &Cluster,
     slot: Slot,
     key: &str,
-    payloads: Vec<Vec<u8>>,
+    payloads: Vec<Bytes>,
 ) -> Result<()> {
     if payloads.is_empty() {
         return Ok(());
@@ -81,19 +82,19 @@ pub(super) async fn push_to_head(
     let mut cmd = redis::cmd("LPUSH");
     cmd.arg(key);
     for p in payloads.iter().rev() {
-        cmd.arg(p.as_slice());
+        cmd.arg(p.as_ref());
     }
     cluster.query::<Value>(slot, &cmd).await.map(|_| ())
 }
 
 /// Parses an `LPOP key count` reply (nil or an array of payloads).
-pub(super) fn list_items(v: Value) -> Result<Vec<Vec<u8>>> {
+pub(super) fn list_items(v: Value) -> Result<Vec<Bytes>> {
     match v {
         Value::Nil => Ok(Vec::new()),
         Value::Array(items) => items
             .into_iter()
             .map(|i| match i {
-                Value::BulkString(b) => Ok(b),
+                Value::BulkString(b) => Ok(Bytes::from(b)),
                 other => Err(Error::Protocol(format!("pop: unexpected item {other:?}"))),
             })
             .collect(),

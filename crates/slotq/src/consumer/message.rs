@@ -1,6 +1,8 @@
 //! A message handed out by a consumer, and settling it.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -14,8 +16,10 @@ use crate::lease::{self, LeaseId, LeaseRef, MessageId, Settle, Settled};
 /// delivered again.
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// The payload as sent.
-    pub payload: Vec<u8>,
+    /// The payload as sent: a slice of the buffer it was read into (no copy). Keeping a
+    /// few messages of a large batch keeps that buffer; `payload.to_vec()` (or
+    /// `Bytes::copy_from_slice`) detaches one.
+    pub payload: Bytes,
     /// The shard it came from.
     pub shard: Arc<str>,
     /// At-least-once queues: the message id, the same on every delivery.
@@ -31,7 +35,7 @@ pub struct Message {
 pub type Delivery = Message;
 
 impl Message {
-    pub(super) fn plain(payload: Vec<u8>, shard: Arc<str>) -> Message {
+    pub(super) fn plain(payload: Bytes, shard: Arc<str>) -> Message {
         Message {
             payload,
             shard,

@@ -18,10 +18,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use redis::Value;
 
 use super::Message;
 use crate::cluster::Cluster;
+use crate::cluster::Reply::{Items, Value as Plain};
 use crate::error::{Error, Result};
 use crate::lease::{self, Lease, LeaseAsk, LeaseId, LeaseRef, LeaseScripts, Leasing, ShardKeys};
 
@@ -52,7 +54,7 @@ pub(super) const FIRST_POP_COUNT: usize = 8;
 /// One shard's answer in a round.
 pub(super) enum Reply {
     /// An `LPOP` reply (at-most-once queues).
-    Items(Value),
+    Items(crate::cluster::Reply),
     /// A lease, or none (at-least-once queues).
     Lease(Leasing),
 }
@@ -109,7 +111,7 @@ impl Round {
                             )
                         })
                         .collect();
-                    let replies = cluster.batch(cmds, opts).await;
+                    let replies = cluster.batch_items(cmds, opts).await;
                     replies.into_iter().map(|r| r.map(Reply::Items)).collect()
                 }
                 Some(max_attempts) => {
@@ -157,7 +159,8 @@ pub(super) fn absorb(
     let arriving: usize = replies
         .iter()
         .map(|r| match r {
-            Ok(Reply::Items(Value::Array(items))) => items.len(),
+            Ok(Reply::Items(Items(items))) => items.len(),
+            Ok(Reply::Items(Plain(Value::Array(items)))) => items.len(),
             Ok(Reply::Lease(Leasing::Leased { count, .. })) => *count,
             _ => 0,
         })
@@ -247,7 +250,7 @@ fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
 fn take_lease(
     ctx: &Ctx,
     ask: &Ask,
-    (deadline_ms, count, items, in_list): (i64, usize, Vec<Value>, bool),
+    (deadline_ms, count, items, in_list): (i64, usize, Vec<Bytes>, bool),
     max_attempts: u32,
     started: Instant,
     into: &mut Vec<Message>,
@@ -267,12 +270,7 @@ fn take_lease(
     });
     let before = into.len();
     let mut decode = || -> Result<()> {
-        for item in &items {
-            let Value::BulkString(f) = item else {
-                return Err(Error::Protocol(
-                    "reliable pop: a frame is not a string".into(),
-                ));
-            };
+        for f in &items {
             if lease::decode_frame_head(f).is_some() {
                 continue;
             }
@@ -309,14 +307,19 @@ fn take_lease(
 }
 
 /// Hands each payload of an `LPOP key count` reply to `f`; returns how many there were.
-fn each_item(v: Value, mut f: impl FnMut(Vec<u8>)) -> Result<usize> {
-    match v {
-        Value::Nil => Ok(0),
-        Value::Array(items) => {
+fn each_item(reply: crate::cluster::Reply, mut f: impl FnMut(Bytes)) -> Result<usize> {
+    match reply {
+        Items(items) => {
+            let n = items.len();
+            items.into_iter().for_each(f);
+            Ok(n)
+        }
+        Plain(Value::Nil) => Ok(0),
+        Plain(Value::Array(items)) => {
             let n = items.len();
             for i in items {
                 match i {
-                    Value::BulkString(b) => f(b),
+                    Value::BulkString(b) => f(Bytes::from(b)),
                     other => {
                         return Err(Error::Protocol(format!("pop: unexpected item {other:?}")));
                     }
@@ -324,6 +327,6 @@ fn each_item(v: Value, mut f: impl FnMut(Vec<u8>)) -> Result<usize> {
             }
             Ok(n)
         }
-        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
+        Plain(other) => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
     }
 }

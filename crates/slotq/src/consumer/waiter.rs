@@ -228,7 +228,7 @@ impl Waiter {
 }
 
 /// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.
-fn blmpop_items(v: Value) -> Result<Vec<Vec<u8>>> {
+fn blmpop_items(v: Value) -> Result<Vec<bytes::Bytes>> {
     match v {
         Value::Nil => Ok(Vec::new()),
         Value::Array(mut parts) if parts.len() == 2 => list_items(parts.pop().expect("two parts")),

@@ -2,6 +2,7 @@
 //! that carries a producer batch of envelopes in one list element (formats in the
 //! [module documentation](super)). Pure functions, no I/O.
 
+use bytes::Bytes;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
@@ -174,18 +175,27 @@ pub struct Envelope {
     pub payload: Vec<u8>,
 }
 
-/// Unwraps an envelope held in a borrowed buffer: the payload is copied out once.
-fn decode_envelope_in(e: &[u8]) -> Result<Envelope> {
+/// An envelope of a frame as it was read: its payload a slice of the frame (no copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SharedEnvelope {
+    pub(crate) id: MessageId,
+    pub(crate) deliveries: u16,
+    pub(crate) enqueued_ms: u64,
+    pub(crate) payload: Bytes,
+}
+
+/// Unwraps an envelope `e` held in `frame`: the payload stays in the frame's buffer.
+fn decode_envelope_in(frame: &Bytes, e: &[u8]) -> Result<SharedEnvelope> {
     if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
         return Err(not_an_envelope());
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&e[2..18]);
-    Ok(Envelope {
+    Ok(SharedEnvelope {
         id: MessageId(id),
         deliveries: u16::from_be_bytes([e[18], e[19]]),
         enqueued_ms: u64::from_be_bytes(e[20..28].try_into().expect("8 bytes")),
-        payload: e[ENVELOPE_HEADER..].to_vec(),
+        payload: frame.slice_ref(&e[ENVELOPE_HEADER..]),
     })
 }
 
@@ -195,10 +205,10 @@ fn not_an_envelope() -> Error {
     )
 }
 
-/// Hands every envelope of a frame to `each`, decoded, each payload copied once out of the
-/// frame; returns how many there were. Nothing is handed out from a frame whose count or
+/// Hands every envelope of a frame to `each`, decoded, each payload a slice of the frame;
+/// returns how many there were. Nothing is handed out from a frame whose count or
 /// layout is wrong.
-pub(crate) fn for_each_envelope(f: &[u8], mut each: impl FnMut(Envelope)) -> Result<usize> {
+pub(crate) fn for_each_envelope(f: &Bytes, mut each: impl FnMut(SharedEnvelope)) -> Result<usize> {
     if f.len() < 5 || f[0..2] != FRAME_MAGIC {
         return Err(Error::Protocol("not a slotq frame".into()));
     }
@@ -216,7 +226,7 @@ pub(crate) fn for_each_envelope(f: &[u8], mut each: impl FnMut(Envelope)) -> Res
         return Err(not_an_envelope());
     }
     for e in &slices {
-        each(decode_envelope_in(e)?);
+        each(decode_envelope_in(f, e)?);
     }
     Ok(slices.len())
 }
@@ -383,7 +393,12 @@ mod tests {
             let back = decode_frame(&frame).unwrap();
             prop_assert_eq!(&back, &envs);
             let mut direct = Vec::new();
-            prop_assert_eq!(for_each_envelope(&frame, |e| direct.push(e)).unwrap(), envs.len());
+            let shared = Bytes::from(frame.clone());
+            prop_assert_eq!(for_each_envelope(&shared, |e| direct.push(e)).unwrap(), envs.len());
+            let direct: Vec<Envelope> = direct
+                .into_iter()
+                .map(|e| Envelope { id: e.id, deliveries: e.deliveries, enqueued_ms: e.enqueued_ms, payload: e.payload.to_vec() })
+                .collect();
             let via_vec: Vec<Envelope> = back.iter().map(|e| decode_envelope(e.clone()).unwrap()).collect();
             prop_assert_eq!(direct, via_vec);
             for (e, p) in back.into_iter().zip(&payloads) {
@@ -401,7 +416,7 @@ mod tests {
         fn random_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_frame(&bytes);
             let _ = frame_head(&bytes);
-            let _ = for_each_envelope(&bytes, |_| {});
+            let _ = for_each_envelope(&Bytes::from(bytes.clone()), |_| {});
             let _ = decode_frame_head(&bytes);
             let _ = unpack_strings(&bytes);
             let _ = decode_envelope(bytes);

@@ -15,10 +15,11 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::Value;
 
 use super::{LeaseId, LeaseScripts, REAP_LIMIT, ShardKeys};
-use crate::cluster::{Cluster, RequestOpts};
+use crate::cluster::{Cluster, Reply, RequestOpts};
 use crate::error::{Error, Result};
 use crate::script::Call;
 use crate::server_error::{RetryMethod, ServerErrorKind};
@@ -33,7 +34,8 @@ pub(crate) enum Leasing {
         deadline_ms: i64,
         /// Messages in the lease.
         count: usize,
-        items: Vec<Value>,
+        /// Heads and frames, each a slice of the buffer it was read into.
+        items: Vec<Bytes>,
         /// Stored in a list of its own (else in place, in the inflight hash).
         in_list: bool,
     },
@@ -129,7 +131,7 @@ pub(crate) async fn lease_many(
         cmds
     };
     let all: Vec<usize> = (0..calls.len()).collect();
-    let mut replies = pairs(cluster.batch(send(false, &all), opts).await);
+    let mut replies = pairs(cluster.batch_items(send(false, &all), opts).await);
     // A node that lost its scripts (a restart, SCRIPT FLUSH) gets them with the calls again.
     let missing: Vec<usize> = (0..replies.len())
         .filter(|&i| {
@@ -137,7 +139,7 @@ pub(crate) async fn lease_many(
         })
         .collect();
     if !missing.is_empty() {
-        let again = pairs(cluster.batch(send(true, &missing), opts).await);
+        let again = pairs(cluster.batch_items(send(true, &missing), opts).await);
         for (i, r) in missing.into_iter().zip(again) {
             replies[i] = r;
         }
@@ -160,7 +162,7 @@ pub(crate) async fn lease_many(
             Err(e) => Err(e),
             Ok(None) => Ok(Leasing::Nothing),
             Ok(Some((deadline_ms, count, elements))) => match list {
-                Ok(Value::Array(items)) if items.len() == elements => Ok(Leasing::Leased {
+                Ok(Reply::Items(items)) if items.len() == elements => Ok(Leasing::Leased {
                     deadline_ms,
                     count,
                     items,
@@ -176,10 +178,10 @@ pub(crate) async fn lease_many(
     if !reread.is_empty() {
         let cmds = reread.iter().map(|&(i, ..)| read_list(&calls[i])).collect();
         for (&(i, deadline_ms, count, elements), r) in
-            reread.iter().zip(cluster.batch(cmds, opts).await)
+            reread.iter().zip(cluster.batch_items(cmds, opts).await)
         {
             out[i] = Ok(match r {
-                Ok(Value::Array(items)) if items.len() == elements => Leasing::Leased {
+                Ok(Reply::Items(items)) if items.len() == elements => Leasing::Leased {
                     deadline_ms,
                     count,
                     items,
@@ -206,11 +208,11 @@ pub(crate) async fn lease_many(
 }
 
 /// Splits a batch's replies into (script, list read) pairs.
-fn pairs(replies: Vec<Result<Value>>) -> Vec<(Result<Value>, Result<Value>)> {
+fn pairs(replies: Vec<Result<Reply>>) -> Vec<(Result<Value>, Result<Reply>)> {
     let mut it = replies.into_iter();
     let mut out = Vec::with_capacity(it.len() / 2);
     while let (Some(a), Some(b)) = (it.next(), it.next()) {
-        out.push((a, b));
+        out.push((a.map(Reply::into_value), b));
     }
     out
 }
@@ -240,7 +242,16 @@ fn parse_in_place(v: Value) -> Result<Leasing> {
     if items.len() < 5 {
         return Err(Error::Protocol("reliable pop: short reply".into()));
     }
-    let frames = items.split_off(5);
+    let frames = items
+        .split_off(5)
+        .into_iter()
+        .map(|f| match f {
+            Value::BulkString(b) => Ok(Bytes::from(b)),
+            other => Err(Error::Protocol(format!(
+                "reliable pop: a frame is {other:?}, not a string"
+            ))),
+        })
+        .collect::<Result<Vec<Bytes>>>()?;
     Ok(match parse_counts(Value::Array(items))? {
         None => Leasing::Nothing,
         Some((deadline_ms, count, _)) => Leasing::Leased {

@@ -87,7 +87,7 @@ impl ProducerInner {
                 .clone()
         });
         let reply = match (self.cfg.durability, count) {
-            (None, None) => cluster.query_with::<Value>(lane.slot, &cmd, opts).await?,
+            (None, None) => cluster.query_owned::<Value>(lane.slot, cmd, opts).await?,
             (None, Some(count)) => {
                 let mut out = cluster
                     .batch(vec![(lane.slot, cmd), (lane.slot, count)], opts)
