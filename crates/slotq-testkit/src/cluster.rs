@@ -10,6 +10,11 @@ use crate::{Result, Security, TestkitError, wait_for};
 
 /// How long cluster-wide changes (meet, slot assignment, failover) may take.
 pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the wait for every node to agree on the slot map. Longer than the others:
+/// after thousands of slots moved one by one on a machine loaded by the rest of the
+/// suite, agreement took over 30 s in two runs of about a dozen (each failure now names
+/// what still disagreed).
+pub const STABLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings for a [`TestCluster`].
 #[derive(Debug, Clone)]
@@ -333,47 +338,82 @@ impl TestCluster {
     /// Waits until every running node reports `cluster_state:ok`, knows every running node,
     /// and all running nodes agree on the slot map.
     pub fn wait_stable(&self) -> Result<()> {
-        wait_for(
+        // What kept the cluster from agreeing at the last look: the timeout names it.
+        let mut last = String::new();
+        let agreed = wait_for(
             "cluster_state:ok and one slot map on every node",
-            CLUSTER_TIMEOUT,
-            || {
-                let mut first: Option<Vec<(i64, i64, i64)>> = None;
-                for n in &self.nodes {
-                    if n.pid().is_none() {
-                        continue;
-                    }
-                    let info: String = n.cmd(redis::cmd("CLUSTER").arg("INFO")).ok()?;
-                    if !info.contains("cluster_state:ok") {
-                        return None;
-                    }
-                    let v: Vec<redis::Value> = n.cmd(redis::cmd("CLUSTER").arg("SLOTS")).ok()?;
-                    let mut map: Vec<(i64, i64, i64)> = v
-                        .iter()
-                        .filter_map(|e| match e {
-                            redis::Value::Array(p) => match (p.first(), p.get(1), p.get(2)) {
-                                (
-                                    Some(redis::Value::Int(a)),
-                                    Some(redis::Value::Int(b)),
-                                    Some(redis::Value::Array(m)),
-                                ) => match m.get(1) {
-                                    Some(redis::Value::Int(port)) => Some((*a, *b, *port)),
-                                    _ => None,
-                                },
-                                _ => None,
-                            },
-                            _ => None,
-                        })
-                        .collect();
-                    map.sort();
-                    match &first {
-                        None => first = Some(map),
-                        Some(f) if *f == map => {}
-                        Some(_) => return None,
-                    }
+            STABLE_TIMEOUT,
+            || match self.disagreement() {
+                None => Some(()),
+                Some(why) => {
+                    last = why;
+                    None
                 }
-                Some(())
             },
-        )
+        );
+        agreed.map_err(|e| match e {
+            TestkitError::Timeout(what) => TestkitError::Timeout(format!("{what}: {last}")),
+            other => other,
+        })
+    }
+
+    /// Why the running nodes do not agree yet (`None` once every one reports
+    /// `cluster_state:ok` and all report the same slot map).
+    fn disagreement(&self) -> Option<String> {
+        // The first node's port and its map: (first slot, last slot, master port) ranges.
+        type Ranges = Vec<(i64, i64, i64)>;
+        let mut first: Option<(u16, Ranges)> = None;
+        for n in &self.nodes {
+            if n.pid().is_none() {
+                continue;
+            }
+            let info: String = match n.cmd(redis::cmd("CLUSTER").arg("INFO")) {
+                Ok(i) => i,
+                Err(e) => return Some(format!("node {}: CLUSTER INFO: {e}", n.port())),
+            };
+            if !info.contains("cluster_state:ok") {
+                return Some(format!("node {}: not cluster_state:ok", n.port()));
+            }
+            let v: Vec<redis::Value> = match n.cmd(redis::cmd("CLUSTER").arg("SLOTS")) {
+                Ok(v) => v,
+                Err(e) => return Some(format!("node {}: CLUSTER SLOTS: {e}", n.port())),
+            };
+            let mut map: Vec<(i64, i64, i64)> = v
+                .iter()
+                .filter_map(|e| match e {
+                    redis::Value::Array(p) => match (p.first(), p.get(1), p.get(2)) {
+                        (
+                            Some(redis::Value::Int(a)),
+                            Some(redis::Value::Int(b)),
+                            Some(redis::Value::Array(m)),
+                        ) => match m.get(1) {
+                            Some(redis::Value::Int(port)) => Some((*a, *b, *port)),
+                            _ => None,
+                        },
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            map.sort();
+            match &first {
+                None => first = Some((n.port(), map)),
+                Some((_, f)) if *f == map => {}
+                Some((port, f)) => {
+                    let differ = f
+                        .iter()
+                        .zip(&map)
+                        .find(|(a, b)| a != b)
+                        .map(|(a, b)| format!("{a:?} against {b:?}"))
+                        .unwrap_or_else(|| format!("{} ranges against {}", f.len(), map.len()));
+                    return Some(format!(
+                        "nodes {port} and {} see different slot maps: {differ}",
+                        n.port()
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Waits until replica `r` reports `master_link_status:up`.
