@@ -12,7 +12,7 @@ use crate::{Result, Security, TestkitError, wait_for};
 pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the wait for every node to agree on the slot map. Longer than the others:
 /// after thousands of slots moved one by one on a machine loaded by the rest of the
-/// suite, agreement took over 30 s in two runs of about a dozen (each failure now names
+/// suite, agreement took over 30 s in two of three full runs of the suite (each failure names
 /// what still disagreed).
 pub const STABLE_TIMEOUT: Duration = Duration::from_secs(60);
 
