@@ -691,3 +691,90 @@ async fn an_unreadable_frame_goes_to_the_dead_letters_and_never_stops_the_shard(
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
 }
+
+/// A lease that takes everything a shard holds renames the ready list into its own (no
+/// copy): the ready list is gone, the lease's list holds the frames with their heads, a
+/// later push starts a new ready list, and a release puts the leased messages back in
+/// front of it, in their order, without counting a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_a_whole_shard_renames_its_list_and_a_release_puts_it_back_first() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("whole").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let payloads = |from: usize, n: usize| (from..from + n).map(|i| format!("m{i:03}"));
+    // A first message, so that the consumer knows the payload size and asks for 100 (not
+    // a first few, which would cut the frame).
+    let mut consumer = q.consumer().pop_batch(100).build().unwrap();
+    producer.send_keyed("k", "first").await.unwrap();
+    let m = consumer.recv().await.unwrap();
+    m.ack().await.unwrap();
+    for (from, n) in [(0, 30), (30, 20)] {
+        producer
+            .send_keyed_batch(payloads(from, n).map(|p| ("k", p)))
+            .await
+            .unwrap();
+    }
+    let (owner, tag) = shard_holding(&c, &q, 50).await;
+    let node = c.node(owner);
+    let key = |kind: &str| shard_key(&q, &tag, kind);
+    let len = |k: &str| -> i64 { node.cmd(redis::cmd("LLEN").arg(k)).unwrap() };
+    assert_eq!(len(&key("ready")), 4, "two frames, each behind its head");
+    let _: () = node.cmd(redis::cmd("CONFIG").arg("RESETSTAT")).unwrap();
+
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        got.extend(
+            consumer
+                .recv_batch_timeout(100, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+    }
+    let (_, lease) = got[0].lease_id().unwrap();
+    assert!(
+        got.iter().all(|m| m.lease_id().unwrap().1 == lease),
+        "one lease"
+    );
+    let exists: i64 = node.cmd(redis::cmd("EXISTS").arg(key("ready"))).unwrap();
+    assert_eq!(exists, 0, "the ready list became the lease's");
+    let commands: String = node.cmd(redis::cmd("INFO").arg("commandstats")).unwrap();
+    assert!(commands.contains("cmdstat_rename:calls=1,"), "{commands}");
+    assert!(
+        !commands.contains("cmdstat_sort:"),
+        "nothing copied: {commands}"
+    );
+    assert_eq!(len(&key(&format!("lease:{lease}"))), 4);
+
+    producer
+        .send_keyed_batch(payloads(50, 10).map(|p| ("k", p)))
+        .await
+        .unwrap();
+    assert_eq!(len(&key("ready")), 2, "a new ready list");
+    assert_eq!(consumer.release_all(&got).await.unwrap().settled, 50);
+    assert_eq!(
+        len(&key(&format!("lease:{lease}"))),
+        0,
+        "the lease's list is gone"
+    );
+
+    let mut again = Vec::new();
+    while again.len() < 60 {
+        let batch = consumer
+            .recv_batch_timeout(100, Duration::from_secs(2))
+            .await
+            .unwrap();
+        consumer.ack_all(&batch).await.unwrap();
+        again.extend(batch);
+    }
+    let order: Vec<Vec<u8>> = again.iter().map(|m| m.payload.to_vec()).collect();
+    let expected: Vec<Vec<u8>> = payloads(0, 60).map(String::into_bytes).collect();
+    assert_eq!(
+        order, expected,
+        "released first, in order, then the later push"
+    );
+    assert!(
+        again.iter().all(|m| m.attempt == 1),
+        "a release counts no delivery"
+    );
+}

@@ -193,7 +193,11 @@ if in_list then
     total = total + c
     bytes = bytes + head_bytes(h)
   end
-  if elements > 0 then
+  if elements > 0 and elements == avail then
+    -- The lease takes the whole list: renamed, nothing copied (the list is gone after).
+    redis.call('RENAME', KEYS[1], KEYS[8])
+    avail = 0
+  elseif elements > 0 then
     redis.call('SORT', KEYS[1], 'BY', 'nosort', 'LIMIT', 0, elements, 'STORE', KEYS[8])
     redis.call('LTRIM', KEYS[1], elements, -1)
     avail = avail - elements
