@@ -303,36 +303,66 @@ impl TestCluster {
 
     /// Slot ranges `(start, end)` to master index, from `CLUSTER SLOTS` of a running node.
     pub fn slot_owners(&self) -> HashMap<(u16, u16), usize> {
-        for n in &self.nodes {
-            if n.pid().is_none() {
-                continue;
-            }
-            let Ok(v) = n.cmd::<Vec<redis::Value>>(redis::cmd("CLUSTER").arg("SLOTS")) else {
+        (0..self.nodes.len())
+            .find_map(|i| self.slot_owners_seen_by(i))
+            .unwrap_or_default()
+    }
+
+    /// Slot ranges `(start, end)` to master index as node `i` sees them (`None` if it is not
+    /// running or does not answer).
+    fn slot_owners_seen_by(&self, i: usize) -> Option<HashMap<(u16, u16), usize>> {
+        let n = &self.nodes[i];
+        n.pid()?;
+        let v = n
+            .cmd::<Vec<redis::Value>>(redis::cmd("CLUSTER").arg("SLOTS"))
+            .ok()?;
+        let mut map = HashMap::new();
+        for e in v {
+            let redis::Value::Array(parts) = e else {
                 continue;
             };
-            let mut map = HashMap::new();
-            for e in v {
-                let redis::Value::Array(parts) = e else {
-                    continue;
-                };
-                let (
-                    Some(redis::Value::Int(a)),
-                    Some(redis::Value::Int(b)),
-                    Some(redis::Value::Array(m)),
-                ) = (parts.first(), parts.get(1), parts.get(2))
-                else {
-                    continue;
-                };
-                let Some(redis::Value::Int(port)) = m.get(1) else {
-                    continue;
-                };
-                if let Some(i) = self.index_of_port(*port as u16) {
-                    map.insert((*a as u16, *b as u16), i);
-                }
+            let (
+                Some(redis::Value::Int(a)),
+                Some(redis::Value::Int(b)),
+                Some(redis::Value::Array(m)),
+            ) = (parts.first(), parts.get(1), parts.get(2))
+            else {
+                continue;
+            };
+            let Some(redis::Value::Int(port)) = m.get(1) else {
+                continue;
+            };
+            if let Some(i) = self.index_of_port(*port as u16) {
+                map.insert((*a as u16, *b as u16), i);
             }
-            return map;
         }
-        HashMap::new()
+        Some(map)
+    }
+
+    /// Makes node `to` hold `slots` in its own view (assigning again any it does not), then
+    /// bumps its config epoch, so that its claim wins over older gossip. Under load, the
+    /// node a thousand slots had just moved to was seen holding only the first few in its
+    /// own view a minute later, while the other nodes agreed it held them all.
+    fn claim(&self, slots: &[u16], to: usize) -> Result<()> {
+        let view = self.slot_owners_seen_by(to).unwrap_or_default();
+        let owner = |s: u16| {
+            view.iter()
+                .find(|((a, b), _)| (*a..=*b).contains(&s))
+                .map(|(_, i)| *i)
+        };
+        for &s in slots {
+            if owner(s) != Some(to) {
+                self.nodes[to].cmd::<()>(
+                    redis::cmd("CLUSTER")
+                        .arg("SETSLOT")
+                        .arg(s)
+                        .arg("NODE")
+                        .arg(&self.ids[to]),
+                )?;
+            }
+        }
+        self.nodes[to].cmd::<String>(redis::cmd("CLUSTER").arg("BUMPEPOCH"))?;
+        Ok(())
     }
 
     /// Waits until every running node reports `cluster_state:ok`, knows every running node,
@@ -400,14 +430,9 @@ impl TestCluster {
                 None => first = Some((n.port(), map)),
                 Some((_, f)) if *f == map => {}
                 Some((port, f)) => {
-                    let differ = f
-                        .iter()
-                        .zip(&map)
-                        .find(|(a, b)| a != b)
-                        .map(|(a, b)| format!("{a:?} against {b:?}"))
-                        .unwrap_or_else(|| format!("{} ranges against {}", f.len(), map.len()));
                     return Some(format!(
-                        "nodes {port} and {} see different slot maps: {differ}",
+                        "nodes {port} and {} see different slot maps (first slot, last slot, \
+                         master port): {f:?} against {map:?}",
                         n.port()
                     ));
                 }
@@ -580,9 +605,10 @@ impl TestCluster {
             v.truncate(count);
             v
         };
-        for s in slots {
+        for &s in &slots {
             self.migrate_slot(s, to)?;
         }
+        self.claim(&slots, to)?;
         self.wait_stable()
     }
 
@@ -594,6 +620,7 @@ impl TestCluster {
                 self.migrate_slot(s, to)?;
             }
         }
+        self.claim(slots, to)?;
         self.wait_stable()
     }
 
