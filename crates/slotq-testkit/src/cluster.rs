@@ -339,6 +339,17 @@ impl TestCluster {
         Some(map)
     }
 
+    /// Tells node `i` that `slot` belongs to master `to` (`CLUSTER SETSLOT slot NODE id`).
+    fn assign(&self, i: usize, slot: u16, to: usize) -> Result<()> {
+        self.nodes[i].cmd::<()>(
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&self.ids[to]),
+        )
+    }
+
     /// Makes node `to` hold `slots` in its own view (assigning again any it does not), then
     /// bumps its config epoch, so that its claim wins over older gossip. Under load, the
     /// node a thousand slots had just moved to was seen holding only the first few in its
@@ -352,13 +363,7 @@ impl TestCluster {
         };
         for &s in slots {
             if owner(s) != Some(to) {
-                self.nodes[to].cmd::<()>(
-                    redis::cmd("CLUSTER")
-                        .arg("SETSLOT")
-                        .arg(s)
-                        .arg("NODE")
-                        .arg(&self.ids[to]),
-                )?;
+                self.assign(to, s, to)?;
             }
         }
         self.nodes[to].cmd::<String>(redis::cmd("CLUSTER").arg("BUMPEPOCH"))?;
@@ -566,15 +571,7 @@ impl TestCluster {
     /// Moves every remaining key and assigns the slot to the target on every master.
     pub fn finish_migration(&self, m: &Migration) -> Result<()> {
         while self.migrate_keys(m, 1000)? > 0 {}
-        let assign = |i: usize| -> Result<()> {
-            self.nodes[i].cmd::<()>(
-                redis::cmd("CLUSTER")
-                    .arg("SETSLOT")
-                    .arg(m.slot)
-                    .arg("NODE")
-                    .arg(&self.ids[m.to]),
-            )
-        };
+        let assign = |i: usize| self.assign(i, m.slot, m.to);
         assign(m.to)?;
         assign(m.from)?;
         for i in self.masters() {

@@ -49,34 +49,14 @@ pub(crate) fn parse_items(whole: Bytes) -> Result<Reply, ProtocolError> {
 
 /// The bulk strings of an array of bulk strings, or `None` for any other reply.
 fn items_of(whole: &Bytes) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    if whole.first() != Some(&b'*') {
-        return Ok(None);
-    }
-    let Some((text, mut at)) = line(whole, 1) else {
+    let Some((n, mut at)) = header(whole, 0, b'*')? else {
         return Ok(None);
     };
-    if at == usize::MAX {
-        return Ok(None);
-    }
-    let n = int(text)?;
-    if n < 0 {
-        return Ok(None);
-    }
     let mut items = Vec::with_capacity((n as usize).min(whole.len() / 4));
     for _ in 0..n {
-        if whole.get(at) != Some(&b'$') {
-            return Ok(None);
-        }
-        let Some((text, next)) = line(whole, at + 1) else {
+        let Some((len, next)) = header(whole, at, b'$')? else {
             return Ok(None);
         };
-        if next == usize::MAX {
-            return Ok(None);
-        }
-        let len = int(text)?;
-        if len < 0 {
-            return Ok(None);
-        }
         let end = next + len as usize;
         if whole.len() < end + 2 || &whole[end..end + 2] != b"\r\n" {
             return Ok(None);
@@ -85,6 +65,22 @@ fn items_of(whole: &Bytes) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         at = end + 2;
     }
     Ok((at == whole.len()).then_some(items))
+}
+
+/// The length in a `kind` line at `at` (`*n` or `$n`) and where the line ends; `None` for
+/// another kind of line, a negative length (nil) or a line not ended by CRLF.
+fn header(buf: &[u8], at: usize, kind: u8) -> Result<Option<(i64, usize)>, ProtocolError> {
+    if buf.get(at) != Some(&kind) {
+        return Ok(None);
+    }
+    let Some((text, next)) = line(buf, at + 1) else {
+        return Ok(None);
+    };
+    if next == usize::MAX {
+        return Ok(None);
+    }
+    let n = int(text)?;
+    Ok((n >= 0).then_some((n, next)))
 }
 
 /// A reply that does not follow the protocol.
