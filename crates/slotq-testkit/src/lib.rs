@@ -14,10 +14,12 @@ mod cluster;
 pub mod dev;
 mod ports;
 mod server;
+mod slots;
 mod tls;
 
-pub use cluster::{ClusterBuilder, Migration, TestCluster};
+pub use cluster::{ClusterBuilder, TestCluster};
 pub use server::{Server, ServerBuilder};
+pub use slots::Migration;
 pub use tls::TlsFiles;
 
 use std::time::Duration;
