@@ -7,7 +7,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::grouped::Grouped;
 use super::{
-    Consumer, DEFAULT_BLOCK_TIMEOUT, DEFAULT_POP_BATCH, MAX_LEASE_BATCH, MAX_WEIGHT, round,
+    Consumer, DEFAULT_BLOCK_TIMEOUT, DEFAULT_LEASE_BATCH, DEFAULT_POP_BATCH, MAX_LEASE_BATCH,
+    MAX_WEIGHT, round,
 };
 use crate::error::{Error, Result};
 use crate::group::{DEFAULT_GROUP, DEFAULT_MEMBER_TIMEOUT, GroupConfig};
@@ -19,7 +20,8 @@ use crate::queue::Queue;
 #[derive(Debug, Clone)]
 pub struct ConsumerBuilder {
     queue: Queue,
-    pop_batch: usize,
+    /// `None`: the default of the queue's mode.
+    pop_batch: Option<usize>,
     block_timeout: Duration,
     lease: Duration,
     group: Option<String>,
@@ -31,7 +33,7 @@ impl ConsumerBuilder {
     pub(crate) fn new(queue: Queue) -> Self {
         ConsumerBuilder {
             queue,
-            pop_batch: DEFAULT_POP_BATCH,
+            pop_batch: None,
             block_timeout: DEFAULT_BLOCK_TIMEOUT,
             lease: lease::DEFAULT_LEASE,
             group: Some(DEFAULT_GROUP.to_string()),
@@ -78,9 +80,11 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Messages asked from each shard per sweep.
+    /// Messages asked from each shard per sweep: [`DEFAULT_POP_BATCH`](super::DEFAULT_POP_BATCH)
+    /// unless set on at-most-once queues, [`DEFAULT_LEASE_BATCH`](super::DEFAULT_LEASE_BATCH)
+    /// (also the most) on at-least-once queues.
     pub fn pop_batch(mut self, n: usize) -> Self {
-        self.pop_batch = n;
+        self.pop_batch = Some(n);
         self
     }
 
@@ -92,7 +96,7 @@ impl ConsumerBuilder {
 
     /// Validates the settings and makes the consumer.
     pub fn build(self) -> Result<Consumer> {
-        if self.pop_batch == 0 {
+        if self.pop_batch == Some(0) {
             return Err(Error::Config("pop_batch must be at least 1".into()));
         }
         if self.block_timeout < Duration::from_millis(10) {
@@ -112,19 +116,21 @@ impl ConsumerBuilder {
         if self.ordered && self.group.is_none() {
             return Err(Error::Config("ordered mode needs a group".into()));
         }
-        // A lease is one script reply; keep it well inside Lua's limits.
-        let pop_batch = self.pop_batch.min(MAX_LEASE_BATCH / MAX_WEIGHT);
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let max_attempts = match self.queue.mode() {
             DeliveryMode::AtMostOnce => None,
             DeliveryMode::AtLeastOnce { max_attempts } => Some(max_attempts),
         };
+        let pop_batch = match max_attempts {
+            None => self.pop_batch.unwrap_or(DEFAULT_POP_BATCH),
+            // A lease is one script reply; keep it well inside Lua's limits.
+            Some(_) => self
+                .pop_batch
+                .unwrap_or(DEFAULT_LEASE_BATCH)
+                .min(MAX_LEASE_BATCH / MAX_WEIGHT),
+        };
         Ok(Consumer {
-            pop_batch: if max_attempts.is_some() {
-                pop_batch
-            } else {
-                self.pop_batch
-            },
+            pop_batch,
             ctx: round::Ctx {
                 cluster: self.queue.cluster().clone(),
                 scripts: self.queue.lease_scripts(),
