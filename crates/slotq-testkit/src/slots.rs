@@ -74,12 +74,17 @@ impl TestCluster {
 
     /// Tells node `i` that `slot` belongs to master `to` (`CLUSTER SETSLOT slot NODE id`).
     fn assign(&self, i: usize, slot: u16, to: usize) -> Result<()> {
+        self.setslot(i, slot, "NODE", to)
+    }
+
+    /// `CLUSTER SETSLOT slot STATE id-of-node` on node `i` (NODE, IMPORTING, MIGRATING).
+    fn setslot(&self, i: usize, slot: u16, state: &str, node: usize) -> Result<()> {
         self.nodes[i].cmd::<()>(
             redis::cmd("CLUSTER")
                 .arg("SETSLOT")
                 .arg(slot)
-                .arg("NODE")
-                .arg(&self.ids[to]),
+                .arg(state)
+                .arg(&self.ids[node]),
         )
     }
 
@@ -189,20 +194,8 @@ impl TestCluster {
                 "slot {slot} is already on node {to}"
             )));
         }
-        self.nodes[to].cmd::<()>(
-            redis::cmd("CLUSTER")
-                .arg("SETSLOT")
-                .arg(slot)
-                .arg("IMPORTING")
-                .arg(&self.ids[from]),
-        )?;
-        self.nodes[from].cmd::<()>(
-            redis::cmd("CLUSTER")
-                .arg("SETSLOT")
-                .arg(slot)
-                .arg("MIGRATING")
-                .arg(&self.ids[to]),
-        )?;
+        self.setslot(to, slot, "IMPORTING", from)?;
+        self.setslot(from, slot, "MIGRATING", to)?;
         Ok(Migration { slot, from, to })
     }
 
