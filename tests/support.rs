@@ -66,3 +66,21 @@ pub fn key_for_shard(set: &slotq::placement::ShardSet, number: u32) -> String {
         })
         .expect("some key lands on every keyed shard")
 }
+
+/// Calls of one command (lower case, e.g. "lrange") on every node, from `INFO commandstats`
+/// (commands that scripts run count too).
+pub fn command_calls(c: &slotq_testkit::TestCluster, command: &str) -> u64 {
+    let field = format!("cmdstat_{command}:calls=");
+    (0..c.len())
+        .map(|i| {
+            let info: String = c
+                .node(i)
+                .cmd(slotq::redis::cmd("INFO").arg("commandstats"))
+                .expect("INFO commandstats");
+            info.lines()
+                .find_map(|l| l.strip_prefix(field.as_str()))
+                .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}

@@ -144,7 +144,8 @@ impl ConsumerBuilder {
             buffer: VecDeque::new(),
             inbox_tx,
             inbox_rx,
-            idle: watch::Sender::new(false),
+            idle: watch::Sender::new(None),
+            waits: 0,
             waiters: HashMap::new(),
             group: self.group.map(|name| {
                 Grouped::new(GroupConfig {
@@ -155,6 +156,7 @@ impl ConsumerBuilder {
             }),
             last_report: None,
             found_nothing: true,
+            sweep_due: true,
             weights: HashMap::new(),
             payload_sizes: HashMap::new(),
             rotate: 0,

@@ -90,6 +90,11 @@ impl Grouped {
         s
     }
 
+    /// Whether other members report deep shards this one may steal from.
+    pub(super) fn may_steal(&self) -> bool {
+        !self.cfg.ordered && self.view.deep.iter().any(|t| !self.view.owned.contains(t))
+    }
+
     /// Shards to block on while idle.
     pub(super) fn owned(&self) -> &BTreeSet<String> {
         &self.view.owned

@@ -78,7 +78,13 @@ pub struct Consumer {
     buffer: VecDeque<Message>,
     inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
     inbox_rx: mpsc::UnboundedReceiver<Vec<Message>>,
-    idle: watch::Sender<bool>,
+    /// What the waiters follow: `Some(n)` while the consumer is in its n-th wait for
+    /// messages, `None` while it is busy. A waiter blocks only during a wait, and wakes
+    /// the consumer at most once a wait: a waiter that woke it for data it then swept
+    /// does not block again (and find that data still there) until the next wait.
+    idle: watch::Sender<Option<u64>>,
+    /// Waits so far.
+    waits: u64,
     /// A waiter per shard blocked on; dropping its sender tells it to stop.
     waiters: HashMap<String, (JoinHandle<()>, watch::Sender<()>)>,
     /// The consumer's group, unless it reads every shard itself.
@@ -86,6 +92,12 @@ pub struct Consumer {
     last_report: Option<Instant>,
     /// The last round found nothing in the consumer's own shards (so the next may steal).
     found_nothing: bool,
+    /// The shards may hold messages that no waiter will report: the next `fill` sweeps.
+    /// Cleared by a round that left every shard it watches empty (at-least-once leases say
+    /// so); set by a waiter's wake, a block timeout, a new assignment. While it is clear an
+    /// idle consumer goes straight to its waiters, whose blocking wait returns at once if
+    /// something arrived meanwhile: no round is sent just to find the shards empty.
+    sweep_due: bool,
     weights: HashMap<String, usize>,
     /// Average payload size per shard, from the last pop that brought messages.
     payload_sizes: HashMap<String, usize>,
@@ -264,7 +276,7 @@ impl Consumer {
     }
 
     fn set_busy(&self) {
-        self.idle.send_replace(false);
+        self.idle.send_replace(None);
         if let Some(g) = &self.group {
             g.idle(false);
         }
@@ -318,18 +330,19 @@ impl Consumer {
         loop {
             self.queue.check_live().await?;
             while let Ok(batch) = self.inbox_rx.try_recv() {
-                self.buffer_up(batch);
+                self.take_in(batch);
             }
             if !self.buffer.is_empty() {
                 self.set_busy();
                 return Ok(());
             }
-            if self.sweep().await? > 0 {
+            if self.must_sweep() && self.sweep().await? > 0 {
                 self.set_busy();
                 return Ok(());
             }
             self.ensure_waiters();
-            self.idle.send_replace(true);
+            self.waits += 1;
+            self.idle.send_replace(Some(self.waits));
             if let Some(g) = &self.group {
                 g.idle(true);
             }
@@ -344,21 +357,55 @@ impl Consumer {
             tokio::select! {
                 got = self.inbox_rx.recv() => {
                     if let Some(batch) = got {
-                        self.buffer_up(batch);
+                        self.take_in(batch);
                     }
                 }
                 _ = regroup => {
                     // The assignment changed: take it in and sweep what is now ours.
+                    self.sweep_due = true;
                     return Ok(());
                 }
                 _ = tokio::time::sleep_until(until.into()) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    // Sweep again after each block timeout: it picks up new shards and, for
+                    // at-least-once queues, returns expired leases and due delayed
+                    // messages to the ready lists.
+                    let now = Instant::now();
+                    if now >= wake {
+                        self.sweep_due = true;
+                    }
+                    if deadline.is_some_and(|d| now >= d) {
                         return Ok(());
                     }
-                    // Sweep again after each block timeout: it picks up new shards and, for
-                    // at-least-once queues, returns expired leases to the ready lists.
                 }
             }
+        }
+    }
+
+    /// A batch from the inbox: messages a waiter popped, or (empty) a waiter's word that
+    /// its shard has something.
+    fn take_in(&mut self, batch: Vec<Message>) {
+        if batch.is_empty() {
+            self.sweep_due = true;
+        } else {
+            self.buffer_up(batch);
+        }
+    }
+
+    /// Whether an idle consumer sweeps before it waits: when a shard may hold messages
+    /// that no waiter reports, when it owns nothing (it lives on stealing), and when other
+    /// members' shards are deep (its own being empty, it steals at once).
+    fn must_sweep(&mut self) -> bool {
+        if self.sweep_due || self.round.is_some() {
+            return true;
+        }
+        match &self.group {
+            None => false,
+            Some(g) if g.owned().is_empty() => true,
+            Some(g) if g.may_steal() => {
+                self.found_nothing = true;
+                true
+            }
+            Some(_) => false,
         }
     }
 
@@ -384,6 +431,7 @@ impl Consumer {
             .await;
         let round = self.round.take().expect("a round in flight");
         let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
+        self.sweep_due = !(out.drained && self.covers_watched(&round.asks));
         for ((ask, full), (n, bytes)) in round.asks.iter().zip(&out.full).zip(&out.sizes) {
             let w = self.weights.entry(ask.keys.tag.to_string()).or_insert(1);
             if *full
@@ -457,6 +505,17 @@ impl Consumer {
             // had nothing else to give.
             Some(e) if got == 0 => Err(e),
             _ => Ok(got),
+        }
+    }
+
+    /// Whether a round's asks include every shard this consumer's waiters watch.
+    fn covers_watched(&self, asks: &[Ask]) -> bool {
+        match &self.group {
+            None => asks.len() >= self.queue.shards().shards.len(),
+            Some(g) => g
+                .owned()
+                .iter()
+                .all(|t| asks.iter().any(|a| *a.keys.tag == **t)),
         }
     }
 

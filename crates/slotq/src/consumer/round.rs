@@ -86,6 +86,9 @@ pub(super) struct Outcome {
     pub(super) sizes: Vec<(usize, usize)>,
     /// The first error that was not a shard skipped for the round.
     pub(super) error: Option<Error>,
+    /// Every shard asked said it was left empty (at-least-once leases report it; `LPOP`
+    /// does not, so a plain round never sets it).
+    pub(super) drained: bool,
 }
 
 impl Round {
@@ -153,6 +156,7 @@ pub(super) fn absorb(
         full: Vec::with_capacity(asks.len()),
         sizes: Vec::with_capacity(asks.len()),
         error: None,
+        drained: true,
     };
     // Room for every message up front: a `Message` is large, and growing the vector while
     // a thousand arrive would move each of them several times.
@@ -168,17 +172,24 @@ pub(super) fn absorb(
     out.messages.reserve(arriving);
     for (ask, reply) in asks.iter().zip(replies) {
         let before = out.messages.len();
+        out.drained &= matches!(
+            reply,
+            Ok(Reply::Lease(
+                Leasing::Nothing { drained: true } | Leasing::Leased { drained: true, .. }
+            ))
+        );
         let taken = match reply {
             Ok(Reply::Items(v)) => each_item(v, |payload| {
                 out.messages
                     .push(Message::plain(payload, ask.keys.tag.clone()))
             }),
-            Ok(Reply::Lease(Leasing::Nothing)) => Ok(0),
+            Ok(Reply::Lease(Leasing::Nothing { .. })) => Ok(0),
             Ok(Reply::Lease(Leasing::Leased {
                 deadline_ms,
                 count,
                 items,
                 in_list,
+                ..
             })) => {
                 let max_attempts = ctx.max_attempts.unwrap_or(u32::MAX);
                 let leased = (deadline_ms, count, items, in_list);

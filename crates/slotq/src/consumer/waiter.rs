@@ -26,7 +26,8 @@ pub(super) struct Waiter {
     pub(super) key: String,
     pub(super) count: usize,
     pub(super) block: Duration,
-    pub(super) idle: watch::Receiver<bool>,
+    /// The consumer's wait (see `Consumer::idle`).
+    pub(super) idle: watch::Receiver<Option<u64>>,
     pub(super) alive: watch::Receiver<()>,
     pub(super) tx: mpsc::UnboundedSender<Vec<Message>>,
     /// At-least-once: wait without popping (`BLMOVE key key LEFT LEFT` leaves the list as
@@ -44,17 +45,21 @@ struct Blocking {
 impl Waiter {
     pub(super) async fn run(mut self) {
         let mut conn: Option<Blocking> = None;
+        // The consumer's wait this waiter last woke it in.
+        let mut woke_in: Option<u64> = None;
         loop {
-            // Block only while the consumer is idle.
-            loop {
-                if *self.idle.borrow_and_update() {
-                    break;
+            // Block only while the consumer waits, and once a wait.
+            let wait = loop {
+                if let Some(n) = *self.idle.borrow_and_update()
+                    && woke_in != Some(n)
+                {
+                    break n;
                 }
                 tokio::select! {
                     r = self.idle.changed() => if r.is_err() { return },
                     _ = self.alive.changed() => return,
                 }
-            }
+            };
             let Some(owner) = self.cluster.topology().owner(self.slot).cloned() else {
                 self.cluster.request_refresh();
                 if self.pause().await {
@@ -131,6 +136,7 @@ impl Waiter {
                     if self.tx.send(Vec::new()).is_err() {
                         return;
                     }
+                    woke_in = Some(wait);
                 }
                 Ok(Ok(Value::ServerError(e))) => {
                     let kind = ServerErrorKind::parse(e.code());
@@ -150,6 +156,7 @@ impl Waiter {
                             give_back(&self.cluster, self.slot, &self.key, items).await;
                             return;
                         }
+                        woke_in = Some(wait);
                     }
                     Err(e) => {
                         tracing::warn!(shard = %self.tag, cause = %e, "bad blocking pop reply");

@@ -28,7 +28,10 @@ use crate::server_error::{RetryMethod, ServerErrorKind};
 #[derive(Debug)]
 pub(crate) enum Leasing {
     /// The shard had nothing to lease.
-    Nothing,
+    Nothing {
+        /// The shard's ready list is known to be empty now (else: not known).
+        drained: bool,
+    },
     /// A lease and its frames (with the heads they had in the list, for the caller to skip).
     Leased {
         deadline_ms: i64,
@@ -38,6 +41,8 @@ pub(crate) enum Leasing {
         items: Vec<Bytes>,
         /// Stored in a list of its own (else in place, in the inflight hash).
         in_list: bool,
+        /// The lease took all the shard held.
+        drained: bool,
     },
     /// The lease was made, but its list could not be read: nothing of it reaches the
     /// consumer, so it is to be released by name.
@@ -147,7 +152,7 @@ pub(crate) async fn lease_many(
     let mut out: Vec<Result<Leasing>> = Vec::with_capacity(replies.len());
     // Leases whose list came back short: the read went ahead of a script that was
     // redirected or retried. Read once more, on their own.
-    let mut reread: Vec<(usize, i64, usize, usize)> = Vec::new();
+    let mut reread: Vec<(usize, Counts)> = Vec::new();
     // Shards whose slot is being migrated: leased in place.
     let mut in_place: Vec<usize> = Vec::new();
     for (i, (script, list)) in replies.into_iter().enumerate() {
@@ -157,38 +162,29 @@ pub(crate) async fn lease_many(
                 ..
             }) => {
                 in_place.push(i);
-                Ok(Leasing::Nothing)
+                Ok(Leasing::Nothing { drained: false })
             }
             Err(e) => Err(e),
-            Ok(None) => Ok(Leasing::Nothing),
-            Ok(Some((deadline_ms, count, elements))) => match list {
-                Ok(Reply::Items(items)) if items.len() == elements => Ok(Leasing::Leased {
-                    deadline_ms,
-                    count,
-                    items,
-                    in_list: true,
-                }),
+            Ok(c) if c.count == 0 => Ok(Leasing::Nothing {
+                drained: c.rest == 0,
+            }),
+            Ok(c) => match list {
+                Ok(Reply::Items(items)) if items.len() == c.elements => Ok(c.leased(items, true)),
                 _ => {
-                    reread.push((i, deadline_ms, count, elements));
-                    Ok(Leasing::Nothing)
+                    reread.push((i, c));
+                    Ok(Leasing::Nothing { drained: false })
                 }
             },
         });
     }
     if !reread.is_empty() {
         let cmds = reread.iter().map(|&(i, ..)| read_list(&calls[i])).collect();
-        for (&(i, deadline_ms, count, elements), r) in
-            reread.iter().zip(cluster.batch_items(cmds, opts).await)
-        {
+        for (&(i, c), r) in reread.iter().zip(cluster.batch_items(cmds, opts).await) {
             out[i] = Ok(match r {
-                Ok(Reply::Items(items)) if items.len() == elements => Leasing::Leased {
-                    deadline_ms,
-                    count,
-                    items,
-                    in_list: true,
-                },
+                Ok(Reply::Items(items)) if items.len() == c.elements => c.leased(items, true),
                 Ok(other) => Leasing::Unread(Error::Protocol(format!(
-                    "reliable pop: the lease's list holds {other:?}, not {elements} elements"
+                    "reliable pop: the lease's list holds {other:?}, not {} elements",
+                    c.elements
                 ))),
                 Err(e) => Leasing::Unread(e),
             });
@@ -217,14 +213,50 @@ fn pairs(replies: Vec<Result<Reply>>) -> Vec<(Result<Value>, Result<Reply>)> {
     out
 }
 
-/// `[leased, deadline, reaped, messages, elements]`: `None` when nothing was leased.
-fn parse_counts(v: Value) -> Result<Option<(i64, usize, usize)>> {
+/// What the lease script counted.
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    deadline_ms: i64,
+    /// Messages leased (0: no lease).
+    count: usize,
+    /// Elements in the lease's list.
+    elements: usize,
+    /// Elements left in the ready list.
+    rest: usize,
+}
+
+impl Counts {
+    fn leased(self, items: Vec<Bytes>, in_list: bool) -> Leasing {
+        Leasing::Leased {
+            deadline_ms: self.deadline_ms,
+            count: self.count,
+            items,
+            in_list,
+            drained: self.rest == 0,
+        }
+    }
+}
+
+/// `[leased, deadline, reaped, messages, elements, left]`.
+fn parse_counts(v: Value) -> Result<Counts> {
     let v: Vec<i64> = redis::from_redis_value(v)
         .map_err(|e| Error::Protocol(format!("reliable pop: unexpected reply: {e}")))?;
     match v.as_slice() {
-        [0, ..] => Ok(None),
-        [1, deadline, _reaped, count, elements] if *count > 0 && *elements >= 0 => {
-            Ok(Some((*deadline, *count as usize, *elements as usize)))
+        [0, _, _, _, _, rest] if *rest >= 0 => Ok(Counts {
+            deadline_ms: 0,
+            count: 0,
+            elements: 0,
+            rest: *rest as usize,
+        }),
+        [1, deadline, _reaped, count, elements, rest]
+            if *count > 0 && *elements >= 0 && *rest >= 0 =>
+        {
+            Ok(Counts {
+                deadline_ms: *deadline,
+                count: *count as usize,
+                elements: *elements as usize,
+                rest: *rest as usize,
+            })
         }
         other => Err(Error::Protocol(format!(
             "reliable pop: unexpected reply {other:?}"
@@ -232,18 +264,18 @@ fn parse_counts(v: Value) -> Result<Option<(i64, usize, usize)>> {
     }
 }
 
-/// `[leased, deadline, reaped, messages, 0, frame...]` of a lease stored in place.
+/// `[leased, deadline, reaped, messages, 0, left, frame...]` of a lease stored in place.
 fn parse_in_place(v: Value) -> Result<Leasing> {
     let Value::Array(mut items) = v else {
         return Err(Error::Protocol(format!(
             "reliable pop: unexpected reply {v:?}"
         )));
     };
-    if items.len() < 5 {
+    if items.len() < 6 {
         return Err(Error::Protocol("reliable pop: short reply".into()));
     }
     let frames = items
-        .split_off(5)
+        .split_off(6)
         .into_iter()
         .map(|f| match f {
             Value::BulkString(b) => Ok(Bytes::from(b)),
@@ -252,13 +284,12 @@ fn parse_in_place(v: Value) -> Result<Leasing> {
             ))),
         })
         .collect::<Result<Vec<Bytes>>>()?;
-    Ok(match parse_counts(Value::Array(items))? {
-        None => Leasing::Nothing,
-        Some((deadline_ms, count, _)) => Leasing::Leased {
-            deadline_ms,
-            count,
-            items: frames,
-            in_list: false,
-        },
+    let c = parse_counts(Value::Array(items))?;
+    Ok(if c.count == 0 {
+        Leasing::Nothing {
+            drained: c.rest == 0,
+        }
+    } else {
+        c.leased(frames, false)
     })
 }

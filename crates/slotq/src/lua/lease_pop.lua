@@ -11,10 +11,12 @@
 --       frame is taken)
 -- With KEYS[8] the frames are moved into the lease's list without being read (SORT ...
 -- STORE), and the client reads that list right behind this call (LRANGE, same write).
--- Returns {leased (0/1), deadline ms, reaped, messages leased, elements in the list}.
--- Without it (a slot being migrated: Redis refuses a script naming a key that does not
--- exist yet there, TRYAGAIN) the frames are read, stored in place in KEYS[3], and returned:
--- {leased, deadline ms, reaped, messages leased, 0, frame...}.
+-- Returns {leased (0/1), deadline ms, reaped, messages leased, elements in the list,
+-- elements left in the ready list}: a consumer that saw every shard left empty waits on
+-- them instead of asking again. Without KEYS[8] (a slot being migrated: Redis refuses a
+-- script naming a key that does not exist yet there, TRYAGAIN) the frames are read, stored
+-- in place in KEYS[3], and returned: {leased, deadline ms, reaped, messages leased, 0,
+-- elements left, frame...}.
 --
 -- Every shard key but the ready list always exists (a KEEP member, never removed): in a
 -- slot that is being migrated, Redis serves a multi-key script only when all of its keys
@@ -222,7 +224,7 @@ if total == 0 then
   if elements > 0 then
     redis.call('DEL', KEYS[8])
   end
-  return {0, 0, reaped, 0, 0}
+  return {0, 0, reaped, 0, 0, avail}
 end
 local lease = ARGV[5]
 local deadline = now + tonumber(ARGV[2])
@@ -234,10 +236,10 @@ redis.call('HSET', KEYS[4], lease,
   string.char(math.floor(total / 256), total % 256, 0, 0) .. string.rep('\0', math.ceil(total / 8)))
 redis.call('ZADD', KEYS[2], deadline, lease)
 if in_list then
-  return {1, deadline, reaped, total, elements}
+  return {1, deadline, reaped, total, elements, avail}
 end
-local out = {1, deadline, reaped, total, 0}
+local out = {1, deadline, reaped, total, 0, avail}
 for k = 1, #frames do
-  out[k + 5] = frames[k]
+  out[k + 6] = frames[k]
 end
 return out
