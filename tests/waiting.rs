@@ -1,6 +1,8 @@
 //! What an idle consumer sends while it waits, against real clusters: a consumer whose
 //! last round left every shard empty goes straight to its blocking waiters (no round just
-//! to find the shards empty), and still wakes for what arrives.
+//! to find the shards empty), and still wakes for what arrives; at-least-once waiters
+//! lease behind their wait, and give back what such a lease brings to a consumer that
+//! stopped receiving.
 
 use std::time::Duration;
 
@@ -61,4 +63,85 @@ async fn a_drained_at_least_once_consumer_waits_without_asking_again() {
     assert_eq!(&batch[0].payload[..], b"late");
     consumer.ack_all(&batch).await.unwrap();
     consumer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_s_lease_brings_the_message_with_one_lease_on_one_shard() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("behind").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    // A first wait: the consumer sweeps once (nothing yet) and its waiters block.
+    assert!(
+        consumer
+            .recv_batch_timeout(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let waiting = tokio::spawn(async move {
+        (
+            consumer
+                .recv_batch_timeout(10, Duration::from_secs(5))
+                .await,
+            consumer,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leases = command_calls(&c, "lrange");
+    producer.send("one").await.unwrap();
+    let (batch, consumer) = waiting.await.unwrap();
+    let batch = batch.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].attempt, 1);
+    // The waiter of the shard that got the message leased it; no round asked the three
+    // shards (a wake-up followed by a sweep would have sent three leases).
+    assert_eq!(command_calls(&c, "lrange"), leases + 1);
+    consumer.ack_all(&batch).await.unwrap();
+    consumer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_arrives_after_its_consumer_stopped_receiving_is_given_back() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("away").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    // A long lease: a message kept by the consumer that stopped would not come back in time.
+    let mut away = q
+        .consumer()
+        .without_group()
+        .lease(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    assert!(
+        away.recv_batch_timeout(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Back from its call: its waiters' waits are still blocked, each with a lease behind.
+    let settles = command_calls(&c, "hdel");
+    producer.send("for whoever receives").await.unwrap();
+    // The lease behind the wait runs, and is released (its fields are deleted).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while command_calls(&c, "hdel") == settles {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut other = q.consumer().without_group().build().unwrap();
+    let batch = other
+        .recv_batch_timeout(10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 1, "the message is back in its shard at once");
+    assert_eq!(&batch[0].payload[..], b"for whoever receives");
+    assert_eq!(batch[0].attempt, 1, "no delivery counted for it");
+    other.ack_all(&batch).await.unwrap();
+    other.close().await;
+    away.close().await;
 }

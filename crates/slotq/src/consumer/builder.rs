@@ -144,7 +144,7 @@ impl ConsumerBuilder {
             buffer: VecDeque::new(),
             inbox_tx,
             inbox_rx,
-            idle: watch::Sender::new(None),
+            attention: watch::Sender::new(super::waiter::Attention::Busy),
             waits: 0,
             waiters: HashMap::new(),
             group: self.group.map(|name| {

@@ -33,6 +33,7 @@ mod giveback;
 mod grouped;
 mod message;
 mod round;
+mod wait_lease;
 mod waiter;
 
 pub use builder::ConsumerBuilder;
@@ -45,7 +46,8 @@ use crate::queue::Queue;
 use giveback::return_messages;
 use grouped::Grouped;
 use round::{Ask, Round};
-use waiter::Waiter;
+use wait_lease::WaitLease;
+use waiter::{Attention, Waiter};
 
 /// Messages asked from each shard per sweep (before depth weighting), at-most-once queues.
 pub const DEFAULT_POP_BATCH: usize = 128;
@@ -78,11 +80,8 @@ pub struct Consumer {
     buffer: VecDeque<Message>,
     inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
     inbox_rx: mpsc::UnboundedReceiver<Vec<Message>>,
-    /// What the waiters follow: `Some(n)` while the consumer is in its n-th wait for
-    /// messages, `None` while it is busy. A waiter blocks only during a wait, and wakes
-    /// the consumer at most once a wait: a waiter that woke it for data it then swept
-    /// does not block again (and find that data still there) until the next wait.
-    idle: watch::Sender<Option<u64>>,
+    /// Where the consumer is, for its waiters (see [`Attention`]).
+    attention: watch::Sender<Attention>,
     /// Waits so far.
     waits: u64,
     /// A waiter per shard blocked on; dropping its sender tells it to stop.
@@ -276,7 +275,7 @@ impl Consumer {
     }
 
     fn set_busy(&self) {
-        self.idle.send_replace(None);
+        self.attention.send_replace(Attention::Busy);
         if let Some(g) = &self.group {
             g.idle(false);
         }
@@ -342,7 +341,7 @@ impl Consumer {
             }
             self.ensure_waiters();
             self.waits += 1;
-            self.idle.send_replace(Some(self.waits));
+            self.attention.send_replace(Attention::Waiting(self.waits));
             if let Some(g) = &self.group {
                 g.idle(true);
             }
@@ -363,6 +362,7 @@ impl Consumer {
                 _ = regroup => {
                     // The assignment changed: take it in and sweep what is now ours.
                     self.sweep_due = true;
+                    self.attention.send_replace(Attention::Busy);
                     return Ok(());
                 }
                 _ = tokio::time::sleep_until(until.into()) => {
@@ -374,6 +374,7 @@ impl Consumer {
                         self.sweep_due = true;
                     }
                     if deadline.is_some_and(|d| now >= d) {
+                        self.attention.send_replace(Attention::Away);
                         return Ok(());
                     }
                 }
@@ -639,6 +640,9 @@ impl Consumer {
     fn ensure_waiters(&mut self) {
         let set = self.queue.shards();
         self.waiters.retain(|_, (h, _)| !h.is_finished());
+        // Ordered members take a shard's messages by rounds only (see `wait_lease`).
+        let lease_behind_wait =
+            self.ctx.max_attempts.is_some() && !self.group.as_ref().is_some_and(|g| g.cfg.ordered);
         for s in &set.shards {
             if self.waiters.contains_key(&s.tag) {
                 continue;
@@ -649,6 +653,7 @@ impl Consumer {
                 continue;
             }
             let (stop, alive) = watch::channel(());
+            let keys = self.keys_of(&s.tag);
             let w = Waiter {
                 cluster: self.queue.cluster().clone(),
                 slot: s.slot,
@@ -656,10 +661,12 @@ impl Consumer {
                 key: ready_key(self.queue.prefix(), &s.tag),
                 count: self.pop_batch,
                 block: self.block_timeout,
-                idle: self.idle.subscribe(),
+                attention: self.attention.subscribe(),
                 alive,
                 tx: self.inbox_tx.clone(),
                 reliable: self.ctx.max_attempts.is_some(),
+                lease: lease_behind_wait
+                    .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
             };
             self.waiters
                 .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));

@@ -227,7 +227,7 @@ pub(super) fn absorb(
 }
 
 /// A pop whose reply was lost may have run.
-fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
+pub(super) fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
     match ask.lease {
         None => {
             metrics::counter!(crate::telemetry::POP_REPLIES_LOST).increment(1);
@@ -258,7 +258,7 @@ fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
 }
 
 /// Buffers the messages of a lease: its frames (heads skipped) hold `count` messages.
-fn take_lease(
+pub(super) fn take_lease(
     ctx: &Ctx,
     ask: &Ask,
     (deadline_ms, count, items, in_list): (i64, usize, Vec<Bytes>, bool),

@@ -8,9 +8,11 @@ use redis::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::giveback::{give_back, list_items};
+use super::wait_lease::{Brought, WaitLease};
 use super::{BLOCK_GRACE, Message};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Reply};
 use crate::error::{Error, Result};
+use crate::lease::LeaseId;
 use crate::server_error::{RetryMethod, ServerErrorKind};
 use crate::slot::Slot;
 use crate::topology::NodeAddr;
@@ -26,14 +28,31 @@ pub(super) struct Waiter {
     pub(super) key: String,
     pub(super) count: usize,
     pub(super) block: Duration,
-    /// The consumer's wait (see `Consumer::idle`).
-    pub(super) idle: watch::Receiver<Option<u64>>,
+    pub(super) attention: watch::Receiver<Attention>,
     pub(super) alive: watch::Receiver<()>,
     pub(super) tx: mpsc::UnboundedSender<Vec<Message>>,
     /// At-least-once: wait without popping (`BLMOVE key key LEFT LEFT` leaves the list as
     /// it was, and its reply is the list's first element: a 16-byte frame head, not a
     /// frame) and let the consumer lease what arrived.
     pub(super) reliable: bool,
+    /// At-least-once, unless the consumer is in an ordered group: a lease sent behind the
+    /// wait (see `wait_lease`).
+    pub(super) lease: Option<WaitLease>,
+}
+
+/// Where a consumer is, for its waiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Attention {
+    /// Working on what it has, or between calls: waiters do not block, and what their
+    /// pending waits bring waits in the inbox for the next call.
+    Busy,
+    /// In its n-th wait for messages: waiters block, each at most once a wait (a waiter
+    /// that woke its consumer for data it then swept does not block again, and find that
+    /// data still there, before the next wait).
+    Waiting(u64),
+    /// Back from a call at the caller's deadline with nothing: nobody receives, so a lease
+    /// that a pending wait brings now is released, not kept.
+    Away,
 }
 
 struct Blocking {
@@ -50,13 +69,13 @@ impl Waiter {
         loop {
             // Block only while the consumer waits, and once a wait.
             let wait = loop {
-                if let Some(n) = *self.idle.borrow_and_update()
+                if let Attention::Waiting(n) = *self.attention.borrow_and_update()
                     && woke_in != Some(n)
                 {
                     break n;
                 }
                 tokio::select! {
-                    r = self.idle.changed() => if r.is_err() { return },
+                    r = self.attention.changed() => if r.is_err() { return },
                     _ = self.alive.changed() => return,
                 }
             };
@@ -87,26 +106,18 @@ impl Waiter {
                 };
             }
             let b = conn.as_mut().expect("connected above");
-            let cmd = if self.reliable {
-                redis::cmd("BLMOVE")
-                    .arg(&self.key)
-                    .arg(&self.key)
-                    .arg("LEFT")
-                    .arg("LEFT")
-                    .arg(self.block.as_secs_f64())
-                    .clone()
-            } else {
-                redis::cmd("BLMPOP")
-                    .arg(self.block.as_secs_f64())
-                    .arg(1)
-                    .arg(&self.key)
-                    .arg("LEFT")
-                    .arg("COUNT")
-                    .arg(self.count)
-                    .clone()
-            };
+            let mut bytes = self.wait_cmd().get_packed_command();
+            let lease = self.lease.as_ref().map(|l| {
+                let id = LeaseId::random();
+                bytes.extend(l.packed(id));
+                id
+            });
+            let replies = if lease.is_some() { 3 } else { 1 };
             let reply = {
-                let pop = tokio::time::timeout(self.block + BLOCK_GRACE, b.conn.cmd(&cmd));
+                let pop = tokio::time::timeout(
+                    self.block + BLOCK_GRACE,
+                    b.conn.exec_replies(bytes, replies, lease.is_some()),
+                );
                 tokio::pin!(pop);
                 tokio::select! {
                     r = &mut pop => r,
@@ -114,37 +125,101 @@ impl Waiter {
                         // The consumer is gone: end the blocked pop and return what it took.
                         let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(b.id).clone();
                         let _ = self.cluster.node_query::<Value>(&b.node, &unblock).await;
-                        if let Ok(Ok(v)) = pop.await
-                            && !self.reliable
-                            && let Ok(items) = blmpop_items(v) {
-                                give_back(&self.cluster, self.slot, &self.key, items).await;
+                        let last = pop.await;
+                        match (&mut self.lease, lease, last) {
+                            (Some(l), Some(id), Ok(Ok(mut r))) if r.len() == 3 => {
+                                let (list, script) = (r.pop().expect("3"), r.pop().expect("3"));
+                                if let Brought::Messages { .. } = l.read(id, script, list) {
+                                    l.release_messages(id);
+                                }
                             }
+                            (Some(l), Some(id), _) => l.release(id, &Error::Protocol(
+                                "consumer gone while its wait's lease was in flight".into(),
+                            )),
+                            (None, _, Ok(Ok(mut r))) if !self.reliable => {
+                                if let Ok(items) = blmpop_items(r.remove(0).into_value()) {
+                                    give_back(&self.cluster, self.slot, &self.key, items).await;
+                                }
+                            }
+                            _ => {}
+                        }
                         return;
                     }
                 }
             };
-            match reply {
+            let mut replies = match reply {
                 Err(_) => {
                     // No reply by the client deadline: the node is hung or gone.
                     tracing::debug!(node = %b.node, "blocking pop missed its deadline");
                     conn = None;
                     self.cluster.request_refresh();
+                    if let (Some(l), Some(id)) = (&self.lease, lease) {
+                        l.release(id, &Error::Protocol("wait's reply lost".into()));
+                    }
+                    continue;
                 }
-                Ok(Ok(Value::Nil)) => {}
-                Ok(Ok(Value::BulkString(_))) if self.reliable => {
-                    // Data arrived (and is still in the list): wake the consumer.
-                    if self.tx.send(Vec::new()).is_err() {
+                Ok(Err(broken)) => {
+                    tracing::debug!(shard = %self.tag, cause = %broken.0, "blocking connection broke");
+                    if let (Some(l), Some(id)) = (&self.lease, lease) {
+                        l.release(id, &Error::Protocol(broken.0.clone()));
+                    }
+                    if self.on_error(None, &mut conn).await {
                         return;
                     }
-                    woke_in = Some(wait);
+                    continue;
                 }
-                Ok(Ok(Value::ServerError(e))) => {
+                Ok(Ok(r)) => r,
+            };
+            let waited = replies.remove(0).into_value();
+            let after: Option<(Reply, Reply)> = match (replies.pop(), replies.pop()) {
+                (Some(list), Some(script)) => Some((script, list)),
+                _ => None,
+            };
+            if let (Some(l), Some(id), Some((script, list))) = (&mut self.lease, lease, after) {
+                // The lease ran (or was refused) whatever the wait answered.
+                match l.read(id, script, list) {
+                    Brought::Messages { messages, more } => {
+                        let away = matches!(*self.attention.borrow(), Attention::Away);
+                        if away {
+                            // Nobody receives: given back, not kept until it expires.
+                            l.release_messages(id);
+                        } else if self.tx.send(messages).is_err() {
+                            l.release_messages(id);
+                            return;
+                        } else {
+                            woke_in = Some(wait);
+                            if more && self.tx.send(Vec::new()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Brought::Wake => {
+                        if self.tx.send(Vec::new()).is_err() {
+                            return;
+                        }
+                        woke_in = Some(wait);
+                    }
+                    Brought::Nothing => {}
+                }
+            }
+            match waited {
+                Value::Nil => {}
+                Value::BulkString(_) if self.reliable => {
+                    if self.lease.is_none() {
+                        // Data arrived (and is still in the list): wake the consumer.
+                        if self.tx.send(Vec::new()).is_err() {
+                            return;
+                        }
+                        woke_in = Some(wait);
+                    }
+                }
+                Value::ServerError(e) => {
                     let kind = ServerErrorKind::parse(e.code());
                     if self.on_error(Some(kind), &mut conn).await {
                         return;
                     }
                 }
-                Ok(Ok(v)) => match blmpop_items(v) {
+                v => match blmpop_items(v) {
                     Ok(items) if items.is_empty() => {}
                     Ok(items) => {
                         let msgs: Vec<Message> = items
@@ -165,13 +240,30 @@ impl Waiter {
                         }
                     }
                 },
-                Ok(Err(broken)) => {
-                    tracing::debug!(shard = %self.tag, cause = %broken.0, "blocking connection broke");
-                    if self.on_error(None, &mut conn).await {
-                        return;
-                    }
-                }
             }
+        }
+    }
+
+    /// The blocking wait: on at-least-once queues `BLMOVE key key LEFT LEFT` (nothing
+    /// moves), else `BLMPOP`, which pops.
+    fn wait_cmd(&self) -> redis::Cmd {
+        if self.reliable {
+            redis::cmd("BLMOVE")
+                .arg(&self.key)
+                .arg(&self.key)
+                .arg("LEFT")
+                .arg("LEFT")
+                .arg(self.block.as_secs_f64())
+                .clone()
+        } else {
+            redis::cmd("BLMPOP")
+                .arg(self.block.as_secs_f64())
+                .arg(1)
+                .arg(&self.key)
+                .arg("LEFT")
+                .arg("COUNT")
+                .arg(self.count)
+                .clone()
         }
     }
 

@@ -40,7 +40,9 @@ pub use codec::{
     encode_envelope, encode_envelope_at, encode_frame, frame_head, now_ms,
 };
 pub(crate) use codec::{for_each_envelope, frames_of_lease};
-pub(crate) use pop::{LeaseAsk, LeaseTerms, Leasing, lease_many};
+pub(crate) use pop::{
+    AfterWait, LeaseAsk, LeaseTerms, Leasing, lease_many, lease_packed, read_packed,
+};
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};

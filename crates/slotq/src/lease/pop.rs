@@ -203,6 +203,57 @@ pub(crate) async fn lease_many(
     out
 }
 
+/// A lease to send behind a blocking wait on the same connection (see `consumer::waiter`):
+/// the script and the read of its list, packed, to follow the wait's command; `load` sends
+/// the script's source (`EVAL`), for a node that does not have it.
+pub(crate) fn lease_packed(
+    scripts: &LeaseScripts,
+    ask: &LeaseAsk<'_>,
+    terms: LeaseTerms,
+    load: bool,
+) -> Vec<u8> {
+    let call = ask.keys.pop_call(scripts, ask, terms, true);
+    let mut bytes = call.cmd(load).get_packed_command();
+    bytes.extend(read_list(&call).1.get_packed_command());
+    bytes
+}
+
+/// What a lease sent by [`lease_packed`] brought.
+#[derive(Debug)]
+pub(crate) enum AfterWait {
+    /// The script ran: a lease, or none.
+    Ran(Leasing),
+    /// The node did not run the script (no lease was made): NOSCRIPT, TRYAGAIN in a slot
+    /// being migrated, a redirect.
+    Refused(ServerErrorKind),
+    /// A reply that is not the script's: whether a lease was made is not known.
+    Unknown(Error),
+}
+
+/// Reads the two replies of [`lease_packed`].
+pub(crate) fn read_packed(script: Reply, list: Reply) -> AfterWait {
+    let c = match script.into_value() {
+        Value::ServerError(e) => return AfterWait::Refused(ServerErrorKind::parse(e.code())),
+        v => match parse_counts(v) {
+            Ok(c) => c,
+            Err(e) => return AfterWait::Unknown(e),
+        },
+    };
+    AfterWait::Ran(if c.count == 0 {
+        Leasing::Nothing {
+            drained: c.rest == 0,
+        }
+    } else {
+        match list {
+            Reply::Items(items) if items.len() == c.elements => c.leased(items, true),
+            other => Leasing::Unread(Error::Protocol(format!(
+                "reliable pop: the lease's list holds {other:?}, not {} elements",
+                c.elements
+            ))),
+        }
+    })
+}
+
 /// Splits a batch's replies into (script, list read) pairs.
 fn pairs(replies: Vec<Result<Reply>>) -> Vec<(Result<Value>, Result<Reply>)> {
     let mut it = replies.into_iter();
