@@ -1,0 +1,305 @@
+//! Getting messages into the buffer: sweeping the shards in rounds, or waiting on the
+//! shards' blocking waiters when the last round left them empty.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use super::round::{self, Ask, Round};
+use super::wait_lease::WaitLease;
+use super::waiter::{Attention, Waiter};
+use super::{Consumer, MAX_WEIGHT, Message, giveback::return_messages};
+use crate::error::Result;
+use crate::lease::{LeaseId, ShardKeys};
+use crate::placement::{Shard, ready_key};
+
+impl Consumer {
+    /// Gets at least one message into the buffer, or returns at the deadline.
+    pub(super) async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            self.queue.check_live().await?;
+            while let Ok(batch) = self.inbox_rx.try_recv() {
+                self.take_in(batch);
+            }
+            if !self.buffer.is_empty() {
+                self.set_busy();
+                return Ok(());
+            }
+            if self.must_sweep() && self.sweep().await? > 0 {
+                self.set_busy();
+                return Ok(());
+            }
+            self.ensure_waiters();
+            self.waits += 1;
+            self.attention.send_replace(Attention::Waiting(self.waits));
+            if let Some(g) = &self.group {
+                g.idle(true);
+            }
+            let wake = Instant::now() + self.block_timeout;
+            let until = deadline.map_or(wake, |d| d.min(wake));
+            let regroup = async {
+                match self.group.as_mut() {
+                    Some(g) => g.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                got = self.inbox_rx.recv() => {
+                    if let Some(batch) = got {
+                        self.take_in(batch);
+                    }
+                }
+                _ = regroup => {
+                    // The assignment changed: take it in and sweep what is now ours.
+                    self.sweep_due = true;
+                    self.attention.send_replace(Attention::Busy);
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(until.into()) => {
+                    // Sweep again after each block timeout: it picks up new shards and, for
+                    // at-least-once queues, returns expired leases and due delayed
+                    // messages to the ready lists.
+                    let now = Instant::now();
+                    if now >= wake {
+                        self.sweep_due = true;
+                    }
+                    if deadline.is_some_and(|d| now >= d) {
+                        self.attention.send_replace(Attention::Away);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A batch from the inbox: messages a waiter popped, or (empty) a waiter's word that
+    /// its shard has something.
+    fn take_in(&mut self, batch: Vec<Message>) {
+        if batch.is_empty() {
+            self.sweep_due = true;
+        } else {
+            self.buffer_up(batch);
+        }
+    }
+
+    /// Whether an idle consumer sweeps before it waits: when a shard may hold messages
+    /// that no waiter reports, when it owns nothing (it lives on stealing), and when other
+    /// members' shards are deep (its own being empty, it steals at once).
+    fn must_sweep(&mut self) -> bool {
+        if self.sweep_due || self.round.is_some() {
+            return true;
+        }
+        match &self.group {
+            None => false,
+            Some(g) if g.owned().is_empty() => true,
+            Some(g) if g.may_steal() => {
+                self.found_nothing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// One round: a pop on every shard, one pipeline per node. Cancel-safe: a round cut
+    /// short by a cancelled caller is resumed by the next call (see [`round`]).
+    async fn sweep(&mut self) -> Result<usize> {
+        if self.round.is_none() {
+            let asks = self.plan_round();
+            if asks.is_empty() {
+                // Nothing owned and nothing to steal from (yet).
+                if let Some(g) = &self.group {
+                    g.hungry(true);
+                }
+                return Ok(0);
+            }
+            self.round = Some(Round::start(&self.ctx, asks));
+        }
+        let replies = self
+            .round
+            .as_mut()
+            .expect("a round in flight")
+            .replies()
+            .await;
+        let round = self.round.take().expect("a round in flight");
+        let out = round::absorb(&self.ctx, &round.asks, round.started, replies);
+        self.sweep_due = !(out.drained && self.covers_watched(&round.asks));
+        for ((ask, full), (n, bytes)) in round.asks.iter().zip(&out.full).zip(&out.sizes) {
+            let w = self.weights.entry(ask.keys.tag.to_string()).or_insert(1);
+            if *full
+                && *w == 1
+                && let Some(g) = &self.group
+            {
+                g.deep_now();
+            }
+            *w = if *full { (*w * 2).min(MAX_WEIGHT) } else { 1 };
+            if *n > 0 {
+                self.payload_sizes
+                    .insert(ask.keys.tag.to_string(), (bytes / n).max(1));
+            }
+        }
+        let mut out = out;
+        if let Some(g) = self.group.as_mut()
+            && g.cfg.ordered
+        {
+            // A round sent before a shard was released may bring its messages: they go
+            // back, and the shard stays held until they are.
+            let (mine, gone): (Vec<Message>, Vec<Message>) = out
+                .messages
+                .into_iter()
+                .partition(|m| g.owned().contains(&*m.shard));
+            out.messages = mine;
+            let mut by_shard: HashMap<Arc<str>, Vec<Message>> = HashMap::new();
+            for m in gone {
+                by_shard.entry(m.shard.clone()).or_default().push(m);
+            }
+            for (tag, give) in by_shard {
+                let (cluster, prefix) = (
+                    self.queue.cluster().clone(),
+                    self.queue.prefix().to_string(),
+                );
+                let task =
+                    tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
+                g.returning(tag.to_string(), task);
+            }
+        }
+        let got = out.messages.len();
+        if let Some(g) = &self.group {
+            g.swept(round.asks.iter().map(|a| &*a.keys.tag));
+            // Counted per shard asked, not per message (a lookup a message showed in the
+            // profile of one consumer on 30 shards). Ordered members keep nothing of
+            // shards they do not own (given back above).
+            let stolen: usize = if g.cfg.ordered {
+                0
+            } else {
+                round
+                    .asks
+                    .iter()
+                    .zip(&out.sizes)
+                    .filter(|(a, _)| !g.owned().contains(&*a.keys.tag))
+                    .map(|(_, (n, _))| n)
+                    .sum()
+            };
+            if stolen > 0 {
+                metrics::counter!(crate::telemetry::GROUP_STEALS, "group" => g.cfg.name.clone())
+                    .increment(stolen as u64);
+            }
+            self.found_nothing = got == stolen;
+            g.hungry(got == 0);
+        }
+        self.buffer_up(out.messages);
+        let queue = self.queue.name().to_string();
+        metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
+            .record(round.started.elapsed().as_secs_f64());
+        metrics::counter!(crate::telemetry::POPPED, "queue" => queue).increment(got as u64);
+        match out.error {
+            // What other shards gave is handed out; the error comes back when the queue
+            // had nothing else to give.
+            Some(e) if got == 0 => Err(e),
+            _ => Ok(got),
+        }
+    }
+
+    /// Whether a round's asks include every shard this consumer's waiters watch.
+    fn covers_watched(&self, asks: &[Ask]) -> bool {
+        match &self.group {
+            None => asks.len() >= self.queue.shards().shards.len(),
+            Some(g) => g
+                .owned()
+                .iter()
+                .all(|t| asks.iter().any(|a| *a.keys.tag == **t)),
+        }
+    }
+
+    /// What to ask of each shard this round: deepest first, starting from a rotating
+    /// shard, every shard every round.
+    fn plan_round(&mut self) -> Vec<Ask> {
+        let set = self.queue.shards();
+        let mine: Vec<Shard>;
+        let shards = match &self.group {
+            None => &set.shards,
+            Some(g) => {
+                let sweep = g.sweep_set(self.found_nothing);
+                mine = set
+                    .shards
+                    .iter()
+                    .filter(|s| sweep.contains(&s.tag) && !g.is_returning(&s.tag))
+                    .cloned()
+                    .collect();
+                &mine
+            }
+        };
+        if shards.is_empty() {
+            return Vec::new();
+        }
+        self.rotate = (self.rotate + 1) % shards.len();
+        let mut order: Vec<&Shard> = shards[self.rotate..]
+            .iter()
+            .chain(&shards[..self.rotate])
+            .collect();
+        order.sort_by_key(|s| std::cmp::Reverse(self.weights.get(&s.tag).copied().unwrap_or(1)));
+        let reliable = self.ctx.max_attempts.is_some();
+        order
+            .into_iter()
+            .map(|s| {
+                let wanted = self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1);
+                // Bounded by bytes too: few messages at a time while their size is unknown.
+                let count = match self.payload_sizes.get(&s.tag) {
+                    Some(size) => wanted.min((round::MAX_POP_BYTES / size).max(1)),
+                    None => wanted.min(round::FIRST_POP_COUNT),
+                };
+                Ask {
+                    keys: self.keys_of(&s.tag),
+                    count,
+                    lease: reliable.then(LeaseId::random),
+                }
+            })
+            .collect()
+    }
+
+    fn keys_of(&mut self, tag: &str) -> Arc<ShardKeys> {
+        let prefix = self.queue.prefix();
+        self.keys
+            .entry(tag.to_string())
+            .or_insert_with(|| Arc::new(ShardKeys::new(prefix, tag)))
+            .clone()
+    }
+
+    /// Starts a waiter for every shard that has none running.
+    fn ensure_waiters(&mut self) {
+        let set = self.queue.shards();
+        self.waiters.retain(|_, (h, _)| !h.is_finished());
+        // Ordered members take a shard's messages by rounds only (see `wait_lease`).
+        let lease_behind_wait =
+            self.ctx.max_attempts.is_some() && !self.group.as_ref().is_some_and(|g| g.cfg.ordered);
+        for s in &set.shards {
+            if self.waiters.contains_key(&s.tag) {
+                continue;
+            }
+            if let Some(g) = &self.group
+                && !g.owned().contains(&s.tag)
+            {
+                continue;
+            }
+            let (stop, alive) = watch::channel(());
+            let keys = self.keys_of(&s.tag);
+            let w = Waiter {
+                cluster: self.queue.cluster().clone(),
+                slot: s.slot,
+                tag: Arc::from(s.tag.as_str()),
+                key: ready_key(self.queue.prefix(), &s.tag),
+                count: self.pop_batch,
+                block: self.block_timeout,
+                attention: self.attention.subscribe(),
+                alive,
+                tx: self.inbox_tx.clone(),
+                reliable: self.ctx.max_attempts.is_some(),
+                lease: lease_behind_wait
+                    .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
+            };
+            self.waiters
+                .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));
+        }
+    }
+}
