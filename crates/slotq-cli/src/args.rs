@@ -363,15 +363,41 @@ pub struct BenchArgs {
     /// a schedule that does not slow down when the system does) while the consumers
     /// receive, and report latency from each message's intended send time. Runs instead
     /// of the other phases.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "load")]
     pub rate: Option<f64>,
     /// Consumers outside any group: each sweeps and blocks on every shard (how every
     /// consumer worked before groups).
     #[arg(long)]
     pub without_group: bool,
-    /// With --rate: how long to send, in seconds.
+    /// Open loop at fractions of this run's own maximum: first a push+pop phase of
+    /// --messages measures the maximum, then one open-loop phase per fraction (`10%` or
+    /// `0.1`, comma-separated, at most 100%) runs at that fraction of it for --duration
+    /// seconds. On a machine whose speed drifts, the load levels stay true to the moment.
+    #[arg(long, value_delimiter = ',', value_parser = parse_load, conflicts_with = "rate")]
+    pub load: Option<Vec<f64>>,
+    /// With --rate or --load: how long to send, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
+}
+
+/// A load level: `10%` or `0.1`, above 0 and at most 100%.
+fn parse_load(s: &str) -> Result<f64, String> {
+    let (number, scale) = match s.trim().strip_suffix('%') {
+        Some(p) => (p, 100.0),
+        None => (s.trim(), 1.0),
+    };
+    let f = number
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("not a load level: {s:?} (write 10% or 0.1)"))?
+        / scale;
+    if f.is_finite() && f > 0.0 && f <= 1.0 {
+        Ok(f)
+    } else {
+        Err(format!(
+            "a load level is above 0 and at most 100%, not {s:?}"
+        ))
+    }
 }
 
 /// `slotq consume --exec`: the worker runner.

@@ -368,6 +368,49 @@ fn bench_reports_three_phases() {
         let o = slotq(&args);
         assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
     }
+
+    // Load levels: the run's own push+pop maximum first, then each level at its fraction.
+    let o = slotq(&[
+        "--url",
+        &url,
+        "--json",
+        "bench",
+        "--messages",
+        "20000",
+        "--load",
+        "10%,0.5",
+        "--duration",
+        "0.5",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let phases = v["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 3, "{v}");
+    assert_eq!(phases[0]["phase"], "push+pop");
+    let top = phases[0]["msgs_per_s"].as_f64().unwrap();
+    for (p, f) in phases[1..].iter().zip([0.1, 0.5]) {
+        assert_eq!(p["phase"], "rate");
+        assert_eq!(p["load"], f);
+        let target = p["target_msgs_per_s"].as_f64().unwrap();
+        assert!((target - top * f).abs() <= 1.0, "{p} against {top}");
+        assert!(p["latency_us"]["p99"].as_u64().unwrap() > 0, "{p}");
+    }
+    for bad in [
+        vec!["--load", "0"],
+        vec!["--load", "150%"],
+        vec!["--load", "ten"],
+        vec!["--load", "10%", "--rate", "1000"],
+    ] {
+        let mut args = vec!["--url", &url, "bench"];
+        args.extend(bad.iter().copied());
+        let o = slotq(&args);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("load"), "{bad:?}: {}", stderr(&o));
+    }
 }
 
 #[test]

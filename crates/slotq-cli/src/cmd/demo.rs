@@ -142,6 +142,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         anchor: None,
         queue: Some(format!("{name}-latency")),
         rate: None,
+        load: None,
         duration: 5.0,
         without_group: false,
     };

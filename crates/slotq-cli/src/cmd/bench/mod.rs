@@ -37,6 +37,8 @@ pub struct Phase {
     shares: Option<(f64, f64)>,
     /// Open-loop phases: the rate asked for and the rate the messages were handed over at.
     offered: Option<(f64, f64)>,
+    /// `--load` phases: the fraction of the run's push+pop maximum asked for.
+    load: Option<f64>,
 }
 
 impl Phase {
@@ -80,18 +82,33 @@ pub async fn run(
         Some(script) => Some(reference::run_anchor(script, cluster, args.size, show).await?),
         None => None,
     };
-    let want = |p: BenchPhase| args.rate.is_none() && args.phases.contains(&p);
+    let open_loop = args.rate.is_some() || args.load.is_some();
+    let want = |p: BenchPhase| !open_loop && args.phases.contains(&p);
     let mut ran = Vec::new();
     let mut per_node = BTreeMap::new();
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if open_loop && !positive(args.duration) {
+        return Err(CliError::Usage(
+            "--duration must be a positive number".into(),
+        ));
+    }
+    let duration = Duration::from_secs_f64(args.duration);
     if let Some(rate) = args.rate {
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        if !(positive(rate) && positive(args.duration)) {
-            return Err(CliError::Usage(
-                "--rate and --duration must be positive numbers".into(),
-            ));
+        if !positive(rate) {
+            return Err(CliError::Usage("--rate must be a positive number".into()));
         }
-        let duration = Duration::from_secs_f64(args.duration);
         ran.push(rate::rate_phase(&q, args, rate, duration, show).await?);
+    }
+    if let Some(loads) = &args.load {
+        // The maximum first, then each level at its fraction of it.
+        let max = e2e_phase(&q, args, start, show).await?;
+        let top = max.rate();
+        ran.push(max);
+        for &f in loads {
+            let mut p = rate::rate_phase(&q, args, top * f, duration, show).await?;
+            p.load = Some(f);
+            ran.push(p);
+        }
     }
     if want(BenchPhase::Push) || want(BenchPhase::Pop) {
         ran.push(push_phase(&q, args, start, show).await?);
@@ -121,7 +138,7 @@ pub async fn run(
             keyed: args.keyed,
             reliable: args.reliable,
             rate: args.rate,
-            duration: args.rate.map(|_| args.duration),
+            duration: (args.rate.is_some() || args.load.is_some()).then_some(args.duration),
             shards: q.shards().shards.len(),
             phases: phases.iter().map(|p| json::PhaseOut::of(p)).collect(),
             messages_per_node: &per_node,
@@ -148,7 +165,10 @@ pub async fn run(
                 p.latency_us.as_ref().map_or("-".into(), |l| fmt_us(f(l)))
             };
             vec![
-                p.name.to_string(),
+                match p.load {
+                    Some(f) => format!("{} {}%", p.name, f * 100.0),
+                    None => p.name.to_string(),
+                },
                 p.messages.to_string(),
                 format!("{:.3}", p.secs),
                 format!("{:.0}", p.rate()),
@@ -165,12 +185,16 @@ pub async fn run(
         .iter()
         .map(|(n, c)| vec![n.clone(), c.to_string()])
         .collect();
-    let what = match args.rate {
-        Some(rate) => format!(
+    let what = match (args.rate, &args.load) {
+        (Some(rate), _) => format!(
             "open loop: {rate:.0} msgs/s for {} s (latency from each message's intended send time)",
             args.duration
         ),
-        None => format!("{} messages", args.messages),
+        (None, Some(_)) => format!(
+            "open loop at fractions of the push+pop maximum measured first ({} messages), {} s each (latency from each message's intended send time)",
+            args.messages, args.duration
+        ),
+        (None, None) => format!("{} messages", args.messages),
     };
     let placement = if per_node.is_empty() {
         String::new()
@@ -336,6 +360,7 @@ async fn push_phase(
         latency_us: None,
         shares: None,
         offered: None,
+        load: None,
     })
 }
 
@@ -433,6 +458,7 @@ async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, Cli
     Ok(Phase {
         shares: spread(&counts),
         offered: None,
+        load: None,
         name: "pop",
         messages: args.messages,
         secs,
@@ -459,6 +485,7 @@ async fn e2e_phase(
     Ok(Phase {
         shares: spread(&counts),
         offered: None,
+        load: None,
         name: "push+pop",
         messages: args.messages,
         secs,
@@ -533,6 +560,8 @@ mod json {
         consumer_share: Option<Share>,
         target_msgs_per_s: Option<f64>,
         offered_msgs_per_s: Option<f64>,
+        /// `--load`: the fraction of the run's push+pop maximum asked for.
+        load: Option<f64>,
     }
 
     impl PhaseOut {
@@ -551,6 +580,7 @@ mod json {
                 consumer_share: p.shares.map(|(min, max)| Share { min, max }),
                 target_msgs_per_s: p.offered.map(|o| o.0),
                 offered_msgs_per_s: p.offered.map(|o| o.1.round()),
+                load: p.load,
             }
         }
     }

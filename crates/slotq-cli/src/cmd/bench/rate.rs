@@ -96,6 +96,7 @@ pub(super) async fn rate_phase(
         latency_us: Some(super::percentiles(&hist)),
         shares: super::spread(&counts),
         offered: Some((rate, total as f64 / sent_span.as_secs_f64())),
+        load: None,
     })
 }
 
