@@ -79,11 +79,38 @@ fn first_envelope(f: &[u8]) -> Option<&[u8]> {
 
 /// Packs envelopes into a frame.
 pub fn encode_frame(envelopes: &[Vec<u8>]) -> Vec<u8> {
-    let bytes: usize = envelopes.iter().map(|e| e.len() + 5).sum();
-    let mut f = Vec::with_capacity(bytes + 9);
+    let mut f = frame_start(envelopes.len(), envelopes.iter().map(Vec::len).sum());
+    for e in envelopes {
+        push_string_header(&mut f, e.len());
+        f.extend_from_slice(e);
+    }
+    f
+}
+
+/// Packs a frame of envelopes given as their headers and payloads (`headers[i]` goes
+/// with `payloads[i]`): each payload is copied once, straight into the frame, with no
+/// envelope built on its own.
+pub(crate) fn encode_frame_parts(
+    headers: &[[u8; ENVELOPE_HEADER]],
+    payloads: &[Vec<u8>],
+) -> Vec<u8> {
+    debug_assert_eq!(headers.len(), payloads.len());
+    let bytes = payloads.iter().map(|p| p.len() + ENVELOPE_HEADER).sum();
+    let mut f = frame_start(payloads.len(), bytes);
+    for (h, p) in headers.iter().zip(payloads) {
+        push_string_header(&mut f, ENVELOPE_HEADER + p.len());
+        f.extend_from_slice(h);
+        f.extend_from_slice(p);
+    }
+    f
+}
+
+/// A frame's magic, count and msgpack array header, with room for `n` envelopes of
+/// `bytes` in all.
+fn frame_start(n: usize, bytes: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(bytes + 5 * n + 9);
     f.extend_from_slice(&FRAME_MAGIC);
-    f.extend_from_slice(&(envelopes.len() as u16).to_be_bytes());
-    let n = envelopes.len();
+    f.extend_from_slice(&(n as u16).to_be_bytes());
     if n < 16 {
         f.push(0x90 | n as u8);
     } else if n <= 0xffff {
@@ -93,22 +120,22 @@ pub fn encode_frame(envelopes: &[Vec<u8>]) -> Vec<u8> {
         f.push(0xdd);
         f.extend_from_slice(&(n as u32).to_be_bytes());
     }
-    for e in envelopes {
-        let len = e.len();
-        if len < 32 {
-            f.push(0xa0 | len as u8);
-        } else if len <= 0xff {
-            f.extend_from_slice(&[0xd9, len as u8]);
-        } else if len <= 0xffff {
-            f.push(0xda);
-            f.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            f.push(0xdb);
-            f.extend_from_slice(&(len as u32).to_be_bytes());
-        }
-        f.extend_from_slice(e);
-    }
     f
+}
+
+/// The msgpack header of a string of `len` bytes.
+fn push_string_header(f: &mut Vec<u8>, len: usize) {
+    if len < 32 {
+        f.push(0xa0 | len as u8);
+    } else if len <= 0xff {
+        f.extend_from_slice(&[0xd9, len as u8]);
+    } else if len <= 0xffff {
+        f.push(0xda);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        f.push(0xdb);
+        f.extend_from_slice(&(len as u32).to_be_bytes());
+    }
 }
 
 /// Unpacks a frame into its envelopes.
@@ -154,12 +181,19 @@ pub fn now_ms() -> u64 {
 /// reads the clock once, not once per message.
 pub fn encode_envelope_at(id: MessageId, payload: &[u8], now: u64) -> Vec<u8> {
     let mut e = Vec::with_capacity(ENVELOPE_HEADER + payload.len());
-    e.extend_from_slice(&ENVELOPE_MAGIC);
-    e.extend_from_slice(&id.0);
-    e.extend_from_slice(&0u16.to_be_bytes());
-    e.extend_from_slice(&now.to_be_bytes());
+    e.extend_from_slice(&envelope_header(id, now));
     e.extend_from_slice(payload);
     e
+}
+
+/// The bytes an envelope puts before its payload: magic, id, no delivery yet, enqueue
+/// time (ms since the Unix epoch).
+pub(crate) fn envelope_header(id: MessageId, now: u64) -> [u8; ENVELOPE_HEADER] {
+    let mut h = [0u8; ENVELOPE_HEADER];
+    h[0..2].copy_from_slice(&ENVELOPE_MAGIC);
+    h[2..18].copy_from_slice(&id.0);
+    h[20..28].copy_from_slice(&now.to_be_bytes());
+    h
 }
 
 /// A decoded envelope.
@@ -388,8 +422,11 @@ mod tests {
             payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40),
             id in any::<[u8; 16]>(),
         ) {
-            let envs: Vec<Vec<u8>> = payloads.iter().map(|p| encode_envelope(MessageId(id), p)).collect();
+            let envs: Vec<Vec<u8>> = payloads.iter().map(|p| encode_envelope_at(MessageId(id), p, 7)).collect();
             let frame = encode_frame(&envs);
+            // Written from headers and payloads, the frame is the same bytes.
+            let headers = vec![envelope_header(MessageId(id), 7); payloads.len()];
+            prop_assert_eq!(&encode_frame_parts(&headers, &payloads), &frame);
             let back = decode_frame(&frame).unwrap();
             prop_assert_eq!(&back, &envs);
             let mut direct = Vec::new();

@@ -25,10 +25,10 @@ impl Producer {
         self.inner.cfg.queue.check_live().await?;
         let payload = payload.into();
         self.inner.check(&payload)?;
-        let payload = self.inner.wrap(payload, crate::lease::now_ms());
+        let now = crate::lease::now_ms();
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
         self.inner.acquire(1).await;
-        let signal = self.inner.enqueue(&lane, vec![payload], true);
+        let signal = self.inner.enqueue(&lane, vec![payload], true, now);
         signal.wait().await
     }
 
@@ -59,7 +59,6 @@ impl Producer {
             let shard = set
                 .keyed_shard(hash)
                 .ok_or_else(|| Error::QueueNotFound(self.inner.cfg.queue.name().to_string()))?;
-            let payload = self.inner.wrap(payload, now);
             if shard.state == ShardState::Retiring || !held.is_empty() {
                 // A shard is handing its keys over: from here on, each message waits for
                 // its key's shard as a single keyed send does (and in order).
@@ -79,13 +78,13 @@ impl Producer {
             while iter.peek().is_some() {
                 let chunk: Vec<Vec<u8>> = iter.by_ref().take(grain).collect();
                 self.inner.acquire(chunk.len()).await;
-                signals.push(self.inner.enqueue(&lane, chunk, true));
+                signals.push(self.inner.enqueue(&lane, chunk, true, now));
             }
         }
         for (hash, payload) in held {
             let lane = self.inner.keyed_lane_by_hash(hash).await?;
             self.inner.acquire(1).await;
-            signals.push(self.inner.enqueue(&lane, vec![payload], true));
+            signals.push(self.inner.enqueue(&lane, vec![payload], true, now));
         }
         let mut first_err = None;
         for s in signals {

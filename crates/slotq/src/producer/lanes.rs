@@ -51,7 +51,11 @@ pub(super) struct LaneState {
 
 #[derive(Default)]
 pub(super) struct Batch {
+    /// The payloads as the application gave them.
     pub(super) payloads: Vec<Vec<u8>>,
+    /// At-least-once queues: each payload's envelope header (its id and enqueue time), the
+    /// frame written from both at push time (no envelope is built on its own).
+    pub(super) headers: Vec<[u8; crate::lease::ENVELOPE_HEADER]>,
     pub(super) bytes: usize,
     pub(super) keyed: bool,
     pub(super) signal: Arc<Signal>,

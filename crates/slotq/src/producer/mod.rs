@@ -105,11 +105,11 @@ impl Producer {
         self.inner.cfg.queue.check_live().await?;
         let payload = payload.into();
         self.inner.check(&payload)?;
-        let payload = self.inner.wrap(payload, crate::lease::now_ms());
+        let now = crate::lease::now_ms();
         self.inner.snapshot_if_due(1).await;
         self.inner.acquire(1).await;
         let lane = self.inner.pick()?;
-        let signal = self.inner.enqueue(&lane, vec![payload], false);
+        let signal = self.inner.enqueue(&lane, vec![payload], false, now);
         signal.wait().await
     }
 
@@ -128,15 +128,12 @@ impl Producer {
         let grain = self.inner.batch_grain(payloads.len());
         let mut signals = Vec::new();
         let now = crate::lease::now_ms();
-        let mut iter = payloads
-            .into_iter()
-            .map(|p| self.inner.wrap(p, now))
-            .peekable();
+        let mut iter = payloads.into_iter().peekable();
         while iter.peek().is_some() {
             let chunk: Vec<Vec<u8>> = iter.by_ref().take(grain).collect();
             self.inner.acquire(chunk.len()).await;
             let lane = self.inner.pick_fresh()?;
-            signals.push(self.inner.enqueue(&lane, chunk, false));
+            signals.push(self.inner.enqueue(&lane, chunk, false, now));
         }
         let mut first_err = None;
         for s in signals {
@@ -285,13 +282,9 @@ impl ProducerInner {
         check_payload(payload.len(), self.cfg.max_payload, self.cfg.empty)
     }
 
-    /// For at-least-once queues: the payload in an envelope with a fresh id.
-    /// The bytes stored for a payload: an envelope on at-least-once queues, enqueued at
-    /// `now_ms` (read once per call of the API).
-    fn wrap(&self, payload: Vec<u8>, now_ms: u64) -> Vec<u8> {
-        if !self.reliable {
-            return payload;
-        }
+    /// At-least-once queues: the envelope header of the next message, with a fresh id,
+    /// enqueued at `now_ms` (read once per call of the API).
+    fn envelope_header(&self, now_ms: u64) -> [u8; crate::lease::ENVELOPE_HEADER] {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.id_prefix);
         id[8..].copy_from_slice(
@@ -300,7 +293,7 @@ impl ProducerInner {
                 .fetch_add(1, Ordering::Relaxed)
                 .to_be_bytes(),
         );
-        crate::lease::encode_envelope_at(crate::lease::MessageId(id), &payload, now_ms)
+        crate::lease::envelope_header(crate::lease::MessageId(id), now_ms)
     }
 
     async fn acquire(&self, n: usize) {
@@ -410,19 +403,27 @@ impl ProducerInner {
 
     /// Adds payloads to the lane's open batch (sealing it when full) and starts the lane's
     /// flush task if it is idle. Returns the signal of the batch holding the last payload.
+    /// On at-least-once queues each message gets its id here, enqueued at `now_ms`.
     fn enqueue(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         payloads: Vec<Vec<u8>>,
         keyed: bool,
+        now_ms: u64,
     ) -> Arc<Signal> {
         lane.pending
             .fetch_add(payloads.len() as i64, Ordering::Relaxed);
         let (signal, start) = {
             let mut st = lane.state.lock().unwrap();
             for p in payloads {
-                // On at-least-once queues each envelope takes a msgpack header in its frame.
-                let cost = p.len() + if self.reliable { 5 } else { 0 };
+                // On at-least-once queues each payload goes in an envelope, behind a msgpack
+                // header in its frame.
+                let cost = p.len()
+                    + if self.reliable {
+                        crate::lease::ENVELOPE_HEADER + 5
+                    } else {
+                        0
+                    };
                 if !st.open.payloads.is_empty()
                     && (st.open.payloads.len() >= self.cfg.max_batch_messages
                         || st.open.bytes + cost > self.cfg.max_batch_bytes)
@@ -432,6 +433,9 @@ impl ProducerInner {
                 }
                 st.open.bytes += cost;
                 st.open.keyed |= keyed;
+                if self.reliable {
+                    st.open.headers.push(self.envelope_header(now_ms));
+                }
                 st.open.payloads.push(p);
             }
             let start = !st.flushing;

@@ -45,7 +45,7 @@ impl ProducerInner {
             // At-least-once queues: the whole batch is one frame, behind its head (one
             // command, so the two are never apart).
             None if self.reliable => {
-                let frame = crate::lease::encode_frame(&batch.payloads);
+                let frame = crate::lease::encode_frame_parts(&batch.headers, &batch.payloads);
                 redis::cmd("RPUSH")
                     .arg(&lane.key)
                     .arg(crate::lease::frame_head(&frame))
@@ -65,6 +65,8 @@ impl ProducerInner {
                 }
                 cmd
             }
+            // At-most-once queues only: the builder refuses `max_depth` on at-least-once
+            // queues.
             Some(max) => {
                 let max_s = max.to_string();
                 let mut args: Vec<&[u8]> = Vec::with_capacity(batch.payloads.len() + 1);
