@@ -34,16 +34,28 @@ pub fn key_on(cluster: &slotq_testkit::TestCluster, m: usize, prefix: &str) -> S
 
 /// Commands processed by every node of `c` so far (`INFO stats`; each call adds one per node).
 pub fn total_commands(c: &slotq_testkit::TestCluster) -> u64 {
+    info_sum(c, "stats", "total_commands_processed:")
+}
+
+/// Calls of one command (lower case, e.g. "lrange") on every node, from `INFO commandstats`
+/// (commands that scripts run count too).
+pub fn command_calls(c: &slotq_testkit::TestCluster, command: &str) -> u64 {
+    info_sum(c, "commandstats", &format!("cmdstat_{command}:calls="))
+}
+
+/// The number after `prefix` (up to a comma) in one `INFO` section, summed over every
+/// node; 0 for a node whose section lacks the line.
+fn info_sum(c: &slotq_testkit::TestCluster, section: &str, prefix: &str) -> u64 {
     (0..c.len())
         .map(|i| {
             let info: String = c
                 .node(i)
-                .cmd(slotq::redis::cmd("INFO").arg("stats"))
-                .expect("INFO stats");
+                .cmd(slotq::redis::cmd("INFO").arg(section))
+                .expect("INFO");
             info.lines()
-                .find_map(|l| l.strip_prefix("total_commands_processed:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .expect("total_commands_processed")
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|v| v.trim().split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
         })
         .sum()
 }
@@ -65,22 +77,4 @@ pub fn key_for_shard(set: &slotq::placement::ShardSet, number: u32) -> String {
                 .is_some_and(|s| s.number == number)
         })
         .expect("some key lands on every keyed shard")
-}
-
-/// Calls of one command (lower case, e.g. "lrange") on every node, from `INFO commandstats`
-/// (commands that scripts run count too).
-pub fn command_calls(c: &slotq_testkit::TestCluster, command: &str) -> u64 {
-    let field = format!("cmdstat_{command}:calls=");
-    (0..c.len())
-        .map(|i| {
-            let info: String = c
-                .node(i)
-                .cmd(slotq::redis::cmd("INFO").arg("commandstats"))
-                .expect("INFO commandstats");
-            info.lines()
-                .find_map(|l| l.strip_prefix(field.as_str()))
-                .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
 }
