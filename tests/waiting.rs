@@ -4,7 +4,10 @@
 //! lease behind their wait, and give back what such a lease brings to a consumer that
 //! stopped receiving.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use slotq::Client;
 use slotq_testkit::TestCluster;
@@ -144,4 +147,81 @@ async fn a_lease_that_arrives_after_its_consumer_stopped_receiving_is_given_back
     other.ack_all(&batch).await.unwrap();
     other.close().await;
     away.close().await;
+}
+
+/// Members that give up after 10 ms and do something else for 5 ms before they call again
+/// (while batches come every 20 ms: often away when one arrives, their waits' leases
+/// released), and eight more joining mid-stream (waiters of the shards that move
+/// dropped with their leases in flight): every message is handed out once, on its first
+/// delivery, and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_least_once_group_growing_under_load_hands_out_each_message_once() {
+    const TOTAL: usize = 30_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("join-reliable")
+        .reliable()
+        .shards_per_master(2)
+        .open()
+        .await
+        .unwrap();
+    let got = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = |n: usize| -> Vec<tokio::task::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let (q, got, stop) = (q.clone(), got.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut consumer = q.consumer().group("g").build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let b = consumer
+                            .recv_batch_timeout(500, Duration::from_millis(10))
+                            .await
+                            .unwrap();
+                        if b.is_empty() {
+                            // Other work between polls: away meanwhile.
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                        assert_eq!(consumer.ack_all(&b).await.unwrap().settled, b.len());
+                        got.lock()
+                            .unwrap()
+                            .extend(b.into_iter().map(|m| (m.payload.to_vec(), m.attempt)));
+                    }
+                    consumer.close().await;
+                })
+            })
+            .collect()
+    };
+    let mut consumers = start(2);
+    let producer = q.producer().build().unwrap();
+    let sending = tokio::spawn(async move {
+        for i in 0..TOTAL / 500 {
+            producer
+                .send_batch((0..500).map(|j| format!("m{}", i * 500 + j)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consumers.extend(start(8));
+    sending.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in consumers {
+        h.await.unwrap();
+    }
+    let got = got.lock().unwrap();
+    let set: HashSet<&Vec<u8>> = got.iter().map(|(p, _)| p).collect();
+    assert_eq!(set.len(), got.len(), "no message handed out twice");
+    assert_eq!(got.len(), TOTAL, "nothing lost");
+    assert!(
+        got.iter().all(|(_, attempt)| *attempt == 1),
+        "no delivery counted for leases given back unseen"
+    );
 }
