@@ -330,22 +330,14 @@ async fn members_joining_under_load_lose_and_duplicate_nothing() {
     };
     let mut consumers = start(2);
     let producer = q.producer().build().unwrap();
-    let sending = tokio::spawn(async move {
-        for i in 0..TOTAL / 500 {
-            producer
-                .send_batch((0..500).map(|j| format!("m{}", i * 500 + j)))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    let sending = slotq_tests::send_paced(producer, TOTAL, 500, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(800)).await;
     consumers.extend(start(8));
     sending.await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    slotq_tests::wait_until(Duration::from_secs(20), || {
+        got.lock().unwrap().len() >= TOTAL
+    })
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for h in consumers {
         h.await.unwrap();

@@ -78,3 +78,36 @@ pub fn key_for_shard(set: &slotq::placement::ShardSet, number: u32) -> String {
         })
         .expect("some key lands on every keyed shard")
 }
+
+/// Sends `total` messages named `m0`, `m1`, ... from a task, in batches of `batch`, each a
+/// `pause` after the one before.
+pub fn send_paced(
+    producer: slotq::Producer,
+    total: usize,
+    batch: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for i in 0..total.div_ceil(batch) {
+            let first = i * batch;
+            producer
+                .send_batch((first..total.min(first + batch)).map(|j| format!("m{j}")))
+                .await
+                .unwrap();
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// Waits until `done` holds, checking every 50 ms, for at most `timeout`; returns whether
+/// it held.
+pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}

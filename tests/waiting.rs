@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use slotq::Client;
 use slotq_testkit::TestCluster;
@@ -196,22 +196,14 @@ async fn an_at_least_once_group_growing_under_load_hands_out_each_message_once()
     };
     let mut consumers = start(2);
     let producer = q.producer().build().unwrap();
-    let sending = tokio::spawn(async move {
-        for i in 0..TOTAL / 500 {
-            producer
-                .send_batch((0..500).map(|j| format!("m{}", i * 500 + j)))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    let sending = slotq_tests::send_paced(producer, TOTAL, 500, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(500)).await;
     consumers.extend(start(8));
     sending.await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    slotq_tests::wait_until(Duration::from_secs(20), || {
+        got.lock().unwrap().len() >= TOTAL
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for h in consumers {
         h.await.unwrap();
