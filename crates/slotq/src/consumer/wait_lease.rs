@@ -117,7 +117,10 @@ impl WaitLease {
                         more: !drained,
                     },
                     Err(e) => {
-                        self.release(id, &e);
+                        // As a round does: the lease is left to expire, and the reaper
+                        // parks what cannot be read with the dead letters (a release
+                        // would put it back at the head, to be leased and refused again).
+                        tracing::warn!(shard = %self.keys.tag, cause = %e, "a lease behind a wait could not be read");
                         Brought::Wake
                     }
                 }
