@@ -306,28 +306,14 @@ async fn members_joining_under_load_lose_and_duplicate_nothing() {
         .open()
         .await
         .unwrap();
-    let got = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
+    let got: slotq_tests::Received = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let start = |n: usize| -> Vec<tokio::task::JoinHandle<()>> {
-        (0..n)
-            .map(|_| {
-                let (q, got, stop) = (q.clone(), got.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut consumer = q.consumer().group("g").build().unwrap();
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let b = consumer
-                            .recv_batch_timeout(500, Duration::from_millis(100))
-                            .await
-                            .unwrap();
-                        got.lock()
-                            .unwrap()
-                            .extend(b.into_iter().map(|m| m.payload.to_vec()));
-                    }
-                    consumer.close().await;
-                })
-            })
-            .collect()
+    let how = slotq_tests::Members {
+        wait: Duration::from_millis(100),
+        away: Duration::ZERO,
+        ack: false,
     };
+    let start = |n: usize| slotq_tests::start_members(&q, n, how, &got, &stop);
     let mut consumers = start(2);
     let producer = q.producer().build().unwrap();
     let sending = slotq_tests::send_paced(producer, TOTAL, 500, Duration::from_millis(20));
@@ -343,7 +329,7 @@ async fn members_joining_under_load_lose_and_duplicate_nothing() {
         h.await.unwrap();
     }
     let got = got.lock().unwrap();
-    let set: HashSet<&Vec<u8>> = got.iter().collect();
+    let set: HashSet<&Vec<u8>> = got.iter().map(|(p, _)| p).collect();
     assert_eq!(set.len(), got.len(), "no duplicates");
     assert_eq!(got.len(), TOTAL, "nothing lost");
 }

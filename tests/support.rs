@@ -111,3 +111,51 @@ pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bo
     }
     true
 }
+
+/// Messages received by test group members: payload and delivery number.
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, u32)>>>;
+
+/// How test group members receive.
+#[derive(Clone, Copy)]
+pub struct Members {
+    /// How long one call waits for a first message.
+    pub wait: Duration,
+    /// After a call that brought nothing, how long a member does other work (away).
+    pub away: Duration,
+    /// Acknowledge every batch (at-least-once queues).
+    pub ack: bool,
+}
+
+/// Starts `n` members of group "g" that receive batches of up to 500 until `stop`, each
+/// noting what it got in `got`, then close.
+pub fn start_members(
+    q: &slotq::Queue,
+    n: usize,
+    how: Members,
+    got: &Received,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    (0..n)
+        .map(|_| {
+            let (q, got, stop) = (q.clone(), got.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut consumer = q.consumer().group("g").build().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let b = consumer.recv_batch_timeout(500, how.wait).await.unwrap();
+                    if b.is_empty() {
+                        tokio::time::sleep(how.away).await;
+                        continue;
+                    }
+                    if how.ack {
+                        assert_eq!(consumer.ack_all(&b).await.unwrap().settled, b.len());
+                    }
+                    got.lock()
+                        .unwrap()
+                        .extend(b.into_iter().map(|m| (m.payload.to_vec(), m.attempt)));
+                }
+                consumer.close().await;
+            })
+        })
+        .collect()
+}

@@ -166,34 +166,14 @@ async fn an_at_least_once_group_growing_under_load_hands_out_each_message_once()
         .open()
         .await
         .unwrap();
-    let got = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
+    let got: slotq_tests::Received = Arc::new(Mutex::new(Vec::with_capacity(TOTAL)));
     let stop = Arc::new(AtomicBool::new(false));
-    let start = |n: usize| -> Vec<tokio::task::JoinHandle<()>> {
-        (0..n)
-            .map(|_| {
-                let (q, got, stop) = (q.clone(), got.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut consumer = q.consumer().group("g").build().unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        let b = consumer
-                            .recv_batch_timeout(500, Duration::from_millis(10))
-                            .await
-                            .unwrap();
-                        if b.is_empty() {
-                            // Other work between polls: away meanwhile.
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            continue;
-                        }
-                        assert_eq!(consumer.ack_all(&b).await.unwrap().settled, b.len());
-                        got.lock()
-                            .unwrap()
-                            .extend(b.into_iter().map(|m| (m.payload.to_vec(), m.attempt)));
-                    }
-                    consumer.close().await;
-                })
-            })
-            .collect()
+    let how = slotq_tests::Members {
+        wait: Duration::from_millis(10),
+        away: Duration::from_millis(5),
+        ack: true,
     };
+    let start = |n: usize| slotq_tests::start_members(&q, n, how, &got, &stop);
     let mut consumers = start(2);
     let producer = q.producer().build().unwrap();
     let sending = slotq_tests::send_paced(producer, TOTAL, 500, Duration::from_millis(20));
