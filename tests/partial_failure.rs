@@ -321,6 +321,10 @@ async fn a_reliable_shard_keeps_working_while_its_slot_is_migrating() {
     assert_eq!(seen.len(), TOTAL);
     assert_eq!(seen.iter().collect::<HashSet<_>>().len(), TOTAL);
     c.finish_migration(&migration).unwrap();
+    // Stats ask every shard: with the nodes still disagreeing about the slot, a node's stale
+    // view sent the router back and forth until it gave up (TooManyRedirects, once, under
+    // the suite's load).
+    c.wait_stable().unwrap();
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
@@ -385,6 +389,10 @@ async fn leases_that_expire_while_their_slot_migrates_come_back() {
     );
     assert_eq!(back.iter().filter(|m| m.attempt == 2).count(), TOTAL);
     c.finish_migration(&migration).unwrap();
+    // Stats ask every shard: with the nodes still disagreeing about the slot, a node's stale
+    // view sent the router back and forth until it gave up (TooManyRedirects, once, under
+    // the suite's load).
+    c.wait_stable().unwrap();
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
