@@ -74,12 +74,15 @@ impl Consumer {
         }
     }
 
-    /// A batch from the inbox: messages a waiter popped, or (empty) a waiter's word that
-    /// its shard has something.
+    /// A batch from the inbox: messages a waiter popped or leased, or (empty) a waiter's
+    /// word that its shard has something.
     fn take_in(&mut self, batch: Vec<Message>) {
         if batch.is_empty() {
             self.sweep_due = true;
         } else {
+            // Counted here as a round's messages are counted in `sweep`.
+            metrics::counter!(crate::telemetry::POPPED, "queue" => self.queue.name().to_string())
+                .increment(batch.len() as u64);
             self.buffer_up(batch);
         }
     }
