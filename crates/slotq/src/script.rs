@@ -2,7 +2,7 @@
 
 use redis::Value;
 
-use crate::cluster::{Cluster, RequestOpts};
+use crate::cluster::{Cluster, Command, RequestOpts};
 use crate::error::{Error, Result};
 use crate::server_error::RetryMethod;
 use crate::slot::Slot;
@@ -40,6 +40,23 @@ impl Script {
             c.arg(*a);
         }
         c
+    }
+
+    /// `EVAL source n keys... args...` followed by `body_args` more arguments already
+    /// written as RESP bulk strings in `body` (see [`Command::with_body`]). The source goes
+    /// with every call: no NOSCRIPT to recover from.
+    pub(crate) fn with_body(
+        &self,
+        keys: &[&str],
+        args: &[&[u8]],
+        body_args: usize,
+        body: &[&[u8]],
+    ) -> Command {
+        let n = keys.len().to_string();
+        let mut head: Vec<&[u8]> = vec![b"EVAL", self.source.as_bytes(), n.as_bytes()];
+        head.extend(keys.iter().map(|k| k.as_bytes()));
+        head.extend_from_slice(args);
+        Command::with_body(&head, body_args, body)
     }
 
     /// Runs the script in `slot` (all `keys` must hash there).

@@ -10,6 +10,7 @@
 //!   is refreshed. Commands that may have run are not resent unless the caller says they
 //!   are idempotent ([`RequestOpts::idempotent`]); commands that were never sent are.
 
+mod command;
 mod conn;
 #[cfg(test)]
 mod fake_node;
@@ -33,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::slot::{Slot, key_slot};
 use crate::topology::{NodeAddr, Topology};
 
+pub(crate) use command::{Command, push_bulk, push_bulk_header};
 pub(crate) use conn::Conn;
 use conn::Dialer;
 use node::NodePool;
@@ -222,6 +224,16 @@ impl Cluster {
     /// nodes at once. Each command gets its own result, in order; a command that was
     /// redirected is resent (to its new node) without disturbing the others.
     pub async fn batch(&self, cmds: Vec<(Slot, Cmd)>, opts: RequestOpts) -> Vec<Result<Value>> {
+        let cmds = cmds.into_iter().map(|(s, c)| (s, c.into())).collect();
+        self.batch_commands(cmds, opts).await
+    }
+
+    /// [`Cluster::batch`] of commands some of which are already RESP ([`Command::Resp`]).
+    pub(crate) async fn batch_commands(
+        &self,
+        cmds: Vec<(Slot, Command)>,
+        opts: RequestOpts,
+    ) -> Vec<Result<Value>> {
         route::run_batch(&self.inner, cmds, opts, false)
             .await
             .into_iter()
@@ -236,6 +248,7 @@ impl Cluster {
         cmds: Vec<(Slot, Cmd)>,
         opts: RequestOpts,
     ) -> Vec<Result<Reply>> {
+        let cmds = cmds.into_iter().map(|(s, c)| (s, c.into())).collect();
         route::run_batch(&self.inner, cmds, opts, true).await
     }
 

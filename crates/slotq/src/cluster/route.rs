@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use futures::future::join_all;
 use redis::{Cmd, RedisResult, Value};
 
+use super::command::Command;
 use super::node::Node;
 use super::reply::{Outcome, classify};
 use super::resp::Reply;
@@ -100,7 +101,7 @@ struct Item {
 /// arrays of bulk strings come back as [`Reply::Items`] (slices of the read buffer).
 pub(crate) async fn run_batch(
     inner: &Arc<Inner>,
-    cmds: Vec<(Slot, Cmd)>,
+    cmds: Vec<(Slot, Command)>,
     opts: RequestOpts,
     items_wanted: bool,
 ) -> Vec<Result<Reply>> {
@@ -310,7 +311,7 @@ async fn send_group(
     inner: &Arc<Inner>,
     addr: &NodeAddr,
     group: &[(usize, bool)],
-    cmds: &[(Slot, Cmd)],
+    cmds: &[(Slot, Command)],
     opts: RequestOpts,
     items: bool,
 ) -> std::result::Result<Vec<Reply>, SendError> {
@@ -334,7 +335,7 @@ async fn send_group(
     };
     // Room for the whole write up front (a push of a thousand payloads would otherwise
     // grow it a dozen times, copying everything each time).
-    let size: usize = group.iter().map(|(i, _)| packed_size(&cmds[*i].1)).sum();
+    let size: usize = group.iter().map(|(i, _)| cmds[*i].1.encoded_len()).sum();
     let mut bytes = Vec::with_capacity(size + 32 * group.len());
     let mut replies = group.len();
     for (i, ask) in group {
@@ -342,7 +343,7 @@ async fn send_group(
             bytes.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
             replies += 1;
         }
-        cmds[*i].1.write_packed_command(&mut bytes);
+        cmds[*i].1.encode(&mut bytes);
     }
     match tokio::time::timeout(timeout, conn.exec_replies(bytes, replies, items)).await {
         Err(_) => {
@@ -376,15 +377,4 @@ async fn send_group(
             Ok(out)
         }
     }
-}
-
-/// About how many bytes `cmd` takes packed: each argument and its length line.
-fn packed_size(cmd: &Cmd) -> usize {
-    16 + cmd
-        .args_iter()
-        .map(|a| match a {
-            redis::Arg::Simple(b) => b.len() + 16,
-            _ => 24,
-        })
-        .sum::<usize>()
 }

@@ -87,27 +87,30 @@ pub fn encode_frame(envelopes: &[Vec<u8>]) -> Vec<u8> {
     f
 }
 
-/// Packs a frame of envelopes given as their headers and payloads (`headers[i]` goes
-/// with `payloads[i]`): each payload is copied once, straight into the frame, with no
-/// envelope built on its own.
-pub(crate) fn encode_frame_parts(
-    headers: &[[u8; ENVELOPE_HEADER]],
-    payloads: &[Vec<u8>],
-) -> Vec<u8> {
-    debug_assert_eq!(headers.len(), payloads.len());
-    let bytes = payloads.iter().map(|p| p.len() + ENVELOPE_HEADER).sum();
-    let mut f = frame_start(payloads.len(), bytes);
-    for (h, p) in headers.iter().zip(payloads) {
-        push_string_header(&mut f, ENVELOPE_HEADER + p.len());
-        f.extend_from_slice(h);
-        f.extend_from_slice(p);
-    }
-    f
+/// Appends one envelope, given as its header and payload, to the body of a frame being
+/// written (its msgpack string header, then both): each payload is copied once, straight
+/// into the frame, with no envelope built on its own. [`frame_start`] of the count goes
+/// before the body.
+pub(crate) fn push_envelope(body: &mut Vec<u8>, header: &[u8; ENVELOPE_HEADER], payload: &[u8]) {
+    push_string_header(body, ENVELOPE_HEADER + payload.len());
+    body.extend_from_slice(header);
+    body.extend_from_slice(payload);
+}
+
+/// The head of a frame of `count` envelopes, `len` bytes long, whose first envelope has
+/// `header` ([`frame_head`] without the frame at hand).
+pub(crate) fn frame_head_of(count: usize, len: usize, header: &[u8; ENVELOPE_HEADER]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(FRAME_HEAD_LEN);
+    h.extend_from_slice(&FRAME_HEAD_MAGIC);
+    h.extend_from_slice(&(count.min(u16::MAX as usize) as u16).to_be_bytes());
+    h.extend_from_slice(&(len.min(u32::MAX as usize) as u32).to_be_bytes());
+    h.extend_from_slice(&header[20..28]);
+    h
 }
 
 /// A frame's magic, count and msgpack array header, with room for `n` envelopes of
 /// `bytes` in all.
-fn frame_start(n: usize, bytes: usize) -> Vec<u8> {
+pub(crate) fn frame_start(n: usize, bytes: usize) -> Vec<u8> {
     let mut f = Vec::with_capacity(bytes + 5 * n + 9);
     f.extend_from_slice(&FRAME_MAGIC);
     f.extend_from_slice(&(n as u16).to_be_bytes());
@@ -424,9 +427,19 @@ mod tests {
         ) {
             let envs: Vec<Vec<u8>> = payloads.iter().map(|p| encode_envelope_at(MessageId(id), p, 7)).collect();
             let frame = encode_frame(&envs);
-            // Written from headers and payloads, the frame is the same bytes.
-            let headers = vec![envelope_header(MessageId(id), 7); payloads.len()];
-            prop_assert_eq!(&encode_frame_parts(&headers, &payloads), &frame);
+            // Written from headers and payloads, the frame is the same bytes, and so is
+            // its head.
+            let header = envelope_header(MessageId(id), 7);
+            let mut written = frame_start(payloads.len(), 0);
+            let mut body = Vec::new();
+            for p in &payloads {
+                push_envelope(&mut body, &header, p);
+            }
+            written.extend_from_slice(&body);
+            prop_assert_eq!(&written, &frame);
+            if !payloads.is_empty() {
+                prop_assert_eq!(frame_head_of(payloads.len(), frame.len(), &header), frame_head(&frame));
+            }
             let back = decode_frame(&frame).unwrap();
             prop_assert_eq!(&back, &envs);
             let mut direct = Vec::new();

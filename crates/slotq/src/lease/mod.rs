@@ -39,7 +39,9 @@ pub use codec::{
     FrameHead, MAX_FRAME, MessageId, decode_envelope, decode_frame, decode_frame_head,
     encode_envelope, encode_envelope_at, encode_frame, frame_head, now_ms,
 };
-pub(crate) use codec::{encode_frame_parts, envelope_header, for_each_envelope, frames_of_lease};
+pub(crate) use codec::{
+    envelope_header, for_each_envelope, frame_head_of, frame_start, frames_of_lease, push_envelope,
+};
 pub(crate) use pop::{
     AfterWait, LeaseAsk, LeaseTerms, Leasing, lease_many, lease_packed, read_packed,
 };

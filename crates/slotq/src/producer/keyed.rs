@@ -17,18 +17,14 @@ const KEYED_HOLD_STEP: Duration = Duration::from_millis(50);
 impl Producer {
     /// Sends one message to the shard `key` maps to; messages with the same key are
     /// delivered in the order they were sent (while the shard set does not change).
-    pub async fn send_keyed(
-        &self,
-        key: impl AsRef<[u8]>,
-        payload: impl Into<Vec<u8>>,
-    ) -> Result<()> {
+    pub async fn send_keyed(&self, key: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> Result<()> {
         self.inner.cfg.queue.check_live().await?;
-        let payload = payload.into();
-        self.inner.check(&payload)?;
+        let payload = payload.as_ref();
+        self.inner.check(payload)?;
         let now = crate::lease::now_ms();
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
         self.inner.acquire(1).await;
-        let signal = self.inner.enqueue(&lane, vec![payload], true, now);
+        let signal = self.inner.enqueue(&lane, &[payload], true, now);
         signal.wait().await
     }
 
@@ -37,21 +33,21 @@ impl Producer {
     /// stored in the order given. The messages of one shard travel together, in pushes of
     /// up to `max_batch_messages`. Resolves when all are stored, or with the first error
     /// (then some of the messages may have been stored).
-    pub async fn send_keyed_batch<K: AsRef<[u8]>, P: Into<Vec<u8>>>(
+    pub async fn send_keyed_batch<K: AsRef<[u8]>, P: AsRef<[u8]>>(
         &self,
         items: impl IntoIterator<Item = (K, P)>,
     ) -> Result<()> {
         self.inner.cfg.queue.check_live().await?;
-        let items: Vec<(u64, Vec<u8>)> = items
+        let items: Vec<(u64, P)> = items
             .into_iter()
-            .map(|(k, p)| (fnv1a(k.as_ref()), p.into()))
+            .map(|(k, p)| (fnv1a(k.as_ref()), p))
             .collect();
         for (_, p) in &items {
-            self.inner.check(p)?;
+            self.inner.check(p.as_ref())?;
         }
         // Group by shard, keeping the given order within each (so within each key).
         let set = self.inner.cfg.queue.shards();
-        let mut groups: Vec<(Arc<Lane>, Vec<Vec<u8>>)> = Vec::new();
+        let mut groups: Vec<(Arc<Lane>, Vec<P>)> = Vec::new();
         let mut group_of: std::collections::HashMap<u32, usize> = Default::default();
         let mut held = Vec::new();
         let now = crate::lease::now_ms();
@@ -74,9 +70,7 @@ impl Producer {
         let mut signals = Vec::new();
         let grain = self.inner.cfg.max_batch_messages.max(1);
         for (lane, payloads) in groups {
-            let mut iter = payloads.into_iter().peekable();
-            while iter.peek().is_some() {
-                let chunk: Vec<Vec<u8>> = iter.by_ref().take(grain).collect();
+            for chunk in payloads.chunks(grain) {
                 self.inner.acquire(chunk.len()).await;
                 signals.push(self.inner.enqueue(&lane, chunk, true, now));
             }
@@ -84,7 +78,7 @@ impl Producer {
         for (hash, payload) in held {
             let lane = self.inner.keyed_lane_by_hash(hash).await?;
             self.inner.acquire(1).await;
-            signals.push(self.inner.enqueue(&lane, vec![payload], true, now));
+            signals.push(self.inner.enqueue(&lane, &[payload], true, now));
         }
         let mut first_err = None;
         for s in signals {

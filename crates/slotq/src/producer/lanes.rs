@@ -3,11 +3,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
-
-use crate::error::Result;
+use super::batch::Batch;
 use crate::slot::Slot;
 
 #[derive(Default)]
@@ -47,44 +45,6 @@ pub(super) struct LaneState {
     pub(super) open: Batch,
     pub(super) sealed: VecDeque<Batch>,
     pub(super) flushing: bool,
-}
-
-#[derive(Default)]
-pub(super) struct Batch {
-    /// The payloads as the application gave them.
-    pub(super) payloads: Vec<Vec<u8>>,
-    /// At-least-once queues: each payload's envelope header (its id and enqueue time), the
-    /// frame written from both at push time (no envelope is built on its own).
-    pub(super) headers: Vec<[u8; crate::lease::ENVELOPE_HEADER]>,
-    pub(super) bytes: usize,
-    pub(super) keyed: bool,
-    pub(super) signal: Arc<Signal>,
-}
-
-/// Completion of one batch, awaited by every send in it.
-#[derive(Default)]
-pub(super) struct Signal {
-    pub(super) done: OnceLock<Result<()>>,
-    pub(super) notify: Notify,
-}
-
-impl Signal {
-    pub(super) fn complete(&self, r: Result<()>) {
-        let _ = self.done.set(r);
-        self.notify.notify_waiters();
-    }
-
-    pub(super) async fn wait(&self) -> Result<()> {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(r) = self.done.get() {
-                return r.clone();
-            }
-            notified.await;
-        }
-    }
 }
 
 /// Unkeyed messages placed on a lane per choice. A tenth of a default batch: 200,000

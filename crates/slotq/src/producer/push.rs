@@ -9,7 +9,9 @@ use std::time::Duration;
 use redis::Value;
 
 use super::ProducerInner;
-use super::lanes::{Batch, Lane};
+use super::batch::Batch;
+use super::lanes::Lane;
+use crate::cluster::Command;
 use crate::error::{Error, Result};
 
 impl ProducerInner {
@@ -41,58 +43,56 @@ impl ProducerInner {
         if fail_fast {
             opts.retry_budget = Duration::ZERO;
         }
+        // The batch holds its messages as the push carries them: the command is a head
+        // before them (see `batch.rs`).
+        let count = batch.len();
         let cmd = match self.cfg.max_depth {
             // At-least-once queues: the whole batch is one frame, behind its head (one
             // command, so the two are never apart).
             None if self.reliable => {
-                let frame = crate::lease::encode_frame_parts(&batch.headers, &batch.payloads);
-                redis::cmd("RPUSH")
-                    .arg(&lane.key)
-                    .arg(crate::lease::frame_head(&frame))
-                    .arg(frame)
-                    .clone()
+                let (open, head) = batch.frame_open();
+                Command::with_body(
+                    &[b"RPUSH", lane.key.as_bytes(), &head],
+                    1,
+                    &[&open, batch.body(), b"\r\n"],
+                )
             }
-            None => {
-                // Sized up front: growing it payload by payload copied it a dozen times.
-                let bytes: usize = batch.payloads.iter().map(Vec::len).sum();
-                let mut cmd = redis::Cmd::with_capacity(
-                    batch.payloads.len() + 2,
-                    bytes + lane.key.len() + "RPUSH".len(),
-                );
-                cmd.arg("RPUSH").arg(&lane.key);
-                for p in &batch.payloads {
-                    cmd.arg(p.as_slice());
-                }
-                cmd
-            }
+            None => Command::with_body(&[b"RPUSH", lane.key.as_bytes()], count, &[batch.body()]),
             // At-most-once queues only: the builder refuses `max_depth` on at-least-once
             // queues.
             Some(max) => {
-                let max_s = max.to_string();
-                let mut args: Vec<&[u8]> = Vec::with_capacity(batch.payloads.len() + 1);
-                args.push(max_s.as_bytes());
-                args.extend(batch.payloads.iter().map(Vec::as_slice));
                 let scripts = self.cfg.queue.scripts();
-                scripts.push_bounded.cmd(&[&lane.key], &args, true)
+                let max = max.to_string();
+                scripts.push_bounded.with_body(
+                    &[&lane.key],
+                    &[max.as_bytes()],
+                    count,
+                    &[batch.body()],
+                )
             }
         };
         // At-least-once shards keep a count of ready messages (a frame holds many): it
         // goes in the same write, right behind the push.
-        let count = self.reliable.then(|| {
+        let ready_count = self.reliable.then(|| {
             redis::cmd("INCRBY")
                 .arg(crate::placement::shard_key(
                     self.cfg.queue.prefix(),
                     &lane.tag,
                     "count",
                 ))
-                .arg(batch.payloads.len())
+                .arg(count)
                 .clone()
+                .into()
         });
-        let reply = match (self.cfg.durability, count) {
-            (None, None) => cluster.query_owned::<Value>(lane.slot, cmd, opts).await?,
+        let reply = match (self.cfg.durability, ready_count) {
+            (None, None) => cluster
+                .batch_commands(vec![(lane.slot, cmd)], opts)
+                .await
+                .pop()
+                .expect("one reply")?,
             (None, Some(count)) => {
                 let mut out = cluster
-                    .batch(vec![(lane.slot, cmd), (lane.slot, count)], opts)
+                    .batch_commands(vec![(lane.slot, cmd), (lane.slot, count)], opts)
                     .await;
                 let counted = out.pop().expect("two replies");
                 let pushed = out.pop().expect("two replies")?;
@@ -112,11 +112,12 @@ impl ProducerInner {
                 let wait = redis::cmd("WAIT")
                     .arg(replicas)
                     .arg(timeout.as_millis() as u64)
-                    .clone();
+                    .clone()
+                    .into();
                 let mut cmds = vec![(lane.slot, cmd)];
                 cmds.extend(count.map(|c| (lane.slot, c)));
                 cmds.push((lane.slot, wait));
-                let mut out = cluster.batch(cmds, opts).await;
+                let mut out = cluster.batch_commands(cmds, opts).await;
                 let waited = out.pop().expect("a reply per command");
                 let pushed = out.remove(0)?;
                 if !matches!(pushed, Value::Int(n) if n < 0) {
@@ -141,8 +142,7 @@ impl ProducerInner {
         };
         match reply {
             Value::Int(n) if n >= 0 => {
-                lane.landed
-                    .fetch_add(batch.payloads.len() as i64, Ordering::Relaxed);
+                lane.landed.fetch_add(count as i64, Ordering::Relaxed);
                 Ok(())
             }
             Value::Int(n) => {

@@ -255,10 +255,26 @@ pub(super) fn bar(total: usize, label: &str, show: bool) -> ProgressBar {
 
 /// A payload: id, send time (nanoseconds since the bench started), padding.
 pub(super) fn payload(id: u64, sent_ns: u64, size: usize) -> Vec<u8> {
-    let mut p = vec![b'x'; size];
-    p[..8].copy_from_slice(&id.to_be_bytes());
-    p[8..16].copy_from_slice(&sent_ns.to_be_bytes());
+    let mut p = Vec::with_capacity(size);
+    write_payload(&mut p, id, sent_ns, size);
     p
+}
+
+/// Appends [`payload`] to `out`: a chunk's payloads go in one buffer, sent as slices of
+/// it, as a fast producer would hand them over.
+pub(super) fn write_payload(out: &mut Vec<u8>, id: u64, sent_ns: u64, size: usize) {
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&sent_ns.to_be_bytes());
+    out.resize(out.len() + size - HEADER, b'x');
+}
+
+/// The payloads `first..end` sent at `sent_ns`, back to back (see [`write_payload`]).
+fn payloads(first: u64, end: u64, sent_ns: u64, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity((end - first) as usize * size);
+    for id in first..end {
+        write_payload(&mut out, id, sent_ns, size);
+    }
+    out
 }
 
 pub(super) fn nanos_since(start: Instant) -> u64 {
@@ -301,17 +317,18 @@ async fn produce(
                 let sent = nanos_since(start);
                 match (keyed, one_by_one) {
                     (true, false) => {
+                        let buf = payloads(id, chunk_end, sent, size);
                         producer
                             .send_keyed_batch(
                                 (id..chunk_end)
-                                    .map(|i| ((i % KEYS).to_be_bytes(), payload(i, sent, size))),
+                                    .map(|i| (i % KEYS).to_be_bytes())
+                                    .zip(buf.chunks(size)),
                             )
                             .await?
                     }
                     (false, false) => {
-                        producer
-                            .send_batch((id..chunk_end).map(|i| payload(i, sent, size)))
-                            .await?
+                        let buf = payloads(id, chunk_end, sent, size);
+                        producer.send_batch(buf.chunks(size)).await?
                     }
                     (keyed, true) => {
                         let sends = (id..chunk_end).map(|i| {

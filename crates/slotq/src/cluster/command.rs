@@ -1,0 +1,146 @@
+//! Commands as the router sends them: built with [`redis::Cmd`], or already written in
+//! RESP by their caller.
+//!
+//! A push of a thousand payloads built as a `Cmd` copies every payload twice before the
+//! socket (into the command, then into the write) and formats a length per argument each
+//! time. A producer instead writes each payload as a RESP bulk string once, as it is
+//! queued ([`push_bulk`]), and the push is a head (`*N`, `RPUSH`, the key) before those
+//! bytes ([`Command::with_body`]): one copy into the write, none per payload.
+
+use redis::Cmd;
+
+/// One command for [`super::Cluster::batch_commands`].
+#[derive(Debug, Clone)]
+pub(crate) enum Command {
+    /// Encoded when it is written.
+    Built(Cmd),
+    /// Already RESP: a whole command (`*N\r\n` and its `N` bulk strings).
+    Resp(Vec<u8>),
+}
+
+impl Command {
+    /// A command of the bulk strings `head`, then `body_args` more already written as RESP
+    /// bulk strings (by [`push_bulk`]) in `body`, whose parts go out back to back.
+    pub(crate) fn with_body(head: &[&[u8]], body_args: usize, body: &[&[u8]]) -> Command {
+        let mut out = Vec::with_capacity(
+            16 + head.iter().map(|a| a.len() + 16).sum::<usize>()
+                + body.iter().map(|b| b.len()).sum::<usize>(),
+        );
+        push_array_header(&mut out, head.len() + body_args);
+        for arg in head {
+            push_bulk(&mut out, arg);
+        }
+        for part in body {
+            out.extend_from_slice(part);
+        }
+        Command::Resp(out)
+    }
+
+    /// About how many bytes the command takes on the wire (exact for [`Command::Resp`]).
+    pub(crate) fn encoded_len(&self) -> usize {
+        match self {
+            Command::Built(cmd) => {
+                16 + cmd
+                    .args_iter()
+                    .map(|a| match a {
+                        redis::Arg::Simple(b) => b.len() + 16,
+                        _ => 24,
+                    })
+                    .sum::<usize>()
+            }
+            Command::Resp(bytes) => bytes.len(),
+        }
+    }
+
+    /// Appends the command's RESP to `out`.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Command::Built(cmd) => cmd.write_packed_command(out),
+            Command::Resp(bytes) => out.extend_from_slice(bytes),
+        }
+    }
+}
+
+impl From<Cmd> for Command {
+    fn from(cmd: Cmd) -> Command {
+        Command::Built(cmd)
+    }
+}
+
+/// Appends `arg` as a RESP bulk string (`$len\r\n`, the bytes, `\r\n`).
+pub(crate) fn push_bulk(out: &mut Vec<u8>, arg: &[u8]) {
+    push_bulk_header(out, arg.len());
+    out.extend_from_slice(arg);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the length line of a RESP bulk string of `len` bytes (`$len\r\n`).
+pub(crate) fn push_bulk_header(out: &mut Vec<u8>, len: usize) {
+    out.push(b'$');
+    push_decimal(out, len);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_array_header(out: &mut Vec<u8>, n: usize) {
+    out.push(b'*');
+    push_decimal(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A command written as a head and a body of bulk strings is byte for byte the
+        /// command `redis::Cmd` writes from the same arguments.
+        #[test]
+        fn a_command_with_a_body_is_the_built_one(
+            head in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..20), 1..4),
+            args in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..40),
+        ) {
+            let mut body = Vec::new();
+            for a in &args {
+                push_bulk(&mut body, a);
+            }
+            let expected_len: usize = args.iter().map(|a| a.len() + 5 + a.len().to_string().len()).sum();
+            prop_assert_eq!(body.len(), expected_len);
+            let heads: Vec<&[u8]> = head.iter().map(Vec::as_slice).collect();
+            let resp = Command::with_body(&heads, args.len(), &[&body]);
+            let mut cmd = redis::Cmd::new();
+            for a in head.iter().chain(&args) {
+                cmd.arg(a.as_slice());
+            }
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            resp.encode(&mut ours);
+            Command::Built(cmd).encode(&mut theirs);
+            prop_assert_eq!(resp.encoded_len(), ours.len());
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn decimals_are_written_at_every_power_of_ten() {
+        for n in [0, 9, 10, 99, 100, 65_535, usize::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! A batch: the messages one push carries, written as that push will carry them, and the
+//! signal its senders wait on.
+//!
+//! Payloads are copied once, when they are queued, into one buffer per batch: on plain
+//! queues as the RESP bulk strings that follow `RPUSH key` (or the bounded push script's
+//! head), on at-least-once queues as the frame's envelope entries. The push then writes a
+//! short head before that buffer; nothing is formatted or allocated per message after
+//! the send returns, and the caller's payloads are free to go (on the caller's thread).
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::Notify;
+
+use crate::cluster::{push_bulk, push_bulk_header};
+use crate::error::Result;
+use crate::lease::ENVELOPE_HEADER;
+
+#[derive(Default)]
+pub(super) struct Batch {
+    /// The messages, back to back, as their push carries them (see the module notes).
+    body: Vec<u8>,
+    /// Messages in `body`.
+    count: usize,
+    /// At-least-once queues: the first envelope's header (the frame head repeats its
+    /// enqueue time).
+    first: Option<[u8; ENVELOPE_HEADER]>,
+    /// What the batch counts against `max_batch_bytes`.
+    pub(super) bytes: usize,
+    pub(super) keyed: bool,
+    pub(super) signal: Arc<Signal>,
+}
+
+impl Batch {
+    /// Messages in the batch.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Makes room for `payload_bytes` more of `n` payloads (plain queues).
+    pub(super) fn reserve(&mut self, n: usize, payload_bytes: usize, reliable: bool) {
+        let per = if reliable { ENVELOPE_HEADER + 5 } else { 16 };
+        self.body.reserve(payload_bytes + n * per);
+    }
+
+    /// Adds a payload of a plain queue, as a RESP bulk string.
+    pub(super) fn push_payload(&mut self, payload: &[u8]) {
+        push_bulk(&mut self.body, payload);
+        self.count += 1;
+    }
+
+    /// Adds a message of an at-least-once queue: its envelope, as a frame entry.
+    pub(super) fn push_envelope(&mut self, header: &[u8; ENVELOPE_HEADER], payload: &[u8]) {
+        crate::lease::push_envelope(&mut self.body, header, payload);
+        self.first.get_or_insert(*header);
+        self.count += 1;
+    }
+
+    /// The messages as written: plain queues' payloads as RESP bulk strings, at-least-once
+    /// queues' envelopes as frame entries; [`Batch::len`] of them.
+    pub(super) fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// At-least-once queues: what goes before [`Batch::body`] to make the frame one RESP
+    /// bulk string (its length line, then the frame's start; `\r\n` goes after), and the
+    /// frame's head.
+    pub(super) fn frame_open(&self) -> (Vec<u8>, Vec<u8>) {
+        let start = crate::lease::frame_start(self.count, 0);
+        let len = start.len() + self.body.len();
+        let head = crate::lease::frame_head_of(
+            self.count,
+            len,
+            self.first.as_ref().unwrap_or(&[0; ENVELOPE_HEADER]),
+        );
+        let mut open = Vec::with_capacity(start.len() + 16);
+        push_bulk_header(&mut open, len);
+        open.extend_from_slice(&start);
+        (open, head)
+    }
+}
+
+/// Completion of one batch, awaited by every send in it.
+#[derive(Default)]
+pub(super) struct Signal {
+    pub(super) done: OnceLock<Result<()>>,
+    pub(super) notify: Notify,
+}
+
+impl Signal {
+    pub(super) fn complete(&self, r: Result<()>) {
+        let _ = self.done.set(r);
+        self.notify.notify_waiters();
+    }
+
+    pub(super) async fn wait(&self) -> Result<()> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.done.get() {
+                return r.clone();
+            }
+            notified.await;
+        }
+    }
+}
