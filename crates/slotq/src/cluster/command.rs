@@ -69,16 +69,19 @@ impl From<Cmd> for Command {
 
 /// Appends `arg` as a RESP bulk string (`$len\r\n`, the bytes, `\r\n`).
 pub(crate) fn push_bulk(out: &mut Vec<u8>, arg: &[u8]) {
+    out.reserve(arg.len() + 25);
     push_bulk_header(out, arg.len());
     out.extend_from_slice(arg);
-    out.extend_from_slice(b"\r\n");
+    out.push(b'\r');
+    out.push(b'\n');
 }
 
 /// Appends the length line of a RESP bulk string of `len` bytes (`$len\r\n`).
 pub(crate) fn push_bulk_header(out: &mut Vec<u8>, len: usize) {
     out.push(b'$');
     push_decimal(out, len);
-    out.extend_from_slice(b"\r\n");
+    out.push(b'\r');
+    out.push(b'\n');
 }
 
 fn push_array_header(out: &mut Vec<u8>, n: usize) {
@@ -87,6 +90,8 @@ fn push_array_header(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Byte by byte: a payload's length is two or three digits, and a copy of so few bytes
+/// through `memmove` cost more than the payload's own (a tenth of the producer's time).
 fn push_decimal(out: &mut Vec<u8>, n: usize) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -99,7 +104,9 @@ fn push_decimal(out: &mut Vec<u8>, n: usize) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    for &d in &digits[i..] {
+        out.push(d);
+    }
 }
 
 #[cfg(test)]
