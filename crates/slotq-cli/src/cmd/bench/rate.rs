@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use slotq::Queue;
 
-use super::{Phase, bar, consume, payload};
+use super::{Phase, bar, consume, write_payload};
 use crate::CliError;
 use crate::args::BenchArgs;
 
@@ -57,7 +57,7 @@ pub(super) async fn rate_phase(
     tokio::time::sleep_until(origin.into()).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<Vec<u8>>)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
     let pacer = {
         let (stop, size, n_producers) = (stop.clone(), args.size, producers.len());
         let period_ns = 1e9 / rate;
@@ -65,9 +65,10 @@ pub(super) async fn rate_phase(
     };
     // Hand each batch to its producer without waiting for the one before.
     let mut sends = tokio::task::JoinSet::new();
+    let size = args.size;
     while let Some((p, batch)) = rx.recv().await {
         let producer = producers[p].clone();
-        sends.spawn(async move { producer.send_batch(batch).await });
+        sends.spawn(async move { producer.send_batch(batch.chunks(size)).await });
     }
     let sent_span = origin.elapsed();
     let mut first_err = None;
@@ -100,7 +101,7 @@ pub(super) async fn rate_phase(
     })
 }
 
-/// The pacing thread: sends `(producer, batch)` for every message due, until all `total`
+/// The pacing thread: sends `(producer, payloads)` for every message due, until all `total`
 /// were handed over (or `stop`).
 fn pace(
     origin: Instant,
@@ -108,7 +109,7 @@ fn pace(
     period_ns: f64,
     size: usize,
     producers: usize,
-    tx: &tokio::sync::mpsc::UnboundedSender<(usize, Vec<Vec<u8>>)>,
+    tx: &tokio::sync::mpsc::UnboundedSender<(usize, Vec<u8>)>,
     stop: &AtomicBool,
 ) {
     let mut next = 0usize;
@@ -118,9 +119,11 @@ fn pace(
         // Every message whose intended time has come, stamped with that time.
         let due = ((now / period_ns).floor() as usize + 1).min(total);
         if due > next {
-            let batch: Vec<Vec<u8>> = (next..due)
-                .map(|k| payload(k as u64, (k as f64 * period_ns) as u64, size))
-                .collect();
+            // The due payloads back to back, sent as slices of one buffer.
+            let mut batch = Vec::with_capacity((due - next) * size);
+            for k in next..due {
+                write_payload(&mut batch, k as u64, (k as f64 * period_ns) as u64, size);
+            }
             if tx.send((turn % producers, batch)).is_err() {
                 return;
             }
