@@ -108,3 +108,57 @@ impl Signal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Command;
+    use crate::lease::{MessageId, encode_envelope_at, encode_frame, envelope_header, frame_head};
+    use proptest::prelude::*;
+
+    fn wire(c: Command) -> Vec<u8> {
+        let mut out = Vec::new();
+        c.encode(&mut out);
+        out
+    }
+
+    proptest! {
+        /// The push a batch makes is byte for byte the command built the old way from the
+        /// same payloads: `RPUSH key p1 p2 ...` on plain queues, `RPUSH key head frame` on
+        /// at-least-once queues.
+        #[test]
+        fn a_batch_pushes_what_a_built_command_would(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..40),
+            id in any::<[u8; 16]>(),
+        ) {
+            let key = b"slotq:{q#1}:ready";
+            let mut plain = Batch::default();
+            let mut reliable = Batch::default();
+            let header = envelope_header(MessageId(id), 7);
+            for p in &payloads {
+                plain.push_payload(p);
+                reliable.push_envelope(&header, p);
+            }
+            prop_assert_eq!(plain.len(), payloads.len());
+            let ours = wire(Command::with_body(&[b"RPUSH", key], plain.len(), &[plain.body()]));
+            let mut cmd = redis::cmd("RPUSH");
+            cmd.arg(&key[..]);
+            for p in &payloads {
+                cmd.arg(p.as_slice());
+            }
+            prop_assert_eq!(ours, wire(Command::Built(cmd)));
+
+            let (open, head) = reliable.frame_open();
+            let ours = wire(Command::with_body(
+                &[b"RPUSH", key, &head],
+                1,
+                &[&open, reliable.body(), b"\r\n"],
+            ));
+            let envelopes: Vec<Vec<u8>> =
+                payloads.iter().map(|p| encode_envelope_at(MessageId(id), p, 7)).collect();
+            let frame = encode_frame(&envelopes);
+            let built = redis::cmd("RPUSH").arg(&key[..]).arg(frame_head(&frame)).arg(frame).clone();
+            prop_assert_eq!(ours, wire(Command::Built(built)));
+        }
+    }
+}
