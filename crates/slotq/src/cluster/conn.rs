@@ -249,7 +249,12 @@ impl Conn {
                         // their slices of it, and the reader goes on in fresh room.
                         buf.advance(used);
                         used = 0;
-                        resp::parse_items(buf.split_to(whole).freeze())
+                        let reply = buf.split_to(whole).freeze();
+                        match scanner.items() {
+                            // The walk noted where its strings lie: nothing to parse.
+                            Some(spans) => Ok(resp::items_at(&reply, spans)),
+                            None => resp::parse_items(reply),
+                        }
                     } else {
                         match resp::parse(&buf[used..used + whole]) {
                             Ok(Some((v, n))) => {

@@ -97,14 +97,19 @@ const MAX_DEPTH: usize = 64;
 
 /// Finds where the first whole value of a growing buffer ends, resuming where the last
 /// call stopped: a large reply that arrives over many reads is walked once in total, not
-/// once per read (which would cost quadratic time). Only then is the value parsed, once.
-/// Validation is left to [`parse`].
+/// once per read (which would cost quadratic time). Only then is the value parsed, once;
+/// or, for an array of bulk strings (a pop), not at all: the walk notes where each string
+/// lies ([`Scanner::items`]). Validation is otherwise left to [`parse`].
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
     /// Where the next element starts.
     pos: usize,
     /// Elements still to come in each array being walked, innermost last.
     open: Vec<i64>,
+    /// The value walked is an array of bulk strings so far (none nil).
+    flat: bool,
+    /// Where each of its strings lies (start, end), when `flat`.
+    items: Vec<(usize, usize)>,
 }
 
 impl Scanner {
@@ -121,6 +126,12 @@ impl Scanner {
             if next == usize::MAX {
                 return Err(ProtocolError("line not ended by CRLF".into()));
             }
+            let depth = self.open.len();
+            if depth == 0 {
+                // A new value: an array may turn out to be one of bulk strings.
+                self.flat = kind == b'*';
+                self.items.clear();
+            }
             match kind {
                 b'$' => {
                     let n = int(text)?;
@@ -128,10 +139,21 @@ impl Scanner {
                     if buf.len() < end {
                         return Ok(None);
                     }
+                    if n >= 0 && &buf[end - 2..end] != b"\r\n" {
+                        return Err(ProtocolError("bulk string not ended by CRLF".into()));
+                    }
+                    if depth == 1 && n >= 0 {
+                        self.items.push((next, end - 2));
+                    } else {
+                        self.flat = false;
+                    }
                     self.pos = end;
                 }
                 b'*' => {
                     let n = int(text)?;
+                    if depth > 0 || n < 0 {
+                        self.flat = false;
+                    }
                     self.pos = next;
                     if n > 0 {
                         if self.open.len() >= MAX_DEPTH {
@@ -141,14 +163,17 @@ impl Scanner {
                         continue;
                     }
                 }
-                _ => self.pos = next,
+                _ => {
+                    self.flat = false;
+                    self.pos = next;
+                }
             }
             // One element done: close every array it completes.
             loop {
                 match self.open.last_mut() {
                     None => {
                         let len = self.pos;
-                        *self = Scanner::default();
+                        self.pos = 0;
                         return Ok(Some(len));
                     }
                     Some(left) => {
@@ -162,6 +187,18 @@ impl Scanner {
             }
         }
     }
+
+    /// After [`Scanner::scan`] found a whole value: where its strings lie (start, end,
+    /// from the value's first byte) if it is an array of bulk strings, none of them nil.
+    pub(crate) fn items(&self) -> Option<&[(usize, usize)]> {
+        self.flat.then_some(&self.items[..])
+    }
+}
+
+/// The array of bulk strings `whole`, whose strings lie at `spans` (from
+/// [`Scanner::items`]), as [`Reply::Items`]: slices of `whole`, nothing parsed again.
+pub(crate) fn items_at(whole: &Bytes, spans: &[(usize, usize)]) -> Reply {
+    Reply::Items(spans.iter().map(|&(a, b)| whole.slice(a..b)).collect())
 }
 
 fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
@@ -379,9 +416,26 @@ mod tests {
             let mut bytes = Vec::new();
             encode(&r, &mut bytes);
             let expected = parse(&bytes).unwrap().unwrap().0;
-            let read = parse_items(bytes::Bytes::from(bytes)).unwrap();
+            let whole = bytes::Bytes::from(bytes);
+            let read = parse_items(whole.clone()).unwrap();
             let all_bulk = matches!(&r, Reply::Array(items) if items.iter().all(|i| matches!(i, Reply::Bulk(_))));
             prop_assert_eq!(matches!(read, super::Reply::Items(_)), all_bulk);
+            // The scanner finds the same items, whole or read a few bytes at a time.
+            for step in [whole.len().max(1), 3, 1] {
+                let mut sc = Scanner::default();
+                let mut at = 0;
+                let len = loop {
+                    at = (at + step).min(whole.len());
+                    if let Some(n) = sc.scan(&whole[..at]).unwrap() {
+                        break n;
+                    }
+                };
+                prop_assert_eq!(len, whole.len());
+                prop_assert_eq!(sc.items().is_some(), all_bulk);
+                if let Some(spans) = sc.items() {
+                    prop_assert_eq!(&items_at(&whole, spans), &read);
+                }
+            }
             prop_assert_eq!(read.into_value(), expected);
         }
 
@@ -468,6 +522,14 @@ mod tests {
         assert_eq!(done, big.len());
         assert!(Scanner::default().scan(b"HTTP/1.1 400\r\n").is_ok());
         assert!(Scanner::default().scan(b"*1x\r\n").is_err());
+        assert!(Scanner::default().scan(b"*1\r\n$3\r\nabcd\r\n").is_err());
+        // Items are told only for an array of bulk strings, and start afresh each value.
+        let mut sc = Scanner::default();
+        let two: &[u8] = b"*2\r\n$1\r\na\r\n$0\r\n\r\n*1\r\n:1\r\n";
+        assert_eq!(sc.scan(two).unwrap(), Some(17));
+        assert_eq!(sc.items(), Some(&[(8, 9), (15, 15)][..]));
+        assert_eq!(sc.scan(&two[17..]).unwrap(), Some(8));
+        assert_eq!(sc.items(), None);
     }
 
     #[test]
