@@ -361,6 +361,13 @@ fn bench_reports_three_phases() {
         q("p50") > 0 && q("p50") <= q("p99") && q("p99") <= q("p999") && q("p999") <= q("max"),
         "{l}"
     );
+    // How late the schedule was: every hand-over counted, none later than the latest
+    // message (the hand-over is part of its latency).
+    let s = &p["schedule_late_us"];
+    let handovers = s["handovers"].as_u64().unwrap();
+    assert!(handovers > 0 && handovers <= 2000, "{s}");
+    assert!(s["over_1ms"].as_u64().unwrap() <= handovers, "{s}");
+    assert!(s["max"].as_u64().unwrap() <= q("max"), "{s} {l}");
     let url = c.url();
     for bad in [["--rate", "0"], ["--rate", "-5"], ["--duration", "0"]] {
         let mut args = vec!["--url", &url, "bench", "--rate", "1000"];
@@ -398,7 +405,12 @@ fn bench_reports_three_phases() {
         let target = p["target_msgs_per_s"].as_f64().unwrap();
         assert!((target - top * f).abs() <= 1.0, "{p} against {top}");
         assert!(p["latency_us"]["p99"].as_u64().unwrap() > 0, "{p}");
+        assert!(
+            p["schedule_late_us"]["handovers"].as_u64().unwrap() > 0,
+            "{p}"
+        );
     }
+    assert!(phases[0]["schedule_late_us"].is_null(), "{v}");
     for bad in [
         vec!["--load", "0"],
         vec!["--load", "150%"],

@@ -3,6 +3,7 @@
 //! client (the usual way to run a Redis queue on a cluster); or, with `--rate`, traffic at a
 //! fixed arrival rate with latencies from each message's intended send time.
 
+mod json_out;
 mod rate;
 mod reference;
 
@@ -39,6 +40,8 @@ pub struct Phase {
     offered: Option<(f64, f64)>,
     /// `--load` phases: the fraction of the run's push+pop maximum asked for.
     load: Option<f64>,
+    /// Open-loop phases: how late the schedule's hand-overs were.
+    schedule: Option<rate::Lateness>,
 }
 
 impl Phase {
@@ -129,7 +132,7 @@ pub async fn run(
 
     let phases: Vec<&Phase> = ran.iter().chain(baseline.iter().flatten()).collect();
     if as_json {
-        let report = json::Report {
+        let report = json_out::Report {
             queue: &name,
             messages: args.messages,
             size: args.size,
@@ -140,16 +143,16 @@ pub async fn run(
             rate: args.rate,
             duration: (args.rate.is_some() || args.load.is_some()).then_some(args.duration),
             shards: q.shards().shards.len(),
-            phases: phases.iter().map(|p| json::PhaseOut::of(p)).collect(),
+            phases: phases.iter().map(|p| json_out::PhaseOut::of(p)).collect(),
             messages_per_node: &per_node,
-            anchor: anchor.as_ref().map(|a| json::AnchorOut {
+            anchor: anchor.as_ref().map(|a| json_out::AnchorOut {
                 push_msgs_per_s: a.push,
                 pop_msgs_per_s: a.pop,
             }),
             ratios: anchor.as_ref().map(|a| {
                 phases
                     .iter()
-                    .map(|p| json::Ratio {
+                    .map(|p| json_out::Ratio {
                         phase: p.name,
                         ratio: a.ratio(p),
                     })
@@ -196,6 +199,24 @@ pub async fn run(
         ),
         (None, None) => format!("{} messages", args.messages),
     };
+    // Open loop: how late the schedule itself was (a stall of the machine shows here too).
+    let schedule: String = phases
+        .iter()
+        .filter_map(|p| {
+            p.schedule.map(|l| {
+                format!(
+                    "schedule of {}: hand-overs up to {} late, {} of {} over 1 ms\n",
+                    match p.load {
+                        Some(f) => format!("{} {}%", p.name, f * 100.0),
+                        None => p.name.to_string(),
+                    },
+                    fmt_us(l.max_us),
+                    l.over_1ms,
+                    l.handovers
+                )
+            })
+        })
+        .collect();
     let placement = if per_node.is_empty() {
         String::new()
     } else {
@@ -205,7 +226,7 @@ pub async fn run(
         )
     };
     Ok(format!(
-        "slotq bench: {what} of {} bytes, {} producers, {} consumers, {}, {} shards\n{}\n{}{placement}",
+        "slotq bench: {what} of {} bytes, {} producers, {} consumers, {}, {} shards\n{}\n{}{schedule}{placement}",
         args.size,
         args.producers,
         args.consumers,
@@ -377,6 +398,7 @@ async fn push_phase(
         latency_us: None,
         shares: None,
         offered: None,
+        schedule: None,
         load: None,
     })
 }
@@ -475,6 +497,7 @@ async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, Cli
     Ok(Phase {
         shares: spread(&counts),
         offered: None,
+        schedule: None,
         load: None,
         name: "pop",
         messages: args.messages,
@@ -502,6 +525,7 @@ async fn e2e_phase(
     Ok(Phase {
         shares: spread(&counts),
         offered: None,
+        schedule: None,
         load: None,
         name: "push+pop",
         messages: args.messages,
@@ -537,94 +561,4 @@ async fn cleanup(q: &Queue) {
         slotq::redis::cmd("DEL").arg(q.meta_key()).clone(),
     ));
     let _ = cluster.batch(cmds, cluster.default_opts()).await;
-}
-
-/// The `--json` report of `slotq bench`.
-mod json {
-    use std::collections::BTreeMap;
-
-    use serde::Serialize;
-
-    use super::Phase;
-
-    #[derive(Serialize)]
-    pub(super) struct Report<'a> {
-        pub(super) queue: &'a str,
-        pub(super) messages: usize,
-        pub(super) size: usize,
-        pub(super) producers: usize,
-        pub(super) consumers: usize,
-        pub(super) keyed: bool,
-        pub(super) reliable: bool,
-        pub(super) rate: Option<f64>,
-        pub(super) duration: Option<f64>,
-        pub(super) shards: usize,
-        pub(super) phases: Vec<PhaseOut>,
-        pub(super) messages_per_node: &'a BTreeMap<String, u64>,
-        pub(super) anchor: Option<AnchorOut>,
-        pub(super) ratios: Option<Vec<Ratio>>,
-    }
-
-    /// One phase: throughput, and latency percentiles, consumer shares and the offered
-    /// rate where the phase measures them.
-    #[derive(Serialize)]
-    pub(super) struct PhaseOut {
-        phase: &'static str,
-        messages: usize,
-        secs: f64,
-        msgs_per_s: f64,
-        latency_us: Option<Latency>,
-        consumer_share: Option<Share>,
-        target_msgs_per_s: Option<f64>,
-        offered_msgs_per_s: Option<f64>,
-        /// `--load`: the fraction of the run's push+pop maximum asked for.
-        load: Option<f64>,
-    }
-
-    impl PhaseOut {
-        pub(super) fn of(p: &Phase) -> PhaseOut {
-            PhaseOut {
-                phase: p.name,
-                messages: p.messages,
-                secs: p.secs,
-                msgs_per_s: p.rate().round(),
-                latency_us: p.latency_us.map(|(p50, p99, p999, max)| Latency {
-                    p50,
-                    p99,
-                    p999,
-                    max,
-                }),
-                consumer_share: p.shares.map(|(min, max)| Share { min, max }),
-                target_msgs_per_s: p.offered.map(|o| o.0),
-                offered_msgs_per_s: p.offered.map(|o| o.1.round()),
-                load: p.load,
-            }
-        }
-    }
-
-    #[derive(Serialize)]
-    struct Latency {
-        p50: u64,
-        p99: u64,
-        p999: u64,
-        max: u64,
-    }
-
-    #[derive(Serialize)]
-    struct Share {
-        min: f64,
-        max: f64,
-    }
-
-    #[derive(Serialize)]
-    pub(super) struct AnchorOut {
-        pub(super) push_msgs_per_s: f64,
-        pub(super) pop_msgs_per_s: f64,
-    }
-
-    #[derive(Serialize)]
-    pub(super) struct Ratio {
-        pub(super) phase: &'static str,
-        pub(super) ratio: f64,
-    }
 }

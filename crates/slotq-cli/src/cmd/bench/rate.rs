@@ -81,7 +81,7 @@ pub(super) async fn rate_phase(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = pacer.join();
+    let lateness = pacer.join().unwrap_or_default();
     if let Some(e) = first_err {
         consumers.abort();
         return Err(e);
@@ -98,11 +98,27 @@ pub(super) async fn rate_phase(
         shares: super::spread(&counts),
         offered: Some((rate, total as f64 / sent_span.as_secs_f64())),
         load: None,
+        schedule: Some(lateness),
     })
 }
 
+/// How late the pacing thread handed messages over: from the intended send time of the
+/// first message of a hand-over to the hand-over. It is part of every latency measured
+/// (as it must be, open loop), and tells a stall of the machine, or of the load generator,
+/// from one of the queue: on this machine, idle, a thread that sleeps 200 us at a time
+/// wakes over 1 ms late about once a second.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Lateness {
+    /// Hand-overs in the phase.
+    pub(super) handovers: usize,
+    /// Hand-overs more than 1 ms late.
+    pub(super) over_1ms: usize,
+    /// The latest hand-over, in microseconds.
+    pub(super) max_us: u64,
+}
+
 /// The pacing thread: sends `(producer, payloads)` for every message due, until all `total`
-/// were handed over (or `stop`).
+/// were handed over (or `stop`); returns how late it was.
 fn pace(
     origin: Instant,
     total: usize,
@@ -111,7 +127,8 @@ fn pace(
     producers: usize,
     tx: &tokio::sync::mpsc::UnboundedSender<(usize, Vec<u8>)>,
     stop: &AtomicBool,
-) {
+) -> Lateness {
+    let mut late = Lateness::default();
     let mut next = 0usize;
     let mut turn = 0usize;
     while next < total && !stop.load(Ordering::Relaxed) {
@@ -119,13 +136,17 @@ fn pace(
         // Every message whose intended time has come, stamped with that time.
         let due = ((now / period_ns).floor() as usize + 1).min(total);
         if due > next {
+            let behind_us = ((now - next as f64 * period_ns) / 1e3).max(0.0) as u64;
+            late.handovers += 1;
+            late.over_1ms += usize::from(behind_us > 1000);
+            late.max_us = late.max_us.max(behind_us);
             // The due payloads back to back, sent as slices of one buffer.
             let mut batch = Vec::with_capacity((due - next) * size);
             for k in next..due {
                 write_payload(&mut batch, k as u64, (k as f64 * period_ns) as u64, size);
             }
             if tx.send((turn % producers, batch)).is_err() {
-                return;
+                return late;
             }
             turn += 1;
             next = due;
@@ -138,4 +159,5 @@ fn pace(
             }
         }
     }
+    late
 }

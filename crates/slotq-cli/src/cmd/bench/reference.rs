@@ -73,6 +73,7 @@ pub(super) async fn baseline(
             latency_us: None,
             shares: None,
             offered: None,
+            schedule: None,
             load: None,
         });
     }

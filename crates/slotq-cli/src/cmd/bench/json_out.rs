@@ -1,0 +1,102 @@
+//! The JSON report of `slotq bench`.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Phase;
+
+#[derive(Serialize)]
+pub(super) struct Report<'a> {
+    pub(super) queue: &'a str,
+    pub(super) messages: usize,
+    pub(super) size: usize,
+    pub(super) producers: usize,
+    pub(super) consumers: usize,
+    pub(super) keyed: bool,
+    pub(super) reliable: bool,
+    pub(super) rate: Option<f64>,
+    pub(super) duration: Option<f64>,
+    pub(super) shards: usize,
+    pub(super) phases: Vec<PhaseOut>,
+    pub(super) messages_per_node: &'a BTreeMap<String, u64>,
+    pub(super) anchor: Option<AnchorOut>,
+    pub(super) ratios: Option<Vec<Ratio>>,
+}
+
+/// One phase: throughput, and latency percentiles, consumer shares and the offered
+/// rate where the phase measures them.
+#[derive(Serialize)]
+pub(super) struct PhaseOut {
+    phase: &'static str,
+    messages: usize,
+    secs: f64,
+    msgs_per_s: f64,
+    latency_us: Option<Latency>,
+    consumer_share: Option<Share>,
+    target_msgs_per_s: Option<f64>,
+    offered_msgs_per_s: Option<f64>,
+    /// `--load`: the fraction of the run's push+pop maximum asked for.
+    load: Option<f64>,
+    /// Open-loop phases: how late the schedule's hand-overs were.
+    schedule_late_us: Option<Schedule>,
+}
+
+impl PhaseOut {
+    pub(super) fn of(p: &Phase) -> PhaseOut {
+        PhaseOut {
+            phase: p.name,
+            messages: p.messages,
+            secs: p.secs,
+            msgs_per_s: p.rate().round(),
+            latency_us: p.latency_us.map(|(p50, p99, p999, max)| Latency {
+                p50,
+                p99,
+                p999,
+                max,
+            }),
+            consumer_share: p.shares.map(|(min, max)| Share { min, max }),
+            target_msgs_per_s: p.offered.map(|o| o.0),
+            offered_msgs_per_s: p.offered.map(|o| o.1.round()),
+            load: p.load,
+            schedule_late_us: p.schedule.map(|l| Schedule {
+                max: l.max_us,
+                over_1ms: l.over_1ms,
+                handovers: l.handovers,
+            }),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Latency {
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+}
+
+#[derive(Serialize)]
+struct Schedule {
+    max: u64,
+    over_1ms: usize,
+    handovers: usize,
+}
+
+#[derive(Serialize)]
+struct Share {
+    min: f64,
+    max: f64,
+}
+
+#[derive(Serialize)]
+pub(super) struct AnchorOut {
+    pub(super) push_msgs_per_s: f64,
+    pub(super) pop_msgs_per_s: f64,
+}
+
+#[derive(Serialize)]
+pub(super) struct Ratio {
+    pub(super) phase: &'static str,
+    pub(super) ratio: f64,
+}
