@@ -1,0 +1,185 @@
+//! The bench's traffic: payloads that carry their id and send time, producer tasks that
+//! send them, consumer tasks that receive them and measure their latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+use slotq::Queue;
+
+use super::{HEADER, KEYS, PRODUCER_CHUNK};
+use crate::CliError;
+use crate::args::BenchArgs;
+
+/// A payload: id, send time (nanoseconds since the bench started), padding.
+pub(super) fn payload(id: u64, sent_ns: u64, size: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(size);
+    write_payload(&mut p, id, sent_ns, size);
+    p
+}
+
+/// Appends [`payload`] to `out`: a chunk's payloads go in one buffer, sent as slices of
+/// it, as a fast producer would hand them over.
+pub(super) fn write_payload(out: &mut Vec<u8>, id: u64, sent_ns: u64, size: usize) {
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&sent_ns.to_be_bytes());
+    out.resize(out.len() + size - HEADER, b'x');
+}
+
+/// The payloads `first..end` sent at `sent_ns`, back to back (see [`write_payload`]).
+fn payloads(first: u64, end: u64, sent_ns: u64, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity((end - first) as usize * size);
+    for id in first..end {
+        write_payload(&mut out, id, sent_ns, size);
+    }
+    out
+}
+
+pub(super) fn nanos_since(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+/// Splits `total` messages over `tasks` tasks: `(first id, count)` each.
+fn shares(total: usize, tasks: usize) -> Vec<(u64, usize)> {
+    let base = total / tasks;
+    let extra = total % tasks;
+    let mut first = 0u64;
+    (0..tasks)
+        .map(|t| {
+            let n = base + usize::from(t < extra);
+            let s = (first, n);
+            first += n as u64;
+            s
+        })
+        .collect()
+}
+
+pub(super) async fn produce(
+    q: &Queue,
+    args: &BenchArgs,
+    start: Instant,
+    pb: &ProgressBar,
+) -> Result<(), CliError> {
+    let producer = q.producer().build()?;
+    let mut tasks = Vec::new();
+    for (first, n) in shares(args.messages, args.producers) {
+        let producer = producer.clone();
+        let pb = pb.clone();
+        let (keyed, one_by_one, size) = (args.keyed, args.one_by_one, args.size);
+        tasks.push(tokio::spawn(async move {
+            let mut id = first;
+            let end = first + n as u64;
+            while id < end {
+                let chunk_end = (id + PRODUCER_CHUNK as u64).min(end);
+                // One clock read per chunk: the chunk is handed over at once.
+                let sent = nanos_since(start);
+                match (keyed, one_by_one) {
+                    (true, false) => {
+                        let buf = payloads(id, chunk_end, sent, size);
+                        producer
+                            .send_keyed_batch(
+                                (id..chunk_end)
+                                    .map(|i| (i % KEYS).to_be_bytes())
+                                    .zip(buf.chunks(size)),
+                            )
+                            .await?
+                    }
+                    (false, false) => {
+                        let buf = payloads(id, chunk_end, sent, size);
+                        producer.send_batch(buf.chunks(size)).await?
+                    }
+                    (keyed, true) => {
+                        let sends = (id..chunk_end).map(|i| {
+                            let producer = producer.clone();
+                            async move {
+                                let p = payload(i, sent, size);
+                                if keyed {
+                                    producer.send_keyed((i % KEYS).to_be_bytes(), p).await
+                                } else {
+                                    producer.send(p).await
+                                }
+                            }
+                        });
+                        for r in futures::future::join_all(sends).await {
+                            r?;
+                        }
+                    }
+                }
+                pb.inc(chunk_end - id);
+                id = chunk_end;
+            }
+            Ok::<_, slotq::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| CliError::Other(e.to_string()))??;
+    }
+    Ok(())
+}
+
+/// Consumer tasks receive until `target` messages arrived in total; returns the merged
+/// latency histogram (send timestamp to receipt), how many each consumer took, and when
+/// the last message arrived (a phase ends there, not when the consumers have shut down).
+pub(super) async fn consume(
+    q: &Queue,
+    args: &BenchArgs,
+    target: usize,
+    start: Option<Instant>,
+    pb: &ProgressBar,
+) -> Result<(Histogram<u64>, Vec<usize>, Instant), CliError> {
+    let got = Arc::new(AtomicUsize::new(0));
+    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut tasks = Vec::new();
+    let reliable = args.reliable;
+    for _ in 0..args.consumers {
+        let mut consumer = if args.without_group {
+            q.consumer().without_group().build()?
+        } else {
+            q.consumer().build()?
+        };
+        let got = got.clone();
+        let last = last.clone();
+        let pb = pb.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut mine = 0usize;
+            while got.load(Ordering::Relaxed) < target {
+                let batch = consumer
+                    .recv_batch_timeout(1000, Duration::from_millis(200))
+                    .await?;
+                // Latency ends at receipt: before the batch is acknowledged.
+                let received = start.map(|s| s.elapsed().as_nanos() as u64);
+                if reliable && !batch.is_empty() {
+                    consumer.ack_all(&batch).await?;
+                }
+                if let Some(now) = received {
+                    for m in &batch {
+                        let sent =
+                            u64::from_be_bytes(m.payload[8..16].try_into().unwrap_or_default());
+                        let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
+                    }
+                }
+                let before = got.fetch_add(batch.len(), Ordering::Relaxed);
+                if before < target && before + batch.len() >= target {
+                    *last.lock().unwrap() = Instant::now();
+                }
+                mine += batch.len();
+                pb.inc(batch.len() as u64);
+            }
+            consumer.close().await;
+            Ok::<_, slotq::Error>((hist, mine))
+        }));
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut counts = Vec::new();
+    for t in tasks {
+        let (h, n) = t.await.map_err(|e| CliError::Other(e.to_string()))??;
+        all.add(&h).map_err(|e| CliError::Other(e.to_string()))?;
+        counts.push(n);
+    }
+    let last = *last.lock().unwrap();
+    Ok((all, counts, last))
+}
