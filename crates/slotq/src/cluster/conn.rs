@@ -250,10 +250,11 @@ impl Conn {
                         buf.advance(used);
                         used = 0;
                         let reply = buf.split_to(whole).freeze();
-                        match scanner.items() {
+                        if scanner.found_items() {
                             // The walk noted where its strings lie: nothing to parse.
-                            Some(spans) => Ok(resp::items_at(&reply, spans)),
-                            None => resp::parse_items(reply),
+                            Ok(scanner.take_items(reply))
+                        } else {
+                            resp::parse_items(reply)
                         }
                     } else {
                         match resp::parse(&buf[used..used + whole]) {

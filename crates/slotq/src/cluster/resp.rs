@@ -16,7 +16,33 @@ pub(crate) enum Reply {
     /// An array of bulk strings, each a slice of the buffer it was read into: popped
     /// payloads reach their messages without a copy or an allocation each. Only for
     /// requests that ask for it.
-    Items(Vec<Bytes>),
+    Items(Items),
+}
+
+/// The bulk strings of an array reply: the reply's buffer and where each string lies in
+/// it. A string becomes a [`Bytes`] (a slice of that buffer) only when it is taken, so a
+/// pop's payloads go straight into their messages, with no vector of slices between.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Items {
+    buf: Bytes,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Items {
+    /// Strings in the array.
+    pub(crate) fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Each string, in order, as a slice of the reply's buffer.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Bytes> + '_ {
+        self.spans.iter().map(|&(a, b)| self.buf.slice(a..b))
+    }
+
+    /// The strings as a vector of slices.
+    pub(crate) fn into_vec(self) -> Vec<Bytes> {
+        self.iter().collect()
+    }
 }
 
 impl Reply {
@@ -26,7 +52,7 @@ impl Reply {
             Reply::Value(v) => v,
             Reply::Items(items) => Value::Array(
                 items
-                    .into_iter()
+                    .iter()
                     .map(|b| Value::BulkString(b.to_vec()))
                     .collect(),
             ),
@@ -48,11 +74,11 @@ pub(crate) fn parse_items(whole: Bytes) -> Result<Reply, ProtocolError> {
 }
 
 /// The bulk strings of an array of bulk strings, or `None` for any other reply.
-fn items_of(whole: &Bytes) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+fn items_of(whole: &Bytes) -> Result<Option<Items>, ProtocolError> {
     let Some((n, mut at)) = header(whole, 0, b'*')? else {
         return Ok(None);
     };
-    let mut items = Vec::with_capacity((n as usize).min(whole.len() / 4));
+    let mut spans = Vec::with_capacity((n as usize).min(whole.len() / 4));
     for _ in 0..n {
         let Some((len, next)) = header(whole, at, b'$')? else {
             return Ok(None);
@@ -61,10 +87,13 @@ fn items_of(whole: &Bytes) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         if whole.len() < end + 2 || &whole[end..end + 2] != b"\r\n" {
             return Ok(None);
         }
-        items.push(whole.slice(next..end));
+        spans.push((next, end));
         at = end + 2;
     }
-    Ok((at == whole.len()).then_some(items))
+    Ok((at == whole.len()).then(|| Items {
+        buf: whole.clone(),
+        spans,
+    }))
 }
 
 /// The length in a `kind` line at `at` (`*n` or `$n`) and where the line ends; `None` for
@@ -188,17 +217,22 @@ impl Scanner {
         }
     }
 
-    /// After [`Scanner::scan`] found a whole value: where its strings lie (start, end,
-    /// from the value's first byte) if it is an array of bulk strings, none of them nil.
-    pub(crate) fn items(&self) -> Option<&[(usize, usize)]> {
-        self.flat.then_some(&self.items[..])
+    /// After [`Scanner::scan`] found a whole value: whether it is an array of bulk
+    /// strings (none of them nil), whose strings [`Scanner::take_items`] tells.
+    pub(crate) fn found_items(&self) -> bool {
+        self.flat
     }
-}
 
-/// The array of bulk strings `whole`, whose strings lie at `spans` (from
-/// [`Scanner::items`]), as [`Reply::Items`]: slices of `whole`, nothing parsed again.
-pub(crate) fn items_at(whole: &Bytes, spans: &[(usize, usize)]) -> Reply {
-    Reply::Items(spans.iter().map(|&(a, b)| whole.slice(a..b)).collect())
+    /// After [`Scanner::scan`] found a whole value, `whole`, that is an array of bulk
+    /// strings ([`Scanner::found_items`]): its strings, from where the walk found them,
+    /// nothing parsed again.
+    pub(crate) fn take_items(&mut self, whole: Bytes) -> Reply {
+        self.flat = false;
+        Reply::Items(Items {
+            buf: whole,
+            spans: std::mem::take(&mut self.items),
+        })
+    }
 }
 
 fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
@@ -431,9 +465,9 @@ mod tests {
                     }
                 };
                 prop_assert_eq!(len, whole.len());
-                prop_assert_eq!(sc.items().is_some(), all_bulk);
-                if let Some(spans) = sc.items() {
-                    prop_assert_eq!(&items_at(&whole, spans), &read);
+                prop_assert_eq!(sc.found_items(), all_bulk);
+                if sc.found_items() {
+                    prop_assert_eq!(&sc.take_items(whole.clone()), &read);
                 }
             }
             prop_assert_eq!(read.into_value(), expected);
@@ -527,9 +561,16 @@ mod tests {
         let mut sc = Scanner::default();
         let two: &[u8] = b"*2\r\n$1\r\na\r\n$0\r\n\r\n*1\r\n:1\r\n";
         assert_eq!(sc.scan(two).unwrap(), Some(17));
-        assert_eq!(sc.items(), Some(&[(8, 9), (15, 15)][..]));
+        assert!(sc.found_items());
+        match sc.take_items(Bytes::copy_from_slice(&two[..17])) {
+            super::Reply::Items(items) => {
+                let items = items.into_vec();
+                assert_eq!(items, vec![Bytes::from_static(b"a"), Bytes::new()]);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(sc.scan(&two[17..]).unwrap(), Some(8));
-        assert_eq!(sc.items(), None);
+        assert!(!sc.found_items());
     }
 
     #[test]

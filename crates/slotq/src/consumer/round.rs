@@ -322,7 +322,7 @@ fn each_item(reply: crate::cluster::Reply, mut f: impl FnMut(Bytes)) -> Result<u
     match reply {
         Items(items) => {
             let n = items.len();
-            items.into_iter().for_each(f);
+            items.iter().for_each(f);
             Ok(n)
         }
         Plain(Value::Nil) => Ok(0),

@@ -169,7 +169,9 @@ pub(crate) async fn lease_many(
                 drained: c.rest == 0,
             }),
             Ok(c) => match list {
-                Ok(Reply::Items(items)) if items.len() == c.elements => Ok(c.leased(items, true)),
+                Ok(Reply::Items(items)) if items.len() == c.elements => {
+                    Ok(c.leased(items.into_vec(), true))
+                }
                 _ => {
                     reread.push((i, c));
                     Ok(Leasing::Nothing { drained: false })
@@ -181,7 +183,9 @@ pub(crate) async fn lease_many(
         let cmds = reread.iter().map(|&(i, ..)| read_list(&calls[i])).collect();
         for (&(i, c), r) in reread.iter().zip(cluster.batch_items(cmds, opts).await) {
             out[i] = Ok(match r {
-                Ok(Reply::Items(items)) if items.len() == c.elements => c.leased(items, true),
+                Ok(Reply::Items(items)) if items.len() == c.elements => {
+                    c.leased(items.into_vec(), true)
+                }
                 Ok(other) => Leasing::Unread(Error::Protocol(format!(
                     "reliable pop: the lease's list holds {other:?}, not {} elements",
                     c.elements
@@ -245,7 +249,7 @@ pub(crate) fn read_packed(script: Reply, list: Reply) -> AfterWait {
         }
     } else {
         match list {
-            Reply::Items(items) if items.len() == c.elements => c.leased(items, true),
+            Reply::Items(items) if items.len() == c.elements => c.leased(items.into_vec(), true),
             other => Leasing::Unread(Error::Protocol(format!(
                 "reliable pop: the lease's list holds {other:?}, not {} elements",
                 c.elements
