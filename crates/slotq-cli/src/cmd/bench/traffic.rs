@@ -156,11 +156,7 @@ pub(super) async fn consume(
                     consumer.ack_all(&batch).await?;
                 }
                 if let Some(now) = received {
-                    for m in &batch {
-                        let sent =
-                            u64::from_be_bytes(m.payload[8..16].try_into().unwrap_or_default());
-                        let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
-                    }
+                    record(&mut hist, now, batch.iter().map(sent_at));
                 }
                 let before = got.fetch_add(batch.len(), Ordering::Relaxed);
                 if before < target && before + batch.len() >= target {
@@ -182,4 +178,54 @@ pub(super) async fn consume(
     }
     let last = *last.lock().unwrap();
     Ok((all, counts, last))
+}
+
+/// When a bench message was sent (ns since the start), from its payload.
+fn sent_at(m: &slotq::Message) -> u64 {
+    u64::from_be_bytes(m.payload[8..16].try_into().unwrap_or_default())
+}
+
+/// Records the latency of messages received at `now` and sent at `sent` (ns since the
+/// start): runs of messages sent at the same time (a producer chunk's, stamped once) are
+/// one entry with their count, which measures the same and costs one histogram update a
+/// run.
+fn record(hist: &mut Histogram<u64>, now: u64, sent: impl Iterator<Item = u64>) {
+    let mut run: Option<(u64, u64)> = None;
+    for t in sent {
+        match &mut run {
+            Some((at, n)) if *at == t => *n += 1,
+            _ => {
+                if let Some((at, n)) = run {
+                    let _ = hist.record_n((now.saturating_sub(at) / 1000).max(1), n);
+                }
+                run = Some((t, 1));
+            }
+        }
+    }
+    if let Some((at, n)) = run {
+        let _ = hist.record_n((now.saturating_sub(at) / 1000).max(1), n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_one_send_time_record_as_each_message_would() {
+        let sent = [
+            5_000u64, 5_000, 5_000, 90_000, 7_000, 7_000, 5_000, 2_000_000,
+        ];
+        let now = 3_000_000;
+        let mut runs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        record(&mut runs, now, sent.iter().copied());
+        let mut each = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for t in sent {
+            each.record(((now - t) / 1000).max(1)).unwrap();
+        }
+        assert_eq!(runs.len(), sent.len() as u64);
+        assert_eq!(runs, each);
+        record(&mut runs, now, std::iter::empty());
+        assert_eq!(runs.len(), sent.len() as u64);
+    }
 }
