@@ -118,8 +118,8 @@ impl Producer {
 
     /// Sends many messages (unkeyed) in batches; resolves when all are stored, or with the
     /// first error (then some of the messages may have been stored). Each payload is
-    /// copied once, into the push that carries it, before the first wait: borrowed slices
-    /// of one buffer send as fast as owned vectors.
+    /// copied once, into the push that carries it, as room for it is found
+    /// (`max_buffered`): borrowed slices of one buffer send as fast as owned vectors.
     pub async fn send_batch<P: AsRef<[u8]>>(
         &self,
         payloads: impl IntoIterator<Item = P>,
