@@ -40,7 +40,8 @@ impl Batch {
         self.count == 0
     }
 
-    /// Makes room for `payload_bytes` more of `n` payloads (plain queues).
+    /// Makes room for `n` more payloads of `payload_bytes` in all, with what each takes
+    /// beside it (a RESP length line, or an envelope header on at-least-once queues).
     pub(super) fn reserve(&mut self, n: usize, payload_bytes: usize, reliable: bool) {
         let per = if reliable { ENVELOPE_HEADER + 5 } else { 16 };
         self.body.reserve(payload_bytes + n * per);
