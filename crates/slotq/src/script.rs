@@ -50,7 +50,7 @@ impl Script {
         keys: &[&str],
         args: &[&[u8]],
         body_args: usize,
-        body: &[&[u8]],
+        body: Vec<bytes::Bytes>,
     ) -> Command {
         let n = keys.len().to_string();
         let mut head: Vec<&[u8]> = vec![b"EVAL", self.source.as_bytes(), n.as_bytes()];

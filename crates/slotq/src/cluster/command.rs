@@ -5,8 +5,10 @@
 //! socket (into the command, then into the write) and formats a length per argument each
 //! time. A producer instead writes each payload as a RESP bulk string once, as it is
 //! queued ([`push_bulk`]), and the push is a head (`*N`, `RPUSH`, the key) before those
-//! bytes ([`Command::with_body`]): one copy into the write, none per payload.
+//! bytes ([`Command::with_body`]), which it shares (`Bytes`): one copy into the write, none
+//! per payload.
 
+use bytes::Bytes;
 use redis::Cmd;
 
 /// One command for [`super::Cluster::batch_commands`].
@@ -14,26 +16,22 @@ use redis::Cmd;
 pub(crate) enum Command {
     /// Encoded when it is written.
     Built(Cmd),
-    /// Already RESP: a whole command (`*N\r\n` and its `N` bulk strings).
-    Resp(Vec<u8>),
+    /// Already RESP: a whole command (`*N\r\n` and its `N` bulk strings), written as its
+    /// head and then the parts of its body, back to back.
+    Resp { head: Vec<u8>, body: Vec<Bytes> },
 }
 
 impl Command {
     /// A command of the bulk strings `head`, then `body_args` more already written as RESP
-    /// bulk strings (by [`push_bulk`]) in `body`, whose parts go out back to back.
-    pub(crate) fn with_body(head: &[&[u8]], body_args: usize, body: &[&[u8]]) -> Command {
-        let mut out = Vec::with_capacity(
-            16 + head.iter().map(|a| a.len() + 16).sum::<usize>()
-                + body.iter().map(|b| b.len()).sum::<usize>(),
-        );
+    /// bulk strings (by [`push_bulk`]) in `body`, whose parts go out back to back (shared,
+    /// not copied, until the write).
+    pub(crate) fn with_body(head: &[&[u8]], body_args: usize, body: Vec<Bytes>) -> Command {
+        let mut out = Vec::with_capacity(16 + head.iter().map(|a| a.len() + 16).sum::<usize>());
         push_array_header(&mut out, head.len() + body_args);
         for arg in head {
             push_bulk(&mut out, arg);
         }
-        for part in body {
-            out.extend_from_slice(part);
-        }
-        Command::Resp(out)
+        Command::Resp { head: out, body }
     }
 
     /// About how many bytes the command takes on the wire (exact for [`Command::Resp`]).
@@ -48,7 +46,7 @@ impl Command {
                     })
                     .sum::<usize>()
             }
-            Command::Resp(bytes) => bytes.len(),
+            Command::Resp { head, body } => head.len() + body.iter().map(Bytes::len).sum::<usize>(),
         }
     }
 
@@ -56,7 +54,12 @@ impl Command {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Command::Built(cmd) => cmd.write_packed_command(out),
-            Command::Resp(bytes) => out.extend_from_slice(bytes),
+            Command::Resp { head, body } => {
+                out.extend_from_slice(head);
+                for part in body {
+                    out.extend_from_slice(part);
+                }
+            }
         }
     }
 }
@@ -129,7 +132,7 @@ mod tests {
             let expected_len: usize = args.iter().map(|a| a.len() + 5 + a.len().to_string().len()).sum();
             prop_assert_eq!(body.len(), expected_len);
             let heads: Vec<&[u8]> = head.iter().map(Vec::as_slice).collect();
-            let resp = Command::with_body(&heads, args.len(), &[&body]);
+            let resp = Command::with_body(&heads, args.len(), vec![Bytes::from(body)]);
             let mut cmd = redis::Cmd::new();
             for a in head.iter().chain(&args) {
                 cmd.arg(a.as_slice());

@@ -9,6 +9,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
+
 use tokio::sync::Notify;
 
 use crate::cluster::{push_bulk, push_bulk_header};
@@ -60,18 +62,20 @@ impl Batch {
         self.count += 1;
     }
 
-    /// The messages as written: plain queues' payloads as RESP bulk strings, at-least-once
-    /// queues' envelopes as frame entries; [`Batch::len`] of them.
-    pub(super) fn body(&self) -> &[u8] {
-        &self.body
+    /// The messages as written, handed over to be sent (the batch keeps its count and
+    /// signal): plain queues' payloads as RESP bulk strings, at-least-once queues'
+    /// envelopes as frame entries; [`Batch::len`] of them. No copy: a rerouted push sends
+    /// the same bytes.
+    pub(super) fn take_body(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.body))
     }
 
-    /// At-least-once queues: what goes before [`Batch::body`] to make the frame one RESP
-    /// bulk string (its length line, then the frame's start; `\r\n` goes after), and the
-    /// frame's head.
-    pub(super) fn frame_open(&self) -> (Vec<u8>, Vec<u8>) {
+    /// At-least-once queues: what goes before the body (of `body_len` bytes, see
+    /// [`Batch::take_body`]) to make the frame one RESP bulk string (its length line, then
+    /// the frame's start; `\r\n` goes after), and the frame's head.
+    pub(super) fn frame_open(&self, body_len: usize) -> (Vec<u8>, Vec<u8>) {
         let start = crate::lease::frame_start(self.count, 0);
-        let len = start.len() + self.body.len();
+        let len = start.len() + body_len;
         let head = crate::lease::frame_head_of(
             self.count,
             len,
@@ -141,7 +145,8 @@ mod tests {
                 reliable.push_envelope(&header, p);
             }
             prop_assert_eq!(plain.len(), payloads.len());
-            let ours = wire(Command::with_body(&[b"RPUSH", key], plain.len(), &[plain.body()]));
+            let body = plain.take_body();
+            let ours = wire(Command::with_body(&[b"RPUSH", key], plain.len(), vec![body]));
             let mut cmd = redis::cmd("RPUSH");
             cmd.arg(&key[..]);
             for p in &payloads {
@@ -149,11 +154,12 @@ mod tests {
             }
             prop_assert_eq!(ours, wire(Command::Built(cmd)));
 
-            let (open, head) = reliable.frame_open();
+            let body = reliable.take_body();
+            let (open, head) = reliable.frame_open(body.len());
             let ours = wire(Command::with_body(
                 &[b"RPUSH", key, &head],
                 1,
-                &[&open, reliable.body(), b"\r\n"],
+                vec![open.into(), body, Bytes::from_static(b"\r\n")],
             ));
             let envelopes: Vec<Vec<u8>> =
                 payloads.iter().map(|p| encode_envelope_at(MessageId(id), p, 7)).collect();

@@ -371,7 +371,7 @@ impl ProducerInner {
             if !self.cfg.linger.is_zero() {
                 tokio::time::sleep(self.cfg.linger).await;
             }
-            let batch = {
+            let mut batch = {
                 let mut st = lane.state.lock().unwrap();
                 match st.sealed.pop_front() {
                     Some(b) => b,
@@ -384,7 +384,8 @@ impl ProducerInner {
             };
             let n = batch.len();
             let started = std::time::Instant::now();
-            let result = self.push_routed(&lane, &batch).await;
+            let body = batch.take_body();
+            let result = self.push_routed(&lane, &batch, &body).await;
             lane.pending.fetch_sub(n as i64, Ordering::Relaxed);
             let queue = self.cfg.queue.name().to_string();
             metrics::histogram!(crate::telemetry::PUSH_SECONDS, "queue" => queue.clone())

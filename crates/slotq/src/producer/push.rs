@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::Value;
 
 use super::ProducerInner;
@@ -17,9 +18,14 @@ use crate::error::{Error, Result};
 impl ProducerInner {
     /// Pushes a batch to its lane; an unkeyed batch that could not be sent (node down,
     /// shard full) goes to another healthy lane instead.
-    pub(super) async fn push_routed(&self, lane: &Arc<Lane>, batch: &Batch) -> Result<()> {
+    pub(super) async fn push_routed(
+        &self,
+        lane: &Arc<Lane>,
+        batch: &Batch,
+        body: &Bytes,
+    ) -> Result<()> {
         if batch.keyed {
-            return self.push(lane, batch, false).await;
+            return self.push(lane, batch, body, false).await;
         }
         let mut tried: HashSet<String> = HashSet::new();
         let mut target = lane.clone();
@@ -27,7 +33,7 @@ impl ProducerInner {
             tried.insert(target.tag.clone());
             let lanes = self.lanes();
             let last = lanes.iter().all(|l| tried.contains(&l.tag));
-            match self.push(&target, batch, !last).await {
+            match self.push(&target, batch, body, !last).await {
                 Err(e) if !last && rerouteable(&e, self.resend_ambiguous) => {
                     tracing::debug!(shard = %target.tag, cause = %e, "rerouting batch");
                     target = self.choose(&lanes, &tried);
@@ -37,7 +43,7 @@ impl ProducerInner {
         }
     }
 
-    async fn push(&self, lane: &Lane, batch: &Batch, fail_fast: bool) -> Result<()> {
+    async fn push(&self, lane: &Lane, batch: &Batch, body: &Bytes, fail_fast: bool) -> Result<()> {
         let cluster = self.cfg.queue.cluster();
         let mut opts = cluster.default_opts();
         if fail_fast {
@@ -50,14 +56,14 @@ impl ProducerInner {
             // At-least-once queues: the whole batch is one frame, behind its head (one
             // command, so the two are never apart).
             None if self.reliable => {
-                let (open, head) = batch.frame_open();
+                let (open, head) = batch.frame_open(body.len());
                 Command::with_body(
                     &[b"RPUSH", lane.key.as_bytes(), &head],
                     1,
-                    &[&open, batch.body(), b"\r\n"],
+                    vec![open.into(), body.clone(), Bytes::from_static(b"\r\n")],
                 )
             }
-            None => Command::with_body(&[b"RPUSH", lane.key.as_bytes()], count, &[batch.body()]),
+            None => Command::with_body(&[b"RPUSH", lane.key.as_bytes()], count, vec![body.clone()]),
             // At-most-once queues only: the builder refuses `max_depth` on at-least-once
             // queues.
             Some(max) => {
@@ -67,7 +73,7 @@ impl ProducerInner {
                     &[&lane.key],
                     &[max.as_bytes()],
                     count,
-                    &[batch.body()],
+                    vec![body.clone()],
                 )
             }
         };
