@@ -378,6 +378,11 @@ pub struct BenchArgs {
     /// With --rate or --load: how long to send, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
+    /// With --rate or --load: seconds of traffic at the phase's rate, on the same schedule,
+    /// before --duration starts. Their latency is reported apart (the warm-up line and
+    /// `warm_up` in --json), not in the phase's percentiles.
+    #[arg(long, value_name = "SECS", default_value = "0.5", value_parser = parse_secs_or_zero)]
+    pub warm_up: std::time::Duration,
 }
 
 /// A load level: `10%` or `0.1`, above 0 and at most 100%.

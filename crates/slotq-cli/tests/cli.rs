@@ -331,7 +331,8 @@ fn bench_reports_three_phases() {
     let o = slotq(&["--url", &c.url(), "bench", "--size", "8"]);
     assert_eq!(o.status.code(), Some(2));
 
-    // Open loop: 4,000 a second for half a second, latency from the intended send times.
+    // Open loop: 4,000 a second for half a second after a quarter of a second of
+    // warm-up, latency from the intended send times.
     let o = slotq(&[
         "--url",
         &c.url(),
@@ -341,6 +342,8 @@ fn bench_reports_three_phases() {
         "4000",
         "--duration",
         "0.5",
+        "--warm-up",
+        "0.25",
         "--producers",
         "2",
         "--consumers",
@@ -368,8 +371,19 @@ fn bench_reports_three_phases() {
     assert!(handovers > 0 && handovers <= 2000, "{s}");
     assert!(s["over_1ms"].as_u64().unwrap() <= handovers, "{s}");
     assert!(s["max"].as_u64().unwrap() <= q("max"), "{s} {l}");
+    // The warm-up went first on the same schedule, measured apart.
+    let w = &p["warm_up"];
+    assert_eq!(w["messages"], 1000, "{p}");
+    assert_eq!(w["secs"], 0.25, "{p}");
+    assert!(w["latency_us"]["p99"].as_u64().unwrap() > 0, "{p}");
     let url = c.url();
-    for bad in [["--rate", "0"], ["--rate", "-5"], ["--duration", "0"]] {
+    for bad in [
+        ["--rate", "0"],
+        ["--rate", "-5"],
+        ["--duration", "0"],
+        ["--warm-up", "-1"],
+        ["--warm-up", "soon"],
+    ] {
         let mut args = vec!["--url", &url, "bench", "--rate", "1000"];
         args.extend(bad);
         let o = slotq(&args);
@@ -388,6 +402,8 @@ fn bench_reports_three_phases() {
         "10%,0.5",
         "--duration",
         "0.5",
+        "--warm-up",
+        "0",
         "--producers",
         "2",
         "--consumers",
@@ -409,6 +425,7 @@ fn bench_reports_three_phases() {
             p["schedule_late_us"]["handovers"].as_u64().unwrap() > 0,
             "{p}"
         );
+        assert!(p["warm_up"].is_null(), "no warm-up asked for: {p}");
     }
     assert!(phases[0]["schedule_late_us"].is_null(), "{v}");
     for bad in [

@@ -144,6 +144,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         rate: None,
         load: None,
         duration: 5.0,
+        warm_up: std::time::Duration::ZERO,
         without_group: false,
     };
     let report = super::bench::run(router, &url, &bench, false).await?;

@@ -40,6 +40,8 @@ pub(super) struct PhaseOut {
     load: Option<f64>,
     /// Open-loop phases: how late the schedule's hand-overs were.
     schedule_late_us: Option<Schedule>,
+    /// Open-loop phases: the traffic sent before the measured part, and its latency.
+    warm_up: Option<WarmUpOut>,
 }
 
 impl PhaseOut {
@@ -49,12 +51,7 @@ impl PhaseOut {
             messages: p.messages,
             secs: p.secs,
             msgs_per_s: p.rate().round(),
-            latency_us: p.latency_us.map(|(p50, p99, p999, max)| Latency {
-                p50,
-                p99,
-                p999,
-                max,
-            }),
+            latency_us: p.latency_us.map(Latency::of),
             consumer_share: p.shares.map(|(min, max)| Share { min, max }),
             target_msgs_per_s: p.offered.map(|o| o.0),
             offered_msgs_per_s: p.offered.map(|o| o.1.round()),
@@ -63,6 +60,11 @@ impl PhaseOut {
                 max: l.max_us,
                 over_1ms: l.over_1ms,
                 handovers: l.handovers,
+            }),
+            warm_up: p.warm_up.map(|w| WarmUpOut {
+                secs: w.secs,
+                messages: w.messages,
+                latency_us: Latency::of(w.latency_us),
             }),
         }
     }
@@ -74,6 +76,24 @@ struct Latency {
     p99: u64,
     p999: u64,
     max: u64,
+}
+
+impl Latency {
+    fn of((p50, p99, p999, max): (u64, u64, u64, u64)) -> Latency {
+        Latency {
+            p50,
+            p99,
+            p999,
+            max,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WarmUpOut {
+    secs: f64,
+    messages: usize,
+    latency_us: Latency,
 }
 
 #[derive(Serialize)]

@@ -42,6 +42,16 @@ pub struct Phase {
     load: Option<f64>,
     /// Open-loop phases: how late the schedule's hand-overs were.
     schedule: Option<rate::Lateness>,
+    /// Open-loop phases: the traffic before the measured part.
+    warm_up: Option<WarmUp>,
+}
+
+/// The warm-up of an open-loop phase: sent on the phase's schedule before it is measured.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmUp {
+    secs: f64,
+    messages: usize,
+    latency_us: (u64, u64, u64, u64),
 }
 
 impl Phase {
@@ -199,17 +209,29 @@ pub async fn run(
         ),
         (None, None) => format!("{} messages", args.messages),
     };
-    // Open loop: how late the schedule itself was (a stall of the machine shows here too).
+    // Open loop: how late the schedule itself was (a stall of the machine shows here too),
+    // and the warm-up sent before each measured phase.
     let schedule: String = phases
         .iter()
         .filter_map(|p| {
+            let name = match p.load {
+                Some(f) => format!("{} {}%", p.name, f * 100.0),
+                None => p.name.to_string(),
+            };
+            let warm = p.warm_up.map(|w| {
+                format!(
+                    "warm-up of {name}: {} messages in {} s before it, not in the table: p50 {} p99 {} p999 {}\n",
+                    w.messages,
+                    w.secs,
+                    fmt_us(w.latency_us.0),
+                    fmt_us(w.latency_us.1),
+                    fmt_us(w.latency_us.2)
+                )
+            });
             p.schedule.map(|l| {
                 format!(
-                    "schedule of {}: hand-overs up to {} late, {} of {} over 1 ms\n",
-                    match p.load {
-                        Some(f) => format!("{} {}%", p.name, f * 100.0),
-                        None => p.name.to_string(),
-                    },
+                    "{}schedule of {name}: hand-overs up to {} late, {} of {} over 1 ms\n",
+                    warm.unwrap_or_default(),
                     fmt_us(l.max_us),
                     l.over_1ms,
                     l.handovers
@@ -293,6 +315,7 @@ async fn push_phase(
         shares: None,
         offered: None,
         schedule: None,
+        warm_up: None,
         load: None,
     })
 }
@@ -320,13 +343,14 @@ pub(super) fn spread(counts: &[usize]) -> Option<(f64, f64)> {
 async fn pop_phase(q: &Queue, args: &BenchArgs, show: bool) -> Result<Phase, CliError> {
     let pb = bar(args.messages, "pop", show);
     let t0 = Instant::now();
-    let (_, counts, last) = consume(q, args, args.messages, None, &pb).await?;
-    let secs = last.duration_since(t0).as_secs_f64();
+    let got = consume(q, args, args.messages, None, &pb).await?;
+    let secs = got.last.duration_since(t0).as_secs_f64();
     pb.finish();
     Ok(Phase {
-        shares: spread(&counts),
+        shares: spread(&got.counts),
         offered: None,
         schedule: None,
+        warm_up: None,
         load: None,
         name: "pop",
         messages: args.messages,
@@ -343,23 +367,28 @@ async fn e2e_phase(
 ) -> Result<Phase, CliError> {
     let pb = bar(args.messages, "push+pop", show);
     let t0 = Instant::now();
-    let consumers = consume(q, args, args.messages, Some(start), &pb);
+    let clock = traffic::Clock {
+        origin: start,
+        measure_from_ns: 0,
+    };
+    let consumers = consume(q, args, args.messages, Some(clock), &pb);
     let hidden = ProgressBar::hidden();
     let producers = produce(q, args, start, &hidden);
     let (consumed, produced) = tokio::join!(consumers, producers);
     produced?;
-    let (hist, counts, last) = consumed?;
-    let secs = last.duration_since(t0).as_secs_f64();
+    let got = consumed?;
+    let secs = got.last.duration_since(t0).as_secs_f64();
     pb.finish();
     Ok(Phase {
-        shares: spread(&counts),
+        shares: spread(&got.counts),
         offered: None,
         schedule: None,
+        warm_up: None,
         load: None,
         name: "push+pop",
         messages: args.messages,
         secs,
-        latency_us: Some(percentiles(&hist)),
+        latency_us: Some(percentiles(&got.latency)),
     })
 }
 

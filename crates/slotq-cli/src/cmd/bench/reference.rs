@@ -74,6 +74,7 @@ pub(super) async fn baseline(
             shares: None,
             offered: None,
             schedule: None,
+            warm_up: None,
             load: None,
         });
     }

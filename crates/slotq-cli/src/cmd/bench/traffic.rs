@@ -119,16 +119,41 @@ pub(super) async fn produce(
     Ok(())
 }
 
-/// Consumer tasks receive until `target` messages arrived in total; returns the merged
-/// latency histogram (send timestamp to receipt), how many each consumer took, and when
-/// the last message arrived (a phase ends there, not when the consumers have shut down).
+/// Where a consumer measures latency from: the bench's start (send times are nanoseconds
+/// since then), and the send time before which messages belong to the warm-up.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Clock {
+    pub(super) origin: Instant,
+    /// Messages due before this (ns since `origin`) are the warm-up's: measured apart.
+    pub(super) measure_from_ns: u64,
+}
+
+/// What the consumers of a phase received.
+pub(super) struct Received {
+    /// Latency (send time to receipt, microseconds) of the measured messages.
+    pub(super) latency: Histogram<u64>,
+    /// Latency of the warm-up's messages.
+    pub(super) warm_up: Histogram<u64>,
+    /// How many messages each consumer took.
+    pub(super) counts: Vec<usize>,
+    /// When the last message arrived (a phase ends there, not when the consumers have
+    /// shut down).
+    pub(super) last: Instant,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Consumer tasks receive until `target` messages arrived in total; with a clock, they
+/// measure each message's latency from its send time to its receipt.
 pub(super) async fn consume(
     q: &Queue,
     args: &BenchArgs,
     target: usize,
-    start: Option<Instant>,
+    clock: Option<Clock>,
     pb: &ProgressBar,
-) -> Result<(Histogram<u64>, Vec<usize>, Instant), CliError> {
+) -> Result<Received, CliError> {
     let got = Arc::new(AtomicUsize::new(0));
     let last = Arc::new(std::sync::Mutex::new(Instant::now()));
     let mut tasks = Vec::new();
@@ -143,20 +168,25 @@ pub(super) async fn consume(
         let last = last.clone();
         let pb = pb.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let (mut hist, mut warm) = (histogram(), histogram());
             let mut mine = 0usize;
             while got.load(Ordering::Relaxed) < target {
                 let batch = consumer
                     .recv_batch_timeout(1000, Duration::from_millis(200))
                     .await?;
                 // Latency ends at receipt: before the batch is acknowledged.
-                let received = start.map(|s| s.elapsed().as_nanos() as u64);
+                let received = clock.map(|c| (nanos_since(c.origin), c.measure_from_ns));
                 if reliable && !batch.is_empty() {
                     consumer.ack_all(&batch).await?;
                 }
-                if let Some(now) = received {
-                    record(&mut hist, now, batch.iter().map(sent_at));
+                if let Some((now, from)) = received {
+                    let sent = batch.iter().map(sent_at);
+                    if from == 0 {
+                        record(&mut hist, now, sent);
+                    } else {
+                        record(&mut warm, now, sent.clone().filter(|&t| t < from));
+                        record(&mut hist, now, sent.filter(|&t| t >= from));
+                    }
                 }
                 let before = got.fetch_add(batch.len(), Ordering::Relaxed);
                 if before < target && before + batch.len() >= target {
@@ -166,18 +196,28 @@ pub(super) async fn consume(
                 pb.inc(batch.len() as u64);
             }
             consumer.close().await;
-            Ok::<_, slotq::Error>((hist, mine))
+            Ok::<_, slotq::Error>((hist, warm, mine))
         }));
     }
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let (mut latency, mut warm_up) = (histogram(), histogram());
     let mut counts = Vec::new();
     for t in tasks {
-        let (h, n) = t.await.map_err(|e| CliError::Other(e.to_string()))??;
-        all.add(&h).map_err(|e| CliError::Other(e.to_string()))?;
+        let (h, w, n) = t.await.map_err(|e| CliError::Other(e.to_string()))??;
+        latency
+            .add(&h)
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        warm_up
+            .add(&w)
+            .map_err(|e| CliError::Other(e.to_string()))?;
         counts.push(n);
     }
     let last = *last.lock().unwrap();
-    Ok((all, counts, last))
+    Ok(Received {
+        latency,
+        warm_up,
+        counts,
+        last,
+    })
 }
 
 /// When a bench message was sent (ns since the start), from its payload.
