@@ -35,7 +35,7 @@ const STEP: Duration = Duration::from_micros(200);
 /// Longest the pacing thread sleeps at once, so a stop is noticed.
 const MAX_NAP: Duration = Duration::from_millis(5);
 /// Time the consumers get to join their group before the schedule starts.
-const WARM_UP: Duration = Duration::from_secs(1);
+const JOIN_TIME: Duration = Duration::from_secs(1);
 
 /// Runs the open-loop phase: `rate` messages a second for `args.warm_up`, then for
 /// `duration` (measured).
@@ -62,7 +62,7 @@ pub(super) async fn rate_phase(
         .collect::<Result<_, _>>()?;
     let pb = bar(total, &format!("{rate:.0}/s"), show);
     // Consumers first: the clock of the schedule starts once they had time to join.
-    let origin = Instant::now() + WARM_UP;
+    let origin = Instant::now() + JOIN_TIME;
     let consumers = {
         let (q, args, pb) = (q.clone(), args.clone(), pb.clone());
         let clock = Clock {
