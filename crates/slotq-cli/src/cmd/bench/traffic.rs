@@ -257,9 +257,9 @@ mod tests {
             5_000u64, 5_000, 5_000, 90_000, 7_000, 7_000, 5_000, 2_000_000,
         ];
         let now = 3_000_000;
-        let mut runs = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut runs = histogram();
         record(&mut runs, now, sent.iter().copied());
-        let mut each = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut each = histogram();
         for t in sent {
             each.record(((now - t) / 1000).max(1)).unwrap();
         }
