@@ -269,6 +269,13 @@ impl Consumer {
         let out: Vec<Message> = if n == self.buffer.len() {
             // All of it: the buffer's storage becomes the batch, nothing is moved.
             std::mem::take(&mut self.buffer).into()
+        } else if n >= self.buffer.len() - n {
+            // Most of it: the rest moves out instead, and the storage becomes the batch
+            // (a round can bring more than one call takes; moving the smaller part of
+            // thousands of messages is what this saves).
+            let mut all: Vec<Message> = std::mem::take(&mut self.buffer).into();
+            self.buffer = all.split_off(n).into();
+            all
         } else {
             self.buffer.drain(..n).collect()
         };

@@ -178,10 +178,12 @@ pub(super) fn absorb(
                 Leasing::Nothing { drained: true } | Leasing::Leased { drained: true, .. }
             ))
         );
+        // The shard's name, fresh for this reply: every message clones it, and a name
+        // shared with other consumers' threads would make each clone a contended atomic.
+        let shard: Arc<str> = Arc::from(&*ask.keys.tag);
         let taken = match reply {
             Ok(Reply::Items(v)) => each_item(v, |payload| {
-                out.messages
-                    .push(Message::plain(payload, ask.keys.tag.clone()))
+                out.messages.push(Message::plain(payload, shard.clone()))
             }),
             Ok(Reply::Lease(Leasing::Nothing { .. })) => Ok(0),
             Ok(Reply::Lease(Leasing::Leased {
@@ -193,7 +195,15 @@ pub(super) fn absorb(
             })) => {
                 let max_attempts = ctx.max_attempts.unwrap_or(u32::MAX);
                 let leased = (deadline_ms, count, items, in_list);
-                take_lease(ctx, ask, leased, max_attempts, started, &mut out.messages)
+                take_lease(
+                    ctx,
+                    ask,
+                    &shard,
+                    leased,
+                    max_attempts,
+                    started,
+                    &mut out.messages,
+                )
             }
             Ok(Reply::Lease(Leasing::Unread(e))) => {
                 // The lease exists but none of it arrived: give it back by name (below
@@ -261,6 +271,7 @@ pub(super) fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
 pub(super) fn take_lease(
     ctx: &Ctx,
     ask: &Ask,
+    shard: &Arc<str>,
     (deadline_ms, count, items, in_list): (i64, usize, Vec<Bytes>, bool),
     max_attempts: u32,
     started: Instant,
@@ -289,7 +300,7 @@ pub(super) fn take_lease(
                 let position = (into.len() - before) as u32 + 1;
                 into.push(Message {
                     payload: env.payload,
-                    shard: ask.keys.tag.clone(),
+                    shard: shard.clone(),
                     id: Some(env.id),
                     attempt: env.deliveries as u32 + 1,
                     enqueued_ms: Some(env.enqueued_ms),

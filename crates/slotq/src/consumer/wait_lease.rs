@@ -107,6 +107,7 @@ impl WaitLease {
                 match round::take_lease(
                     &self.ctx,
                     &self.ask(id),
+                    &Arc::from(&*self.keys.tag),
                     leased,
                     max_attempts,
                     since,
