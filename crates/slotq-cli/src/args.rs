@@ -356,6 +356,11 @@ pub struct BenchArgs {
     /// per op counts), and report every phase as a ratio to it.
     #[arg(long)]
     pub anchor: Option<std::path::PathBuf>,
+    /// Runs the anchor (if given) and the phases this many times, one after the other, and
+    /// reports each phase's median round and the median of its ratios, with every round's
+    /// figure beside them. Not with --rate or --load.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Queue name (default: a fresh name per run).
     #[arg(long)]
     pub queue: Option<String>,

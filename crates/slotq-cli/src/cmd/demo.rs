@@ -140,6 +140,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         reliable: false,
         phases: vec![crate::args::BenchPhase::E2e],
         anchor: None,
+        rounds: 1,
         queue: Some(format!("{name}-latency")),
         rate: None,
         load: None,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::Phase;
+use super::rounds::Round;
 
 #[derive(Serialize)]
 pub(super) struct Report<'a> {
@@ -22,6 +23,8 @@ pub(super) struct Report<'a> {
     pub(super) messages_per_node: &'a BTreeMap<String, u64>,
     pub(super) anchor: Option<AnchorOut>,
     pub(super) ratios: Option<Vec<Ratio>>,
+    /// `--rounds`: every round's anchor and phase rates (one entry for a single round).
+    pub(super) rounds: Vec<RoundOut>,
 }
 
 /// One phase: throughput, and latency percentiles, consumer shares and the offered
@@ -119,4 +122,41 @@ pub(super) struct AnchorOut {
 pub(super) struct Ratio {
     pub(super) phase: &'static str,
     pub(super) ratio: f64,
+}
+
+/// One round of `--rounds`: its anchor, and each phase's rate and ratio to that anchor.
+#[derive(Serialize)]
+pub(super) struct RoundOut {
+    anchor: Option<AnchorOut>,
+    phases: Vec<RoundPhase>,
+}
+
+#[derive(Serialize)]
+struct RoundPhase {
+    phase: &'static str,
+    msgs_per_s: f64,
+    ratio: Option<f64>,
+}
+
+impl RoundOut {
+    pub(super) fn all(rounds: &[Round]) -> Vec<RoundOut> {
+        rounds
+            .iter()
+            .map(|r| RoundOut {
+                anchor: r.anchor.map(|a| AnchorOut {
+                    push_msgs_per_s: a.push,
+                    pop_msgs_per_s: a.pop,
+                }),
+                phases: r
+                    .phases
+                    .iter()
+                    .map(|p| RoundPhase {
+                        phase: p.name,
+                        msgs_per_s: p.rate().round(),
+                        ratio: r.anchor.map(|a| a.ratio(p)),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
 }

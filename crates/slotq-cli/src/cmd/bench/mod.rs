@@ -6,6 +6,7 @@
 mod json_out;
 mod rate;
 mod reference;
+mod rounds;
 mod traffic;
 
 use std::collections::BTreeMap;
@@ -91,13 +92,13 @@ pub async fn run(
     let show = !as_json;
     let start = Instant::now();
 
-    let anchor = match &args.anchor {
-        Some(script) => Some(reference::run_anchor(script, cluster, args.size, show).await?),
-        None => None,
-    };
     let open_loop = args.rate.is_some() || args.load.is_some();
+    if open_loop && args.rounds > 1 {
+        return Err(CliError::Usage(
+            "--rounds repeats the push, pop and push+pop phases; an open-loop run (--rate, --load) is made longer with --duration".into(),
+        ));
+    }
     let want = |p: BenchPhase| !open_loop && args.phases.contains(&p);
-    let mut ran = Vec::new();
     let mut per_node = BTreeMap::new();
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if open_loop && !positive(args.duration) {
@@ -105,34 +106,53 @@ pub async fn run(
             "--duration must be a positive number".into(),
         ));
     }
+    if let Some(rate) = args.rate
+        && !positive(rate)
+    {
+        return Err(CliError::Usage("--rate must be a positive number".into()));
+    }
     let duration = Duration::from_secs_f64(args.duration);
-    if let Some(rate) = args.rate {
-        if !positive(rate) {
-            return Err(CliError::Usage("--rate must be a positive number".into()));
+    let mut done = Vec::new();
+    for round in 1..=args.rounds {
+        if show && args.rounds > 1 {
+            eprintln!("round {round} of {}", args.rounds);
         }
-        ran.push(rate::rate_phase(&q, args, rate, duration, show).await?);
-    }
-    if let Some(loads) = &args.load {
-        // The maximum first, then each level at its fraction of it.
-        let max = e2e_phase(&q, args, start, show).await?;
-        let top = max.rate();
-        ran.push(max);
-        for &f in loads {
-            let mut p = rate::rate_phase(&q, args, top * f, duration, show).await?;
-            p.load = Some(f);
-            ran.push(p);
+        let anchor = match &args.anchor {
+            Some(script) => Some(reference::run_anchor(script, cluster, args.size, show).await?),
+            None => None,
+        };
+        let mut ran = Vec::new();
+        if let Some(rate) = args.rate {
+            ran.push(rate::rate_phase(&q, args, rate, duration, show).await?);
         }
+        if let Some(loads) = &args.load {
+            // The maximum first, then each level at its fraction of it.
+            let max = e2e_phase(&q, args, start, show).await?;
+            let top = max.rate();
+            ran.push(max);
+            for &f in loads {
+                let mut p = rate::rate_phase(&q, args, top * f, duration, show).await?;
+                p.load = Some(f);
+                ran.push(p);
+            }
+        }
+        if want(BenchPhase::Push) || want(BenchPhase::Pop) {
+            ran.push(push_phase(&q, args, start, show).await?);
+            per_node = self::per_node(&q).await?;
+        }
+        if want(BenchPhase::Pop) {
+            ran.push(pop_phase(&q, args, show).await?);
+        }
+        if want(BenchPhase::E2e) {
+            ran.push(e2e_phase(&q, args, start, show).await?);
+        }
+        done.push(rounds::Round {
+            anchor,
+            phases: ran,
+        });
     }
-    if want(BenchPhase::Push) || want(BenchPhase::Pop) {
-        ran.push(push_phase(&q, args, start, show).await?);
-        per_node = self::per_node(&q).await?;
-    }
-    if want(BenchPhase::Pop) {
-        ran.push(pop_phase(&q, args, show).await?);
-    }
-    if want(BenchPhase::E2e) {
-        ran.push(e2e_phase(&q, args, start, show).await?);
-    }
+    let summary = rounds::Summary::of(done);
+    let (ran, anchor) = (&summary.phases, summary.anchor);
     let baseline = if args.baseline {
         Some(reference::baseline(url, args, show).await?)
     } else {
@@ -141,6 +161,15 @@ pub async fn run(
     cleanup(&q).await;
 
     let phases: Vec<&Phase> = ran.iter().chain(baseline.iter().flatten()).collect();
+    // The rounds' phases: the median of their ratios; the baseline's (run once): against
+    // the anchor's median.
+    let ratio_of = |i: usize, p: &Phase| -> Option<f64> {
+        match (&summary.ratios, anchor) {
+            (Some(r), _) if i < r.len() => Some(r[i]),
+            (_, Some(a)) => Some(a.ratio(p)),
+            _ => None,
+        }
+    };
     if as_json {
         let report = json_out::Report {
             queue: &name,
@@ -159,25 +188,31 @@ pub async fn run(
                 push_msgs_per_s: a.push,
                 pop_msgs_per_s: a.pop,
             }),
-            ratios: anchor.as_ref().map(|a| {
+            ratios: anchor.map(|_| {
                 phases
                     .iter()
-                    .map(|p| json_out::Ratio {
-                        phase: p.name,
-                        ratio: a.ratio(p),
+                    .enumerate()
+                    .filter_map(|(i, p)| {
+                        Some(json_out::Ratio {
+                            phase: p.name,
+                            ratio: ratio_of(i, p)?,
+                        })
                     })
                     .collect()
             }),
+            rounds: json_out::RoundOut::all(&summary.rounds),
         };
         return Ok(crate::json::line(&report));
     }
+    let several = summary.rounds.len() > 1;
     let rows: Vec<Vec<String>> = phases
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             let lat = |f: fn(&(u64, u64, u64, u64)) -> u64| {
                 p.latency_us.as_ref().map_or("-".into(), |l| fmt_us(f(l)))
             };
-            vec![
+            let mut row = vec![
                 match p.load {
                     Some(f) => format!("{} {}%", p.name, f * 100.0),
                     None => p.name.to_string(),
@@ -188,10 +223,21 @@ pub async fn run(
                 lat(|l| l.0),
                 lat(|l| l.1),
                 lat(|l| l.2),
-                anchor
-                    .as_ref()
-                    .map_or("-".into(), |a| format!("{:.2}", a.ratio(p))),
-            ]
+                ratio_of(i, p).map_or("-".into(), |r| format!("{r:.2}")),
+            ];
+            if several {
+                row.push(if i < summary.phases.len() {
+                    let each = summary.by_round(i).into_iter();
+                    match summary.ratios {
+                        Some(_) => each.map(|r| format!("{r:.2}")).collect::<Vec<_>>(),
+                        None => each.map(|r| format!("{:.2}M", r / 1e6)).collect(),
+                    }
+                    .join(" ")
+                } else {
+                    "-".into()
+                });
+            }
+            row
         })
         .collect();
     let nodes: Vec<Vec<String>> = per_node
@@ -259,14 +305,36 @@ pub async fn run(
             (true, true) => "keyed, at-least-once (lease + ack)",
         },
         q.shards().shards.len(),
-        anchor.as_ref().map_or(String::new(), |a| format!(
-            "anchor (redis-benchmark, same cluster, this run): push {:.0} msgs/s, pop {:.0} msgs/s\n",
-            a.push, a.pop
-        )),
-        table(
-            &["PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999", "X ANCHOR"],
-            &rows
-        ),
+        match (anchor, several) {
+            (None, _) => String::new(),
+            (Some(a), false) => format!(
+                "anchor (redis-benchmark, same cluster, this run): push {:.0} msgs/s, pop {:.0} msgs/s\n",
+                a.push, a.pop
+            ),
+            (Some(a), true) => format!(
+                "anchor (redis-benchmark, same cluster, before each round; medians): push {:.0} msgs/s, pop {:.0} msgs/s\n",
+                a.push, a.pop
+            ),
+        },
+        if several {
+            let by_round = format!("BY ROUND ({})", summary.by_round_unit());
+            let header = [
+                "PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999", "X ANCHOR",
+                &by_round,
+            ];
+            format!(
+                "{} rounds: each phase's row is its median round, X ANCHOR the median of the rounds' ratios\n{}",
+                summary.rounds.len(),
+                table(&header, &rows)
+            )
+        } else {
+            table(
+                &[
+                    "PHASE", "MESSAGES", "SECONDS", "MSGS/S", "P50", "P99", "P999", "X ANCHOR",
+                ],
+                &rows,
+            )
+        },
     ))
 }
 
