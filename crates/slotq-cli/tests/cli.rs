@@ -442,6 +442,124 @@ fn bench_reports_three_phases() {
     }
 }
 
+/// `--rounds`: the anchor and the phases run side by side each round; every round's
+/// figures are reported, and each phase's ratio is the median of its rounds' ratios. The
+/// anchor here is a script with fixed figures (a different one each round), so the ratios
+/// can be checked exactly.
+#[test]
+fn bench_rounds_report_every_round_and_the_median() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let dir = std::env::temp_dir().join(format!("slotq-rounds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("anchor.sh");
+    let calls = dir.join("calls");
+    let _ = std::fs::remove_file(&calls);
+    // Called at batch 100 and 1000 each round: the better figure of the two counts.
+    std::fs::write(
+        &script,
+        format!(
+            "echo \"$@\" >> {calls}\nn=$(wc -l < {calls})\n\
+             echo \"ANCHOR op=push masters=3 msgs=1 secs=1 msgs_per_s=$((n * 100000))\"\n\
+             echo \"ANCHOR op=pop masters=3 msgs=1 secs=1 msgs_per_s=$((n * 200000))\"\n",
+            calls = calls.display()
+        ),
+    )
+    .unwrap();
+    let o = slotq(&[
+        "--url",
+        &c.url(),
+        "--json",
+        "bench",
+        "--messages",
+        "20000",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--phases",
+        "push,pop",
+        "--rounds",
+        "3",
+        "--anchor",
+        script.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // Two anchor runs a round, each for the master it was given, at batch 100 and 1000.
+    let called = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(called.lines().count(), 6, "{called}");
+    assert!(called.lines().all(|l| l.contains("127.0.0.1:")), "{called}");
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "{v}");
+    let f = |x: &serde_json::Value| x.as_f64().unwrap();
+    let mut push_ratios = Vec::new();
+    for (i, r) in rounds.iter().enumerate() {
+        // The better of the round's two anchor runs: the second, 2 * (i + 1) calls in.
+        let push = 2.0 * (i as f64 + 1.0) * 100_000.0;
+        assert_eq!(f(&r["anchor"]["push_msgs_per_s"]), push, "{r}");
+        assert_eq!(f(&r["anchor"]["pop_msgs_per_s"]), 2.0 * push, "{r}");
+        let phases = r["phases"].as_array().unwrap();
+        assert_eq!(phases.len(), 2, "{r}");
+        assert_eq!(phases[0]["phase"], "push");
+        let ratio = f(&phases[0]["ratio"]);
+        assert!(
+            (ratio - f(&phases[0]["msgs_per_s"]) / push).abs() < 1e-3,
+            "{r}"
+        );
+        assert!((f(&phases[1]["ratio"]) - f(&phases[1]["msgs_per_s"]) / (2.0 * push)).abs() < 1e-3);
+        push_ratios.push(ratio);
+    }
+    push_ratios.sort_by(f64::total_cmp);
+    let summed = &v["ratios"].as_array().unwrap()[0];
+    assert_eq!(summed["phase"], "push");
+    assert!((f(&summed["ratio"]) - push_ratios[1]).abs() < 1e-9, "{v}");
+    // The anchor's median, and the phase of the median round (one of the rounds' own).
+    assert_eq!(f(&v["anchor"]["push_msgs_per_s"]), 400_000.0, "{v}");
+    let mut pushes: Vec<f64> = rounds
+        .iter()
+        .map(|r| f(&r["phases"][0]["msgs_per_s"]))
+        .collect();
+    pushes.sort_by(f64::total_cmp);
+    assert_eq!(f(&v["phases"][0]["msgs_per_s"]), pushes[1], "{v}");
+    // The text report carries every round beside the median.
+    let o = slotq(&[
+        "--url",
+        &c.url(),
+        "bench",
+        "--messages",
+        "5000",
+        "--phases",
+        "push",
+        "--rounds",
+        "2",
+        "--anchor",
+        script.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("2 rounds:") && out.contains("BY ROUND (x anchor)"),
+        "{out}"
+    );
+    let row = out.lines().find(|l| l.starts_with("push ")).unwrap();
+    assert_eq!(row.split_whitespace().count(), 10, "{row}");
+    // Rounds are for closed-loop phases, and at least one.
+    let url = c.url();
+    for bad in [
+        vec!["--rounds", "0"],
+        vec!["--rounds", "many"],
+        vec!["--rounds", "2", "--rate", "1000"],
+        vec!["--rounds", "2", "--load", "10%"],
+    ] {
+        let mut args = vec!["--url", &url, "bench"];
+        args.extend(bad.iter().copied());
+        let o = slotq(&args);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("rounds"), "{bad:?}: {}", stderr(&o));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn demo_shows_placement_and_traffic_then_cleans_up() {
     let o = slotq(&["demo", "--replicas", "0"]);
