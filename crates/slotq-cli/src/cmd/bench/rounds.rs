@@ -69,6 +69,17 @@ impl Summary {
         }
     }
 
+    /// The ratio to report for phase `i` of the report: the median of its rounds' ratios
+    /// for the rounds' phases; for phases run once after them (the baseline), its ratio to
+    /// the anchor's median.
+    pub(super) fn ratio_of(&self, i: usize, p: &Phase) -> Option<f64> {
+        match (&self.ratios, self.anchor) {
+            (Some(r), _) if i < r.len() => Some(r[i]),
+            (_, Some(a)) => Some(a.ratio(p)),
+            _ => None,
+        }
+    }
+
     /// Phase `i`'s figure in every round: its ratio to that round's anchor, or its rate
     /// (messages a second) without an anchor.
     pub(super) fn by_round(&self, i: usize) -> Vec<f64> {
