@@ -72,9 +72,25 @@ async fn a_drained_at_least_once_consumer_waits_without_asking_again() {
 async fn a_wait_s_lease_brings_the_message_with_one_lease_on_one_shard() {
     let c = TestCluster::start(3, 0).unwrap();
     let client = client(&c.url()).await;
-    let q = client.queue("behind").reliable().open().await.unwrap();
+    for prefetch in [false, true] {
+        let q = client
+            .queue(&format!("behind-{prefetch}"))
+            .reliable()
+            .open()
+            .await
+            .unwrap();
+        one_wake_one_lease(&c, &q, prefetch).await;
+    }
+}
+
+async fn one_wake_one_lease(c: &TestCluster, q: &slotq::Queue, prefetch: bool) {
     let producer = q.producer().build().unwrap();
-    let mut consumer = q.consumer().without_group().build().unwrap();
+    let mut consumer = q
+        .consumer()
+        .without_group()
+        .prefetch(prefetch)
+        .build()
+        .unwrap();
     // A first wait: the consumer sweeps once (nothing yet) and its waiters block.
     assert!(
         consumer
@@ -92,15 +108,26 @@ async fn a_wait_s_lease_brings_the_message_with_one_lease_on_one_shard() {
         )
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let leases = command_calls(&c, "lrange");
+    let leases = command_calls(c, "lrange");
     producer.send("one").await.unwrap();
     let (batch, consumer) = waiting.await.unwrap();
     let batch = batch.unwrap();
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].attempt, 1);
     // The waiter of the shard that got the message leased it; no round asked the three
-    // shards (a wake-up followed by a sweep would have sent three leases).
-    assert_eq!(command_calls(&c, "lrange"), leases + 1);
+    // shards (a wake-up followed by a sweep would have sent three leases). With prefetch,
+    // the consumer asks that one shard again ahead of the next call, and only it.
+    let ahead = u64::from(prefetch);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while command_calls(c, "lrange") < leases + 1 + ahead && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        command_calls(c, "lrange"),
+        leases + 1 + ahead,
+        "prefetch {prefetch}"
+    );
     consumer.ack_all(&batch).await.unwrap();
     consumer.close().await;
 }
@@ -196,4 +223,103 @@ async fn an_at_least_once_group_growing_under_load_hands_out_each_message_once()
         got.iter().all(|(_, attempt)| *attempt == 1),
         "no delivery counted for leases given back unseen"
     );
+}
+
+/// Rounds started ahead: once a call has handed out what the consumer held while messages
+/// flow, the next round runs without another call (the queue's depth drops by itself), and
+/// closing the consumer gives all of it back (plain queues: to the head of the shards;
+/// at-least-once: released, not counted as a delivery). Off, nothing runs between calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_started_ahead_is_given_back_on_close() {
+    const TOTAL: u64 = 10_000;
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    for (reliable, prefetch) in [(false, true), (true, true), (false, false)] {
+        let name = format!("ahead-{reliable}-{prefetch}");
+        let mut builder = client.queue(&name);
+        if reliable {
+            builder = builder.reliable();
+        }
+        let q = builder.open().await.unwrap();
+        let producer = q.producer().build().unwrap();
+        producer
+            .send_batch((0..TOTAL).map(|i| format!("m{i}")))
+            .await
+            .unwrap();
+        let ready = |q: &slotq::Queue| {
+            let q = q.clone();
+            async move {
+                q.stats()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.depth)
+                    .sum::<u64>()
+            }
+        };
+        let mut consumer = q
+            .consumer()
+            .without_group()
+            .pop_batch(100)
+            .prefetch(prefetch)
+            .build()
+            .unwrap();
+        // The first round asks few of each shard (their payload size is unknown yet): hand
+        // out all of it, so the consumer holds nothing.
+        let mut handed = Vec::new();
+        while handed.is_empty() {
+            handed = consumer.recv_batch(1000).await.unwrap();
+        }
+        // What a call alone takes leaves TOTAL - handed in the shards; a round ahead takes
+        // more, without a call.
+        let untouched = TOTAL - handed.len() as u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut now = ready(&q).await;
+        while prefetch && now == untouched && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            now = ready(&q).await;
+        }
+        if prefetch {
+            assert!(now < untouched, "{name}: no round ran ahead ({now})");
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                ready(&q).await,
+                untouched,
+                "{name}: a round ran between calls"
+            );
+        }
+        if reliable {
+            consumer.ack_all(&handed).await.unwrap();
+        }
+        consumer.close().await;
+        let left = ready(&q).await;
+        assert_eq!(
+            left,
+            TOTAL - handed.len() as u64,
+            "{name}: close gave back what it held"
+        );
+        // What was given back comes again, once, as a first delivery.
+        let mut rest = q.consumer().without_group().build().unwrap();
+        let mut seen: HashSet<Vec<u8>> = handed.iter().map(|m| m.payload.to_vec()).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (seen.len() as u64) < TOTAL && std::time::Instant::now() < deadline {
+            let batch = rest
+                .recv_batch_timeout(1000, Duration::from_millis(200))
+                .await
+                .unwrap();
+            assert!(
+                batch.iter().all(|m| m.attempt == 1),
+                "{name}: a delivery counted"
+            );
+            if reliable {
+                rest.ack_all(&batch).await.unwrap();
+            }
+            for m in batch {
+                assert!(seen.insert(m.payload.to_vec()), "{name}: a duplicate");
+            }
+        }
+        assert_eq!(seen.len() as u64, TOTAL, "{name}");
+        rest.close().await;
+    }
 }

@@ -27,6 +27,7 @@ pub struct ConsumerBuilder {
     group: Option<String>,
     ordered: bool,
     member_timeout: Duration,
+    prefetch: bool,
 }
 
 impl ConsumerBuilder {
@@ -39,6 +40,7 @@ impl ConsumerBuilder {
             group: Some(DEFAULT_GROUP.to_string()),
             ordered: false,
             member_timeout: DEFAULT_MEMBER_TIMEOUT,
+            prefetch: true,
         }
     }
 
@@ -70,6 +72,19 @@ impl ConsumerBuilder {
     /// it renews every third of that).
     pub fn member_timeout(mut self, d: Duration) -> Self {
         self.member_timeout = d;
+        self
+    }
+
+    /// Whether the consumer starts its next round as soon as a call hands out the last
+    /// message it held, while messages are flowing (default: on). The round's pops (or
+    /// leases) then run while the caller works on what it got, and the next call finds
+    /// them done or under way: one round trip less between batches. Off, a consumer pops
+    /// only inside a call. Either way a consumer closed or dropped gives back what it
+    /// holds; on at-least-once queues a lease taken ahead is counted from when it was
+    /// taken, and what nears its deadline unhanded is released (see `docs/architecture.md`,
+    /// *Consumer*).
+    pub fn prefetch(mut self, on: bool) -> Self {
+        self.prefetch = on;
         self
     }
 
@@ -138,6 +153,8 @@ impl ConsumerBuilder {
                 lease: self.lease,
             },
             round: None,
+            prefetch: self.prefetch,
+            flowing: super::Flow::Stopped,
             queue: self.queue,
             block_timeout: self.block_timeout,
             keys: HashMap::new(),

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::round::{self, Ask, Round};
 use super::wait_lease::WaitLease;
 use super::waiter::{Attention, Waiter};
-use super::{Consumer, MAX_WEIGHT, Message, giveback::return_messages};
+use super::{Consumer, Flow, MAX_WEIGHT, Message, giveback::return_messages};
 use crate::error::Result;
 use crate::lease::{LeaseId, ShardKeys};
 use crate::placement::{Shard, ready_key};
@@ -74,6 +74,32 @@ impl Consumer {
         }
     }
 
+    /// Starts the next round now, if the buffer just ran dry while messages flow (see
+    /// [`ConsumerBuilder::prefetch`](super::ConsumerBuilder::prefetch)): it runs while the
+    /// caller works on the batch it was handed, and the next `fill` awaits it. It asks
+    /// only the shards the last fill got messages from (a message a waiter brought from
+    /// one of thirty shards is followed by one ask, not thirty); a round that finds nothing
+    /// stops the flow, and the consumer then sweeps or waits on its waiters as usual.
+    ///
+    /// A round of some shards is followed by one of all (when it brought messages), so a
+    /// flowing shard never keeps the others from being asked: every shard is asked at
+    /// least every other round.
+    pub(super) fn prefetch_if_dry(&mut self) {
+        if !self.prefetch || self.round.is_some() || !self.buffer.is_empty() {
+            return;
+        }
+        let (asks, partial) = match std::mem::replace(&mut self.flowing, Flow::Stopped) {
+            Flow::Stopped => return,
+            Flow::Shards(giving) => (self.plan_round(Some(&giving)), true),
+            Flow::All => (self.plan_round(None), false),
+        };
+        if !asks.is_empty() {
+            let mut round = Round::start(&self.ctx, asks);
+            round.partial = partial;
+            self.round = Some(round);
+        }
+    }
+
     /// A batch from the inbox: messages a waiter popped or leased, or (empty) a waiter's
     /// word that its shard has something.
     fn take_in(&mut self, batch: Vec<Message>) {
@@ -83,6 +109,8 @@ impl Consumer {
             // Counted here as a round's messages are counted in `sweep`.
             metrics::counter!(crate::telemetry::POPPED, "queue" => self.queue.name().to_string())
                 .increment(batch.len() as u64);
+            // A waiter's batch is one shard's.
+            self.flowing = Flow::Shards(vec![batch[0].shard.to_string()]);
             self.buffer_up(batch);
         }
     }
@@ -109,7 +137,7 @@ impl Consumer {
     /// short by a cancelled caller is resumed by the next call (see [`round`]).
     async fn sweep(&mut self) -> Result<usize> {
         if self.round.is_none() {
-            let asks = self.plan_round();
+            let asks = self.plan_round(None);
             if asks.is_empty() {
                 // Nothing owned and nothing to steal from (yet).
                 if let Some(g) = &self.group {
@@ -168,6 +196,21 @@ impl Consumer {
             }
         }
         let got = out.messages.len();
+        self.flowing = if got == 0 {
+            Flow::Stopped
+        } else if round.partial {
+            Flow::All
+        } else {
+            Flow::Shards(
+                round
+                    .asks
+                    .iter()
+                    .zip(&out.sizes)
+                    .filter(|(_, (n, _))| *n > 0)
+                    .map(|(a, _)| a.keys.tag.to_string())
+                    .collect(),
+            )
+        };
         if let Some(g) = &self.group {
             g.swept(round.asks.iter().map(|a| &*a.keys.tag));
             // Counted per shard asked, not per message (a lookup a message showed in the
@@ -216,18 +259,29 @@ impl Consumer {
     }
 
     /// What to ask of each shard this round: deepest first, starting from a rotating
-    /// shard, every shard every round.
-    fn plan_round(&mut self) -> Vec<Ask> {
+    /// shard, every shard every round (or, with `only`, those of them: a round started
+    /// ahead asks the shards that were just giving).
+    fn plan_round(&mut self, only: Option<&[String]>) -> Vec<Ask> {
         let set = self.queue.shards();
         let mine: Vec<Shard>;
+        let wanted = |tag: &String| only.is_none_or(|o| o.contains(tag));
         let shards = match &self.group {
-            None => &set.shards,
+            None if only.is_none() => &set.shards,
+            None => {
+                mine = set
+                    .shards
+                    .iter()
+                    .filter(|s| wanted(&s.tag))
+                    .cloned()
+                    .collect();
+                &mine
+            }
             Some(g) => {
                 let sweep = g.sweep_set(self.found_nothing);
                 mine = set
                     .shards
                     .iter()
-                    .filter(|s| sweep.contains(&s.tag) && !g.is_returning(&s.tag))
+                    .filter(|s| sweep.contains(&s.tag) && !g.is_returning(&s.tag) && wanted(&s.tag))
                     .cloned()
                     .collect();
                 &mine

@@ -78,8 +78,14 @@ pub struct Consumer {
     pop_batch: usize,
     block_timeout: Duration,
     ctx: round::Ctx,
-    /// The poll round in flight, kept across a cancelled call.
+    /// The poll round in flight, kept across a cancelled call (or started ahead).
     round: Option<Round>,
+    /// Start the next round when a call hands out the last buffered message (see
+    /// [`ConsumerBuilder::prefetch`]).
+    prefetch: bool,
+    /// Whether messages are flowing, and which round to start ahead (see
+    /// [`Consumer::prefetch_if_dry`]).
+    flowing: Flow,
     keys: HashMap<String, Arc<ShardKeys>>,
     buffer: VecDeque<Message>,
     inbox_tx: mpsc::UnboundedSender<Vec<Message>>,
@@ -107,6 +113,18 @@ pub struct Consumer {
     rotate: usize,
 }
 
+/// What the last fill brought, for the round started ahead.
+#[derive(Debug)]
+enum Flow {
+    /// Nothing: the next call sweeps or waits as usual.
+    Stopped,
+    /// Messages from these shards (a full round's givers, or a waiter's shard): the next
+    /// round asks them.
+    Shards(Vec<String>),
+    /// Messages from a round of some shards: the next round asks all of them.
+    All,
+}
+
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
@@ -127,6 +145,7 @@ impl Consumer {
                 if let Some(g) = self.group.as_mut() {
                     g.handed(std::slice::from_ref(&m));
                 }
+                self.prefetch_if_dry();
                 return Ok(m);
             }
             self.fill(None).await?;
@@ -140,7 +159,9 @@ impl Consumer {
             self.sync_group().await?;
             self.release_stale();
             if !self.buffer.is_empty() {
-                return Ok(self.take(max));
+                let out = self.take(max);
+                self.prefetch_if_dry();
+                return Ok(out);
             }
             self.fill(None).await?;
         }
@@ -158,7 +179,11 @@ impl Consumer {
             self.sync_group().await?;
             self.release_stale();
             if !self.buffer.is_empty() || Instant::now() >= deadline {
-                return Ok(self.take(max));
+                let out = self.take(max);
+                if !out.is_empty() {
+                    self.prefetch_if_dry();
+                }
+                return Ok(out);
             }
             self.fill(Some(deadline)).await?;
         }

@@ -13,13 +13,12 @@
 //!   released by name (no delivery counted). On an at-most-once queue the messages of such a
 //!   pop are lost; this is counted (`slotq_pop_replies_lost_total`) and logged.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::Value;
+use tokio::task::JoinHandle;
 
 use super::Message;
 use crate::cluster::Cluster;
@@ -59,21 +58,41 @@ pub(super) enum Reply {
     Lease(Leasing),
 }
 
-type Replies = Pin<Box<dyn Future<Output = Vec<Result<Reply>>> + Send>>;
-
-/// A round in flight.
+/// A round in flight: a task of its own, so that it goes on while its consumer is not
+/// polled (a round started ahead, while the caller works on the last batch, is the point).
 pub(super) struct Round {
     pub(super) asks: Arc<Vec<Ask>>,
     pub(super) started: Instant,
-    /// In a mutex only so that the consumer stays `Sync`; reached by `get_mut`, never locked.
-    replies: std::sync::Mutex<Replies>,
+    /// Started ahead for some of the shards only (those that were giving).
+    pub(super) partial: bool,
+    cluster: Cluster,
+    replies: JoinHandle<Vec<Result<Reply>>>,
 }
 
 impl Round {
     /// Waits for the replies. Cancel-safe: awaiting again resumes the same round.
     pub(super) async fn replies(&mut self) -> Vec<Result<Reply>> {
-        let fut = self.replies.get_mut().unwrap_or_else(|p| p.into_inner());
-        fut.await
+        match (&mut self.replies).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                // The task ended without its replies (a panic, or the runtime shutting
+                // down): each pop may have run, as when a connection is lost.
+                let topology = self.cluster.topology();
+                self.asks
+                    .iter()
+                    .map(|a| {
+                        Err(match topology.owner(a.keys.slot) {
+                            Some(node) => Error::ConnectionLost {
+                                node: node.clone(),
+                                reason: format!("the round's task ended: {e}"),
+                                cause: None,
+                            },
+                            None => Error::SlotUncovered { slot: a.keys.slot },
+                        })
+                    })
+                    .collect()
+            }
+        }
     }
 }
 
@@ -98,7 +117,7 @@ impl Round {
         let (cluster, scripts, lease) = (ctx.cluster.clone(), ctx.scripts.clone(), ctx.lease);
         let max_attempts = ctx.max_attempts;
         let sent = asks.clone();
-        let replies = Box::pin(async move {
+        let replies = tokio::spawn(async move {
             let mut opts = cluster.default_opts();
             // A node that is down is skipped for this round, not waited for.
             opts.retry_budget = Duration::ZERO;
@@ -139,7 +158,9 @@ impl Round {
         Round {
             asks,
             started: Instant::now(),
-            replies: std::sync::Mutex::new(replies),
+            partial: false,
+            cluster: ctx.cluster.clone(),
+            replies,
         }
     }
 }
