@@ -94,9 +94,7 @@ impl Consumer {
             Flow::All => (self.plan_round(None), false),
         };
         if !asks.is_empty() {
-            let mut round = Round::start(&self.ctx, asks);
-            round.partial = partial;
-            self.round = Some(round);
+            self.round = Some(Round::start_ahead(&self.ctx, asks, partial));
         }
     }
 

@@ -13,6 +13,8 @@
 //!   released by name (no delivery counted). On an at-most-once queue the messages of such a
 //!   pop are lost; this is counted (`slotq_pop_replies_lost_total`) and logged.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,21 +60,36 @@ pub(super) enum Reply {
     Lease(Leasing),
 }
 
-/// A round in flight: a task of its own, so that it goes on while its consumer is not
-/// polled (a round started ahead, while the caller works on the last batch, is the point).
+type Replies = Pin<Box<dyn Future<Output = Vec<Result<Reply>>> + Send>>;
+
+/// A round in flight.
 pub(super) struct Round {
     pub(super) asks: Arc<Vec<Ask>>,
     pub(super) started: Instant,
     /// Started ahead for some of the shards only (those that were giving).
     pub(super) partial: bool,
     cluster: Cluster,
-    replies: JoinHandle<Vec<Result<Reply>>>,
+    replies: Running,
+}
+
+/// How a round runs: polled by the call that awaits it (one task hop less on the way to
+/// the caller), or, started ahead of the next call, as a task of its own that goes on
+/// while nobody polls the consumer.
+enum Running {
+    /// In a mutex only so that the consumer stays `Sync`; reached by `get_mut`, never
+    /// locked.
+    Inline(std::sync::Mutex<Replies>),
+    Task(JoinHandle<Vec<Result<Reply>>>),
 }
 
 impl Round {
     /// Waits for the replies. Cancel-safe: awaiting again resumes the same round.
     pub(super) async fn replies(&mut self) -> Vec<Result<Reply>> {
-        match (&mut self.replies).await {
+        let joined = match &mut self.replies {
+            Running::Inline(fut) => return fut.get_mut().unwrap_or_else(|p| p.into_inner()).await,
+            Running::Task(handle) => handle.await,
+        };
+        match joined {
             Ok(replies) => replies,
             Err(e) => {
                 // The task ended without its replies (a panic, or the runtime shutting
@@ -111,13 +128,25 @@ pub(super) struct Outcome {
 }
 
 impl Round {
-    /// Sends the round.
+    /// Sends the round now, in a task of its own: it runs while the consumer is not
+    /// polled (a round started ahead of the next call).
+    pub(super) fn start_ahead(ctx: &Ctx, asks: Vec<Ask>, partial: bool) -> Round {
+        let mut round = Round::start(ctx, asks);
+        if let Running::Inline(fut) = round.replies {
+            let fut = fut.into_inner().unwrap_or_else(|p| p.into_inner());
+            round.replies = Running::Task(tokio::spawn(fut));
+        }
+        round.partial = partial;
+        round
+    }
+
+    /// Sends the round when it is first awaited.
     pub(super) fn start(ctx: &Ctx, asks: Vec<Ask>) -> Round {
         let asks = Arc::new(asks);
         let (cluster, scripts, lease) = (ctx.cluster.clone(), ctx.scripts.clone(), ctx.lease);
         let max_attempts = ctx.max_attempts;
         let sent = asks.clone();
-        let replies = tokio::spawn(async move {
+        let replies: Replies = Box::pin(async move {
             let mut opts = cluster.default_opts();
             // A node that is down is skipped for this round, not waited for.
             opts.retry_budget = Duration::ZERO;
@@ -160,7 +189,7 @@ impl Round {
             started: Instant::now(),
             partial: false,
             cluster: ctx.cluster.clone(),
-            replies,
+            replies: Running::Inline(std::sync::Mutex::new(replies)),
         }
     }
 }
