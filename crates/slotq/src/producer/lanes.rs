@@ -121,8 +121,11 @@ pub(crate) struct SnapshotHistory {
 /// Folds a snapshot of the shards' `depths` into the lanes' `base` figures (a shard's depth
 /// less this producer's `landed` messages).
 ///
-/// The first snapshot is taken as it is: a producer alone on shards of unequal depth fills
-/// the shallow ones first. A later one is news about the other producers and consumers,
+/// The first snapshot is taken as it is, but for a `dead_band` (one push): a producer
+/// alone on shards of unequal depth fills the shallow ones first, and a producer starting
+/// while others send does not take their pushes, landed a whole push at a time, for shards
+/// of unequal depth (four producers each sending one batch of 50,000 on 30 shards, a
+/// little apart, ended up to 1.2 apart without it; see the test below). A later one is news about the other producers and consumers,
 /// and every producer reads the same news: if each corrected a shard's whole deficit, n
 /// producers would put n deficits on it and the next snapshot would show it n-1 deficits
 /// deep (each period the swing grows). So each acts on its own share of the growth since
@@ -136,6 +139,7 @@ pub(crate) fn fold_snapshot(
     base: &mut [i64],
     depths: &[i64],
     landed: &[i64],
+    dead_band: i64,
 ) {
     let n = base.len();
     if n == 0 || depths.len() != n || landed.len() != n {
@@ -145,7 +149,14 @@ pub(crate) fn fold_snapshot(
     let total: i64 = depths.iter().sum();
     let landed_total: i64 = landed.iter().sum();
     if !history.taken {
-        base.copy_from_slice(&raw);
+        // Within `dead_band` of the shallowest shard, a shard counts as level with it:
+        // other producers' pushes land a whole push at a time, so a snapshot taken while
+        // they send shows shards a push apart that will end level; a deeper shard keeps
+        // its lead beyond the band, and the shallow ones are filled first.
+        let floor = raw.iter().copied().min().unwrap_or(0);
+        for (b, r) in base.iter_mut().zip(&raw) {
+            *b = floor + (r - floor - dead_band).max(0);
+        }
     } else {
         let own = (landed_total - history.landed).max(0) as f64;
         let others = ((total - history.total) as f64 - own).max(0.0);
@@ -178,6 +189,8 @@ mod tests {
     use std::collections::VecDeque;
 
     const CHUNK: i64 = CHOICE_SPAN as i64;
+    /// The producer's dead band: one push of the default size.
+    const DEAD_BAND: i64 = 10 * CHUNK;
 
     /// `producers` producers place `chunks` chunks round-robin on `initial.len()` shards.
     /// Each estimates a shard as the producer does: the depth at its last snapshot (taken
@@ -211,7 +224,7 @@ mod tests {
             if t < chunks {
                 let p = t % producers;
                 if (t / producers).is_multiple_of(snapshot_every) {
-                    fold_snapshot(&mut history[p], &mut base[p], &real, &landed[p]);
+                    fold_snapshot(&mut history[p], &mut base[p], &real, &landed[p], DEAD_BAND);
                 }
                 let lane = least_loaded(&pool, |i| base[p][i] + mine[p][i], &mut rng);
                 mine[p][lane] += CHUNK;
@@ -221,6 +234,65 @@ mod tests {
         real
     }
 
+    /// What four producers each sending one batch of 50,000 do on 30 shards: producer `p` starts
+    /// `p * stagger` ticks late, reads the depths once (its first snapshot), and places
+    /// all its chunks at once; a shard's chunks then land together, up to `lump` at once
+    /// (one push per lane in flight, chunks merged into it), each shard every `latency`
+    /// ticks at a phase of its own. A late producer's snapshot sees the others' pushes
+    /// landed unevenly: some shards a push or two ahead of the rest, for a moment.
+    fn simulate_batches(latency: usize, stagger: usize, dead_band: i64, seed: u64) -> Vec<i64> {
+        // Thirty shards, four producers of 500 chunks (50,000 messages), pushes of ten.
+        let (n, producers, per_producer, lump) = (30, 4, 500, 10);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut real = vec![0i64; n];
+        let mut queued = vec![0usize; n];
+        let pool: Vec<usize> = (0..n).collect();
+        let mut t = 0;
+        let mut started = 0;
+        while started < producers || queued.iter().any(|&q| q > 0) {
+            if started < producers && t == started * stagger {
+                let mut history = SnapshotHistory::default();
+                let mut base = vec![0i64; n];
+                fold_snapshot(&mut history, &mut base, &real, &vec![0; n], dead_band);
+                let mut mine = vec![0i64; n];
+                for _ in 0..per_producer {
+                    let lane = least_loaded(&pool, |i| base[i] + mine[i], &mut rng);
+                    mine[lane] += CHUNK;
+                    queued[lane] += 1;
+                }
+                started += 1;
+            }
+            for (lane, q) in queued.iter_mut().enumerate() {
+                if (t + lane * latency / n).is_multiple_of(latency) {
+                    let k = lump.min(*q);
+                    *q -= k;
+                    real[lane] += k as i64 * CHUNK;
+                }
+            }
+            t += 1;
+        }
+        real
+    }
+
+    /// Four producers sending one batch of 50,000 each (chunks of 100, pushes of up to
+    /// 1,000) on 30 shards, starting a little apart: a late starter's first snapshot does
+    /// not take the others' unevenly landed pushes for shards of unequal depth (without
+    /// the dead band: up to 1.2 here, and 1.16 once in the real-cluster test under load).
+    #[test]
+    fn a_late_producer_does_not_fill_what_others_have_in_flight() {
+        let (mut worst_with, mut worst_without) = (0.0f64, 0.0f64);
+        for seed in 0..20 {
+            for stagger in [1, 5, 20, 50, 100] {
+                let with = simulate_batches(100, stagger, DEAD_BAND, seed);
+                let without = simulate_batches(100, stagger, 0, seed);
+                worst_with = worst_with.max(skew(&with));
+                worst_without = worst_without.max(skew(&without));
+            }
+        }
+        eprintln!("worst skew: {worst_with:.3} with a dead band, {worst_without:.3} without");
+        assert!(worst_with <= 1.05, "{worst_with}");
+    }
+
     fn skew(d: &[i64]) -> f64 {
         let mean = d.iter().sum::<i64>() as f64 / d.len() as f64;
         *d.iter().max().unwrap() as f64 / mean
@@ -228,12 +300,14 @@ mod tests {
 
     proptest! {
         /// One producer, however many chunks it has in flight: every shard ends within one
-        /// chunk of the others (once the chunks have filled the shallow shards up).
+        /// chunk of the others, once the chunks have filled the shallow shards up, except
+        /// for what its first snapshot's dead band takes as level: a shard up to a push
+        /// (ten chunks) deeper than the shallowest keeps that lead.
         #[test]
         fn one_producer_keeps_shards_within_a_chunk(
             n in 1usize..=64,
             latency in 1usize..200,
-            extra in prop::collection::vec(0i64..5, 64),
+            extra in prop::collection::vec(0i64..40, 64),
             per_shard in 2usize..12,
             seed in any::<u64>(),
         ) {
@@ -242,7 +316,8 @@ mod tests {
             let chunks = (filled / CHUNK) as usize + per_shard * n;
             let d = simulate(&initial, 1, chunks, latency, usize::MAX, seed);
             let spread = d.iter().max().unwrap() - d.iter().min().unwrap();
-            prop_assert!(spread <= CHUNK, "{d:?}");
+            let was = initial.iter().max().unwrap() - initial.iter().min().unwrap();
+            prop_assert!(spread <= CHUNK + was.min(DEAD_BAND), "{d:?} from {initial:?}");
         }
 
         /// Many producers, each blind to the others' writes between snapshots, however

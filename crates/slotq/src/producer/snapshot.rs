@@ -100,7 +100,13 @@ impl ProducerInner {
                 .map(|l| l.base.load(Ordering::Relaxed))
                 .collect();
             let mut history = self.snapshot_history.lock().unwrap();
-            lanes::fold_snapshot(&mut history, &mut base, &depths, &landed);
+            lanes::fold_snapshot(
+                &mut history,
+                &mut base,
+                &depths,
+                &landed,
+                self.cfg.max_batch_messages as i64,
+            );
             for (l, b) in lanes.iter().zip(base) {
                 l.base.store(b, Ordering::Relaxed);
             }
