@@ -234,11 +234,11 @@ mod tests {
         real
     }
 
-    /// What four producers each sending one batch of 50,000 do on 30 shards: producer `p` starts
-    /// `p * stagger` ticks late, reads the depths once (its first snapshot), and places
-    /// all its chunks at once; a shard's chunks then land together, up to `lump` at once
-    /// (one push per lane in flight, chunks merged into it), each shard every `latency`
-    /// ticks at a phase of its own. A late producer's snapshot sees the others' pushes
+    /// What four producers each sending one batch of 50,000 do on 30 shards: producer
+    /// `p` starts `p * stagger` ticks late, reads the depths once (its first snapshot),
+    /// and places all its chunks at once; a shard's chunks then land together, up to
+    /// `lump` at once (one push per lane in flight, chunks merged into it), each shard
+    /// every `latency` ticks at a phase of its own. A late producer's snapshot sees the others' pushes
     /// landed unevenly: some shards a push or two ahead of the rest, for a moment.
     fn simulate_batches(latency: usize, stagger: usize, dead_band: i64, seed: u64) -> Vec<i64> {
         // Thirty shards, four producers of 500 chunks (50,000 messages), pushes of ten.
