@@ -374,6 +374,10 @@ pub struct BenchArgs {
     /// consumer worked before groups).
     #[arg(long)]
     pub without_group: bool,
+    /// Consumers pop only inside a call, not ahead of the next one (see
+    /// `ConsumerBuilder::prefetch`).
+    #[arg(long)]
+    pub no_prefetch: bool,
     /// Open loop at fractions of this run's own maximum: first a push+pop phase of
     /// --messages measures the maximum, then one open-loop phase per fraction (`10%` or
     /// `0.1`, comma-separated, at most 100%) runs at that fraction of it for --duration

@@ -478,6 +478,7 @@ fn bench_rounds_report_every_round_and_the_median() {
         "2",
         "--phases",
         "push,pop",
+        "--no-prefetch",
         "--rounds",
         "3",
         "--anchor",

@@ -159,10 +159,11 @@ pub(super) async fn consume(
     let mut tasks = Vec::new();
     let reliable = args.reliable;
     for _ in 0..args.consumers {
+        let builder = q.consumer().prefetch(!args.no_prefetch);
         let mut consumer = if args.without_group {
-            q.consumer().without_group().build()?
+            builder.without_group().build()?
         } else {
-            q.consumer().build()?
+            builder.build()?
         };
         let got = got.clone();
         let last = last.clone();
