@@ -98,8 +98,8 @@ pub(crate) struct Conn {
     shared: Arc<Shared>,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
 
 impl Dialer {
     /// Connects, upgrades to TLS if configured, authenticates, and checks the protocol.
@@ -125,8 +125,14 @@ impl Dialer {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &self.tls {
-            None => Box::new(tcp),
+        // A TCP stream splits into halves that need no lock: its reader and writer tasks,
+        // often on two threads, never wait for each other. A TLS stream is one state
+        // machine, split behind a lock.
+        let (reader, writer): (ReadHalf, WriteHalf) = match &self.tls {
+            None => {
+                let (r, w) = tcp.into_split();
+                (Box::new(r), Box::new(w))
+            }
             Some(cfg) => {
                 let name =
                     rustls::pki_types::ServerName::try_from(node.host.clone()).map_err(|e| {
@@ -139,7 +145,10 @@ impl Dialer {
                 let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                 match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await
                 {
-                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Ok(s)) => {
+                        let (r, w) = tokio::io::split(s);
+                        (Box::new(r), Box::new(w))
+                    }
                     Ok(Err(e)) => {
                         return Err(Error::Tls {
                             node: node.clone(),
@@ -157,7 +166,7 @@ impl Dialer {
                 }
             }
         };
-        let conn = Conn::start(io);
+        let conn = Conn::start(reader, writer);
         let handshake = async {
             if let Some(password) = &self.password {
                 let mut auth = redis::cmd("AUTH");
@@ -213,8 +222,7 @@ fn not_redis(node: &NodeAddr, b: &Broken) -> Error {
 }
 
 impl Conn {
-    fn start(io: Box<dyn Io>) -> Conn {
-        let (mut reader, mut writer) = tokio::io::split(io);
+    fn start(mut reader: ReadHalf, mut writer: WriteHalf) -> Conn {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let shared = Arc::new(Shared {
             waiting: Mutex::new(VecDeque::new()),
