@@ -5,11 +5,13 @@
 //! socket (into the command, then into the write) and formats a length per argument each
 //! time. A producer instead writes each payload as a RESP bulk string once, as it is
 //! queued ([`push_bulk`]), and the push is a head (`*N`, `RPUSH`, the key) before those
-//! bytes ([`Command::with_body`]), which it shares (`Bytes`): one copy into the write, none
-//! per payload.
+//! bytes ([`Command::with_body`]), which it shares (`Bytes`) down to the socket's `writev`
+//! (see `wire.rs`).
 
 use bytes::Bytes;
 use redis::Cmd;
+
+use super::wire::{SHARE_FROM, Wire};
 
 /// One command for [`super::Cluster::batch_commands`].
 #[derive(Debug, Clone)]
@@ -50,14 +52,29 @@ impl Command {
         }
     }
 
-    /// Appends the command's RESP to `out`.
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+    /// About how many bytes of the command [`Command::encode`] copies (its short pieces).
+    pub(crate) fn short_len(&self) -> usize {
         match self {
-            Command::Built(cmd) => cmd.write_packed_command(out),
+            Command::Built(_) => self.encoded_len(),
             Command::Resp { head, body } => {
-                out.extend_from_slice(head);
+                head.len()
+                    + body
+                        .iter()
+                        .map(Bytes::len)
+                        .filter(|&n| n < SHARE_FROM)
+                        .sum::<usize>()
+            }
+        }
+    }
+
+    /// Appends the command's RESP to `out`: a body's long parts shared, not copied.
+    pub(crate) fn encode(&self, out: &mut Wire) {
+        match self {
+            Command::Built(cmd) => cmd.write_packed_command(out.short()),
+            Command::Resp { head, body } => {
+                out.short().extend_from_slice(head);
                 for part in body {
-                    out.extend_from_slice(part);
+                    out.put(part);
                 }
             }
         }
@@ -137,9 +154,10 @@ mod tests {
             for a in head.iter().chain(&args) {
                 cmd.arg(a.as_slice());
             }
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let (mut ours, mut theirs) = (Wire::default(), Wire::default());
             resp.encode(&mut ours);
             Command::Built(cmd).encode(&mut theirs);
+            let (ours, theirs) = (ours.into_parts().concat(), theirs.into_parts().concat());
             prop_assert_eq!(resp.encoded_len(), ours.len());
             prop_assert_eq!(ours, theirs);
         }

@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use redis::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::resp::{self, Reply};
+use super::wire::{self, Wire};
 use crate::error::{Cause, Error};
 use crate::topology::NodeAddr;
 
@@ -45,7 +46,7 @@ impl Broken {
 }
 
 struct Request {
-    bytes: Vec<u8>,
+    parts: Vec<Bytes>,
     replies: usize,
     items: bool,
     tx: oneshot::Sender<Result<Vec<Reply>, Broken>>,
@@ -295,40 +296,32 @@ impl Conn {
 
         let wshared = shared.clone();
         tokio::spawn(async move {
-            let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-            // Registers the request as waiting for its replies; gives back its bytes.
-            let register = |r: Request| {
+            // The parts of the requests queued together, written at once up to MAX_WRITE.
+            let mut parts: Vec<Bytes> = Vec::new();
+            let mut scratch: Vec<u8> = Vec::with_capacity(64 * 1024);
+            // Registers the request as waiting for its replies (before any of it is
+            // written: replies are matched in that order); gathers its parts.
+            let register = |r: Request, parts: &mut Vec<Bytes>| {
                 wshared.waiting.lock().unwrap().push_back(Waiting {
                     replies: r.replies,
                     items: r.items,
                     got: Vec::with_capacity(r.replies),
                     tx: r.tx,
                 });
-                r.bytes
+                let size: usize = r.parts.iter().map(Bytes::len).sum();
+                parts.extend(r.parts);
+                size
             };
             while let Some(first) = rx.recv().await {
-                let first = register(first);
-                let mut more = rx.try_recv().ok();
-                if more.is_none() {
-                    // Alone in the queue: written from its own bytes, not copied.
-                    write_pending(&mut writer, &wshared, &first).await;
-                    continue;
-                }
-                // Requests queued together are copied into writes of up to MAX_WRITE.
-                out.clear();
-                out.extend_from_slice(&first);
-                while let Some(r) = more.take() {
-                    let bytes = register(r);
-                    out.extend_from_slice(&bytes);
-                    if out.len() >= MAX_WRITE {
-                        write_pending(&mut writer, &wshared, &out).await;
-                        out.clear();
+                parts.clear();
+                let mut size = register(first, &mut parts);
+                while size < MAX_WRITE {
+                    match rx.try_recv() {
+                        Ok(r) => size += register(r, &mut parts),
+                        Err(_) => break,
                     }
-                    more = rx.try_recv().ok();
                 }
-                if !out.is_empty() {
-                    write_pending(&mut writer, &wshared, &out).await;
-                }
+                write_pending(&mut writer, &wshared, &parts, &mut scratch).await;
             }
             // Every handle is gone: close the socket and stop reading.
             let _ = writer.shutdown().await;
@@ -343,7 +336,11 @@ impl Conn {
     }
 
     /// Sends packed commands and waits for `replies` replies (in order).
-    pub(crate) async fn exec(&self, bytes: Vec<u8>, replies: usize) -> Result<Vec<Value>, Broken> {
+    pub(crate) async fn exec(
+        &self,
+        bytes: impl Into<Wire>,
+        replies: usize,
+    ) -> Result<Vec<Value>, Broken> {
         let got = self.exec_replies(bytes, replies, false).await?;
         Ok(got.into_iter().map(Reply::into_value).collect())
     }
@@ -352,7 +349,7 @@ impl Conn {
     /// arrays of bulk strings come back as slices of the read buffer ([`Reply::Items`]).
     pub(crate) async fn exec_replies(
         &self,
-        bytes: Vec<u8>,
+        bytes: impl Into<Wire>,
         replies: usize,
         items: bool,
     ) -> Result<Vec<Reply>, Broken> {
@@ -362,7 +359,7 @@ impl Conn {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request {
-                bytes,
+                parts: bytes.into().into_parts(),
                 replies,
                 items,
                 tx,
@@ -379,12 +376,17 @@ impl Conn {
 }
 
 /// Writes what was queued, unless the connection broke (then every waiting request fails).
-async fn write_pending(writer: &mut (impl AsyncWrite + Unpin), shared: &Shared, bytes: &[u8]) {
+async fn write_pending(
+    writer: &mut WriteHalf,
+    shared: &Shared,
+    parts: &[Bytes],
+    scratch: &mut Vec<u8>,
+) {
     if shared.closed.load(Ordering::Acquire) {
         shared.fail_all("connection closed");
         return;
     }
-    if let Err(e) = writer.write_all(bytes).await {
+    if let Err(e) = wire::write_parts(writer, parts, scratch).await {
         shared.fail_all(&e.to_string());
     }
 }

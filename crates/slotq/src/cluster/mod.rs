@@ -21,6 +21,7 @@ mod resp;
 mod route;
 #[cfg(test)]
 mod router_tests;
+mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,6 +41,8 @@ use conn::Dialer;
 use node::NodePool;
 use refresh::RefreshState;
 pub(crate) use resp::Reply;
+#[cfg(test)]
+pub(crate) use wire::Wire;
 
 /// Deadlines and retry policy for one call.
 #[derive(Debug, Clone, Copy)]

@@ -13,6 +13,7 @@ use super::command::Command;
 use super::node::Node;
 use super::reply::{Outcome, classify};
 use super::resp::Reply;
+use super::wire::Wire;
 use super::{Inner, RequestOpts};
 use crate::config::{FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE};
 use crate::error::{Error, Result};
@@ -333,14 +334,14 @@ async fn send_group(
             return Err(SendError::NotSent(e));
         }
     };
-    // Room for the whole write up front (a push of a thousand payloads would otherwise
-    // grow it a dozen times, copying everything each time).
-    let size: usize = group.iter().map(|(i, _)| cmds[*i].1.encoded_len()).sum();
-    let mut bytes = Vec::with_capacity(size + 32 * group.len());
+    // The short pieces are gathered in one buffer, with room for all of them up front (a
+    // body's long parts are shared, not copied: see `wire.rs`).
+    let size: usize = group.iter().map(|(i, _)| cmds[*i].1.short_len()).sum();
+    let mut bytes = Wire::with_capacity(size + 32 * group.len());
     let mut replies = group.len();
     for (i, ask) in group {
         if *ask {
-            bytes.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+            bytes.short().extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
             replies += 1;
         }
         cmds[*i].1.encode(&mut bytes);

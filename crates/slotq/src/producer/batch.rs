@@ -117,14 +117,14 @@ impl Signal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Command;
+    use crate::cluster::{Command, Wire};
     use crate::lease::{MessageId, encode_envelope_at, encode_frame, envelope_header, frame_head};
     use proptest::prelude::*;
 
     fn wire(c: Command) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = Wire::default();
         c.encode(&mut out);
-        out
+        out.into_parts().concat()
     }
 
     proptest! {
