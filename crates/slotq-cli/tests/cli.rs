@@ -370,6 +370,12 @@ fn bench_reports_three_phases() {
     let handovers = s["handovers"].as_u64().unwrap();
     assert!(handovers > 0 && handovers <= 2000, "{s}");
     assert!(s["over_1ms"].as_u64().unwrap() <= handovers, "{s}");
+    // Each late hand-over carries at least its first message late; none beyond the phase.
+    let late = s["messages_over_1ms"].as_u64().unwrap();
+    assert!(
+        late >= s["over_1ms"].as_u64().unwrap() && late <= 2000,
+        "{s}"
+    );
     assert!(s["max"].as_u64().unwrap() <= q("max"), "{s} {l}");
     // The warm-up went first on the same schedule, measured apart.
     let w = &p["warm_up"];

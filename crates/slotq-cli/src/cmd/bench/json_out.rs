@@ -63,6 +63,7 @@ impl PhaseOut {
                 max: l.max_us,
                 over_1ms: l.over_1ms,
                 handovers: l.handovers,
+                messages_over_1ms: l.messages_over_1ms,
             }),
             warm_up: p.warm_up.map(|w| WarmUpOut {
                 secs: w.secs,
@@ -104,6 +105,8 @@ struct Schedule {
     max: u64,
     over_1ms: usize,
     handovers: usize,
+    /// Measured messages handed over more than 1 ms after their intended send time.
+    messages_over_1ms: usize,
 }
 
 #[derive(Serialize)]

@@ -91,11 +91,14 @@ pub(super) fn render(
             });
             p.schedule.map(|l| {
                 format!(
-                    "{}schedule of {name}: hand-overs up to {} late, {} of {} over 1 ms\n",
+                    "{}schedule of {name}: hand-overs up to {} late, {} of {} over 1 ms; {} of {} messages ({:.2}%) handed over more than 1 ms late\n",
                     warm.unwrap_or_default(),
                     fmt_us(l.max_us),
                     l.over_1ms,
-                    l.handovers
+                    l.handovers,
+                    l.messages_over_1ms,
+                    p.messages,
+                    100.0 * l.messages_over_1ms as f64 / p.messages.max(1) as f64
                 )
             })
         })
