@@ -289,7 +289,7 @@ impl Conn {
                 buf.advance(used);
                 if buf.capacity() - buf.len() < READ_BUFFER / 4 {
                     // A large reply is arriving: grow so that it is parsed in few passes.
-                    buf.reserve(buf.len().max(4 * READ_BUFFER));
+                    buf.reserve(buf.len().max(READ_BUFFER));
                 }
             }
         });
