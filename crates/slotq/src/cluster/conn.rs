@@ -313,7 +313,6 @@ impl Conn {
                 size
             };
             while let Some(first) = rx.recv().await {
-                parts.clear();
                 let mut size = register(first, &mut parts);
                 while size < MAX_WRITE {
                     match rx.try_recv() {
@@ -322,6 +321,8 @@ impl Conn {
                     }
                 }
                 write_pending(&mut writer, &wshared, &parts, &mut scratch).await;
+                // Written: the producers' buffers go now, not at the next write.
+                parts.clear();
             }
             // Every handle is gone: close the socket and stop reading.
             let _ = writer.shutdown().await;
