@@ -108,8 +108,11 @@ impl Topology {
         }
     }
 
-    /// Parses a `CLUSTER SHARDS` reply. `tls` picks each node's `tls-port`.
-    pub fn from_cluster_shards(reply: &Value, tls: bool) -> Result<Self> {
+    /// Parses a `CLUSTER SHARDS` reply from the node at `asked`. `tls` picks each node's
+    /// `tls-port`. A node listed without an address (a node that never heard its own
+    /// address from a peer: the only node of a one-master cluster) is the node asked, at
+    /// the host it was reached on.
+    pub fn from_cluster_shards(reply: &Value, tls: bool, asked: &NodeAddr) -> Result<Self> {
         let shards = as_array(reply).ok_or_else(|| bad("CLUSTER SHARDS: not an array"))?;
         let mut nodes: Vec<NodeInfo> = Vec::new();
         let mut ranges = Vec::new();
@@ -137,8 +140,8 @@ impl Topology {
                 let host = ["endpoint", "ip", "hostname"]
                     .iter()
                     .filter_map(|k| f.get(*k).copied().and_then(as_string))
-                    .find(|h| !h.is_empty() && h != "?")
-                    .ok_or_else(|| bad("CLUSTER SHARDS: node without address"))?;
+                    .find(|h| known_host(h))
+                    .unwrap_or_else(|| asked.host.clone());
                 let role = match f.get("role").copied().and_then(as_string).as_deref() {
                     Some("master") => Role::Master,
                     _ => Role::Replica,
@@ -183,8 +186,10 @@ impl Topology {
         Ok(Topology::from_parts(nodes, &ranges))
     }
 
-    /// Parses a `CLUSTER SLOTS` reply (health is not reported there: all online).
-    pub fn from_cluster_slots(reply: &Value) -> Result<Self> {
+    /// Parses a `CLUSTER SLOTS` reply from the node at `asked` (health is not reported
+    /// there: all online). An empty host is the host `asked` was reached on, as Redis
+    /// documents it.
+    pub fn from_cluster_slots(reply: &Value, asked: &NodeAddr) -> Result<Self> {
         let entries = as_array(reply).ok_or_else(|| bad("CLUSTER SLOTS: not an array"))?;
         let mut nodes: Vec<NodeInfo> = Vec::new();
         let mut ranges = Vec::new();
@@ -198,7 +203,11 @@ impl Topology {
             let mut master = None;
             for (i, n) in parts[2..].iter().enumerate() {
                 let f = as_array(n).ok_or_else(|| bad("CLUSTER SLOTS: node"))?;
-                let host = f.first().and_then(as_string).unwrap_or_default();
+                let host = f
+                    .first()
+                    .and_then(as_string)
+                    .filter(|h| known_host(h))
+                    .unwrap_or_else(|| asked.host.clone());
                 let port = f.get(1).and_then(as_int).unwrap_or(0) as u16;
                 let addr = NodeAddr::new(host, port);
                 if i == 0 {
@@ -346,6 +355,12 @@ fn runs(owner: &[u16], pred: impl Fn(u16) -> bool) -> Vec<RangeInclusive<Slot>> 
     out
 }
 
+/// Whether a node's address field names a host (Redis writes "" or "?" when it does not
+/// know it).
+fn known_host(h: &str) -> bool {
+    !h.is_empty() && h != "?"
+}
+
 fn bad(msg: &str) -> Error {
     Error::Protocol(msg.to_string())
 }
@@ -446,7 +461,8 @@ mod tests {
             ),
             shard(&[8001, 16383], vec![node("c", 7001, "master", "failed")]),
         ]);
-        let t = Topology::from_cluster_shards(&reply, false).unwrap();
+        let t = Topology::from_cluster_shards(&reply, false, &NodeAddr::new("127.0.0.1", 7000))
+            .unwrap();
         let a = NodeAddr::new("127.0.0.1", 7000);
         let c = NodeAddr::new("127.0.0.1", 7001);
         assert_eq!(t.owner(0), Some(&a));
@@ -458,6 +474,40 @@ mod tests {
         assert_eq!(t.masters().len(), 2);
         assert_eq!(t.replicas_of(&a)[0].addr.port, 7003);
         assert_eq!(t.node(&c).unwrap().health, Health::Failed);
+    }
+
+    #[test]
+    fn a_node_without_an_address_is_the_node_asked() {
+        // The only node of a one-master cluster never heard its address from a peer.
+        let reply = Value::Array(vec![shard(
+            &[0, 16383],
+            vec![Value::Array(vec![
+                bulk("id"),
+                bulk("n1"),
+                bulk("port"),
+                Value::Int(7200),
+                bulk("ip"),
+                bulk(""),
+                bulk("endpoint"),
+                bulk(""),
+                bulk("role"),
+                bulk("master"),
+                bulk("health"),
+                bulk("online"),
+            ])],
+        )]);
+        let asked = NodeAddr::new("localhost", 7200);
+        let t = Topology::from_cluster_shards(&reply, false, &asked).unwrap();
+        assert_eq!(t.owner(0), Some(&asked));
+        assert_eq!(t.owner(16383), Some(&asked));
+
+        let slots = Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![bulk(""), Value::Int(7200), bulk("n1")]),
+        ])]);
+        let t = Topology::from_cluster_slots(&slots, &asked).unwrap();
+        assert_eq!(t.owner(8000), Some(&asked));
     }
 
     #[test]
@@ -474,7 +524,7 @@ mod tests {
             entry(0, 8191, 7000, 7002),
             entry(8192, 16383, 7001, 7003),
         ]);
-        let t = Topology::from_cluster_slots(&reply).unwrap();
+        let t = Topology::from_cluster_slots(&reply, &NodeAddr::new("127.0.0.1", 7000)).unwrap();
         assert!(t.gaps().is_empty());
         assert_eq!(t.owner(8192).unwrap().port, 7001);
         assert_eq!(t.nodes().len(), 4);

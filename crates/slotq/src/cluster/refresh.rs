@@ -120,7 +120,7 @@ impl Inner {
             super::route::send_raw(node, &redis::cmd("CLUSTER").arg("SHARDS").clone(), timeout)
                 .await?;
         match shards {
-            Ok(v) => Topology::from_cluster_shards(&v, self.config.is_tls()),
+            Ok(v) => Topology::from_cluster_shards(&v, self.config.is_tls(), &node.addr),
             Err(e) if mentions(&e, "cluster support disabled") => {
                 Ok(Topology::standalone(node.addr.clone()))
             }
@@ -132,7 +132,7 @@ impl Inner {
                 )
                 .await?;
                 match slots {
-                    Ok(v) => Topology::from_cluster_slots(&v),
+                    Ok(v) => Topology::from_cluster_slots(&v, &node.addr),
                     Err(e) => Err(server_error(&node.addr, &e)),
                 }
             }
