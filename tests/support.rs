@@ -43,6 +43,11 @@ pub fn command_calls(c: &slotq_testkit::TestCluster, command: &str) -> u64 {
     info_sum(c, "commandstats", &format!("cmdstat_{command}:calls="))
 }
 
+/// Clients blocked in a blocking command (`BLMOVE`, `BLMPOP`, ...) on every node.
+pub fn blocked_clients(c: &slotq_testkit::TestCluster) -> u64 {
+    info_sum(c, "clients", "blocked_clients:")
+}
+
 /// The number after `prefix` (up to a comma) in one `INFO` section, summed over every
 /// node; 0 for a node whose section lacks the line.
 fn info_sum(c: &slotq_testkit::TestCluster, section: &str, prefix: &str) -> u64 {

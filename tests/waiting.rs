@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use slotq::Client;
 use slotq_testkit::TestCluster;
-use slotq_tests::command_calls;
+use slotq_tests::{blocked_clients, command_calls};
 
 async fn client(url: &str) -> Client {
     Client::from_cluster(slotq_tests::router(url).await)
@@ -115,21 +115,128 @@ async fn one_wake_one_lease(c: &TestCluster, q: &slotq::Queue, prefetch: bool) {
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].attempt, 1);
     // The waiter of the shard that got the message leased it; no round asked the three
-    // shards (a wake-up followed by a sweep would have sent three leases). With prefetch,
-    // the consumer asks that one shard again ahead of the next call, and only it.
-    let ahead = u64::from(prefetch);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while command_calls(c, "lrange") < leases + 1 + ahead && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // shards (a wake-up followed by a sweep would have sent three leases), and none asks
+    // ahead of the next call. With prefetch, that waiter blocks again at once (its lease
+    // behind it, unsent), so all three shards are watched while the consumer works;
+    // without, it waits for the consumer's next call.
+    let watching = 2 + u64::from(prefetch);
+    assert!(
+        slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(c) == watching).await,
+        "prefetch {prefetch}: {} waits blocked, not {watching}",
+        blocked_clients(c)
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         command_calls(c, "lrange"),
-        leases + 1 + ahead,
+        leases + 1,
         "prefetch {prefetch}"
     );
+    assert_eq!(blocked_clients(c), watching, "prefetch {prefetch}");
     consumer.ack_all(&batch).await.unwrap();
     consumer.close().await;
+}
+
+/// With prefetch, the waiter that handed messages to its consumer blocks again while the
+/// consumer works on them: what arrives meanwhile is leased as it arrives and handed out
+/// by the next call without asking the shard; what arrives after that waits in the shard
+/// (one lease a shard held for a consumer at work, not one per arrival). Without
+/// prefetch nothing is leased while the consumer works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_rearmed_while_its_consumer_works_leases_one_arrival() {
+    let c = TestCluster::start(1, 0).unwrap();
+    let client = client(&c.url()).await;
+    for prefetch in [true, false] {
+        let q = client
+            .queue(&format!("rearm-{prefetch}"))
+            .shards_per_master(1)
+            .reliable()
+            .open()
+            .await
+            .unwrap();
+        assert_eq!(q.shards().shards.len(), 1);
+        let tag = q.shards().shards[0].tag.clone();
+        let producer = q.producer().build().unwrap();
+        let mut consumer = q
+            .consumer()
+            .without_group()
+            .prefetch(prefetch)
+            .build()
+            .unwrap();
+        assert!(
+            consumer
+                .recv_batch_timeout(10, Duration::from_millis(300))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let waiting = tokio::spawn(async move {
+            let b = consumer
+                .recv_batch_timeout(10, Duration::from_secs(5))
+                .await;
+            (b, consumer)
+        });
+        assert!(slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(&c) == 1).await);
+        producer.send("one").await.unwrap();
+        let (first, mut consumer) = waiting.await.unwrap();
+        let first = first.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(&first[0].payload[..], b"one");
+
+        // The consumer works on "one" (no call) while "two" arrives.
+        let before = command_calls(&c, "lrange");
+        let rearmed = u64::from(prefetch);
+        assert!(
+            slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(&c) == rearmed)
+                .await,
+            "prefetch {prefetch}"
+        );
+        producer.send("two").await.unwrap();
+        assert!(
+            slotq_tests::wait_until(Duration::from_secs(5), || {
+                command_calls(&c, "lrange") == before + rearmed
+            })
+            .await,
+            "prefetch {prefetch}: \"two\" leased while the consumer works"
+        );
+        producer.send("three").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            command_calls(&c, "lrange"),
+            before + rearmed,
+            "prefetch {prefetch}: nothing more leased while the consumer works"
+        );
+        assert_eq!(blocked_clients(&c), 0, "prefetch {prefetch}");
+        let ready: u64 = c
+            .node(0)
+            .cmd(slotq::redis::cmd("LLEN").arg(q.ready_key(&tag)))
+            .unwrap();
+        // A frame behind its head: two elements a message here.
+        assert_eq!(ready, 2 * (2 - rearmed), "prefetch {prefetch}");
+        consumer.ack_all(&first).await.unwrap();
+
+        // The next calls hand out "two", then "three", each on its first delivery.
+        let rounds = command_calls(&c, "evalsha");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let batch = consumer
+                .recv_batch_timeout(10, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(!batch.is_empty(), "prefetch {prefetch}: {got:?}");
+            for m in &batch {
+                assert_eq!(m.attempt, 1);
+                got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+            }
+            consumer.ack_all(&batch).await.unwrap();
+        }
+        assert_eq!(got, ["two", "three"], "prefetch {prefetch}");
+        if prefetch {
+            // "two" came from the inbox: the call that handed it out asked no shard (one
+            // lease for "three" and three settles at most since).
+            assert!(command_calls(&c, "evalsha") <= rounds + 4);
+        }
+        consumer.close().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,10 +107,21 @@ impl Consumer {
             // Counted here as a round's messages are counted in `sweep`.
             metrics::counter!(crate::telemetry::POPPED, "queue" => self.queue.name().to_string())
                 .increment(batch.len() as u64);
-            // A waiter's batch is one shard's.
-            self.flowing = Flow::Shards(vec![batch[0].shard.to_string()]);
+            // A waiter's batch is one shard's. A waiter that re-arms watches its shard
+            // while the consumer works (see `Waiter::run`): no round is started ahead.
+            self.flowing = if self.prefetch && self.leases_behind_waits() {
+                Flow::Stopped
+            } else {
+                Flow::Shards(vec![batch[0].shard.to_string()])
+            };
             self.buffer_up(batch);
         }
+    }
+
+    /// Whether the waiters lease behind their waits: at-least-once, unless in an ordered
+    /// group (see `wait_lease`).
+    fn leases_behind_waits(&self) -> bool {
+        self.ctx.max_attempts.is_some() && !self.group.as_ref().is_some_and(|g| g.cfg.ordered)
     }
 
     /// Whether an idle consumer sweeps before it waits: when a shard may hold messages
@@ -326,8 +337,7 @@ impl Consumer {
         let set = self.queue.shards();
         self.waiters.retain(|_, (h, _)| !h.is_finished());
         // Ordered members take a shard's messages by rounds only (see `wait_lease`).
-        let lease_behind_wait =
-            self.ctx.max_attempts.is_some() && !self.group.as_ref().is_some_and(|g| g.cfg.ordered);
+        let lease_behind_wait = self.leases_behind_waits();
         for s in &set.shards {
             if self.waiters.contains_key(&s.tag) {
                 continue;
@@ -352,6 +362,7 @@ impl Consumer {
                 reliable: self.ctx.max_attempts.is_some(),
                 lease: lease_behind_wait
                     .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
+                rearm: self.prefetch && lease_behind_wait,
             };
             self.waiters
                 .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));

@@ -38,6 +38,9 @@ pub(super) struct Waiter {
     /// At-least-once, unless the consumer is in an ordered group: a lease sent behind the
     /// wait (see `wait_lease`).
     pub(super) lease: Option<WaitLease>,
+    /// Block again at once after handing messages to a waiting consumer, while it works on
+    /// them (its prefetch, with a lease behind the wait): see [`Waiter::run`].
+    pub(super) rearm: bool,
 }
 
 /// Where a consumer is, for its waiters.
@@ -62,21 +65,36 @@ struct Blocking {
 }
 
 impl Waiter {
+    /// Blocks while the consumer waits, once a wait. With `rearm`, a waiter that handed
+    /// messages to its waiting consumer blocks once more right away, while the consumer
+    /// works on them: what arrives meanwhile is leased as it arrives and waits in the inbox
+    /// for the next call (a prefetch that lasts as long as the consumer's work, where a
+    /// round started ahead looks once), and when nothing arrives the consumer's next wait
+    /// finds its waiter blocked already (no round sent to find the shard empty, no wait
+    /// sent again). Bounded: what a re-armed wait brings to a consumer that is not waiting
+    /// does not re-arm it, so at most one lease a shard waits in the inbox.
     pub(super) async fn run(mut self) {
         let mut conn: Option<Blocking> = None;
         // The consumer's wait this waiter last woke it in.
         let mut woke_in: Option<u64> = None;
+        let mut again = false;
         loop {
-            // Block only while the consumer waits, and once a wait.
-            let wait = loop {
-                if let Attention::Waiting(n) = *self.attention.borrow_and_update()
-                    && woke_in != Some(n)
-                {
-                    break n;
-                }
-                tokio::select! {
-                    r = self.attention.changed() => if r.is_err() { return },
-                    _ = self.alive.changed() => return,
+            let rearmed =
+                std::mem::take(&mut again) && !matches!(*self.attention.borrow(), Attention::Away);
+            // Block only while the consumer waits, and once a wait (or re-armed).
+            let wait = if rearmed {
+                woke_in.unwrap_or_default()
+            } else {
+                loop {
+                    if let Attention::Waiting(n) = *self.attention.borrow_and_update()
+                        && woke_in != Some(n)
+                    {
+                        break n;
+                    }
+                    tokio::select! {
+                        r = self.attention.changed() => if r.is_err() { return },
+                        _ = self.alive.changed() => return,
+                    }
                 }
             };
             let Some(owner) = self.cluster.topology().owner(self.slot).cloned() else {
@@ -179,16 +197,24 @@ impl Waiter {
                 // The lease ran (or was refused) whatever the wait answered.
                 match l.read(id, script, list) {
                     Brought::Messages { messages, more } => {
-                        let away = matches!(*self.attention.borrow(), Attention::Away);
-                        if away {
+                        let now = *self.attention.borrow();
+                        if now == Attention::Away {
                             // Nobody receives: given back, not kept until it expires.
                             l.release_messages(id);
                         } else if self.tx.send(messages).is_err() {
                             l.release_messages(id);
                             return;
                         } else {
-                            woke_in = Some(wait);
-                            if more && self.tx.send(Vec::new()).is_err() {
+                            // Re-armed only for a consumer that waits: one that works
+                            // already has a lease of this shard to come back to.
+                            let waiting = match now {
+                                Attention::Waiting(n) => Some(n),
+                                _ => None,
+                            };
+                            woke_in = Some(waiting.unwrap_or(wait));
+                            again = self.rearm && waiting.is_some();
+                            // A re-armed wait returns at once when more is there.
+                            if more && !again && self.tx.send(Vec::new()).is_err() {
                                 return;
                             }
                         }
