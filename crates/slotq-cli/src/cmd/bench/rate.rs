@@ -73,32 +73,43 @@ pub(super) async fn rate_phase(
     };
     tokio::time::sleep_until(origin.into()).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
-    let pacer = {
-        let (stop, size, n_producers) = (stop.clone(), args.size, producers.len());
+    // The pacing thread hands each batch to its producer as a task of its own (without
+    // waiting for the one before, and without a hop through another thread).
+    let pacing = Pacing::default();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    {
+        let stop = pacing.stop.clone();
         let plan = Plan {
             origin,
             total,
             warm,
             period_ns,
-            size,
-            producers: n_producers,
+            size: args.size,
+            producers: producers.len(),
         };
-        std::thread::spawn(move || pace(&plan, &tx, &stop))
-    };
-    // Hand each batch to its producer without waiting for the one before.
-    let mut sends = tokio::task::JoinSet::new();
-    let size = args.size;
-    while let Some((p, batch)) = rx.recv().await {
-        let producer = producers[p].clone();
-        sends.spawn(async move { producer.send_batch(batch.chunks(size)).await });
+        let runtime = tokio::runtime::Handle::current();
+        let size = args.size;
+        std::thread::spawn(move || {
+            let mut sends = Vec::new();
+            let lateness = pace(
+                &plan,
+                &mut |p, batch| {
+                    let producer = producers[p].clone();
+                    sends.push(
+                        runtime.spawn(async move { producer.send_batch(batch.chunks(size)).await }),
+                    );
+                },
+                &stop,
+            );
+            let _ = done_tx.send((lateness, origin.elapsed(), sends));
+        });
     }
-    let sent_span = origin
-        .elapsed()
-        .saturating_sub(Duration::from_nanos(measure_from_ns));
+    let (lateness, handed_by, sends) = done_rx
+        .await
+        .map_err(|_| CliError::Other("the pacing thread ended early".into()))?;
+    let sent_span = handed_by.saturating_sub(Duration::from_nanos(measure_from_ns));
     let mut first_err = None;
-    while let Some(r) = sends.join_next().await {
+    for r in futures::future::join_all(sends).await {
         if let Err(e) = r
             .map_err(|e| CliError::Other(e.to_string()))
             .and_then(|r| Ok(r?))
@@ -106,8 +117,6 @@ pub(super) async fn rate_phase(
             first_err.get_or_insert(e);
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let lateness = pacer.join().unwrap_or_default();
     if let Some(e) = first_err {
         consumers.abort();
         return Err(e);
@@ -176,13 +185,21 @@ fn due_before(t_ns: f64, period_ns: f64) -> usize {
     }
 }
 
-/// The pacing thread: sends `(producer, payloads)` for every message due, until all
+/// Stops the pacing thread when the phase ends early (an error, or a cancelled call).
+#[derive(Default)]
+struct Pacing {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Pacing {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The pacing thread: hands `(producer, payloads)` over for every message due, until all
 /// were handed over (or `stop`); returns how late it was after the warm-up.
-fn pace(
-    plan: &Plan,
-    tx: &tokio::sync::mpsc::UnboundedSender<(usize, Vec<u8>)>,
-    stop: &AtomicBool,
-) -> Lateness {
+fn pace(plan: &Plan, hand: &mut dyn FnMut(usize, Vec<u8>), stop: &AtomicBool) -> Lateness {
     let Plan {
         origin,
         total,
@@ -211,9 +228,7 @@ fn pace(
             for k in next..due {
                 write_payload(&mut batch, k as u64, (k as f64 * period_ns) as u64, size);
             }
-            if tx.send((turn % producers, batch)).is_err() {
-                return late;
-            }
+            hand(turn % producers, batch);
             turn += 1;
             next = due;
         }
