@@ -79,10 +79,12 @@ impl ConsumerBuilder {
     /// message it held, while messages are flowing (default: on). The round's pops (or
     /// leases) then run while the caller works on what it got, and the next call finds
     /// them done or under way: one round trip less between batches. Off, a consumer pops
-    /// only inside a call. Either way a consumer closed or dropped gives back what it
-    /// holds; on at-least-once queues a lease taken ahead is counted from when it was
-    /// taken, and what nears its deadline unhanded is released (see `docs/architecture.md`,
-    /// *Consumer*).
+    /// only inside a call. On at-least-once queues a consumer that got messages from its
+    /// blocking wait keeps that wait going instead (what arrives is leased as it
+    /// arrives, one lease per shard at most). Either way a consumer closed or dropped
+    /// gives back what it holds; on at-least-once queues a lease taken ahead is counted
+    /// from when it was taken, and what nears its deadline unhanded is released (see
+    /// `docs/architecture.md`, *Consumer*).
     pub fn prefetch(mut self, on: bool) -> Self {
         self.prefetch = on;
         self

@@ -12,7 +12,8 @@
 //! `BLMPOP` with a finite server timeout and a client deadline a bit longer. A waiter that
 //! pops messages hands them to the consumer; new data wakes it within a round trip. On
 //! at-least-once queues the wait moves nothing (`BLMOVE` of a list onto itself) and a
-//! lease follows it on the same connection, so what arrives is leased as it arrives. An
+//! lease follows it on the same connection, so what arrives is leased as it arrives; with
+//! prefetch, a waiter that brought messages blocks again while its consumer works. An
 //! at-least-once consumer whose last round left every shard empty (the lease script says
 //! so) goes straight to its waiters instead of sending a round to find the shards empty.
 //! Waiters recover from MOVED / UNBLOCKED / CLUSTERDOWN replies and silent nodes, then
