@@ -704,8 +704,10 @@ async fn a_lease_of_a_whole_shard_renames_its_list_and_a_release_puts_it_back_fi
     let producer = q.producer().build().unwrap();
     let payloads = |from: usize, n: usize| (from..from + n).map(|i| format!("m{i:03}"));
     // A first message, so that the consumer knows the payload size and asks for 100 (not
-    // a first few, which would cut the frame).
-    let mut consumer = q.consumer().pop_batch(100).build().unwrap();
+    // a first few, which would cut the frame). Without prefetch: the later push must stay
+    // in the shard while the consumer holds its lease (with prefetch, its waiter would
+    // lease what arrives while it works).
+    let mut consumer = q.consumer().pop_batch(100).prefetch(false).build().unwrap();
     producer.send_keyed("k", "first").await.unwrap();
     let m = consumer.recv().await.unwrap();
     m.ack().await.unwrap();

@@ -28,7 +28,14 @@ async fn a_drained_at_least_once_consumer_waits_without_asking_again() {
         .send_batch((0..1000).map(|i| format!("m{i}")))
         .await
         .unwrap();
-    let mut consumer = q.consumer().without_group().build().unwrap();
+    // Waits that time out run their lease (to reap): a long block timeout keeps those out
+    // of the count below, whenever a wait began.
+    let mut consumer = q
+        .consumer()
+        .without_group()
+        .block_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let mut got = 0;
     while got < 1000 {
         let batch = consumer
@@ -237,6 +244,71 @@ async fn a_waiter_rearmed_while_its_consumer_works_leases_one_arrival() {
         }
         consumer.close().await;
     }
+}
+
+/// A re-armed wait that times out while its consumer works saw nothing arrive: what its
+/// lease took came back from an expired lease (or came due), and it is given back for
+/// whoever asks, not kept by the consumer at work until it expires again (which would use
+/// up a delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_wait_gives_back_what_its_lease_reaped_for_a_consumer_at_work() {
+    let c = TestCluster::start(1, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("reaped")
+        .shards_per_master(1)
+        .max_attempts(2)
+        .open()
+        .await
+        .unwrap();
+    let tag = q.shards().shards[0].tag.clone();
+    let producer = q.producer().build().unwrap();
+    let mut busy = q
+        .consumer()
+        .without_group()
+        .lease(Duration::from_millis(300))
+        .block_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    assert!(
+        busy.recv_batch_timeout(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let waiting = tokio::spawn(async move {
+        let b = busy.recv_batch_timeout(10, Duration::from_secs(5)).await;
+        (b, busy)
+    });
+    assert!(slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(&c) == 1).await);
+    producer.send("x").await.unwrap();
+    let (got, busy) = waiting.await.unwrap();
+    let got = got.unwrap();
+    assert_eq!((got.len(), got[0].attempt), (1, 1));
+    // At work, never settling "x": its lease expires after 0.3 s, the re-armed wait times
+    // out after 1 s and its lease reaps "x", then gives it back.
+    let ready = || -> u64 {
+        c.node(0)
+            .cmd(slotq::redis::cmd("LLEN").arg(q.ready_key(&tag)))
+            .unwrap()
+    };
+    assert!(
+        slotq_tests::wait_until(Duration::from_secs(5), || ready() == 2).await,
+        "\"x\" back in its shard, a frame behind its head"
+    );
+    let stats = q.stats().await.unwrap();
+    assert_eq!(stats[0].in_flight, Some(0), "{stats:?}");
+    let mut other = q.consumer().without_group().build().unwrap();
+    let again = other
+        .recv_batch_timeout(10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((&again[0].payload[..], again[0].attempt), (&b"x"[..], 2));
+    other.ack_all(&again).await.unwrap();
+    assert!(q.dead_letters(10).await.unwrap().is_empty());
+    other.close().await;
+    drop(busy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

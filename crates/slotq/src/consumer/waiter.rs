@@ -198,7 +198,15 @@ impl Waiter {
                 match l.read(id, script, list) {
                     Brought::Messages { messages, more } => {
                         let now = *self.attention.borrow();
-                        if now == Attention::Away {
+                        let waiting = match now {
+                            Attention::Waiting(n) => Some(n),
+                            _ => None,
+                        };
+                        // A wait that timed out saw nothing arrive: its lease took what
+                        // came due or back from an expired lease, which a consumer at
+                        // work must not sit on (it would use up a delivery of each).
+                        let timed_out = matches!(waited, Value::Nil) && waiting.is_none();
+                        if now == Attention::Away || timed_out {
                             // Nobody receives: given back, not kept until it expires.
                             l.release_messages(id);
                         } else if self.tx.send(messages).is_err() {
@@ -207,10 +215,6 @@ impl Waiter {
                         } else {
                             // Re-armed only for a consumer that waits: one that works
                             // already has a lease of this shard to come back to.
-                            let waiting = match now {
-                                Attention::Waiting(n) => Some(n),
-                                _ => None,
-                            };
                             woke_in = Some(waiting.unwrap_or(wait));
                             again = self.rearm && waiting.is_some();
                             // A re-armed wait returns at once when more is there.
