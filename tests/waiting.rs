@@ -92,33 +92,17 @@ async fn a_wait_s_lease_brings_the_message_with_one_lease_on_one_shard() {
 
 async fn one_wake_one_lease(c: &TestCluster, q: &slotq::Queue, prefetch: bool) {
     let producer = q.producer().build().unwrap();
-    let mut consumer = q
+    let consumer = q
         .consumer()
         .without_group()
         .prefetch(prefetch)
         .build()
         .unwrap();
-    // A first wait: the consumer sweeps once (nothing yet) and its waiters block.
-    assert!(
-        consumer
-            .recv_batch_timeout(10, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let waiting = tokio::spawn(async move {
-        (
-            consumer
-                .recv_batch_timeout(10, Duration::from_secs(5))
-                .await,
-            consumer,
-        )
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let leases = command_calls(c, "lrange");
-    producer.send("one").await.unwrap();
-    let (batch, consumer) = waiting.await.unwrap();
-    let batch = batch.unwrap();
+    // The waiters of the three shards block; the lease counted before the send.
+    let (batch, consumer, leases) = delivered_by_a_wait(c, consumer, &producer, "one", 3, || {
+        command_calls(c, "lrange")
+    })
+    .await;
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].attempt, 1);
     // The waiter of the shard that got the message leased it; no round asked the three
@@ -143,6 +127,41 @@ async fn one_wake_one_lease(c: &TestCluster, q: &slotq::Queue, prefetch: bool) {
     consumer.close().await;
 }
 
+/// Has `consumer` wait for messages (a first call finds nothing, so its waiters block),
+/// sends `payload` once `blocked` waits are blocked (after `before_send`, whose value is
+/// returned), and returns what the waiting call got and the consumer.
+async fn delivered_by_a_wait<T>(
+    c: &TestCluster,
+    mut consumer: slotq::Consumer,
+    producer: &slotq::Producer,
+    payload: &str,
+    blocked: u64,
+    before_send: impl FnOnce() -> T,
+) -> (Vec<slotq::Message>, slotq::Consumer, T) {
+    assert!(
+        consumer
+            .recv_batch_timeout(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let waiting = tokio::spawn(async move {
+        let got = consumer
+            .recv_batch_timeout(10, Duration::from_secs(5))
+            .await;
+        (got, consumer)
+    });
+    assert!(
+        slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(c) == blocked).await,
+        "{} waits blocked, not {blocked}",
+        blocked_clients(c)
+    );
+    let before = before_send();
+    producer.send(payload).await.unwrap();
+    let (got, consumer) = waiting.await.unwrap();
+    (got.unwrap(), consumer, before)
+}
+
 /// With prefetch, the waiter that handed messages to its consumer blocks again while the
 /// consumer works on them: what arrives meanwhile is leased as it arrives and handed out
 /// by the next call without asking the shard; what arrives after that waits in the shard
@@ -163,29 +182,14 @@ async fn a_waiter_rearmed_while_its_consumer_works_leases_one_arrival() {
         assert_eq!(q.shards().shards.len(), 1);
         let tag = q.shards().shards[0].tag.clone();
         let producer = q.producer().build().unwrap();
-        let mut consumer = q
+        let consumer = q
             .consumer()
             .without_group()
             .prefetch(prefetch)
             .build()
             .unwrap();
-        assert!(
-            consumer
-                .recv_batch_timeout(10, Duration::from_millis(300))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        let waiting = tokio::spawn(async move {
-            let b = consumer
-                .recv_batch_timeout(10, Duration::from_secs(5))
-                .await;
-            (b, consumer)
-        });
-        assert!(slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(&c) == 1).await);
-        producer.send("one").await.unwrap();
-        let (first, mut consumer) = waiting.await.unwrap();
-        let first = first.unwrap();
+        let (first, mut consumer, ()) =
+            delivered_by_a_wait(&c, consumer, &producer, "one", 1, || ()).await;
         assert_eq!(first.len(), 1);
         assert_eq!(&first[0].payload[..], b"one");
 
@@ -263,27 +267,14 @@ async fn a_timed_out_wait_gives_back_what_its_lease_reaped_for_a_consumer_at_wor
         .unwrap();
     let tag = q.shards().shards[0].tag.clone();
     let producer = q.producer().build().unwrap();
-    let mut busy = q
+    let busy = q
         .consumer()
         .without_group()
         .lease(Duration::from_millis(300))
         .block_timeout(Duration::from_secs(1))
         .build()
         .unwrap();
-    assert!(
-        busy.recv_batch_timeout(10, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let waiting = tokio::spawn(async move {
-        let b = busy.recv_batch_timeout(10, Duration::from_secs(5)).await;
-        (b, busy)
-    });
-    assert!(slotq_tests::wait_until(Duration::from_secs(5), || blocked_clients(&c) == 1).await);
-    producer.send("x").await.unwrap();
-    let (got, busy) = waiting.await.unwrap();
-    let got = got.unwrap();
+    let (got, busy, ()) = delivered_by_a_wait(&c, busy, &producer, "x", 1, || ()).await;
     assert_eq!((got.len(), got[0].attempt), (1, 1));
     // At work, never settling "x": its lease expires after 0.3 s, the re-armed wait times
     // out after 1 s and its lease reaps "x", then gives it back.
