@@ -109,7 +109,7 @@ impl Consumer {
                 .increment(batch.len() as u64);
             // A waiter's batch is one shard's. A waiter that re-arms watches its shard
             // while the consumer works (see `Waiter::run`): no round is started ahead.
-            self.flowing = if self.prefetch && self.leases_behind_waits() {
+            self.flowing = if self.waiters_rearm() {
                 Flow::Stopped
             } else {
                 Flow::Shards(vec![batch[0].shard.to_string()])
@@ -122,6 +122,12 @@ impl Consumer {
     /// group (see `wait_lease`).
     fn leases_behind_waits(&self) -> bool {
         self.ctx.max_attempts.is_some() && !self.group.as_ref().is_some_and(|g| g.cfg.ordered)
+    }
+
+    /// Whether a waiter that handed messages to its waiting consumer blocks again while
+    /// the consumer works (see `Waiter::run`): with prefetch, when it leases behind its wait.
+    fn waiters_rearm(&self) -> bool {
+        self.prefetch && self.leases_behind_waits()
     }
 
     /// Whether an idle consumer sweeps before it waits: when a shard may hold messages
@@ -362,7 +368,7 @@ impl Consumer {
                 reliable: self.ctx.max_attempts.is_some(),
                 lease: lease_behind_wait
                     .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
-                rearm: self.prefetch && lease_behind_wait,
+                rearm: self.waiters_rearm(),
             };
             self.waiters
                 .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));
