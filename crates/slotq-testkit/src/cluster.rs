@@ -127,8 +127,8 @@ impl ClusterBuilder {
             _tmp: tmp,
         };
         let total = self.masters * (1 + self.replicas);
-        for _ in 0..total {
-            cluster.spawn_node()?;
+        for i in 0..total {
+            cluster.spawn_node(i as u64 + 1)?;
         }
         // Slots: contiguous, even ranges per master.
         for m in 0..self.masters {
@@ -344,7 +344,8 @@ impl TestCluster {
 
     /// Starts a new empty node and joins it to the cluster as a master without slots.
     pub fn add_master(&mut self) -> Result<usize> {
-        let i = self.spawn_node()?;
+        let epoch = self.highest_epoch() + 1;
+        let i = self.spawn_node(epoch)?;
         self.meet(i)?;
         self.wait_all_known()?;
         Ok(i)
@@ -392,7 +393,30 @@ impl TestCluster {
             .collect()
     }
 
-    fn spawn_node(&mut self) -> Result<usize> {
+    /// The highest `cluster_current_epoch` among the running nodes.
+    fn highest_epoch(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .filter_map(|n| n.cmd::<String>(redis::cmd("CLUSTER").arg("INFO")).ok())
+            .filter_map(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("cluster_current_epoch:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Starts a node that knows no other yet, with its own config epoch `epoch`.
+    ///
+    /// Every node gets an epoch no other node has (as `redis-cli --cluster create` does).
+    /// Left to the cluster, nodes start at 0 and gossip settles collisions among masters
+    /// only; a replica can keep the epoch of its own master, and when that is the highest
+    /// one, `CLUSTER FAILOVER TAKEOVER` on it claims the slots without bumping it, so the
+    /// other nodes never accept the claim (an equal epoch does not win) and the failover
+    /// never completes.
+    fn spawn_node(&mut self, epoch: u64) -> Result<usize> {
         let i = self.nodes.len();
         let mut b = ServerBuilder {
             cluster: true,
@@ -408,6 +432,7 @@ impl TestCluster {
         }
         let server = b.dir(dir).start()?;
         let id: String = server.cmd(redis::cmd("CLUSTER").arg("MYID"))?;
+        server.cmd::<()>(redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(epoch))?;
         self.nodes.push(server);
         self.ids.push(id);
         Ok(i)

@@ -33,6 +33,35 @@ fn cluster_with_replicas_covers_all_slots() {
 }
 
 #[test]
+fn every_replica_can_take_over_a_dead_master() {
+    // Each node starts with a config epoch of its own: a replica left with its master's
+    // epoch, when that is the highest, claims the slots with a TAKEOVER that the other
+    // nodes never accept.
+    let mut c = TestCluster::start(3, 1).unwrap();
+    let nodes: String = c.node(0).cmd(redis::cmd("CLUSTER").arg("NODES")).unwrap();
+    let mut epochs: Vec<u64> = nodes
+        .lines()
+        .filter(|l| l.contains("master"))
+        .map(|l| l.split(' ').nth(6).unwrap().parse().unwrap())
+        .collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    assert_eq!(epochs.len(), 3, "masters share a config epoch: {nodes}");
+    assert!(
+        epochs[0] > 0,
+        "a master without an epoch of its own: {nodes}"
+    );
+    for m in 0..3 {
+        let r = c.replicas_of(m)[0];
+        c.kill(m).unwrap();
+        c.node(r)
+            .cmd::<()>(redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"))
+            .unwrap();
+        assert_eq!(c.wait_for_promotion(m, Duration::from_secs(15)).unwrap(), r);
+    }
+}
+
+#[test]
 fn migration_moves_keys_and_slot() {
     let c = ClusterBuilder::new().masters(2).start().unwrap();
     let key = "{mig}k";
