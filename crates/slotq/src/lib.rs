@@ -18,7 +18,7 @@
 //! - [`placement`]: queue names, keys, which shard tags live on which master.
 //! - [`slot`]: CRC16/XMODEM hash slots and hash tags; finding tags for given slots (pure).
 //! - [`topology`]: the slot map from `CLUSTER SHARDS` / `CLUSTER SLOTS`, or one standalone
-//!   node owning every slot; gaps kept visible.
+//!   node owning every slot; gaps kept visible (`topology/reply.rs` reads the replies).
 //! - [`cluster`]: the router: one shared connection per node, routing by slot, redirects,
 //!   retries within deadlines, node health, single-flight refresh.
 //! - [`telemetry`]: metric names (the `metrics` facade).
