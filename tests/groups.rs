@@ -149,6 +149,55 @@ async fn members_without_shards_steal_their_share_of_a_burst() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reports_the_backlog_of_shards_it_gains_at_its_next_beat() {
+    // Until an owner reports its shard deep, no other member steals from it; a member
+    // measures the shards it gains at once (a hundredth of a beat later), not at the next
+    // tenth of a beat. With a 60 s membership a beat is 20 s: the report must come long
+    // before the 2 s a tenth of a beat would take.
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client.queue("gained").open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    producer
+        .send_batch((0..9_000).map(|i| format!("m{i}")))
+        .await
+        .unwrap();
+    let mut m = q
+        .consumer()
+        .group("g")
+        .member_timeout(Duration::from_secs(60))
+        .prefetch(false)
+        .build()
+        .unwrap();
+    let joined = Instant::now();
+    assert_eq!(
+        m.recv_batch_timeout(1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let key = "slotq:{gained}:group:g";
+    let node = c.owner_of(slotq_testkit::key_slot(key.as_bytes())).unwrap();
+    let reported = slotq_testkit::wait_for(
+        "the shards reported deep",
+        Duration::from_millis(1500),
+        || {
+            let group: HashMap<String, String> =
+                c.node(node).cmd(redis::cmd("HGETALL").arg(key)).ok()?;
+            let deep = group.keys().filter(|k| k.starts_with("d:")).count();
+            (deep == 3).then_some(group)
+        },
+    );
+    assert!(
+        reported.is_ok(),
+        "{:?} after joining, the group does not know its member's backlog",
+        joined.elapsed()
+    );
+    m.close().await;
+}
+
 async fn owners(q: &Queue, group: &str) -> (Vec<usize>, BTreeMap<String, String>) {
     let st = q.group_status(group).await.unwrap();
     let mut per: Vec<usize> = st.members.iter().map(|m| m.shards.len()).collect();

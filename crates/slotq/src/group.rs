@@ -140,22 +140,27 @@ impl Membership {
             report: report.clone(),
         };
         let first = beat.send(false, &BTreeSet::new()).await?;
+        let first_owned = !first.owned.is_empty();
         let (tx, view) = watch::channel(Arc::new(first));
         let (leave, mut left) = oneshot::channel::<()>();
         let poke = Arc::new(tokio::sync::Notify::new());
         let poked = poke.clone();
         let every = beat.cfg.timeout / 3;
+        // Shards just gained are measured by the next beat, almost at once (a hundredth of
+        // a beat): until their owner reports them deep, no member steals from them.
+        let mut pause = if first_owned { every / 100 } else { every / 10 };
         let task = tokio::spawn(async move {
             // While the assignment moves (members joining or leaving), beat ten times as
             // often, so that shards change hands in about a tenth of a beat, not a beat.
-            let mut pause = every / 10;
+            let mut last = tokio::time::Instant::now();
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    // At most ten beats per beat interval, however often it is poked.
+                    _ = tokio::time::sleep_until(last + pause) => {}
+                    // A poke beats at once, but at most ten beats per beat interval
+                    // however often it comes: a tenth of a beat after the last one.
                     _ = async {
                         poked.notified().await;
-                        tokio::time::sleep(every / 10).await;
+                        tokio::time::sleep_until(last + every / 10).await;
                     } => {}
                     _ = &mut left => {
                         let _ = beat.send(true, &BTreeSet::new()).await;
@@ -163,6 +168,7 @@ impl Membership {
                     }
                 }
                 let owned = tx.borrow().owned.clone();
+                last = tokio::time::Instant::now();
                 match beat.send(false, &owned).await {
                     Ok(v) => {
                         let old = tx.borrow().generation;
@@ -172,7 +178,9 @@ impl Membership {
                             .unwrap()
                             .hungry_since
                             .is_some_and(|t| t.elapsed() < HUNGRY_WINDOW);
-                        pause = if v.generation != old || !v.waiting.is_empty() || hungry {
+                        pause = if !v.owned.is_subset(&owned) {
+                            every / 100
+                        } else if v.generation != old || !v.waiting.is_empty() || hungry {
                             every / 10
                         } else {
                             every
