@@ -237,6 +237,19 @@ pub enum Error {
         acked: u32,
     },
 
+    /// An ordered group's member could not renew its membership for a member timeout
+    /// (the registry's master is unreachable, or the process was paused): it hands out
+    /// nothing, since another member may own its shards by now. Receiving again retries.
+    #[error(
+        "group {group:?}: membership not renewed for {timeout:?}; nothing is handed out until a heartbeat goes through"
+    )]
+    MembershipLapsed {
+        /// The group.
+        group: String,
+        /// The member timeout.
+        timeout: Duration,
+    },
+
     /// A reliable-mode operation on an at-most-once queue (or its messages).
     #[error("{0}")]
     NotReliable(String),
@@ -276,6 +289,7 @@ impl Error {
                 | Error::QueueFull { .. }
                 | Error::RegistryContention(_)
                 | Error::Busy(_)
+                | Error::MembershipLapsed { .. }
         )
     }
 

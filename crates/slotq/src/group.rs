@@ -80,6 +80,9 @@ pub(crate) struct View {
     pub(crate) generation: i64,
     /// Shards to sweep and block on.
     pub(crate) owned: BTreeSet<String>,
+    /// The epoch of this member's grant of each owned shard: ordered members present it to
+    /// the shard's fence with every pop, and the server refuses an older one.
+    pub(crate) epochs: std::collections::BTreeMap<String, u64>,
     /// Ordered groups: shards to stop taking and confirm released.
     pub(crate) released: BTreeSet<String>,
     /// Assigned, not yet free (the old owner has not let go).
@@ -102,6 +105,12 @@ pub(crate) struct Report {
     pub(crate) idle: bool,
     /// Since when the consumer's sweeps found nothing at all, its own shards nor others'.
     pub(crate) hungry_since: Option<std::time::Instant>,
+    /// Ordered: shards whose fence refused this member's grant, with the fence it found
+    /// (sent once with the next heartbeat, which grants them anew above it).
+    pub(crate) refused: std::collections::BTreeMap<String, u64>,
+    /// Leaving: only the shards it still holds unsettled work of (owned ones included
+    /// otherwise, since a member may pop its shards until the beat that takes them).
+    pub(crate) leaving_held: Option<BTreeSet<String>>,
 }
 
 /// Messages waiting in a shard that make it worth stealing from however busy its owner.
@@ -114,6 +123,8 @@ pub const HUNGRY_WINDOW: Duration = Duration::from_secs(3);
 /// A running membership: a task that beats every third of the timeout.
 pub(crate) struct Membership {
     pub(crate) view: watch::Receiver<Arc<View>>,
+    /// Until when this member is sure it is still a member (see [`Membership::valid`]).
+    pub(crate) valid: watch::Receiver<std::time::Instant>,
     pub(crate) report: Arc<Mutex<Report>>,
     /// Wakes the heartbeat early (a shard of this member just went deep).
     pub(crate) poke: Arc<tokio::sync::Notify>,
@@ -139,9 +150,12 @@ impl Membership {
             lease,
             report: report.clone(),
         };
+        let sent = std::time::Instant::now();
         let first = beat.send(false, &BTreeSet::new()).await?;
         let first_owned = !first.owned.is_empty();
         let (tx, view) = watch::channel(Arc::new(first));
+        let margin = beat.cfg.timeout / 5;
+        let (valid_tx, valid) = watch::channel(sent + beat.cfg.timeout - margin);
         let (leave, mut left) = oneshot::channel::<()>();
         let poke = Arc::new(tokio::sync::Notify::new());
         let poked = poke.clone();
@@ -169,6 +183,7 @@ impl Membership {
                 }
                 let owned = tx.borrow().owned.clone();
                 last = tokio::time::Instant::now();
+                let sent = std::time::Instant::now();
                 match beat.send(false, &owned).await {
                     Ok(v) => {
                         let old = tx.borrow().generation;
@@ -198,6 +213,11 @@ impl Membership {
                                 true
                             }
                         });
+                        // After the view, so that a consumer woken by this sees the view
+                        // it renews. The server's deadline for this membership is at least
+                        // the send time plus the timeout (its clock is read later); the
+                        // member counts itself a member a fifth of the timeout less.
+                        valid_tx.send_replace(sent + beat.cfg.timeout - margin);
                     }
                     Err(e) => {
                         tracing::warn!(group = %beat.cfg.name, cause = %e, "group heartbeat failed");
@@ -211,6 +231,7 @@ impl Membership {
         });
         Ok(Membership {
             view,
+            valid,
             report,
             poke,
             leave: Some(leave),
@@ -323,7 +344,19 @@ impl Beat {
         } else {
             numbers(&self.deep(owned).await)
         };
-        let held = numbers(&self.report.lock().unwrap().held);
+        let (held, refused) = {
+            let mut r = self.report.lock().unwrap();
+            let held = match (&r.leaving_held, leaving) {
+                (Some(h), true) => numbers(h),
+                _ => numbers(&r.held),
+            };
+            let refused = std::mem::take(&mut r.refused)
+                .into_iter()
+                .filter_map(|(t, f)| Some(format!("{}:{f}", t.rsplit_once('#')?.1)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            (held, refused)
+        };
         let mode = if self.cfg.ordered {
             "ordered"
         } else {
@@ -343,6 +376,7 @@ impl Beat {
             (self.lease.as_millis() as u64).to_string().into_bytes(),
             held.into_bytes(),
             deep.into_bytes(),
+            refused.into_bytes(),
         ];
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let cluster = self.queue.cluster();
@@ -383,9 +417,18 @@ impl Beat {
             Some(Value::Int(n)) => *n,
             _ => 0,
         };
+        let mut epochs = std::collections::BTreeMap::new();
+        let mut owned = BTreeSet::new();
+        for word in text(items.get(1)).split_whitespace() {
+            let (n, e) = word.split_once(':').unwrap_or((word, "0"));
+            let tag = format!("{}#{n}", self.queue.name());
+            epochs.insert(tag.clone(), e.parse().unwrap_or(0));
+            owned.insert(tag);
+        }
         Ok(View {
             generation: int(items.first()),
-            owned: tags(items.get(1)),
+            owned,
+            epochs,
             released: tags(items.get(2)),
             waiting: tags(items.get(3)),
             deep: tags(items.get(4)),

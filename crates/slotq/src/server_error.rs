@@ -15,6 +15,7 @@
 //! | `NoScript` | script source sent | same | [`RetryMethod::ReloadScript`] |
 //! | `OutOfMemory` | refused, nothing stored; an unkeyed batch goes to another shard | refused (a lease pop writes) | [`RetryMethod::NoRetry`] |
 //! | `NoAuth`, `WrongPass`, `NoPerm` | `Error::Auth` | same | [`RetryMethod::NoRetry`] |
+//! | `Fenced` | - | an ordered member's grant is stale: the shard is dropped until the group grants it again | [`RetryMethod::NoRetry`] |
 //! | others | `Error::Server` | same | [`RetryMethod::NoRetry`] |
 //!
 //! An error reply means the server did not run the command (a script that fails midway is
@@ -57,6 +58,9 @@ pub enum ServerErrorKind {
     WrongType,
     /// `EXECABORT`: a transaction was discarded.
     ExecAbort,
+    /// `FENCED fence epoch`: slotq's own: a member of an ordered group presented an older
+    /// grant of a shard than the shard's fence holds (another member owns it now).
+    Fenced,
     /// Any other code (`ERR` and what Redis may add).
     Other,
 }
@@ -97,6 +101,7 @@ impl ServerErrorKind {
             "NOPERM" => ServerErrorKind::NoPerm,
             "WRONGTYPE" => ServerErrorKind::WrongType,
             "EXECABORT" => ServerErrorKind::ExecAbort,
+            "FENCED" => ServerErrorKind::Fenced,
             _ => ServerErrorKind::Other,
         }
     }
@@ -157,6 +162,7 @@ mod tests {
             ("WRONGPASS", RetryMethod::NoRetry),
             ("NOPERM", RetryMethod::NoRetry),
             ("WRONGTYPE", RetryMethod::NoRetry),
+            ("FENCED", RetryMethod::NoRetry),
             ("ERR", RetryMethod::NoRetry),
         ];
         for (code, retry) in table {

@@ -36,3 +36,7 @@ pub const GROUP_REBALANCES: &str = "slotq_group_rebalances_total";
 pub const GROUP_OWNED_SHARDS: &str = "slotq_group_owned_shards";
 /// Messages a group member took from shards it does not own.
 pub const GROUP_STEALS: &str = "slotq_group_steals_total";
+/// Counter: messages an ordered member of an at-most-once queue popped but could no longer
+/// hand out: it lost the shard meanwhile (its membership lapsed, or the shard's fence
+/// refused it), and handing them out would put them after newer messages.
+pub const FENCED_DROPPED: &str = "slotq_fenced_dropped_total";

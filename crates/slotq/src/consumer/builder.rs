@@ -153,6 +153,11 @@ impl ConsumerBuilder {
                 scripts: self.queue.lease_scripts(),
                 max_attempts,
                 lease: self.lease,
+                fence_group: if self.ordered {
+                    self.group.as_deref().map(std::sync::Arc::from)
+                } else {
+                    None
+                },
             },
             round: None,
             prefetch: self.prefetch,

@@ -186,20 +186,36 @@ impl Consumer {
             }
         }
         let mut out = out;
+        if let Some(g) = self.group.as_mut() {
+            for (tag, fence) in std::mem::take(&mut out.fenced) {
+                g.fenced(&tag, fence);
+                self.waiters.remove(&*tag);
+            }
+        }
         if let Some(g) = self.group.as_mut()
             && g.cfg.ordered
         {
             // A round sent before a shard was released may bring its messages: they go
-            // back, and the shard stays held until they are.
+            // back, and the shard stays held until they are. A round that brings
+            // messages of a shard lost otherwise (fenced, or taken while this member's
+            // membership lapsed) holds stale messages: see `discard_stale`.
             let (mine, gone): (Vec<Message>, Vec<Message>) = out
                 .messages
                 .into_iter()
                 .partition(|m| g.owned().contains(&*m.shard));
             out.messages = mine;
+            let (gone, stale): (Vec<Message>, Vec<Message>) = gone
+                .into_iter()
+                .partition(|m| g.released().contains(&*m.shard));
             let mut by_shard: HashMap<Arc<str>, Vec<Message>> = HashMap::new();
             for m in gone {
                 by_shard.entry(m.shard.clone()).or_default().push(m);
             }
+            let (cluster, prefix) = (
+                self.queue.cluster().clone(),
+                self.queue.prefix().to_string(),
+            );
+            super::discard_stale(&cluster, &prefix, stale);
             for (tag, give) in by_shard {
                 let (cluster, prefix) = (
                     self.queue.cluster().clone(),
@@ -325,6 +341,7 @@ impl Consumer {
                     keys: self.keys_of(&s.tag),
                     count,
                     lease: reliable.then(LeaseId::random),
+                    fence: self.group.as_ref().and_then(|g| g.epoch_of(&s.tag)),
                 }
             })
             .collect()
@@ -365,7 +382,7 @@ impl Consumer {
                 attention: self.attention.subscribe(),
                 alive,
                 tx: self.inbox_tx.clone(),
-                reliable: self.ctx.max_attempts.is_some(),
+                wake_only: self.ctx.max_attempts.is_some() || self.ctx.fence_group.is_some(),
                 lease: lease_behind_wait
                     .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
                 rearm: self.waiters_rearm(),

@@ -22,6 +22,11 @@ pub(super) struct Grouped {
     /// twice; a consumer dropped while joining leaves as soon as the join ends.
     joining: Option<JoinHandle<Result<Membership>>>,
     view: Arc<View>,
+    /// The shards this member may pop: the view's, less those whose fence refused the
+    /// grant the view holds (until the group grants them anew).
+    owned: BTreeSet<String>,
+    /// Shards whose fence refused this member, by the epoch it presented.
+    lost: HashMap<String, u64>,
     /// Ordered, at-least-once: leases handed out per shard, until settled or expired.
     handed: HashMap<Arc<str>, Vec<Arc<Lease>>>,
     /// Shards whose buffered messages are being given back.
@@ -35,6 +40,8 @@ impl Grouped {
             member: None,
             joining: None,
             view: Arc::new(View::default()),
+            owned: BTreeSet::new(),
+            lost: HashMap::new(),
             handed: HashMap::new(),
             returning: HashMap::new(),
         }
@@ -66,7 +73,70 @@ impl Grouped {
             return None;
         }
         self.view = v.clone();
+        self.lost
+            .retain(|tag, epoch| v.epochs.get(tag) == Some(epoch));
+        self.owned = v
+            .owned
+            .iter()
+            .filter(|t| !self.lost.contains_key(*t))
+            .cloned()
+            .collect();
         Some(v)
+    }
+
+    /// The epochs of the view in hand (before a refresh).
+    pub(super) fn refresh_epochs(&self) -> std::collections::BTreeMap<String, u64> {
+        self.view.epochs.clone()
+    }
+
+    /// Ordered: the epoch of this member's grant of a shard, to present to its fence.
+    pub(super) fn epoch_of(&self, tag: &str) -> Option<u64> {
+        if !self.cfg.ordered {
+            return None;
+        }
+        self.view.epochs.get(tag).copied()
+    }
+
+    /// A pop of the shard was refused by its fence: another member was granted it later.
+    /// The shard is dropped until the group grants it again; the next heartbeat says so,
+    /// at once, with the fence found (see `group_beat.lua`).
+    pub(super) fn fenced(&mut self, tag: &str, fence: u64) {
+        if let Some(&epoch) = self.view.epochs.get(tag) {
+            self.lost.insert(tag.to_string(), epoch);
+        }
+        self.owned.remove(tag);
+        if let Some(m) = &self.member {
+            m.report
+                .lock()
+                .unwrap()
+                .refused
+                .insert(tag.to_string(), fence);
+            m.poke.notify_one();
+        }
+    }
+
+    /// Ordered: whether this member can still be sure it is a member: until a fifth of the
+    /// member timeout before its membership could lapse on the server, counted from the
+    /// send of its last successful heartbeat. A member that cannot renew (paused, cut off
+    /// from the registry's master) stops handing out messages before another member can be
+    /// given its shards.
+    pub(super) fn valid(&self) -> bool {
+        match &self.member {
+            Some(m) => *m.valid.borrow() > Instant::now(),
+            None => true,
+        }
+    }
+
+    /// Waits for the next successful heartbeat (pending forever before joining).
+    pub(super) async fn renewed(&mut self) {
+        match self.member.as_mut() {
+            Some(m) => {
+                if m.valid.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
     }
 
     /// Waits until the group's assignment changes (pending forever before joining).
@@ -83,7 +153,7 @@ impl Grouped {
 
     /// Shards to sweep: the owned ones, and (unordered, when `steal`) others' deep ones.
     pub(super) fn sweep_set(&self, steal: bool) -> BTreeSet<String> {
-        let mut s = self.view.owned.clone();
+        let mut s = self.owned.clone();
         if steal && !self.cfg.ordered {
             s.extend(self.view.deep.iter().cloned());
         }
@@ -92,12 +162,12 @@ impl Grouped {
 
     /// Whether other members report deep shards this one may steal from.
     pub(super) fn may_steal(&self) -> bool {
-        !self.cfg.ordered && self.view.deep.iter().any(|t| !self.view.owned.contains(t))
+        !self.cfg.ordered && self.view.deep.iter().any(|t| !self.owned.contains(t))
     }
 
     /// Shards to block on while idle.
     pub(super) fn owned(&self) -> &BTreeSet<String> {
-        &self.view.owned
+        &self.owned
     }
 
     /// Ordered: shards to stop taking now.
@@ -166,7 +236,7 @@ impl Grouped {
     /// shards of its own keeps its pace: it has work whenever its shards do, and a trickle
     /// that wakes it now and then must not cost ten beats a second.
     pub(super) fn hungry(&self, hungry: bool) {
-        let hungry = hungry && self.view.owned.is_empty();
+        let hungry = hungry && self.owned.is_empty();
         if let Some(m) = &self.member {
             let mut r = m.report.lock().unwrap();
             match (hungry, r.hungry_since) {
@@ -196,13 +266,13 @@ impl Grouped {
         }
         self.returning.retain(|_, v| !v.is_empty());
         for leases in self.handed.values_mut() {
-            leases.retain(|l| !l.closed.load(Ordering::Relaxed) && l.local_deadline > now);
+            leases.retain(|l| !l.closed.load(Ordering::Relaxed) && l.local_deadline.get() > now);
         }
         self.handed.retain(|_, v| !v.is_empty());
         let Some(m) = &self.member else {
             return;
         };
-        let mut held: BTreeSet<String> = self.view.owned.clone();
+        let mut held: BTreeSet<String> = self.owned.clone();
         held.extend(in_flight.filter(|t| self.view.released.contains(t)));
         for tag in &self.view.released {
             if self.returning.contains_key(tag) || self.handed.contains_key(tag.as_str()) {
@@ -212,12 +282,23 @@ impl Grouped {
         m.report.lock().unwrap().held = held;
     }
 
-    /// Leaves the group (after the consumer gave back what it held).
+    /// Leaves the group (after the consumer gave back what it held). The last heartbeat
+    /// names only the shards with messages handed out and not settled yet: the others go
+    /// to the remaining members at once.
     pub(super) async fn leave(&mut self) {
         for (_, tasks) in self.returning.drain() {
             for t in tasks {
                 let _ = t.await;
             }
+        }
+        let now = Instant::now();
+        for leases in self.handed.values_mut() {
+            leases.retain(|l| !l.closed.load(Ordering::Relaxed) && l.local_deadline.get() > now);
+        }
+        self.handed.retain(|_, v| !v.is_empty());
+        if let Some(m) = &self.member {
+            m.report.lock().unwrap().leaving_held =
+                Some(self.handed.keys().map(|t| t.to_string()).collect());
         }
         if let Some(m) = self.member.take() {
             m.leave().await;

@@ -326,8 +326,38 @@ impl Consumer {
             return Ok(());
         };
         g.ensure_joined(&self.queue, self.ctx.lease).await?;
+        // Ordered: nothing is handed out while this member cannot be sure it is still one
+        // (paused, or cut off from the registry's master): it waits for a heartbeat, whose
+        // view then says which of its shards are still its own.
+        if g.cfg.ordered && !g.valid() {
+            let bound = g.cfg.timeout;
+            let _ = tokio::time::timeout(bound, g.renewed()).await;
+            if !g.valid() {
+                return Err(crate::error::Error::MembershipLapsed {
+                    group: g.cfg.name.clone(),
+                    timeout: bound,
+                });
+            }
+        }
+        let before = g.refresh_epochs();
         let changed = g.refresh();
         if let Some(view) = &changed {
+            if g.cfg.ordered {
+                // Shards lost without a handover (this member's membership lapsed, or a
+                // grant was made anew) or granted again: what is buffered of them is
+                // stale, taken under a grant that no longer holds.
+                let stale_tag = |t: &str| {
+                    !view.released.contains(t)
+                        && (view.epochs.get(t) != before.get(t) || !g.owned().contains(t))
+                };
+                while let Ok(batch) = self.inbox_rx.try_recv() {
+                    self.buffer.extend(batch);
+                }
+                let (stale, keep): (Vec<Message>, Vec<Message>) =
+                    self.buffer.drain(..).partition(|m| stale_tag(&m.shard));
+                self.buffer.extend(keep);
+                discard_stale(self.queue.cluster(), self.queue.prefix(), stale);
+            }
             // Dropping a waiter's sender ends its blocked pop; it gives back what it took.
             self.waiters.retain(|tag, _| view.owned.contains(tag));
             if g.cfg.ordered && !view.released.is_empty() {
@@ -373,7 +403,7 @@ impl Consumer {
         let mut stale = Vec::new();
         while let Some(m) = self.buffer.front() {
             match &m.lease {
-                Some(l) if l.lease.local_deadline < cutoff => {
+                Some(l) if l.lease.local_deadline.get() < cutoff => {
                     stale.push(self.buffer.pop_front().expect("a front message"));
                 }
                 _ => break,
@@ -421,6 +451,31 @@ impl Consumer {
                 tokio::spawn(async move { return_messages(&cluster, &prefix, stale).await });
             }
         }
+    }
+}
+
+/// Messages an ordered member took under a grant of their shard that no longer holds:
+/// never handed out. At-least-once ones are released (the new owner's claim has put them
+/// back at the head already, or will); at-most-once ones left Redis when they were popped,
+/// and the new owner may have handed out newer ones of the same keys since: they are
+/// dropped and counted (`slotq_fenced_dropped_total`) rather than delivered out of order.
+pub(super) fn discard_stale(cluster: &crate::cluster::Cluster, prefix: &str, stale: Vec<Message>) {
+    if stale.is_empty() {
+        return;
+    }
+    let (leased, plain): (Vec<Message>, Vec<Message>) =
+        stale.into_iter().partition(|m| m.lease.is_some());
+    if !plain.is_empty() {
+        metrics::counter!(crate::telemetry::FENCED_DROPPED).increment(plain.len() as u64);
+        tracing::warn!(
+            count = plain.len(),
+            shard = %plain[0].shard,
+            "ordered member lost a shard while holding popped messages (at-most-once): dropped"
+        );
+    }
+    if !leased.is_empty() {
+        let (cluster, prefix) = (cluster.clone(), prefix.to_string());
+        tokio::spawn(async move { return_messages(&cluster, &prefix, leased).await });
     }
 }
 

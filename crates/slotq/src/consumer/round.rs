@@ -34,6 +34,9 @@ pub(super) struct Ask {
     pub(super) count: usize,
     /// At-least-once: the name of the lease this pop creates.
     pub(super) lease: Option<LeaseId>,
+    /// Ordered groups: the epoch of this member's grant of the shard, which the pop
+    /// presents to the shard's fence (see `group.rs`).
+    pub(super) fence: Option<u64>,
 }
 
 /// What a round needs besides its asks.
@@ -44,6 +47,8 @@ pub(super) struct Ctx {
     /// `Some` on at-least-once queues.
     pub(super) max_attempts: Option<u32>,
     pub(super) lease: Duration,
+    /// Ordered groups: the group's name, which fenced pops present with their epoch.
+    pub(super) fence_group: Option<Arc<str>>,
 }
 
 /// Most payload bytes asked of one shard in one round: a reply stays a few MiB whatever
@@ -125,6 +130,8 @@ pub(super) struct Outcome {
     /// Every shard asked said it was left empty (at-least-once leases report it; `LPOP`
     /// does not, so a plain round never sets it).
     pub(super) drained: bool,
+    /// Shards whose fence refused this member's grant, with the fence found.
+    pub(super) fenced: Vec<(Arc<str>, u64)>,
 }
 
 impl Round {
@@ -145,6 +152,7 @@ impl Round {
         let asks = Arc::new(asks);
         let (cluster, scripts, lease) = (ctx.cluster.clone(), ctx.scripts.clone(), ctx.lease);
         let max_attempts = ctx.max_attempts;
+        let fence_group = ctx.fence_group.clone();
         let sent = asks.clone();
         let replies: Replies = Box::pin(async move {
             let mut opts = cluster.default_opts();
@@ -152,17 +160,24 @@ impl Round {
             opts.retry_budget = Duration::ZERO;
             match max_attempts {
                 None => {
-                    let cmds = sent
-                        .iter()
-                        .map(|a| {
-                            let k = &a.keys;
-                            (
-                                k.slot,
-                                redis::cmd("LPOP").arg(&k.ready).arg(a.count).clone(),
-                            )
-                        })
+                    let cmds = |load: bool, which: &[usize]| {
+                        which
+                            .iter()
+                            .map(|&i| plain_pop(&sent[i], &scripts, fence_group.as_deref(), load))
+                            .collect()
+                    };
+                    let all: Vec<usize> = (0..sent.len()).collect();
+                    let mut replies = cluster.batch_items(cmds(false, &all), opts).await;
+                    // A node without the fenced pop's script gets its source.
+                    let missing: Vec<usize> = (0..replies.len())
+                        .filter(|&i| matches!(&replies[i], Err(Error::Server { kind, .. }) if kind.retry_method() == crate::server_error::RetryMethod::ReloadScript))
                         .collect();
-                    let replies = cluster.batch_items(cmds, opts).await;
+                    if !missing.is_empty() {
+                        let again = cluster.batch_items(cmds(true, &missing), opts).await;
+                        for (i, r) in missing.into_iter().zip(again) {
+                            replies[i] = r;
+                        }
+                    }
                     replies.into_iter().map(|r| r.map(Reply::Items)).collect()
                 }
                 Some(max_attempts) => {
@@ -172,6 +187,7 @@ impl Round {
                             keys: &a.keys,
                             count: a.count,
                             id: a.lease.expect("at-least-once asks name their lease"),
+                            fence: fence_group.as_deref().zip(a.fence),
                         })
                         .collect();
                     let terms = lease::LeaseTerms {
@@ -194,6 +210,42 @@ impl Round {
     }
 }
 
+/// The pop of one shard on an at-most-once queue: `LPOP`, or behind the shard's fence for a
+/// member of an ordered group.
+fn plain_pop(
+    a: &Ask,
+    scripts: &LeaseScripts,
+    group: Option<&str>,
+    load: bool,
+) -> (crate::slot::Slot, redis::Cmd) {
+    let k = &a.keys;
+    let cmd = match (group, a.fence) {
+        (Some(group), Some(epoch)) => scripts.fenced_pop.cmd(
+            &[&k.ready, &k.fence],
+            &[
+                a.count.to_string().as_bytes(),
+                group.as_bytes(),
+                epoch.to_string().as_bytes(),
+            ],
+            load,
+        ),
+        _ => redis::cmd("LPOP").arg(&k.ready).arg(a.count).clone(),
+    };
+    (k.slot, cmd)
+}
+
+/// The fence a refused pop found (`FENCED <fence> <epoch>`).
+pub(super) fn fenced(e: &Error) -> Option<u64> {
+    match e {
+        Error::Server {
+            kind: crate::server_error::ServerErrorKind::Fenced,
+            message,
+            ..
+        } => message.split_whitespace().next()?.parse().ok(),
+        _ => None,
+    }
+}
+
 /// Turns every reply of a finished round into messages; releases the leases of lost replies.
 pub(super) fn absorb(
     ctx: &Ctx,
@@ -207,6 +259,7 @@ pub(super) fn absorb(
         sizes: Vec::with_capacity(asks.len()),
         error: None,
         drained: true,
+        fenced: Vec::new(),
     };
     // Room for every message up front: a `Message` is large, and growing the vector while
     // a thousand arrive would move each of them several times.
@@ -270,6 +323,12 @@ pub(super) fn absorb(
             .push((new.len(), new.iter().map(|m| m.payload.len()).sum()));
         match taken {
             Ok(n) => out.full.push(n >= ask.count),
+            Err(e) if fenced(&e).is_some() => {
+                out.full.push(false);
+                tracing::info!(shard = %ask.keys.tag, cause = %e, "shard fenced: another member owns it now");
+                out.fenced
+                    .push((ask.keys.tag.clone(), fenced(&e).unwrap_or(0)));
+            }
             Err(e) => {
                 out.full.push(false);
                 if e.may_have_run() {
@@ -334,7 +393,7 @@ pub(super) fn take_lease(
         id: ask.lease.expect("at-least-once asks name their lease"),
         deadline_ms,
         // The server's deadline, on this process's clock (conservative: from the send).
-        local_deadline: started + ctx.lease,
+        local_deadline: lease::LocalDeadline::new(started + ctx.lease),
         max_attempts,
         count,
         in_list,

@@ -58,6 +58,7 @@ impl WaitLease {
             keys: self.keys.clone(),
             count: self.count,
             lease: Some(id),
+            fence: None,
         }
     }
 
@@ -67,6 +68,7 @@ impl WaitLease {
             keys: &self.keys,
             count: self.count,
             id,
+            fence: None,
         };
         let terms = lease::LeaseTerms {
             lease: self.ctx.lease,

@@ -31,10 +31,12 @@ pub(super) struct Waiter {
     pub(super) attention: watch::Receiver<Attention>,
     pub(super) alive: watch::Receiver<()>,
     pub(super) tx: mpsc::UnboundedSender<Vec<Message>>,
-    /// At-least-once: wait without popping (`BLMOVE key key LEFT LEFT` leaves the list as
-    /// it was, and its reply is the list's first element: a 16-byte frame head, not a
-    /// frame) and let the consumer lease what arrived.
-    pub(super) reliable: bool,
+    /// At-least-once, and ordered groups: wait without popping (`BLMOVE key key LEFT LEFT`
+    /// leaves the list as it was, and its reply is the list's first element: on
+    /// at-least-once queues a 16-byte frame head, not a frame) and let the consumer lease
+    /// or pop what arrived (ordered members pop behind the shard's fence, which a blocked
+    /// pop could not check when it finally runs).
+    pub(super) wake_only: bool,
     /// At-least-once, unless the consumer is in an ordered group: a lease sent behind the
     /// wait (see `wait_lease`).
     pub(super) lease: Option<WaitLease>,
@@ -154,7 +156,7 @@ impl Waiter {
                             (Some(l), Some(id), _) => l.release(id, &Error::Protocol(
                                 "consumer gone while its wait's lease was in flight".into(),
                             )),
-                            (None, _, Ok(Ok(mut r))) if !self.reliable => {
+                            (None, _, Ok(Ok(mut r))) if !self.wake_only => {
                                 if let Ok(items) = blmpop_items(r.remove(0).into_value()) {
                                     give_back(&self.cluster, self.slot, &self.key, items).await;
                                 }
@@ -234,7 +236,7 @@ impl Waiter {
             }
             match waited {
                 Value::Nil => {}
-                Value::BulkString(_) if self.reliable => {
+                Value::BulkString(_) if self.wake_only => {
                     if self.lease.is_none() {
                         // Data arrived (and is still in the list): wake the consumer.
                         if self.tx.send(Vec::new()).is_err() {
@@ -274,10 +276,10 @@ impl Waiter {
         }
     }
 
-    /// The blocking wait: on at-least-once queues `BLMOVE key key LEFT LEFT` (nothing
-    /// moves), else `BLMPOP`, which pops.
+    /// The blocking wait: `BLMOVE key key LEFT LEFT` when waking only (nothing moves),
+    /// else `BLMPOP`, which pops.
     fn wait_cmd(&self) -> redis::Cmd {
-        if self.reliable {
+        if self.wake_only {
             redis::cmd("BLMOVE")
                 .arg(&self.key)
                 .arg(&self.key)

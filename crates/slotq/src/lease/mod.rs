@@ -89,6 +89,8 @@ pub(crate) struct LeaseScripts {
     pub(crate) replay: Script,
     pub(crate) inflight: Script,
     pub(crate) keep: Script,
+    /// Ordered groups on at-most-once queues: a pop behind the shard's fence.
+    pub(crate) fenced_pop: Script,
 }
 
 impl LeaseScripts {
@@ -112,6 +114,7 @@ impl LeaseScripts {
                 include_str!("../lua/frames.lua"),
                 include_str!("../lua/keep.lua")
             )),
+            fenced_pop: Script::new(include_str!("../lua/fenced_pop.lua")),
         }
     }
 }
@@ -131,6 +134,9 @@ pub(crate) struct ShardKeys {
     pub(crate) count: String,
     /// What every lease's list is named by, the lease id after it.
     pub(crate) lease_prefix: String,
+    /// At-most-once shards: ordered groups' fences (`lua/fenced_pop.lua`). At-least-once
+    /// shards keep theirs in `acks`, a key that always exists.
+    pub(crate) fence: String,
 }
 
 impl ShardKeys {
@@ -147,6 +153,7 @@ impl ShardKeys {
             dead: k("dead"),
             count: k("count"),
             lease_prefix: k("lease:"),
+            fence: k("fence"),
         }
     }
 
@@ -218,8 +225,10 @@ pub(crate) struct Lease {
     pub(crate) keys: Arc<ShardKeys>,
     pub(crate) id: LeaseId,
     pub(crate) deadline_ms: i64,
-    /// The deadline on this process's clock (estimated from the pop's send time).
-    pub(crate) local_deadline: std::time::Instant,
+    /// The deadline on this process's clock (estimated from the pop's send time), moved
+    /// by every extension: an ordered member lets a shard go only once its handed-out
+    /// leases are settled or past this (`group.rs`), so it must follow `extend`.
+    pub(crate) local_deadline: LocalDeadline,
     pub(crate) max_attempts: u32,
     /// Messages in the lease.
     pub(crate) count: usize,
@@ -233,6 +242,29 @@ pub(crate) struct Lease {
 impl std::fmt::Debug for LeaseScripts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LeaseScripts")
+    }
+}
+
+/// A lease's deadline on this process's clock; only ever moved later.
+#[derive(Debug)]
+pub(crate) struct LocalDeadline(std::sync::Mutex<std::time::Instant>);
+
+impl LocalDeadline {
+    pub(crate) fn new(at: std::time::Instant) -> LocalDeadline {
+        LocalDeadline(std::sync::Mutex::new(at))
+    }
+
+    /// The deadline now.
+    pub(crate) fn get(&self) -> std::time::Instant {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the deadline to `at` if that is later.
+    pub(crate) fn extend_to(&self, at: std::time::Instant) {
+        let mut d = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if at > *d {
+            *d = at;
+        }
     }
 }
 
@@ -411,10 +443,15 @@ pub(crate) async fn extend(r: &LeaseRef, by: Duration) -> Result<Option<SystemTi
             (by.as_millis().max(1) as u64).to_string().into_bytes(),
         ],
     };
+    // The new deadline on this clock, conservatively from before the call.
+    let sent = std::time::Instant::now();
     let mut out = crate::script::run_batch(&l.cluster, &[call], l.cluster.default_opts()).await;
     match out.pop().expect("one reply")? {
         Value::Int(-1) => Ok(None),
-        Value::Int(ms) => Ok(Some(UNIX_EPOCH + Duration::from_millis(ms as u64))),
+        Value::Int(ms) => {
+            l.local_deadline.extend_to(sent + by);
+            Ok(Some(UNIX_EPOCH + Duration::from_millis(ms as u64)))
+        }
         other => Err(Error::Protocol(format!(
             "extend: unexpected reply {other:?}"
         ))),

@@ -54,6 +54,9 @@ pub(crate) struct LeaseAsk<'a> {
     pub(crate) keys: &'a ShardKeys,
     pub(crate) count: usize,
     pub(crate) id: LeaseId,
+    /// Members of ordered groups: the group and the epoch of the member's grant of the
+    /// shard, checked against the shard's fence by the script.
+    pub(crate) fence: Option<(&'a str, u64)>,
 }
 
 /// How leases are taken.
@@ -90,18 +93,23 @@ impl ShardKeys {
         if in_list {
             keys.push(self.lease_list(ask.id));
         }
+        let mut args = vec![
+            ask.count.to_string().into_bytes(),
+            (t.lease.as_millis().max(1) as u64).to_string().into_bytes(),
+            t.max_attempts.to_string().into_bytes(),
+            REAP_LIMIT.to_string().into_bytes(),
+            ask.id.to_string().into_bytes(),
+            t.max_bytes.to_string().into_bytes(),
+        ];
+        if let Some((group, epoch)) = ask.fence {
+            args.push(group.as_bytes().to_vec());
+            args.push(epoch.to_string().into_bytes());
+        }
         Call {
             slot: self.slot,
             script: &scripts.pop,
             keys,
-            args: vec![
-                ask.count.to_string().into_bytes(),
-                (t.lease.as_millis().max(1) as u64).to_string().into_bytes(),
-                t.max_attempts.to_string().into_bytes(),
-                REAP_LIMIT.to_string().into_bytes(),
-                ask.id.to_string().into_bytes(),
-                t.max_bytes.to_string().into_bytes(),
-            ],
+            args,
         }
     }
 }

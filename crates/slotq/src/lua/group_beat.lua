@@ -1,18 +1,28 @@
 -- A consumer-group member's heartbeat: renews its membership, drops members that stopped
 -- renewing, and recomputes who owns which shard. Runs atomically in the queue's registry
 -- slot, so every member sees one assignment: the script is the coordinator.
--- KEYS: 1 registry (HASH: active, draining = shard numbers), 2 the group (HASH: m:<id> ->
---       membership deadline ms; o:<shard> -> owner, or "<owner> <next>" while an ordered
---       handover waits; f:<shard> -> ms before which the owner may not pop; d:<shard> -> 1
---       when its owner reports it deep; gen; mode). One key, read once per beat.
+-- KEYS: 1 registry (HASH: active, draining, retiring = shard numbers), 2 the group (HASH:
+--       m:<id> -> membership deadline ms; o:<shard> -> owner, or "<owner> <next>" while an
+--       ordered handover waits; e:<shard> -> the epoch of the shard's current grant;
+--       f:<shard> -> ms before which the owner may not pop; d:<shard> -> 1 when its owner
+--       reports it deep; gen; mode). One key, read once per beat.
 -- ARGV: 1 member id, 2 timeout ms, 3 'beat' | 'leave', 4 mode ('ordered' | 'unordered'),
---       5 lease ms (ordered at-least-once: how long a dead owner's leases may still run),
---       6 shards the member still holds (space-separated numbers), 7 shards it reports deep
--- Returns {gen, owned, released, waiting, deep, members}: space-separated shard numbers
--- (owned: pop them; released: stop and confirm by leaving them out of 'held'; waiting:
--- yours once the old owner let go; deep: others' deep shards, to steal from).
+--       5 lease ms (ordered at-least-once: how long a leaving member's unsettled leases may
+--       still run), 6 shards the member still holds (space-separated numbers), 7 shards it
+--       reports deep, 8 shards whose fence refused it, as "<n>:<fence>" (a grant that
+--       lost to a higher fence: the registry master failed over and forgot the last epochs)
+-- Returns {gen, owned, released, waiting, deep, members}: space-separated shard numbers,
+-- owned ones as "<n>:<epoch>" (owned: pop them, presenting the epoch to the shard's
+-- fence; released: stop and confirm by leaving them out of 'held'; waiting: yours once
+-- the old owner let go; deep: others' deep shards, to steal from).
 -- Or {-1, mode} when the group runs in the other mode; {-2} when the queue's registry is
 -- gone (the queue was deleted: nothing is written, so a member cannot bring its group back).
+--
+-- Epochs: `gen` only grows (it outlives the last member), and every grant of a shard to a
+-- member takes the epoch gen + 1 of the beat that made it, so a shard's grants carry
+-- strictly growing epochs. The shard's own slot keeps the highest epoch presented to it
+-- (the fence, see lease_pop.lua and fenced_pop.lua): a holder of an older grant is refused
+-- there by the server, whatever its clock or its view says.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {-2}
 end
@@ -63,6 +73,16 @@ local function set(s)
 end
 
 local held = set(ARGV[6])
+-- Fences above this member's grants: the gen must pass them, and those grants are made anew.
+local refused, floor = {}, 0
+for n, fence in string.gmatch(ARGV[8] or '', '(%d+):(%d+)') do
+  refused[n] = true
+  floor = math.max(floor, tonumber(fence))
+end
+if floor > tonumber(cur.gen or '0') then
+  put('gen', floor)
+end
+local epoch = tonumber(cur.gen or '0') + 1
 
 -- Members: renew me, drop the silent.
 for id in pairs(gone) do
@@ -82,9 +102,10 @@ for id in pairs(alive) do
 end
 table.sort(ids)
 
--- Shards: active and draining ones all need an owner.
+-- Shards: active, draining and retiring ones all need an owner (a retiring shard is read
+-- until it is empty).
 local shards = {}
-for _, list in ipairs(redis.call('HMGET', KEYS[1], 'active', 'draining')) do
+for _, list in ipairs(redis.call('HMGET', KEYS[1], 'active', 'draining', 'retiring')) do
   for w in string.gmatch(list or '', '%S+') do
     shards[#shards + 1] = tonumber(w)
   end
@@ -100,17 +121,19 @@ local owner, next_owner, load = {}, {}, {}
 for _, id in ipairs(ids) do
   load[id] = 0
 end
--- A dead owner's leases may run until its deadline plus a lease: an ordered successor
--- waits that long, so that nothing newer is processed before what it held. A member that
--- leaves says which shards it still holds work of; the others are free at once.
+-- A dead owner's shards are free at once: the successor's first pop presents a higher
+-- epoch to the shard's fence, which returns every lease of the shard to its head (oldest
+-- first) and refuses the old owner from then on. A member that leaves cleanly says which
+-- shards it still holds unsettled work of: those wait for its own leases to run out (its
+-- application may still settle them); the others are free at once.
 local function free_after(old, k)
-  if ordered and gone[old] and (old ~= me or held[k]) then
-    return gone[old] + lease
+  if ordered and old == me and leaving and held[k] then
+    return now + lease
   end
   return now
 end
 for f in pairs(cur) do
-  local n = string.match(f, '^[ofd]:(%d+)$')
+  local n = string.match(f, '^[ofde]:(%d+)$')
   if n and not known[n] then
     put(f, nil)
   end
@@ -128,6 +151,7 @@ for _, n in ipairs(shards) do
     if not alive[a] or (a == me and not held[k]) then
       put('f:' .. k, free_after(a, k))
       a, b = b, nil
+      put('e:' .. k, epoch)
       changed = true
     end
   end
@@ -140,6 +164,10 @@ for _, n in ipairs(shards) do
   end
   if b and not alive[b] then
     b = nil
+    changed = true
+  end
+  if a == me and not b and refused[k] then
+    put('e:' .. k, epoch)
     changed = true
   end
   owner[k], next_owner[k] = a, b
@@ -193,6 +221,9 @@ if m > 0 then
         if owner[k] ~= id and not ordered then
           put('f:' .. k, nil)
         end
+        if owner[k] ~= id then
+          put('e:' .. k, epoch)
+        end
         owner[k], next_owner[k] = id, nil
       end
       changed = true
@@ -200,9 +231,18 @@ if m > 0 then
   end
 end
 
--- The last member gone: nothing of the group stays behind.
+-- The last member gone: its members, owners and reports go; the gen, the epochs and the
+-- waits of a member that left with unsettled work stay, so that epochs keep growing and a
+-- member that joins next still waits.
 if m == 0 then
-  redis.call('DEL', KEYS[2])
+  for f in pairs(cur) do
+    if f == 'mode' or string.match(f, '^[mod]:') then
+      redis.call('HDEL', KEYS[2], f)
+    end
+  end
+  if changed then
+    redis.call('HSET', KEYS[2], 'gen', tonumber(cur.gen or '0') + 1)
+  end
   return {0, '', '', '', '', 0}
 end
 
@@ -222,7 +262,7 @@ for _, n in ipairs(shards) do
   if a == me and b then
     released[#released + 1] = k
   elseif a == me and free <= now then
-    owned[#owned + 1] = k
+    owned[#owned + 1] = k .. ':' .. (cur['e:' .. k] or '0')
   elseif a == me or b == me then
     waiting[#waiting + 1] = k
   elseif cur['d:' .. k] then

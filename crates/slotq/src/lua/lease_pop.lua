@@ -8,7 +8,8 @@
 -- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit, 5 lease id (chosen
 --       by the client: 128 random bits, so no two leases ever share a name, not even
 --       across a failover that lost the last writes), 6 most bytes to lease (at least one
---       frame is taken)
+--       frame is taken), and for members of ordered groups 7 the group, 8 the epoch of the
+--       member's grant of this shard (see the fence below)
 -- With KEYS[8] the frames are moved into the lease's list without being read (SORT ...
 -- STORE), and the client reads that list right behind this call (LRANGE, same write).
 -- Returns {leased (0/1), deadline ms, reaped, messages leased, elements in the list,
@@ -35,11 +36,36 @@ if not redis.call('ZSCORE', KEYS[2], KEEP) then
   keep_keys(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 end
 
+-- The fence of an ordered group: the highest epoch presented to this shard, kept in the
+-- acks hash (a key that always exists) under '~f:<group>' (lease ids are hex, so no lease
+-- is named so). An older epoch is refused: its holder lost the shard. A newer one claims
+-- the shard: every lease of the shard goes back to the head of the ready list now (oldest
+-- first; their holder's settles will find them gone), so the new owner starts where the
+-- old one stopped, without waiting for those leases to run out.
+local claiming = false
+if ARGV[7] then
+  local field = '~f:' .. ARGV[7]
+  local fence = tonumber(redis.call('HGET', KEYS[4], field) or '0')
+  local epoch = tonumber(ARGV[8])
+  if epoch < fence then
+    return redis.error_reply('FENCED ' .. fence .. ' ' .. epoch)
+  elseif epoch > fence then
+    redis.call('HSET', KEYS[4], field, epoch)
+    claiming = true
+  end
+end
+
 local in_list = #KEYS >= 8
 -- Every lease's list is named like KEYS[2] with "lease:<id>" for "leases".
 local list_of = string.sub(KEYS[2], 1, #KEYS[2] - #'leases') .. 'lease:'
 local reaped = 0
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+local expired
+if claiming then
+  -- Every lease (the KEEP member sits at +inf), in deadline order.
+  expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(+inf')
+else
+  expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+end
 -- Newest first: each goes to the head, so the oldest ends up first, as it was taken.
 for x = #expired, 1, -1 do
   local lease = expired[x]
