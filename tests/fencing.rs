@@ -455,7 +455,7 @@ fn lease_with(
     epoch: u64,
 ) -> redis::RedisResult<Vec<redis::Value>> {
     let k = |kind: &str| format!("slotq:{{{tag}}}:{kind}");
-    let node = c.owner_of(slotq::slot::key_slot(&k("ready"))).unwrap();
+    let node = c.owner_of(slotq::slot::key_slot(k("ready"))).unwrap();
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(LEASE_POP).arg(8);
     for kind in [

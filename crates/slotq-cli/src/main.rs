@@ -199,6 +199,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                     grace: exec.grace,
                     lease: lease.unwrap_or(slotq::lease::DEFAULT_LEASE),
                     count: *count,
+                    ordered: *ordered,
                 }),
             };
             cmd::consume::run(&cluster, queue, opts).await

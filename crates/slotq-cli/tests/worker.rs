@@ -368,3 +368,105 @@ fn exec_options_are_checked_before_anything_runs() {
         assert!(!o.stderr.is_empty(), "{args:?} says why");
     }
 }
+
+#[test]
+fn ordered_exec_runs_one_handler_per_shard_in_order_and_retries_in_place() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let runs = Runs::new("ordered");
+    for k in 0..3 {
+        let mut push = slotq()
+            .args([
+                "--url",
+                &url,
+                "push",
+                "seq",
+                "--reliable",
+                "--key",
+                &format!("k{k}"),
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines: String = (0..8).map(|i| format!("k{k}:{i}\n")).collect();
+        std::io::Write::write_all(&mut push.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+        assert!(push.wait().unwrap().success());
+    }
+    // Each run leaves a start and an end line; k1:3 fails its first attempt.
+    let handler = r#"p=$(cat)
+echo "start $p $SLOTQ_SHARD $SLOTQ_ATTEMPT $(date +%s%N)" >> "$RUNS/log"
+sleep 0.1
+echo "end $p $SLOTQ_SHARD $SLOTQ_ATTEMPT $(date +%s%N)" >> "$RUNS/log"
+[ "$p" = k1:3 ] && [ "$SLOTQ_ATTEMPT" = 1 ] && exit 1
+exit 0"#;
+    let w = worker(
+        &url,
+        "seq",
+        &runs,
+        handler,
+        &["--ordered", "--concurrency", "3", "--backoff", "0.3"],
+    );
+    wait_until("every run ended", Duration::from_secs(30), || {
+        runs.lines("log")
+            .iter()
+            .filter(|l| l.starts_with("end "))
+            .count()
+            == 25
+    });
+    sigterm(&w);
+    let (status, err) = finish(w, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(err.contains("retrying"), "{err}");
+    // (payload, shard, attempt, start, end) per run.
+    let mut started: BTreeMap<(String, String), (String, u128)> = BTreeMap::new();
+    let mut runs_of: Vec<(String, String, String, u128, u128)> = Vec::new();
+    for l in runs.lines("log") {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let key = (f[1].to_string(), f[3].to_string());
+        let at: u128 = f[4].parse().unwrap();
+        if f[0] == "start" {
+            started.insert(key, (f[2].to_string(), at));
+        } else {
+            let (shard, start) = started[&key].clone();
+            runs_of.push((f[1].to_string(), shard, f[3].to_string(), start, at));
+        }
+    }
+    assert_eq!(runs_of.len(), 25);
+    runs_of.sort_by_key(|r| r.3);
+    // One handler per shard at a time.
+    let mut last_end: BTreeMap<&str, u128> = BTreeMap::new();
+    for (p, shard, _, start, end) in &runs_of {
+        if let Some(prev) = last_end.get(shard.as_str()) {
+            assert!(
+                start >= prev,
+                "{p} started on {shard} before the run before it ended"
+            );
+        }
+        last_end.insert(shard, *end);
+    }
+    // Per key, in order; k1:3's retry before k1:4.
+    let order: Vec<String> = runs_of
+        .iter()
+        .filter(|r| r.0.starts_with("k1:"))
+        .map(|r| format!("{}/{}", r.0, r.2))
+        .collect();
+    let want: Vec<String> = (0..8)
+        .flat_map(|i| {
+            if i == 3 {
+                vec!["k1:3/1".to_string(), "k1:3/2".to_string()]
+            } else {
+                vec![format!("k1:{i}/1")]
+            }
+        })
+        .collect();
+    assert_eq!(order, want);
+    for k in [0, 2] {
+        let seqs: Vec<String> = runs_of
+            .iter()
+            .filter(|r| r.0.starts_with(&format!("k{k}:")))
+            .map(|r| r.0.clone())
+            .collect();
+        let want: Vec<String> = (0..8).map(|i| format!("k{k}:{i}")).collect();
+        assert_eq!(seqs, want);
+    }
+}

@@ -14,6 +14,11 @@
 //! lease, so a slow handler keeps its message. On an at-most-once queue a message left
 //! Redis when it was popped: a failed run is reported on standard error, not retried.
 //!
+//! With `--ordered` (see `exec_order`), at most one handler per shard runs at a time, a
+//! shard's messages run in their order, and a failed message is retried in place, after
+//! the same backoff and with its lease extended, before anything later of its shard runs;
+//! once it used its attempts it is dead-lettered and the shard goes on.
+//!
 //! Stopping: on Ctrl-C or SIGTERM no new message is taken; running handlers get `--grace`
 //! to finish and are settled as usual; handlers still running then are stopped and their
 //! messages given back (released on at-least-once queues, not counted as an attempt;
@@ -22,6 +27,7 @@
 //! their own, so a Ctrl-C typed at a terminal reaches slotq only, and slotq decides how
 //! they stop: SIGTERM to the handler's group, SIGKILL two seconds later.
 
+use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +39,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::exec_order::InOrder;
 use crate::CliError;
 
 /// How long a handler has between SIGTERM and SIGKILL.
@@ -59,6 +66,9 @@ pub struct Settings {
     pub lease: Duration,
     /// Stop after this many messages were handled.
     pub count: Option<u64>,
+    /// Per-shard order in processing (`--ordered`): one handler per shard at a time,
+    /// failures retried in place.
+    pub ordered: bool,
 }
 
 impl Settings {
@@ -115,12 +125,27 @@ pub async fn run(mut consumer: Consumer, settings: Settings) -> Result<(), CliEr
         .map_err(|e| CliError::Other(format!("SIGTERM handler: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut running: JoinSet<Outcome> = JoinSet::new();
+    // The shard of each running handler (ordered: its next message starts when it ends).
+    let mut shard_of: HashMap<tokio::task::Id, Arc<str>> = HashMap::new();
+    let mut order = InOrder::default();
+    let every = settings.lease / 5;
+    let mut extend_waiting = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut tally = Tally::default();
     let mut interrupted = Vec::new();
     let mut started = 0u64;
     let mut failure = None;
+    let spawn = |running: &mut JoinSet<Outcome>,
+                 shard_of: &mut HashMap<tokio::task::Id, Arc<str>>,
+                 msg: Message| {
+        let shard = msg.shard.clone();
+        let (s, stop) = (settings.clone(), stop_rx.clone());
+        let task = running.spawn(handle(msg, s, max_attempts, stop));
+        shard_of.insert(task.id(), shard);
+    };
     loop {
-        let free = settings.concurrency - running.len();
+        let free = settings
+            .concurrency
+            .saturating_sub(running.len() + order.len());
         let take = settings
             .count
             .map_or(free, |c| free.min((c - started) as usize));
@@ -130,10 +155,10 @@ pub async fn run(mut consumer: Consumer, settings: Settings) -> Result<(), CliEr
         tokio::select! {
             got = consumer.recv_batch(take), if take > 0 => match got {
                 Ok(batch) => {
-                    for msg in batch {
-                        started += 1;
-                        let (s, stop) = (settings.clone(), stop_rx.clone());
-                        running.spawn(handle(msg, s, max_attempts, stop));
+                    started += batch.len() as u64;
+                    let start = if settings.ordered { order.push(batch) } else { batch };
+                    for msg in start {
+                        spawn(&mut running, &mut shard_of, msg);
                     }
                 }
                 Err(e) => {
@@ -141,11 +166,35 @@ pub async fn run(mut consumer: Consumer, settings: Settings) -> Result<(), CliEr
                     break;
                 }
             },
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                tally.add(done, &mut interrupted);
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                let id = match &done {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                tally.add(done.map(|(_, o)| o), &mut interrupted);
+                if let Some(shard) = shard_of.remove(&id)
+                    && let Some(next) = order.done(&shard)
+                {
+                    spawn(&mut running, &mut shard_of, next);
+                }
+            }
+            _ = extend_waiting.tick(), if max_attempts.is_some() && !order.is_empty() => {
+                order.extend(settings.lease).await;
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+        }
+    }
+    // Messages waiting for their shard's turn never ran: they go back first (they are
+    // newer than their shard's running one, which goes back after them if stopped).
+    let waiting = order.drain();
+    if !waiting.is_empty() {
+        match consumer.release_all(&waiting).await {
+            Ok(_) => tally.given_back += waiting.len() as u64,
+            Err(e) => eprintln!(
+                "slotq: giving back {} waiting message(s) failed: {e} (leased ones come back when their lease expires)",
+                waiting.len()
+            ),
         }
     }
     if !running.is_empty() {
@@ -229,21 +278,47 @@ async fn handle(
     msg: Message,
     settings: Arc<Settings>,
     max_attempts: Option<u32>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Outcome {
-    let run = run_handler(&msg, &settings, max_attempts.is_some(), stop).await;
-    let ok = match &run {
-        Run::Stopped => return Outcome::Interrupted(msg),
-        Run::Exited(status) => status.success(),
-        Run::TimedOut | Run::NotStarted(_) => false,
-    };
+    let mut attempt = msg.attempt;
     let what = describe(&msg);
-    if !ok {
-        eprintln!(
-            "slotq: handler for {what} {}",
-            failure_text(&run, &settings)
-        );
-    }
+    let ok = loop {
+        let run = run_handler(
+            &msg,
+            &settings,
+            attempt,
+            max_attempts.is_some(),
+            stop.clone(),
+        )
+        .await;
+        let ok = match &run {
+            Run::Stopped => return Outcome::Interrupted(msg),
+            Run::Exited(status) => status.success(),
+            Run::TimedOut | Run::NotStarted(_) => false,
+        };
+        if !ok {
+            eprintln!(
+                "slotq: handler for {what} {}",
+                failure_text(&run, &settings)
+            );
+        }
+        // Ordered: retried here, before anything later of its shard, while it has
+        // attempts left; its lease is kept meanwhile.
+        match max_attempts {
+            Some(max) if !ok && settings.ordered && attempt < max => {
+                let delay = settings.backoff_for(attempt);
+                eprintln!(
+                    "slotq: retrying {what} in {:.1} s (ordered: its shard waits)",
+                    delay.as_secs_f64()
+                );
+                if !hold(&msg, delay, settings.lease, &mut stop).await {
+                    return Outcome::Interrupted(msg);
+                }
+                attempt += 1;
+            }
+            _ => break ok,
+        }
+    };
     let Some(max_attempts) = max_attempts else {
         if !ok {
             eprintln!("slotq: {what} is not retried (at-most-once queue)");
@@ -251,11 +326,13 @@ async fn handle(
         }
         return Outcome::Succeeded;
     };
-    let dead = !ok && msg.attempt >= max_attempts;
+    let dead = !ok && attempt >= max_attempts;
     let settled = if ok {
         msg.ack().await
+    } else if settings.ordered {
+        msg.dead_letter().await
     } else {
-        msg.nack(Some(settings.backoff_for(msg.attempt))).await
+        msg.nack(Some(settings.backoff_for(attempt))).await
     };
     match settled {
         Ok(slotq::Settled::Done | slotq::Settled::AlreadySettled) if ok => Outcome::Succeeded,
@@ -308,6 +385,7 @@ fn failure_text(run: &Run, settings: &Settings) -> String {
 async fn run_handler(
     msg: &Message,
     settings: &Settings,
+    attempt: u32,
     reliable: bool,
     mut stop: watch::Receiver<bool>,
 ) -> Run {
@@ -320,7 +398,7 @@ async fn run_handler(
             "SLOTQ_MESSAGE_ID",
             msg.id.map(|id| id.to_string()).unwrap_or_default(),
         )
-        .env("SLOTQ_ATTEMPT", msg.attempt.to_string())
+        .env("SLOTQ_ATTEMPT", attempt.to_string())
         .stdin(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
@@ -368,6 +446,29 @@ async fn run_handler(
     }
 }
 
+/// Waits `delay` before an ordered retry, extending the message's lease meanwhile; false
+/// when a stop came first.
+async fn hold(
+    msg: &Message,
+    delay: Duration,
+    lease: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let every = lease / 5;
+    let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let until = tokio::time::sleep(delay);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => return true,
+            _ = extend.tick() => {
+                let _ = msg.extend(lease).await;
+            }
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => return false,
+        }
+    }
+}
+
 /// SIGTERM to the handler's process group, SIGKILL if it is still there after
 /// [`KILL_AFTER`]; waits for it either way.
 async fn terminate(child: &mut tokio::process::Child) {
@@ -401,6 +502,7 @@ mod tests {
             grace: Duration::ZERO,
             lease: Duration::from_secs(30),
             count: None,
+            ordered: false,
         };
         let got: Vec<u128> = (1..=6).map(|a| s.backoff_for(a).as_millis()).collect();
         assert_eq!(got, [500, 1000, 2000, 3000, 3000, 3000]);

@@ -5,6 +5,7 @@ pub mod consume;
 pub mod demo;
 pub mod dev_cluster;
 pub mod exec;
+pub mod exec_order;
 pub mod group;
 pub mod inspect;
 pub mod keyslot;

@@ -65,6 +65,12 @@ impl Message {
         lease::settle_one(self.lease()?, Settle::Nack(delay.unwrap_or_default())).await
     }
 
+    /// Moves the message to the dead letters now, whatever attempts it has left (a
+    /// worker that retried it in place, or knows it can never succeed).
+    pub async fn dead_letter(&self) -> Result<Settled> {
+        lease::settle_one(self.lease()?, Settle::Dead).await
+    }
+
     /// Extends the lease of this message (and of the messages popped with it) to `by` from
     /// now. Returns the new deadline, or `None` when the lease had already expired.
     pub async fn extend(&self, by: Duration) -> Result<Option<std::time::SystemTime>> {

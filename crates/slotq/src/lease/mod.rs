@@ -191,13 +191,19 @@ impl ShardKeys {
             Settle::Ack if distinct(positions) == lease.count => ("ackall", 0),
             Settle::Ack => ("ack", 0),
             Settle::Nack(d) => ("nack", d.as_millis() as u64),
+            // A nack that every message's attempt count exceeds.
+            Settle::Dead => ("nack", 0),
             Settle::Release => ("release", 0),
+        };
+        let max_attempts = match how {
+            Settle::Dead => 0,
+            _ => lease.max_attempts,
         };
         let mut args = vec![
             lease.id.to_string().into_bytes(),
             mode.as_bytes().to_vec(),
             delay.to_string().into_bytes(),
-            lease.max_attempts.to_string().into_bytes(),
+            max_attempts.to_string().into_bytes(),
             lease.count.to_string().into_bytes(),
         ];
         if mode != "ackall" {
@@ -207,7 +213,10 @@ impl ShardKeys {
             }
         }
         let list = lease.in_list.then_some(lease.id);
-        let keys = self.settle_keys(list, matches!(how, Settle::Nack(_) | Settle::Release));
+        let keys = self.settle_keys(
+            list,
+            matches!(how, Settle::Nack(_) | Settle::Dead | Settle::Release),
+        );
         Call {
             slot: self.slot,
             script: &scripts.settle,
@@ -281,6 +290,8 @@ pub(crate) struct LeaseRef {
 pub(crate) enum Settle {
     Ack,
     Nack(Duration),
+    /// Straight to the dead letters, whatever attempts are left.
+    Dead,
     /// Back to the head of the ready list, not counted as a delivery (never handed out).
     Release,
 }
@@ -332,6 +343,7 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     let kind = match how {
         Settle::Ack => "ack",
         Settle::Nack(_) => "nack",
+        Settle::Dead => "dead",
         Settle::Release => "release",
     };
     for ((l, ps), r) in groups.iter().zip(results) {
