@@ -483,3 +483,66 @@ async fn bad_group_names_and_modes_get_typed_errors() {
     assert!(matches!(e, Error::GroupModeMismatch { .. }), "{e:?}");
     plain.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retiring_shard_stays_owned_and_read_until_empty() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("retiring")
+        .shards_per_master(2)
+        .registry_poll(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    let set = q.shards();
+    let last = set.shards.iter().map(|s| s.number).max().unwrap();
+    let key = slotq_tests::key_for_shard(&set, last);
+    let producer = q.producer().build().unwrap();
+    for i in 0..221 {
+        producer.send_keyed(&key, format!("{i}")).await.unwrap();
+    }
+    // The shard turns retiring (as a rebalance step makes it: no pushes, still read).
+    let meta = format!("slotq:{{{}}}:meta", q.name());
+    let node = c.node(c.owner_of(slotq::slot::key_slot(&meta)).unwrap());
+    let fields: BTreeMap<String, String> = node.cmd(redis::cmd("HGETALL").arg(&meta)).unwrap();
+    let active: Vec<&str> = fields["active"]
+        .split_whitespace()
+        .filter(|n| *n != last.to_string())
+        .collect();
+    let version: u64 = fields["version"].parse().unwrap();
+    node.cmd::<i64>(
+        redis::cmd("HSET")
+            .arg(&meta)
+            .arg("active")
+            .arg(active.join(" "))
+            .arg("retiring")
+            .arg(last.to_string())
+            .arg("version")
+            .arg(version + 1),
+    )
+    .unwrap();
+    let mut consumer = q.consumer().group("g").build().unwrap();
+    let start = Instant::now();
+    let mut got = 0;
+    while got < 221 && start.elapsed() < Duration::from_secs(5) {
+        got += consumer
+            .recv_batch_timeout(500, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .len();
+    }
+    eprintln!(
+        "a retiring shard's 221 messages read by a group in {:?}",
+        start.elapsed()
+    );
+    assert_eq!(got, 221, "the retiring shard is read");
+    let st = q.group_status("g").await.unwrap();
+    assert!(
+        st.shards
+            .iter()
+            .any(|s| s.tag.ends_with(&format!("#{last}")) && s.owner.is_some()),
+        "the retiring shard has an owner: {st:?}"
+    );
+    consumer.close().await;
+}
