@@ -57,7 +57,17 @@ async fn main() {
     let work_ms: u64 = args.get(5).and_then(|a| a.parse().ok()).unwrap_or(0);
     if mode == "group-work" {
         loop {
-            for m in consumer.recv_batch(10).await.unwrap() {
+            // A member that cannot renew its membership (its registry's master stalls) is
+            // told so and tries again; so does one whose ack finds its node stalled.
+            let batch = match consumer.recv_batch(10).await {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("recv: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            for m in batch {
                 let pause = rand::random_range(0..=work_ms);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 let ns = std::time::SystemTime::now()
@@ -66,7 +76,9 @@ async fn main() {
                     .as_nanos();
                 writeln!(out, "DONE {ns} {}", String::from_utf8_lossy(&m.payload)).unwrap();
                 out.flush().unwrap();
-                m.ack().await.unwrap();
+                if let Err(e) = m.ack().await {
+                    eprintln!("ack: {e}");
+                }
             }
         }
     }

@@ -340,9 +340,20 @@ async fn cleanup(q: &Queue) {
             )
         })
         .collect();
+    // The registry, and the group the bench's consumers joined (its hash keeps the
+    // group's epochs after the last member left).
+    let group = format!(
+        "{}:{{{}}}:group:{}",
+        q.prefix(),
+        q.name(),
+        slotq::group::DEFAULT_GROUP
+    );
     cmds.push((
         slotq::slot::key_slot(q.meta_key()),
-        slotq::redis::cmd("DEL").arg(q.meta_key()).clone(),
+        slotq::redis::cmd("DEL")
+            .arg(q.meta_key())
+            .arg(group)
+            .clone(),
     ));
     let _ = cluster.batch(cmds, cluster.default_opts()).await;
 }

@@ -1,0 +1,196 @@
+//! A nemesis for ordered groups: members paused (SIGSTOP) past their membership and
+//! continued, killed -9 and replaced, and the registry's master paused, while a producer
+//! sends numbered sequences per key. The checker reads the whole history: per key, the
+//! order in which messages were first processed, and (an at-least-once queue) that every
+//! message sent was processed.
+//!
+//! It runs for `SLOTQ_NEMESIS_SECS` seconds (default 20, what CI runs).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use slotq::Client;
+use slotq_testkit::TestCluster;
+
+type Done = Arc<Mutex<Vec<(u128, String)>>>;
+
+/// A member process of ordered group "g" (`bin/consumer.rs`, mode `group-work`).
+fn member(url: &str, lease_ms: u64, done: &Done) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
+        .args([
+            url,
+            "nemesis",
+            &lease_ms.to_string(),
+            "group-work",
+            "5",
+            "g",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("consumer process starts");
+    let out = child.stdout.take().unwrap();
+    let into = done.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            let mut parts = line.splitn(3, ' ');
+            if let (Some("DONE"), Some(ns), Some(p)) = (parts.next(), parts.next(), parts.next()) {
+                into.lock()
+                    .unwrap()
+                    .push((ns.parse().unwrap(), p.to_string()));
+            }
+        }
+    });
+    child
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
+    const KEYS: usize = 12;
+    let secs: u64 = std::env::var("SLOTQ_NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let c = TestCluster::start(3, 0).unwrap();
+    let url = c.url();
+    let client = Client::from_cluster(slotq_tests::router(&url).await);
+    let q = client
+        .queue("nemesis")
+        .shards_per_master(2)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let done: Done = Arc::new(Mutex::new(Vec::new()));
+    let leases = [1_000u64, 3_000, 10_000];
+    let mut members: Vec<Child> = leases.iter().map(|&l| member(&url, l, &done)).collect();
+
+    // The producer: one message per key every 20 ms, numbered per key.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let producing = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let producer = q.producer().build().unwrap();
+        tokio::spawn(async move {
+            let mut seq = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                // A send that fails (the stalled master holds shards too) is sent again
+                // before the key's next one: a copy that landed anyway is a duplicate,
+                // which the checker counts once.
+                let sends = (0..KEYS).map(|k| {
+                    let producer = producer.clone();
+                    async move {
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while let Err(e) = producer
+                            .send_keyed(format!("k{k}"), format!("k{k}:{seq}"))
+                            .await
+                        {
+                            assert!(Instant::now() < deadline, "keyed send: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                });
+                futures::future::join_all(sends).await;
+                seq += 1;
+                sent.store(seq, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seq
+        })
+    };
+
+    // The nemesis.
+    let meta = format!("slotq:{{{}}}:meta", q.name());
+    let registry_master = c.owner_of(slotq::slot::key_slot(&meta)).unwrap();
+    let start = Instant::now();
+    let mut ops: HashMap<&str, usize> = HashMap::new();
+    let mut round = 0;
+    while start.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(800..2000))).await;
+        let i = rand::random_range(0..members.len());
+        // Every kind of fault in turn, on a member picked at random.
+        round += 1;
+        match round % 3 {
+            0 => {
+                // Paused past the membership (3 s), then continued.
+                let pid = members[i].id();
+                signal(pid, "-STOP");
+                tokio::time::sleep(Duration::from_millis(rand::random_range(3500..5500))).await;
+                signal(pid, "-CONT");
+                *ops.entry("pause a member").or_default() += 1;
+            }
+            1 => {
+                members[i].kill().unwrap();
+                members[i].wait().unwrap();
+                members[i] = member(&url, leases[i], &done);
+                *ops.entry("kill -9 and replace a member").or_default() += 1;
+            }
+            _ => {
+                // The registry's master stalls (under the node timeout): heartbeats wait.
+                c.pause(registry_master).unwrap();
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                c.resume(registry_master).unwrap();
+                *ops.entry("pause the registry master").or_default() += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let per_key = producing.await.unwrap();
+    let total = per_key * KEYS;
+    // Everything sent is processed (at-least-once), within a bound.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let distinct = || {
+        done.lock()
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    while distinct() < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for m in &mut members {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
+    let mut events = done.lock().unwrap().clone();
+    events.sort();
+    let mut next: HashMap<String, usize> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut violations = Vec::new();
+    for (_, p) in &events {
+        let (key, seq) = p.split_once(':').unwrap();
+        let seq: usize = seq.parse().unwrap();
+        let n = next.entry(key.to_string()).or_insert(0);
+        if seen.insert(p.clone()) {
+            if seq != *n {
+                violations.push(format!("{key}: {seq} first processed before {n}"));
+            }
+            *n = (*n).max(seq + 1);
+        }
+    }
+    eprintln!(
+        "nemesis {secs} s ({ops:?}): {total} sent, {} processed ({} processings), {} order violations",
+        seen.len(),
+        events.len(),
+        violations.len()
+    );
+    assert_eq!(seen.len(), total, "nothing lost");
+    assert!(
+        violations.is_empty(),
+        "{:?}",
+        &violations[..violations.len().min(10)]
+    );
+    assert_eq!(ops.len(), 3, "every kind of fault happened: {ops:?}");
+}
