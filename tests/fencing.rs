@@ -568,3 +568,82 @@ async fn the_shard_s_fence_refuses_an_older_grant_and_a_claim_returns_the_leases
     );
     drop(a);
 }
+
+/// At-most-once queues: an ordered member pops behind the shard's fence too
+/// (`fenced_pop.lua`), and a newer grant claims the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_most_once_shard_s_fence_refuses_an_older_grant() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("fence-plain")
+        .shards_per_master(1)
+        .open()
+        .await
+        .unwrap();
+    let key = key_of_some_shard(&q);
+    let producer = q.producer().build().unwrap();
+    for i in 0..3 {
+        producer.send_keyed(&key, format!("m{i}")).await.unwrap();
+    }
+    let mut a = q.consumer().group("g").ordered().build().unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.extend(a.recv_batch(10).await.unwrap());
+    }
+    let tag = got[0].shard.to_string();
+    let fence_key = format!("slotq:{{{tag}}}:fence");
+    let node = c.node(c.owner_of(slotq::slot::key_slot(&fence_key)).unwrap());
+    let epoch: u64 = node
+        .cmd::<String>(redis::cmd("HGET").arg(&fence_key).arg("g"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(epoch > 0, "the member's pops set the fence to its grant");
+    producer.send_keyed(&key, "m3").await.unwrap();
+    let pop = |epoch: u64| -> redis::RedisResult<Option<Vec<String>>> {
+        let mut conn = node.client().unwrap().get_connection().unwrap();
+        redis::cmd("EVAL")
+            .arg(include_str!("../crates/slotq/src/lua/fenced_pop.lua"))
+            .arg(2)
+            .arg(format!("slotq:{{{tag}}}:ready"))
+            .arg(&fence_key)
+            .arg(10)
+            .arg("g")
+            .arg(epoch)
+            .query(&mut conn)
+    };
+    let refused = pop(epoch - 1).unwrap_err();
+    assert_eq!(refused.code(), Some("FENCED"), "{refused:?}");
+    assert_eq!(
+        pop(epoch + 1).unwrap(),
+        Some(vec!["m3".to_string()]),
+        "a newer grant pops"
+    );
+    // The group agrees ("zz" holds that newer grant): A presents the grant it holds, now
+    // older than the fence, and takes nothing of the shard.
+    let number = tag.rsplit_once('#').unwrap().1.to_string();
+    let meta = format!("slotq:{{{}}}:group:g", q.name());
+    c.node(c.owner_of(slotq::slot::key_slot(&meta)).unwrap())
+        .cmd::<i64>(
+            redis::cmd("HSET")
+                .arg(&meta)
+                .arg("m:zz")
+                .arg(i64::MAX / 2)
+                .arg(format!("o:{number}"))
+                .arg("zz")
+                .arg(format!("e:{number}"))
+                .arg(epoch + 1),
+        )
+        .unwrap();
+    producer.send_keyed(&key, "m4").await.unwrap();
+    let more = a
+        .recv_batch_timeout(10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(
+        more.iter().all(|m| m.shard.as_ref() != tag.as_str()),
+        "a fenced member takes nothing of the shard: {more:?}"
+    );
+    drop(a);
+}

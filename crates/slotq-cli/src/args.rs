@@ -374,6 +374,10 @@ pub struct BenchArgs {
     /// consumer worked before groups).
     #[arg(long)]
     pub without_group: bool,
+    /// Consumers form an ordered group: exclusive shard ownership, every pop behind its
+    /// shard's fence.
+    #[arg(long, conflicts_with = "without_group")]
+    pub ordered: bool,
     /// Consumers pop only inside a call, not ahead of the next one (see
     /// `ConsumerBuilder::prefetch`).
     #[arg(long)]

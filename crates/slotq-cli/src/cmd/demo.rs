@@ -147,6 +147,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         duration: 5.0,
         warm_up: std::time::Duration::ZERO,
         without_group: false,
+        ordered: false,
         no_prefetch: false,
     };
     let report = super::bench::run(router, &url, &bench, false).await?;

@@ -15,6 +15,9 @@ use crate::error::Result;
 use crate::lease::{LeaseId, ShardKeys};
 use crate::placement::{Shard, ready_key};
 
+/// How many times more an ordered member of an at-most-once queue asks of a shard per pop.
+const FENCED_ASK_FACTOR: usize = 4;
+
 impl Consumer {
     /// Gets at least one message into the buffer, or returns at the deadline.
     pub(super) async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
@@ -328,10 +331,16 @@ impl Consumer {
             .collect();
         order.sort_by_key(|s| std::cmp::Reverse(self.weights.get(&s.tag).copied().unwrap_or(1)));
         let reliable = self.ctx.max_attempts.is_some();
+        let fenced_plain = !reliable && self.ctx.fence_group.is_some();
         order
             .into_iter()
             .map(|s| {
-                let wanted = self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1);
+                let mut wanted = self.pop_batch * self.weights.get(&s.tag).copied().unwrap_or(1);
+                if fenced_plain {
+                    // A fenced pop is a script: its call costs what popping a few hundred
+                    // messages does, so it asks for more at a time.
+                    wanted *= FENCED_ASK_FACTOR;
+                }
                 // Bounded by bytes too: few messages at a time while their size is unknown.
                 let count = match self.payload_sizes.get(&s.tag) {
                     Some(size) => wanted.min((round::MAX_POP_BYTES / size).max(1)),
@@ -372,6 +381,18 @@ impl Consumer {
             }
             let (stop, alive) = watch::channel(());
             let keys = self.keys_of(&s.tag);
+            let fenced = match (&self.ctx.fence_group, &mut self.group) {
+                (Some(group), Some(g)) if self.ctx.max_attempts.is_none() => {
+                    Some(super::fenced_pop::FencedWait::new(
+                        self.ctx.scripts.clone(),
+                        group.clone(),
+                        keys.clone(),
+                        self.pop_batch * FENCED_ASK_FACTOR,
+                        g.epoch_cell(&s.tag),
+                    ))
+                }
+                _ => None,
+            };
             let w = Waiter {
                 cluster: self.queue.cluster().clone(),
                 slot: s.slot,
@@ -384,7 +405,8 @@ impl Consumer {
                 tx: self.inbox_tx.clone(),
                 wake_only: self.ctx.max_attempts.is_some() || self.ctx.fence_group.is_some(),
                 lease: lease_behind_wait
-                    .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
+                    .then(|| WaitLease::new(self.ctx.clone(), keys.clone(), self.pop_batch)),
+                fenced,
                 rearm: self.waiters_rearm(),
             };
             self.waiters

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 mod builder;
+mod fenced_pop;
 mod fill;
 mod giveback;
 mod grouped;
@@ -339,7 +340,7 @@ impl Consumer {
                 });
             }
         }
-        let before = g.refresh_epochs();
+        let before = g.view();
         let changed = g.refresh();
         if let Some(view) = &changed {
             if g.cfg.ordered {
@@ -348,7 +349,7 @@ impl Consumer {
                 // stale, taken under a grant that no longer holds.
                 let stale_tag = |t: &str| {
                     !view.released.contains(t)
-                        && (view.epochs.get(t) != before.get(t) || !g.owned().contains(t))
+                        && (view.epochs.get(t) != before.epochs.get(t) || !g.owned().contains(t))
                 };
                 while let Ok(batch) = self.inbox_rx.try_recv() {
                     self.buffer.extend(batch);

@@ -160,24 +160,9 @@ impl Round {
             opts.retry_budget = Duration::ZERO;
             match max_attempts {
                 None => {
-                    let cmds = |load: bool, which: &[usize]| {
-                        which
-                            .iter()
-                            .map(|&i| plain_pop(&sent[i], &scripts, fence_group.as_deref(), load))
-                            .collect()
-                    };
-                    let all: Vec<usize> = (0..sent.len()).collect();
-                    let mut replies = cluster.batch_items(cmds(false, &all), opts).await;
-                    // A node without the fenced pop's script gets its source.
-                    let missing: Vec<usize> = (0..replies.len())
-                        .filter(|&i| matches!(&replies[i], Err(Error::Server { kind, .. }) if kind.retry_method() == crate::server_error::RetryMethod::ReloadScript))
-                        .collect();
-                    if !missing.is_empty() {
-                        let again = cluster.batch_items(cmds(true, &missing), opts).await;
-                        for (i, r) in missing.into_iter().zip(again) {
-                            replies[i] = r;
-                        }
-                    }
+                    let group = fence_group.as_deref();
+                    let replies =
+                        super::fenced_pop::pop_many(&cluster, &scripts, group, &sent, opts).await;
                     replies.into_iter().map(|r| r.map(Reply::Items)).collect()
                 }
                 Some(max_attempts) => {
@@ -208,30 +193,6 @@ impl Round {
             replies: Running::Inline(std::sync::Mutex::new(replies)),
         }
     }
-}
-
-/// The pop of one shard on an at-most-once queue: `LPOP`, or behind the shard's fence for a
-/// member of an ordered group.
-fn plain_pop(
-    a: &Ask,
-    scripts: &LeaseScripts,
-    group: Option<&str>,
-    load: bool,
-) -> (crate::slot::Slot, redis::Cmd) {
-    let k = &a.keys;
-    let cmd = match (group, a.fence) {
-        (Some(group), Some(epoch)) => scripts.fenced_pop.cmd(
-            &[&k.ready, &k.fence],
-            &[
-                a.count.to_string().as_bytes(),
-                group.as_bytes(),
-                epoch.to_string().as_bytes(),
-            ],
-            load,
-        ),
-        _ => redis::cmd("LPOP").arg(&k.ready).arg(a.count).clone(),
-    };
-    (k.slot, cmd)
 }
 
 /// The fence a refused pop found (`FENCED <fence> <epoch>`).

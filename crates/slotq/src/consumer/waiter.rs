@@ -40,6 +40,9 @@ pub(super) struct Waiter {
     /// At-least-once, unless the consumer is in an ordered group: a lease sent behind the
     /// wait (see `wait_lease`).
     pub(super) lease: Option<WaitLease>,
+    /// Ordered members of at-most-once queues: a fenced pop sent behind the wait (see
+    /// `fenced_pop`).
+    pub(super) fenced: Option<super::fenced_pop::FencedWait>,
     /// Block again at once after handing messages to a waiting consumer, while it works on
     /// them (its prefetch, with a lease behind the wait): see [`Waiter::run`].
     pub(super) rearm: bool,
@@ -132,11 +135,17 @@ impl Waiter {
                 bytes.extend(l.packed(id));
                 id
             });
-            let replies = if lease.is_some() { 3 } else { 1 };
+            let take = self.fenced.as_ref().map(|f| {
+                let take = f.take_key();
+                bytes.extend(f.packed(&take));
+                take
+            });
+            let behind = lease.is_some() || take.is_some();
+            let replies = if behind { 3 } else { 1 };
             let reply = {
                 let pop = tokio::time::timeout(
                     self.block + BLOCK_GRACE,
-                    b.conn.exec_replies(bytes, replies, lease.is_some()),
+                    b.conn.exec_replies(bytes, replies, behind),
                 );
                 tokio::pin!(pop);
                 tokio::select! {
@@ -158,6 +167,15 @@ impl Waiter {
                             )),
                             (None, _, Ok(Ok(mut r))) if !self.wake_only => {
                                 if let Ok(items) = blmpop_items(r.remove(0).into_value()) {
+                                    give_back(&self.cluster, self.slot, &self.key, items).await;
+                                }
+                            }
+                            (None, _, Ok(Ok(mut r))) if r.len() == 3 => {
+                                let (list, script) = (r.pop().expect("3"), r.pop().expect("3"));
+                                if let (Some(f), Some(take)) = (self.fenced.as_mut(), take.as_deref())
+                                    && let super::fenced_pop::AfterFencedWait::Popped(items) =
+                                        f.read(&self.cluster, take, script, list).await
+                                {
                                     give_back(&self.cluster, self.slot, &self.key, items).await;
                                 }
                             }
@@ -194,6 +212,33 @@ impl Waiter {
             let after: Option<(Reply, Reply)> = match (replies.pop(), replies.pop()) {
                 (Some(list), Some(script)) => Some((script, list)),
                 _ => None,
+            };
+            let after = match (self.fenced.as_mut(), take.as_deref(), after) {
+                (Some(f), Some(take), Some((script, list))) => {
+                    match f.read(&self.cluster, take, script, list).await {
+                        super::fenced_pop::AfterFencedWait::Popped(items) if !items.is_empty() => {
+                            let msgs: Vec<Message> = items
+                                .into_iter()
+                                .map(|payload| Message::plain(payload, self.tag.clone()))
+                                .collect();
+                            if let Err(back) = self.tx.send(msgs) {
+                                let items = back.0.into_iter().map(|m| m.payload).collect();
+                                give_back(&self.cluster, self.slot, &self.key, items).await;
+                                return;
+                            }
+                            woke_in = Some(wait);
+                        }
+                        super::fenced_pop::AfterFencedWait::Popped(_) => {}
+                        super::fenced_pop::AfterFencedWait::Wake => {
+                            if self.tx.send(Vec::new()).is_err() {
+                                return;
+                            }
+                            woke_in = Some(wait);
+                        }
+                    }
+                    None
+                }
+                (_, _, after) => after,
             };
             if let (Some(l), Some(id), Some((script, list))) = (&mut self.lease, lease, after) {
                 // The lease ran (or was refused) whatever the wait answered.
@@ -237,7 +282,7 @@ impl Waiter {
             match waited {
                 Value::Nil => {}
                 Value::BulkString(_) if self.wake_only => {
-                    if self.lease.is_none() {
+                    if self.lease.is_none() && self.fenced.is_none() {
                         // Data arrived (and is still in the list): wake the consumer.
                         if self.tx.send(Vec::new()).is_err() {
                             return;

@@ -137,6 +137,8 @@ pub(crate) struct ShardKeys {
     /// At-most-once shards: ordered groups' fences (`lua/fenced_pop.lua`). At-least-once
     /// shards keep theirs in `acks`, a key that always exists.
     pub(crate) fence: String,
+    /// At-most-once shards: what a fenced pop's own list is named by, a random id after it.
+    pub(crate) take_prefix: String,
 }
 
 impl ShardKeys {
@@ -154,6 +156,7 @@ impl ShardKeys {
             count: k("count"),
             lease_prefix: k("lease:"),
             fence: k("fence"),
+            take_prefix: k("take:"),
         }
     }
 

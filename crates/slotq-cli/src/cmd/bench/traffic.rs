@@ -162,6 +162,8 @@ pub(super) async fn consume(
         let builder = q.consumer().prefetch(!args.no_prefetch);
         let mut consumer = if args.without_group {
             builder.without_group().build()?
+        } else if args.ordered {
+            builder.ordered().build()?
         } else {
             builder.build()?
         };
