@@ -524,3 +524,71 @@ async fn a_deleted_queue_leaves_no_key_and_its_users_get_a_typed_error() {
         "the registry is gone"
     );
 }
+
+/// A queue opened (and so created) again while a delete is under way: refused until the
+/// delete ends, so the delete never removes what a new queue stored. After it, the queue
+/// is created afresh and keeps what it is sent. A delete cut short leaves the queue gone
+/// until a delete finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_cannot_be_recreated_into_keys_that_a_delete_is_removing() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let poll = Duration::from_millis(300);
+    let q = client
+        .queue("racing")
+        .registry_poll(poll)
+        .open()
+        .await
+        .unwrap();
+    q.producer().build().unwrap().send("m0").await.unwrap();
+    let deleting = {
+        let q = q.clone();
+        tokio::spawn(async move { q.delete().await })
+    };
+    // In the middle of the delete (it waits two polls before the shards' keys go).
+    tokio::time::sleep(poll).await;
+    let again = client.queue("racing").registry_poll(poll).open().await;
+    assert!(
+        matches!(again, Err(Error::QueueNotFound(_))),
+        "a queue being deleted is not created again: {again:?}"
+    );
+    let report = deleting.await.unwrap().unwrap();
+    assert_eq!(report.messages, 1);
+    // Created afresh once the delete is over: what it is sent stays.
+    let fresh = client
+        .queue("racing")
+        .registry_poll(poll)
+        .open()
+        .await
+        .unwrap();
+    let producer = fresh.producer().build().unwrap();
+    producer.send_batch(["a", "b", "c"]).await.unwrap();
+    tokio::time::sleep(poll * 3).await;
+    let depth: u64 = fresh.stats().await.unwrap().iter().map(|s| s.depth).sum();
+    assert_eq!(depth, 3, "the new queue's messages are kept");
+
+    // A delete cut short (its tombstone left behind): the queue stays gone for everyone
+    // until a delete finishes it.
+    let meta = format!("slotq:{{{}}}:meta", fresh.name());
+    let node = c.node(c.owner_of(key_slot(&meta)).unwrap());
+    node.cmd::<i64>(redis::cmd("HDEL").arg(&meta).arg("version"))
+        .unwrap();
+    node.cmd::<i64>(redis::cmd("HSET").arg(&meta).arg("deleting").arg(1))
+        .unwrap();
+    let gone = client.queue("racing").open().await;
+    assert!(matches!(gone, Err(Error::QueueNotFound(_))), "{gone:?}");
+    let finishing = client
+        .queue("racing")
+        .to_finish_a_delete()
+        .open()
+        .await
+        .unwrap();
+    let report = finishing.delete().await.unwrap();
+    assert_eq!(report.messages, 3);
+    let left: i64 = c
+        .masters()
+        .into_iter()
+        .map(|m| c.node(m).cmd::<i64>(&redis::cmd("DBSIZE")).unwrap())
+        .sum();
+    assert_eq!(left, 0, "the finished delete leaves nothing");
+}

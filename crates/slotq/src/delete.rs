@@ -1,12 +1,20 @@
 //! Deleting a queue: every key of it, on every node.
 //!
-//! The registry goes first, so that no client opens the queue any more and clients that
-//! use it find it gone at their next registry look (at most every registry poll while
-//! they send or receive) and fail with [`Error::QueueNotFound`] from then on. Then, after
-//! two registry polls, every key of every shard: ready lists, leases, counts, delayed and
-//! dead messages (a push that slipped in between is deleted with them). Keys are found by
-//! their slot (`CLUSTER GETKEYSINSLOT`), so nothing of the queue is left behind however
-//! many kinds of keys a shard has.
+//! 1. The registry becomes a *tombstone* (one script: its `version` removed, `deleting`
+//!    set, the shard list kept): no client opens the queue any more, clients that use it
+//!    find it gone at their next registry look (at most every registry poll while they
+//!    send or receive) and fail with [`Error::QueueNotFound`] from then on, and — what a
+//!    registry simply deleted allowed — nobody can create the queue again while its keys
+//!    are being deleted: an open that would create it finds the tombstone and gets
+//!    `QueueNotFound` (before, a push racing the delete recreated the registry, was
+//!    confirmed, and the delete's shard phase then deleted its messages).
+//! 2. The queue's groups (the registry's slot).
+//! 3. After two registry polls, every key of every shard: ready lists, leases, counts,
+//!    delayed and dead messages, fences (a push that slipped in between is deleted with
+//!    them). Keys are found by their slot (`CLUSTER GETKEYSINSLOT`), so nothing of the queue
+//!    is left behind however many kinds of keys a shard has.
+//! 4. The tombstone, last. A delete cut short leaves the tombstone: the queue stays gone
+//!    until a delete finishes it (`QueueBuilder::to_finish_a_delete`, `slotq delete`).
 
 use redis::Value;
 
@@ -39,8 +47,24 @@ impl Queue {
         // The registry and the groups share the queue's own slot.
         let meta = self.meta_key().to_string();
         let meta_slot = crate::slot::key_slot(&meta);
+        let tombstone = redis::cmd("EVAL")
+            .arg(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then \
+                   redis.call('HDEL', KEYS[1], 'version'); \
+                   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); return 1 end; return 0",
+            )
+            .arg(1)
+            .arg(&meta)
+            .arg(crate::queue::DELETING)
+            .arg(crate::lease::now_ms())
+            .clone();
+        let marked: Value = self.cluster().query(meta_slot, &tombstone).await?;
+        if marked != Value::Int(1) {
+            return Err(Error::QueueNotFound(name));
+        }
+        self.inner_deleted();
         let mut keys = self
-            .delete_in_slot(meta_slot, &format!("{prefix}:{{{name}}}:"))
+            .delete_in_slot_but(meta_slot, &format!("{prefix}:{{{name}}}:"), Some(&meta))
             .await?;
         tokio::time::sleep(self.registry_poll() * 2).await;
         for s in &set.shards {
@@ -48,6 +72,7 @@ impl Queue {
                 .delete_in_slot(s.slot, &format!("{prefix}:{{{}}}:", s.tag))
                 .await?;
         }
+        keys += self.delete_in_slot(meta_slot, &meta).await?;
         Ok(DeleteReport {
             keys,
             messages,
@@ -57,6 +82,16 @@ impl Queue {
 
     /// Deletes the keys of `slot` that start with `start`; how many.
     pub(crate) async fn delete_in_slot(&self, slot: Slot, start: &str) -> Result<usize> {
+        self.delete_in_slot_but(slot, start, None).await
+    }
+
+    /// Deletes the keys of `slot` that start with `start`, but `keep`; how many.
+    async fn delete_in_slot_but(
+        &self,
+        slot: Slot,
+        start: &str,
+        keep: Option<&str>,
+    ) -> Result<usize> {
         let cluster = self.cluster();
         let owner = cluster
             .topology()
@@ -73,7 +108,10 @@ impl Queue {
                     .arg(100_000),
             )
             .await?;
-        let ours: Vec<&String> = found.iter().filter(|k| k.starts_with(start)).collect();
+        let ours: Vec<&String> = found
+            .iter()
+            .filter(|k| k.starts_with(start) && Some(k.as_str()) != keep)
+            .collect();
         if ours.is_empty() {
             return Ok(0);
         }

@@ -189,7 +189,12 @@ pub async fn delete(
     yes: bool,
     as_json: bool,
 ) -> Result<String, CliError> {
-    let q = super::queue::open_existing(cluster, queue).await?;
+    // A delete that was cut short left its tombstone: this one finishes it.
+    let q = slotq::Client::from_cluster(cluster.clone())
+        .queue(queue)
+        .to_finish_a_delete()
+        .open()
+        .await?;
     if !yes {
         return Err(CliError::Usage(format!(
             "this deletes every message of {queue}; add --yes to do it"

@@ -16,14 +16,15 @@
 -- fence; released: stop and confirm by leaving them out of 'held'; waiting: yours once
 -- the old owner let go; deep: others' deep shards, to steal from).
 -- Or {-1, mode} when the group runs in the other mode; {-2} when the queue's registry is
--- gone (the queue was deleted: nothing is written, so a member cannot bring its group back).
+-- gone or being deleted (nothing is written, so a member cannot bring its group back).
 --
 -- Epochs: `gen` only grows (it outlives the last member), and every grant of a shard to a
 -- member takes the epoch gen + 1 of the beat that made it, so a shard's grants carry
 -- strictly growing epochs. The shard's own slot keeps the highest epoch presented to it
 -- (the fence, see lease_pop.lua and fenced_pop.lua): a holder of an older grant is refused
 -- there by the server, whatever its clock or its view says.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- A registry without a version is gone or being deleted (a tombstone, see delete.rs).
+if redis.call('HEXISTS', KEYS[1], 'version') == 0 then
   return {-2}
 end
 local t = redis.call('TIME')

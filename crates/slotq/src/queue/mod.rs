@@ -17,6 +17,7 @@ mod registry;
 mod stats;
 
 pub use registry::DEFAULT_BULK_LIMIT;
+pub(crate) use registry::DELETING;
 pub use stats::{DeadLetter, ShardStats};
 
 /// How often clients look for a new registry version (new shards).
@@ -34,6 +35,7 @@ pub struct QueueBuilder {
     create: bool,
     registry_poll: Duration,
     mode: placement::DeliveryMode,
+    finish_delete: bool,
 }
 
 impl QueueBuilder {
@@ -46,6 +48,7 @@ impl QueueBuilder {
             create: true,
             registry_poll: DEFAULT_REGISTRY_POLL,
             mode: placement::DeliveryMode::AtMostOnce,
+            finish_delete: false,
         }
     }
 
@@ -77,6 +80,16 @@ impl QueueBuilder {
 
     /// Fail with [`Error::QueueNotFound`] instead of creating a missing queue.
     pub fn must_exist(mut self) -> Self {
+        self.create = false;
+        self
+    }
+
+    /// Also opens a queue whose delete was cut short (its registry marked deleting), so
+    /// that [`Queue::delete`] can finish it; implies [`QueueBuilder::must_exist`]. Such a
+    /// queue is good for nothing else: it has no version, and every other client finds it
+    /// gone.
+    pub fn to_finish_a_delete(mut self) -> Self {
+        self.finish_delete = true;
         self.create = false;
         self
     }
@@ -123,6 +136,7 @@ impl QueueBuilder {
             registry_poll: self.registry_poll,
             bulk_limit: std::sync::atomic::AtomicU64::new(DEFAULT_BULK_LIMIT),
             deleted: AtomicBool::new(false),
+            finish_delete: self.finish_delete,
             live_check: tokio::sync::Mutex::new(()),
             scripts: Scripts::new(),
             lease_scripts: Arc::new(crate::lease::LeaseScripts::new()),
@@ -198,6 +212,8 @@ pub(crate) struct QueueInner {
     /// The registry was found gone (the queue was deleted): sends and receives fail with
     /// [`Error::QueueNotFound`].
     pub(crate) deleted: AtomicBool,
+    /// Opened to finish a delete (see [`QueueBuilder::to_finish_a_delete`]).
+    pub(crate) finish_delete: bool,
     /// One registry look at a time in [`Queue::check_live`].
     live_check: tokio::sync::Mutex<()>,
 }
@@ -305,6 +321,11 @@ impl Queue {
             return Err(Error::QueueNotFound(self.inner.name.clone()));
         }
         Ok(())
+    }
+
+    /// Marks the queue deleted for this client's own producers and consumers at once.
+    pub(crate) fn inner_deleted(&self) {
+        self.inner.deleted.store(true, Ordering::Release);
     }
 
     /// The current shard set; looks for a newer registry version in the background at

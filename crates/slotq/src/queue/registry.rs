@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 use crate::placement::{self, ShardSet};
 use crate::script::Script;
 
+/// The field that marks a registry deleting (its `version` removed in the same script).
+pub(crate) const DELETING: &str = "deleting";
+
 /// How long a registry change waits for the registry master's replicas.
 const REGISTRY_WAIT: Duration = Duration::from_secs(1);
 
@@ -81,7 +84,20 @@ impl QueueInner {
         if fields.is_empty() {
             return Ok(None);
         }
-        ShardSet::from_fields(&self.name, &fields).map(Some)
+        self.parse_registry(fields).map(Some)
+    }
+
+    /// A registry's fields as a shard set. A registry marked `deleting` (a delete in
+    /// progress, or one cut short) has no version: the queue does not exist for anyone
+    /// but a delete that finishes it.
+    fn parse_registry(&self, mut fields: BTreeMap<String, String>) -> Result<ShardSet> {
+        if fields.contains_key(DELETING) {
+            if !self.finish_delete {
+                return Err(Error::QueueNotFound(self.name.clone()));
+            }
+            fields.insert("version".into(), "0".into());
+        }
+        ShardSet::from_fields(&self.name, &fields)
     }
 
     pub(super) async fn create_registry(
@@ -104,7 +120,9 @@ impl QueueInner {
         let v = self
             .registry_script(&self.scripts.create, None, &proposal)
             .await?;
-        ShardSet::from_fields(&self.name, &hash_fields(v)?)
+        // A registry that exists is returned as it is: a tombstone of a delete in progress
+        // is not replaced (the delete would remove what this queue stores).
+        self.parse_registry(hash_fields(v)?)
     }
 
     pub(crate) async fn write_registry(&self, expected: u64, next: &ShardSet) -> Result<bool> {
