@@ -382,3 +382,68 @@ async fn a_keys_backlog_on_a_retiring_shard_comes_before_its_newer_messages() {
     assert_eq!(got, (0..600).collect::<Vec<u32>>(), "in order, once each");
     consumer.close().await;
 }
+
+/// A rebalance cancelled right after it took a shard off the registry, before it moved
+/// what was left in it (a delayed message): its lock goes with it, and the next rebalance
+/// moves the leftover, which is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_cancelled_mid_retirement_is_finished_by_the_next() {
+    let (_c, _client, q) = queue_on_an_emptied_master("cancelled", 0, |b| b.reliable()).await;
+    let plan = q.rebalance_plan().await.unwrap();
+    assert_eq!(plan.drain.len(), 1, "{plan:?}");
+    let victim = plan.drain[0];
+    let key = slotq_tests::key_for_shard(&q.shards(), victim);
+    q.producer()
+        .build()
+        .unwrap()
+        .send_keyed(&key, "later")
+        .await
+        .unwrap();
+    // Taken and nacked with a delay: only the shard's delayed set holds it.
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let m = consumer.recv().await.unwrap();
+    m.nack(Some(Duration::from_secs(3))).await.unwrap();
+    consumer.close().await;
+
+    let step = {
+        let q = q.clone();
+        tokio::spawn(async move { q.rebalance().await })
+    };
+    // Cancelled once the shard is off the registry (its leftovers move two polls later).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let set = q.reload().await.unwrap();
+        if set.shard(victim).is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shard never left the registry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    step.abort();
+    assert!(step.await.unwrap_err().is_cancelled());
+    let set = q.reload().await.unwrap();
+    assert_eq!(
+        set.cleanup,
+        vec![victim],
+        "the half-done retirement is recorded"
+    );
+    // The lock went with the cancelled step.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = q
+        .rebalance()
+        .await
+        .expect("not busy: the cancelled step released its lock");
+    assert_eq!(r.moved, 1, "the leftover moved: {r:?}");
+    assert!(q.reload().await.unwrap().cleanup.is_empty());
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let got = consumer
+        .recv_batch_timeout(10, Duration::from_secs(8))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1, "the delayed message is delivered");
+    assert_eq!(&got[0].payload[..], b"later");
+    consumer.close().await;
+}

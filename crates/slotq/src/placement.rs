@@ -135,6 +135,11 @@ pub struct ShardSet {
     /// a bucket moves to another shard only when its shard is retired (empty), so the
     /// messages of one key never wait on two shards at once.
     pub keyed: Vec<u32>,
+    /// Shards removed from the set whose leftovers (late pushes, leases, delayed and dead
+    /// messages) are not moved to a live shard yet, nor their keys deleted: recorded in the
+    /// same registry version that removes them, so that a rebalance cut short between the
+    /// two steps is finished by the next one instead of forgetting them.
+    pub cleanup: Vec<u32>,
 }
 
 impl ShardSet {
@@ -163,6 +168,14 @@ impl ShardSet {
             ("active".into(), list(ShardState::Active)),
             ("draining".into(), list(ShardState::Draining)),
             ("retiring".into(), list(ShardState::Retiring)),
+            (
+                "cleanup".into(),
+                self.cleanup
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
             (
                 "keyed".into(),
                 self.keyed
@@ -252,6 +265,7 @@ impl ShardSet {
             shards_per_master: num("shards_per_master")? as u32,
             mode,
             keyed,
+            cleanup: numbers("cleanup")?,
         })
     }
 
@@ -423,6 +437,7 @@ mod tests {
             shards_per_master: 1,
             mode: DeliveryMode::AtLeastOnce { max_attempts: 3 },
             keyed: vec![7, 0, 2],
+            cleanup: vec![9],
         };
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);

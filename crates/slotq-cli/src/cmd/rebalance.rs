@@ -69,6 +69,59 @@ fn describe(r: &RebalanceReport) -> Option<String> {
     (!parts.is_empty()).then(|| format!("registry version {}: {}", r.version, parts.join("; ")))
 }
 
+/// A step cut short by Ctrl-C or SIGTERM: the lock is released (the step's future is
+/// dropped), and what it left is said: shards still draining or retiring (the next
+/// rebalance goes on with them) and retired shards whose leftovers are not moved yet (the
+/// next rebalance moves them first).
+async fn cancelled(q: &slotq::Queue) -> CliError {
+    let reverted = match q.rebalance_cancelled().await {
+        Ok(tags) if !tags.is_empty() => format!("back to draining: {}; ", tags.join(" ")),
+        Ok(_) => String::new(),
+        Err(e) => format!("retiring shards not reverted ({e}); "),
+    };
+    let left = match q.reload().await {
+        Ok(set) => {
+            let mut parts = Vec::new();
+            let of = |state| {
+                set.shards
+                    .iter()
+                    .filter(|s| s.state == state)
+                    .map(|s| s.tag.clone())
+                    .collect::<Vec<_>>()
+            };
+            for (what, tags) in [
+                ("draining", of(slotq::placement::ShardState::Draining)),
+                ("retiring", of(slotq::placement::ShardState::Retiring)),
+            ] {
+                if !tags.is_empty() {
+                    parts.push(format!("{what}: {}", tags.join(" ")));
+                }
+            }
+            if !set.cleanup.is_empty() {
+                parts.push(format!(
+                    "retired, leftovers not moved yet: {}",
+                    set.cleanup
+                        .iter()
+                        .map(|n| slotq::slot::shard_tag(q.name(), *n))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            if parts.is_empty() {
+                "nothing half done".to_string()
+            } else {
+                parts.join("; ")
+            }
+        }
+        Err(e) => format!("the registry could not be read: {e}"),
+    };
+    CliError::Other(format!(
+        "rebalance of {} cancelled mid-step at registry version {}; {reverted}left: {left}; run slotq rebalance again to finish it",
+        q.name(),
+        q.shards().version
+    ))
+}
+
 /// `slotq rebalance QUEUE`.
 pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String, CliError> {
     let q = super::queue::open_existing(cluster, queue).await?;
@@ -86,8 +139,8 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
     loop {
         let report = tokio::select! {
             r = q.rebalance() => r?,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => return Err(cancelled(&q).await),
+            _ = term.recv() => return Err(cancelled(&q).await),
         };
         if let Some(line) = describe(&report) {
             eprintln!("{line}");

@@ -130,6 +130,7 @@ impl QueueBuilder {
                 shards_per_master: self.shards_per_master,
                 mode: self.mode,
                 keyed: Vec::new(),
+                cleanup: Vec::new(),
             })),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),

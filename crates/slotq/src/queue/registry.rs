@@ -116,6 +116,7 @@ impl QueueInner {
             shards,
             shards_per_master: k,
             mode,
+            cleanup: Vec::new(),
         };
         let v = self
             .registry_script(&self.scripts.create, None, &proposal)

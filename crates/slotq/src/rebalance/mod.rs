@@ -94,20 +94,72 @@ impl Queue {
                 self.name()
             )));
         }
+        let held = HeldLock::new(self.clone(), lock, token, slot);
         let result = self.rebalance_locked().await;
-        // Only our own lock goes (it may have expired and been taken since).
-        let release = redis::cmd("EVAL")
-            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
-            .arg(1)
-            .arg(&lock)
-            .arg(&token)
-            .clone();
-        let _: Result<redis::Value> = self.cluster().query(slot, &release).await;
+        held.release().await;
         result
+    }
+
+    /// After a rebalance step was cancelled (its future dropped: Ctrl-C, a timeout): shards
+    /// it left retiring go back to draining, so that keyed sends held for them go on at
+    /// once instead of waiting out their hold; the next step picks them up again. Takes the
+    /// rebalance lock (waiting up to two seconds for the cancelled step's release); returns
+    /// the shards reverted. Retired shards whose leftovers were not moved stay recorded in
+    /// the registry (`ShardSet::cleanup`) and are finished by the next step.
+    pub async fn rebalance_cancelled(&self) -> Result<Vec<String>> {
+        let lock = self.rebalance_lock_key();
+        let token = crate::lease::LeaseId::random().to_string();
+        let slot = crate::slot::key_slot(&lock);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let got: Option<String> = self
+                .cluster()
+                .query(
+                    slot,
+                    redis::cmd("SET")
+                        .arg(&lock)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(LOCK_TTL.as_millis() as u64),
+                )
+                .await?;
+            if got.is_some() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Busy(format!(
+                    "another rebalance of {:?} is running",
+                    self.name()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let held = HeldLock::new(self.clone(), lock, token, slot);
+        let before = self.reload().await;
+        let result = retire::update(self, |s| {
+            let mut next = s.clone();
+            for sh in &mut next.shards {
+                if sh.state == crate::placement::ShardState::Retiring {
+                    sh.state = crate::placement::ShardState::Draining;
+                }
+            }
+            next
+        })
+        .await;
+        held.release().await;
+        result?;
+        Ok(before?
+            .shards
+            .iter()
+            .filter(|s| s.state == crate::placement::ShardState::Retiring)
+            .map(|s| s.tag.clone())
+            .collect())
     }
 
     async fn rebalance_locked(&self) -> Result<RebalanceReport> {
         let mut report = RebalanceReport::default();
+        retire::finish_cleanups(self, &mut report).await?;
         let set = self.apply_plan(&mut report).await?;
         report.version = set.version;
         retire::step(self, &mut report).await?;
@@ -142,7 +194,91 @@ impl Queue {
         Err(Error::RegistryContention(self.name().to_string()))
     }
 
-    fn rebalance_lock_key(&self) -> String {
+    pub(crate) fn rebalance_lock_key(&self) -> String {
         format!("{}:{{{}}}:rebalance", self.prefix(), self.name())
+    }
+}
+
+/// The rebalance lock while a step holds it: renewed every third of its TTL (a step that
+/// waits on a slow retirement keeps it), and released when the step ends — also when the
+/// step is cancelled (dropped mid-way: the release is sent from a task), so the next
+/// rebalance does not wait for the TTL.
+struct HeldLock {
+    queue: Queue,
+    key: String,
+    token: String,
+    slot: crate::slot::Slot,
+    renew: tokio::task::JoinHandle<()>,
+    released: bool,
+}
+
+impl HeldLock {
+    fn new(queue: Queue, key: String, token: String, slot: crate::slot::Slot) -> HeldLock {
+        let renew = {
+            let (queue, key, token) = (queue.clone(), key.clone(), token.clone());
+            tokio::spawn(async move {
+                let renew = redis::cmd("EVAL")
+                    .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
+                    .arg(1)
+                    .arg(&key)
+                    .arg(&token)
+                    .arg(LOCK_TTL.as_millis() as u64)
+                    .clone();
+                loop {
+                    tokio::time::sleep(LOCK_TTL / 3).await;
+                    match queue.cluster().query::<i64>(slot, &renew).await {
+                        Ok(1) => {}
+                        Ok(_) => {
+                            tracing::warn!(queue = %queue.name(), "the rebalance lock was lost (it expired and was taken)");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(queue = %queue.name(), cause = %e, "renewing the rebalance lock failed")
+                        }
+                    }
+                }
+            })
+        };
+        HeldLock {
+            queue,
+            key,
+            token,
+            slot,
+            renew,
+            released: false,
+        }
+    }
+
+    fn release_cmd(&self) -> redis::Cmd {
+        // Only our own lock goes (it may have expired and been taken since).
+        redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.token)
+            .clone()
+    }
+
+    async fn release(mut self) {
+        self.renew.abort();
+        let cmd = self.release_cmd();
+        let _: Result<redis::Value> = self.queue.cluster().query(self.slot, &cmd).await;
+        self.released = true;
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if self.released {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (cluster, slot, cmd) = (self.queue.cluster().clone(), self.slot, self.release_cmd());
+        rt.spawn(async move {
+            let _: Result<redis::Value> = cluster.query(slot, &cmd).await;
+        });
     }
 }

@@ -147,6 +147,7 @@ mod tests {
             shards,
             shards_per_master: k,
             mode: DeliveryMode::AtMostOnce,
+            cleanup: Vec::new(),
         }
     }
 

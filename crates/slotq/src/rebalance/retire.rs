@@ -124,6 +124,10 @@ pub(super) async fn step(q: &Queue, report: &mut RebalanceReport) -> Result<()> 
             .collect();
         next.keyed = reassign_buckets(s, &gone);
         next.shards.retain(|sh| !gone.contains(&sh.number));
+        // Recorded in the same version: a step cut short before their leftovers moved
+        // leaves them to the next step, not to nobody.
+        next.cleanup
+            .extend(gone.iter().filter(|n| !s.cleanup.contains(n)));
         for sh in &mut next.shards {
             if near.contains(&sh.number) && sh.state == ShardState::Retiring {
                 sh.state = ShardState::Draining;
@@ -153,10 +157,50 @@ pub(super) async fn step(q: &Queue, report: &mut RebalanceReport) -> Result<()> 
     let topology = q.cluster().topology();
     for s in &retired {
         let to = successor(&marked, &retired_set, s, &topology);
-        report.moved += move_leftovers(q, s, &to, retired_set.mode).await?;
-        q.delete_in_slot(s.slot, &format!("{}:{{{}}}:", q.prefix(), s.tag))
-            .await?;
+        clean_up(q, s, &to, retired_set.mode, report).await?;
         report.retired.push(s.tag.clone());
+    }
+    Ok(())
+}
+
+/// Moves what is left in a retired shard to `to`, deletes its keys, and only then takes it
+/// off the registry's cleanup list (idempotent: a step cut short anywhere in here is
+/// taken again whole by the next; a copy made twice duplicates, never loses).
+async fn clean_up(
+    q: &Queue,
+    s: &Shard,
+    to: &Shard,
+    mode: DeliveryMode,
+    report: &mut RebalanceReport,
+) -> Result<()> {
+    report.moved += move_leftovers(q, s, to, mode).await?;
+    q.delete_in_slot(s.slot, &format!("{}:{{{}}}:", q.prefix(), s.tag))
+        .await?;
+    update(q, |set| {
+        let mut next = set.clone();
+        next.cleanup.retain(|n| *n != s.number);
+        next
+    })
+    .await?;
+    Ok(())
+}
+
+/// Finishes the retirements an earlier step left half done (recorded in the registry's
+/// cleanup list): after two registry polls (a client may have seen the shard until the
+/// version that removed it), each one's leftovers go to an active shard on its master (or
+/// the lowest-numbered one) and its keys are deleted.
+pub(super) async fn finish_cleanups(q: &Queue, report: &mut RebalanceReport) -> Result<()> {
+    let set = q.reload().await?;
+    if set.cleanup.is_empty() || set.active().next().is_none() {
+        return Ok(());
+    }
+    tokio::time::sleep(q.registry_poll() * 2).await;
+    let topology = q.cluster().topology();
+    for &n in &set.cleanup {
+        let gone = Shard::new(q.name(), n, ShardState::Retiring);
+        let to = successor(&set, &set, &gone, &topology);
+        clean_up(q, &gone, &to, set.mode, report).await?;
+        report.retired.push(gone.tag.clone());
     }
     Ok(())
 }
@@ -164,7 +208,7 @@ pub(super) async fn step(q: &Queue, report: &mut RebalanceReport) -> Result<()> 
 /// Applies `change` to the registry with compare-and-set (re-reading and retrying when
 /// another client wrote first); returns the set written (or the current one when the
 /// change changes nothing).
-async fn update(q: &Queue, change: impl Fn(&ShardSet) -> ShardSet) -> Result<ShardSet> {
+pub(super) async fn update(q: &Queue, change: impl Fn(&ShardSet) -> ShardSet) -> Result<ShardSet> {
     for _ in 0..16 {
         let set = q.reload().await?;
         let mut next = change(&set);

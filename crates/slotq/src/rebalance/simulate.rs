@@ -89,6 +89,7 @@ pub fn run(masters: usize, k: u32, reshard_percent: Option<f64>) -> Simulation {
         shards: shards.clone(),
         shards_per_master: k,
         mode: DeliveryMode::AtMostOnce,
+        cleanup: Vec::new(),
     };
     let registry_bytes = set.to_fields().iter().map(|(f, v)| f.len() + v.len()).sum();
     let reshard = reshard_percent.map(|percent| {
