@@ -193,6 +193,9 @@ struct DryRun<'a> {
     drain: Vec<ShardRow>,
     /// Shards draining or retiring now, which a rebalance retires once empty.
     draining: Vec<ShardRow>,
+    /// Retired shards whose leftovers a step cut short did not move yet (the next
+    /// rebalance moves them first).
+    cleanup: Vec<ShardRow>,
 }
 
 #[derive(Serialize)]
@@ -236,6 +239,23 @@ async fn dry_run(q: &slotq::Queue, plan: &Plan, as_json: bool) -> Result<String,
             .filter(|s| s.state != slotq::placement::ShardState::Active)
             .map(|s| row(s.tag.clone(), s.slot))
             .collect(),
+        cleanup: set
+            .cleanup
+            .iter()
+            .map(|n| {
+                let s = slotq::placement::Shard::new(
+                    q.name(),
+                    *n,
+                    slotq::placement::ShardState::Retiring,
+                );
+                ShardRow {
+                    node: topology.owner(s.slot).map(|n| n.to_string()),
+                    depth: None,
+                    tag: s.tag,
+                    slot: s.slot,
+                }
+            })
+            .collect(),
     };
     if as_json {
         return Ok(format!(
@@ -249,6 +269,7 @@ async fn dry_run(q: &slotq::Queue, plan: &Plan, as_json: bool) -> Result<String,
         ("reactivate", &out.reactivate),
         ("drain", &out.drain),
         ("retire when empty", &out.draining),
+        ("move leftovers (retirement cut short)", &out.cleanup),
     ] {
         for r in list {
             rows.push(vec![
