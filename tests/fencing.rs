@@ -8,53 +8,29 @@
 //! same everywhere: per key, the order in which messages were first processed.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use slotq::{Client, Queue, redis};
 use slotq_testkit::TestCluster;
+use slotq_tests::history::{Done, check, collect, group_member, history};
 
 async fn client(url: &str) -> Client {
     Client::from_cluster(slotq_tests::router(url).await)
 }
 
-/// A member process of ordered group "g" (see `bin/consumer.rs`, mode `group-work`): a
-/// random pause of up to `pause_ms` per message, then `DONE <ns> <payload>`, then its ack.
+/// A member process of ordered group "g" (see `slotq_tests::history::group_member`).
 fn member(url: &str, queue: &str, lease_ms: u64, pause_ms: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
-        .args([
-            url,
-            queue,
-            &lease_ms.to_string(),
-            "group-work",
-            &pause_ms.to_string(),
-            "g",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("consumer process starts")
-}
-
-type Done = Arc<Mutex<Vec<(u128, String, usize)>>>;
-
-/// Collects `DONE <ns> <payload>` lines of member `who`.
-fn collect(child: &mut Child, who: usize, into: Done) {
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            let mut parts = line.splitn(3, ' ');
-            if let (Some("DONE"), Some(ns), Some(p)) = (parts.next(), parts.next(), parts.next()) {
-                into.lock()
-                    .unwrap()
-                    .push((ns.parse().unwrap(), p.to_string(), who));
-            }
-        }
-    });
+    group_member(
+        env!("CARGO_BIN_EXE_slotq-test-consumer"),
+        url,
+        queue,
+        lease_ms,
+        pause_ms,
+        "g",
+        true,
+    )
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -74,40 +50,6 @@ async fn send_sequences(q: &Queue, keys: usize, per_key: usize) {
         for r in futures::future::join_all(sends).await {
             r.unwrap();
         }
-    }
-}
-
-/// What a history shows: distinct messages processed, processings, and per-key order
-/// violations of first processing (a message first processed after a later one of its key).
-struct Checked {
-    distinct: usize,
-    processings: usize,
-    violations: Vec<String>,
-}
-
-fn check(done: &Done) -> Checked {
-    let mut events = done.lock().unwrap().clone();
-    events.sort();
-    let mut next: HashMap<String, usize> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut violations = Vec::new();
-    for (_, p, who) in &events {
-        let (key, seq) = p.split_once(':').unwrap();
-        let seq: usize = seq.parse().unwrap();
-        let n = next.entry(key.to_string()).or_insert(0);
-        if seen.insert(p.clone()) {
-            if seq != *n {
-                violations.push(format!(
-                    "{key}: {seq} first processed (by {who}) before {n}"
-                ));
-            }
-            *n = (*n).max(seq + 1);
-        }
-    }
-    Checked {
-        distinct: seen.len(),
-        processings: events.len(),
-        violations,
     }
 }
 
@@ -143,7 +85,7 @@ async fn a_paused_member_hands_out_nothing_once_its_shards_moved() {
         .await
         .unwrap();
     send_sequences(&q, KEYS, PER_KEY).await;
-    let done: Done = Arc::new(Mutex::new(Vec::new()));
+    let done = history();
     // 20 ms of work per message on average: about 7 s of work for the two. The member to
     // be paused holds 30 s leases, so what it buffered is still fresh when it continues;
     // the other holds 1 s leases.
@@ -152,7 +94,7 @@ async fn a_paused_member_hands_out_nothing_once_its_shards_moved() {
         member(&url, "zombie", 1_000, 40),
     ];
     for (i, m) in members.iter_mut().enumerate() {
-        collect(m, i, done.clone());
+        collect(m, i, &done);
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Paused past its membership (3 s) while it holds messages, then continued.
@@ -196,14 +138,14 @@ async fn a_killed_member_s_leases_come_back_before_newer_messages_at_once() {
         .await
         .unwrap();
     send_sequences(&q, KEYS, PER_KEY).await;
-    let done: Done = Arc::new(Mutex::new(Vec::new()));
+    let done = history();
     // A member with a 15 s lease and one with a 1 s lease.
     let mut members = vec![
         member(&url, "longlease", 15_000, 30),
         member(&url, "longlease", 1_000, 30),
     ];
     for (i, m) in members.iter_mut().enumerate() {
-        collect(m, i, done.clone());
+        collect(m, i, &done);
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     members[0].kill().unwrap();

@@ -3,13 +3,13 @@
 //! load lose nothing; ordered groups keep per-key order in processing across a crash.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use slotq::{Client, Error, Queue, redis};
 use slotq_testkit::TestCluster;
+use slotq_tests::history::{check, collect, distinct, group_member, history};
 
 async fn client(url: &str) -> Client {
     Client::from_cluster(slotq_tests::router(url).await)
@@ -244,45 +244,17 @@ async fn shards_are_shared_evenly_and_move_only_as_much_as_needed() {
     assert!(st.members.is_empty(), "{st:?}");
 }
 
+/// A member process of group "g" (see `slotq_tests::history::group_member`).
 fn member(url: &str, queue: &str, lease_ms: u64, pause_ms: u64, ordered: bool) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
-        .args([
-            url,
-            queue,
-            &lease_ms.to_string(),
-            "group-work",
-            &pause_ms.to_string(),
-        ])
-        .args(["g", if ordered { "1" } else { "0" }])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("consumer process starts")
-}
-
-/// Collects `DONE <ns> <payload>` lines of a member process.
-fn collect(child: &mut Child, into: Arc<Mutex<Vec<(u128, String)>>>) {
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            let mut parts = line.splitn(3, ' ');
-            if let (Some("DONE"), Some(ns), Some(p)) = (parts.next(), parts.next(), parts.next()) {
-                into.lock()
-                    .unwrap()
-                    .push((ns.parse().unwrap(), p.to_string()));
-            }
-        }
-    });
-}
-
-fn distinct(done: &Mutex<Vec<(u128, String)>>) -> usize {
-    done.lock()
-        .unwrap()
-        .iter()
-        .map(|(_, p)| p.as_str())
-        .collect::<HashSet<_>>()
-        .len()
+    group_member(
+        env!("CARGO_BIN_EXE_slotq-test-consumer"),
+        url,
+        queue,
+        lease_ms,
+        pause_ms,
+        "g",
+        ordered,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,12 +270,12 @@ async fn a_killed_member_s_shards_go_to_the_others_and_nothing_is_lost() {
         .open()
         .await
         .unwrap();
-    let done = Arc::new(Mutex::new(Vec::new()));
+    let done = history();
     let mut members: Vec<Child> = (0..8)
         .map(|_| member(&url, "kill-member", 2000, 0, false))
         .collect();
-    for m in &mut members {
-        collect(m, done.clone());
+    for (i, m) in members.iter_mut().enumerate() {
+        collect(m, i, &done);
     }
     let producer = q.producer().build().unwrap();
     let sending = tokio::spawn(async move {
@@ -404,12 +376,12 @@ async fn an_ordered_group_keeps_per_key_order_across_a_member_crash() {
             r.unwrap();
         }
     }
-    let done = Arc::new(Mutex::new(Vec::new()));
+    let done = history();
     let mut members: Vec<Child> = (0..4)
         .map(|_| member(&url, "ordered", 1500, 5, true))
         .collect();
-    for m in &mut members {
-        collect(m, done.clone());
+    for (i, m) in members.iter_mut().enumerate() {
+        collect(m, i, &done);
     }
     // Killed in the middle of the work (about 2 s of it for each of the 4).
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -426,28 +398,20 @@ async fn an_ordered_group_keeps_per_key_order_across_a_member_crash() {
             m.wait().unwrap();
         }
     }
-    let mut events = done.lock().unwrap().clone();
-    assert_eq!(distinct(&done), KEYS * PER_KEY, "every message processed");
-    events.sort();
-    // Processing order per key: a message is processed only after every earlier one of its
-    // key was (redeliveries of earlier ones may repeat).
-    let mut next: HashMap<String, usize> = HashMap::new();
-    let mut repeats = 0;
-    for (_, p) in &events {
-        let (key, seq) = p.split_once(':').unwrap();
-        let seq: usize = seq.parse().unwrap();
-        let n = next.entry(key.to_string()).or_insert(0);
-        assert!(seq <= *n, "{key}: {seq} processed before {}", *n);
-        if seq == *n {
-            *n += 1;
-        } else {
-            repeats += 1;
-        }
-    }
+    let r = check(&done);
+    assert_eq!(r.distinct, KEYS * PER_KEY, "every message processed");
+    // Processing order per key: a message is first processed only after every earlier one
+    // of its key was (redeliveries of earlier ones may repeat).
+    assert!(
+        r.violations.is_empty(),
+        "{:?}",
+        &r.violations[..r.violations.len().min(10)]
+    );
     eprintln!(
-        "ordered group, 4 members, one killed after {before_kill} of {} were processed: {} processings, {repeats} repeats, order kept",
+        "ordered group, 4 members, one killed after {before_kill} of {} were processed: {} processings, {} repeats, order kept",
         KEYS * PER_KEY,
-        events.len()
+        r.processings,
+        r.processings - r.distinct
     );
     assert!(before_kill < KEYS * PER_KEY / 2, "the crash came mid-work");
 }

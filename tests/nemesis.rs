@@ -6,47 +6,28 @@
 //!
 //! It runs for `SLOTQ_NEMESIS_SECS` seconds (default 20, what CI runs).
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use slotq::Client;
 use slotq_testkit::TestCluster;
+use slotq_tests::history::{Done, check, collect, distinct, group_member, history};
 
-type Done = Arc<Mutex<Vec<(u128, String)>>>;
-
-/// A member process of ordered group "g" (`bin/consumer.rs`, mode `group-work`).
-fn member(url: &str, lease_ms: u64, done: &Done) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_slotq-test-consumer"))
-        .args([
-            url,
-            "nemesis",
-            &lease_ms.to_string(),
-            "group-work",
-            "5",
-            "g",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("consumer process starts");
-    let out = child.stdout.take().unwrap();
-    let into = done.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            let mut parts = line.splitn(3, ' ');
-            if let (Some("DONE"), Some(ns), Some(p)) = (parts.next(), parts.next(), parts.next()) {
-                into.lock()
-                    .unwrap()
-                    .push((ns.parse().unwrap(), p.to_string()));
-            }
-        }
-    });
+/// A member process of ordered group "g", its processings collected into `done`.
+fn member(url: &str, lease_ms: u64, who: usize, done: &Done) -> Child {
+    let mut child = group_member(
+        env!("CARGO_BIN_EXE_slotq-test-consumer"),
+        url,
+        "nemesis",
+        lease_ms,
+        5,
+        "g",
+        true,
+    );
+    collect(&mut child, who, done);
     child
 }
 
@@ -71,9 +52,13 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
         .open()
         .await
         .unwrap();
-    let done: Done = Arc::new(Mutex::new(Vec::new()));
+    let done = history();
     let leases = [1_000u64, 3_000, 10_000];
-    let mut members: Vec<Child> = leases.iter().map(|&l| member(&url, l, &done)).collect();
+    let mut members: Vec<Child> = leases
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| member(&url, l, i, &done))
+        .collect();
 
     // The producer: one message per key every 20 ms, numbered per key.
     let stop = Arc::new(AtomicBool::new(false));
@@ -132,7 +117,7 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
             1 => {
                 members[i].kill().unwrap();
                 members[i].wait().unwrap();
-                members[i] = member(&url, leases[i], &done);
+                members[i] = member(&url, leases[i], i, &done);
                 *ops.entry("kill -9 and replace a member").or_default() += 1;
             }
             _ => {
@@ -149,48 +134,25 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
     let total = per_key * KEYS;
     // Everything sent is processed (at-least-once), within a bound.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let distinct = || {
-        done.lock()
-            .unwrap()
-            .iter()
-            .map(|(_, p)| p.clone())
-            .collect::<HashSet<_>>()
-            .len()
-    };
-    while distinct() < total && Instant::now() < deadline {
+    while distinct(&done) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for m in &mut members {
         let _ = m.kill();
         let _ = m.wait();
     }
-    let mut events = done.lock().unwrap().clone();
-    events.sort();
-    let mut next: HashMap<String, usize> = HashMap::new();
-    let mut seen = HashSet::new();
-    let mut violations = Vec::new();
-    for (_, p) in &events {
-        let (key, seq) = p.split_once(':').unwrap();
-        let seq: usize = seq.parse().unwrap();
-        let n = next.entry(key.to_string()).or_insert(0);
-        if seen.insert(p.clone()) {
-            if seq != *n {
-                violations.push(format!("{key}: {seq} first processed before {n}"));
-            }
-            *n = (*n).max(seq + 1);
-        }
-    }
+    let r = check(&done);
     eprintln!(
         "nemesis {secs} s ({ops:?}): {total} sent, {} processed ({} processings), {} order violations",
-        seen.len(),
-        events.len(),
-        violations.len()
+        r.distinct,
+        r.processings,
+        r.violations.len()
     );
-    assert_eq!(seen.len(), total, "nothing lost");
+    assert_eq!(r.distinct, total, "nothing lost");
     assert!(
-        violations.is_empty(),
+        r.violations.is_empty(),
         "{:?}",
-        &violations[..violations.len().min(10)]
+        &r.violations[..r.violations.len().min(10)]
     );
     assert_eq!(ops.len(), 3, "every kind of fault happened: {ops:?}");
 }

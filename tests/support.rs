@@ -4,6 +4,9 @@
 #[path = "load.rs"]
 pub mod load;
 
+#[path = "history.rs"]
+pub mod history;
+
 use std::time::Duration;
 
 use slotq::{Cluster, ClusterConfig};

@@ -218,7 +218,7 @@ impl Consumer {
                 self.queue.cluster().clone(),
                 self.queue.prefix().to_string(),
             );
-            super::discard_stale(&cluster, &prefix, stale);
+            super::giveback::discard_stale(&cluster, &prefix, stale);
             for (tag, give) in by_shard {
                 let (cluster, prefix) = (
                     self.queue.cluster().clone(),

@@ -217,13 +217,7 @@ impl Waiter {
                 (Some(f), Some(take), Some((script, list))) => {
                     match f.read(&self.cluster, take, script, list).await {
                         super::fenced_pop::AfterFencedWait::Popped(items) if !items.is_empty() => {
-                            let msgs: Vec<Message> = items
-                                .into_iter()
-                                .map(|payload| Message::plain(payload, self.tag.clone()))
-                                .collect();
-                            if let Err(back) = self.tx.send(msgs) {
-                                let items = back.0.into_iter().map(|m| m.payload).collect();
-                                give_back(&self.cluster, self.slot, &self.key, items).await;
+                            if !self.hand_over(items).await {
                                 return;
                             }
                             woke_in = Some(wait);
@@ -299,13 +293,7 @@ impl Waiter {
                 v => match blmpop_items(v) {
                     Ok(items) if items.is_empty() => {}
                     Ok(items) => {
-                        let msgs: Vec<Message> = items
-                            .into_iter()
-                            .map(|payload| Message::plain(payload, self.tag.clone()))
-                            .collect();
-                        if let Err(back) = self.tx.send(msgs) {
-                            let items = back.0.into_iter().map(|m| m.payload).collect();
-                            give_back(&self.cluster, self.slot, &self.key, items).await;
+                        if !self.hand_over(items).await {
                             return;
                         }
                         woke_in = Some(wait);
@@ -342,6 +330,21 @@ impl Waiter {
                 .arg(self.count)
                 .clone()
         }
+    }
+
+    /// Hands popped payloads to the consumer; a consumer that is gone gets them back at
+    /// the head of the shard, and false is returned.
+    async fn hand_over(&self, items: Vec<bytes::Bytes>) -> bool {
+        let msgs: Vec<Message> = items
+            .into_iter()
+            .map(|payload| Message::plain(payload, self.tag.clone()))
+            .collect();
+        if let Err(back) = self.tx.send(msgs) {
+            let items = back.0.into_iter().map(|m| m.payload).collect();
+            give_back(&self.cluster, self.slot, &self.key, items).await;
+            return false;
+        }
+        true
     }
 
     /// Reacts to an error reply (`None`: the connection broke); returns true when the

@@ -16,6 +16,7 @@
 //!
 //! One rebalancer per queue at a time: a step holds a lock key in the registry's slot.
 
+mod lock;
 pub mod plan;
 mod retire;
 pub use retire::{RETIRE_DEPTH, RETIRE_WINDOW_POLLS};
@@ -25,11 +26,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::queue::Queue;
+use lock::HeldLock;
 
 pub use plan::Plan;
-
-/// How long one rebalance step holds the queue's rebalance lock at most.
-const LOCK_TTL: Duration = Duration::from_secs(60);
 
 /// What one [`Queue::rebalance`] step did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,28 +72,7 @@ impl Queue {
     /// something to retire. Call it again (or `slotq rebalance --watch`) until
     /// [`RebalanceReport::settled`].
     pub async fn rebalance(&self) -> Result<RebalanceReport> {
-        let lock = self.rebalance_lock_key();
-        let token = crate::lease::LeaseId::random().to_string();
-        let slot = crate::slot::key_slot(&lock);
-        let got: Option<String> = self
-            .cluster()
-            .query(
-                slot,
-                redis::cmd("SET")
-                    .arg(&lock)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(LOCK_TTL.as_millis() as u64),
-            )
-            .await?;
-        if got.is_none() {
-            return Err(Error::Busy(format!(
-                "another rebalance of {:?} is running",
-                self.name()
-            )));
-        }
-        let held = HeldLock::new(self.clone(), lock, token, slot);
+        let held = HeldLock::take(self, Duration::ZERO).await?;
         let result = self.rebalance_locked().await;
         held.release().await;
         result
@@ -107,35 +85,7 @@ impl Queue {
     /// the shards reverted. Retired shards whose leftovers were not moved stay recorded in
     /// the registry (`ShardSet::cleanup`) and are finished by the next step.
     pub async fn rebalance_cancelled(&self) -> Result<Vec<String>> {
-        let lock = self.rebalance_lock_key();
-        let token = crate::lease::LeaseId::random().to_string();
-        let slot = crate::slot::key_slot(&lock);
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        loop {
-            let got: Option<String> = self
-                .cluster()
-                .query(
-                    slot,
-                    redis::cmd("SET")
-                        .arg(&lock)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(LOCK_TTL.as_millis() as u64),
-                )
-                .await?;
-            if got.is_some() {
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(Error::Busy(format!(
-                    "another rebalance of {:?} is running",
-                    self.name()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let held = HeldLock::new(self.clone(), lock, token, slot);
+        let held = HeldLock::take(self, Duration::from_secs(2)).await?;
         let before = self.reload().await;
         let result = retire::update(self, |s| {
             let mut next = s.clone();
@@ -196,89 +146,5 @@ impl Queue {
 
     pub(crate) fn rebalance_lock_key(&self) -> String {
         format!("{}:{{{}}}:rebalance", self.prefix(), self.name())
-    }
-}
-
-/// The rebalance lock while a step holds it: renewed every third of its TTL (a step that
-/// waits on a slow retirement keeps it), and released when the step ends — also when the
-/// step is cancelled (dropped mid-way: the release is sent from a task), so the next
-/// rebalance does not wait for the TTL.
-struct HeldLock {
-    queue: Queue,
-    key: String,
-    token: String,
-    slot: crate::slot::Slot,
-    renew: tokio::task::JoinHandle<()>,
-    released: bool,
-}
-
-impl HeldLock {
-    fn new(queue: Queue, key: String, token: String, slot: crate::slot::Slot) -> HeldLock {
-        let renew = {
-            let (queue, key, token) = (queue.clone(), key.clone(), token.clone());
-            tokio::spawn(async move {
-                let renew = redis::cmd("EVAL")
-                    .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
-                    .arg(1)
-                    .arg(&key)
-                    .arg(&token)
-                    .arg(LOCK_TTL.as_millis() as u64)
-                    .clone();
-                loop {
-                    tokio::time::sleep(LOCK_TTL / 3).await;
-                    match queue.cluster().query::<i64>(slot, &renew).await {
-                        Ok(1) => {}
-                        Ok(_) => {
-                            tracing::warn!(queue = %queue.name(), "the rebalance lock was lost (it expired and was taken)");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(queue = %queue.name(), cause = %e, "renewing the rebalance lock failed")
-                        }
-                    }
-                }
-            })
-        };
-        HeldLock {
-            queue,
-            key,
-            token,
-            slot,
-            renew,
-            released: false,
-        }
-    }
-
-    fn release_cmd(&self) -> redis::Cmd {
-        // Only our own lock goes (it may have expired and been taken since).
-        redis::cmd("EVAL")
-            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
-            .arg(1)
-            .arg(&self.key)
-            .arg(&self.token)
-            .clone()
-    }
-
-    async fn release(mut self) {
-        self.renew.abort();
-        let cmd = self.release_cmd();
-        let _: Result<redis::Value> = self.queue.cluster().query(self.slot, &cmd).await;
-        self.released = true;
-    }
-}
-
-impl Drop for HeldLock {
-    fn drop(&mut self) {
-        self.renew.abort();
-        if self.released {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (cluster, slot, cmd) = (self.queue.cluster().clone(), self.slot, self.release_cmd());
-        rt.spawn(async move {
-            let _: Result<redis::Value> = cluster.query(slot, &cmd).await;
-        });
     }
 }
