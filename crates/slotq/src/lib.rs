@@ -13,7 +13,8 @@
 //! - [`client`]: the entry point; [`queue`]: a logical queue, its registry and stats.
 //! - [`producer`]: batching sends, balanced over shards; [`consumer`]: balanced pops and
 //!   server-side blocking when idle.
-//! - [`group`]: consumer groups: which member owns which shard, heartbeats in Redis.
+//! - [`group`]: consumer groups: which member owns which shard, heartbeats in Redis; grants
+//!   carry epochs that the shards' fences check (ordered groups).
 //! - [`lease`]: at-least-once delivery: envelope, leases, ack / nack, dead letters.
 //! - [`placement`]: queue names, keys, which shard tags live on which master.
 //! - [`slot`]: CRC16/XMODEM hash slots and hash tags; finding tags for given slots (pure).

@@ -22,8 +22,10 @@
 //!
 //! Files: `builder` (settings), `message` (a message and settling it), `fill` (getting
 //! messages: rounds or waits), `round` (one poll round, cancel-safe), `waiter` (blocking
-//! while idle), `wait_lease` (the lease behind an at-least-once wait), `grouped` (the
-//! consumer's side of its group), `giveback` (returning what was not handed out).
+//! while idle), `wait_lease` (the lease behind an at-least-once wait), `fenced_pop` (an
+//! ordered member's pops on at-most-once queues, behind the shard's fence), `grouped` (the
+//! consumer's side of its group: views, epochs, validity), `giveback` (returning what was
+//! not handed out, and dropping what a lost grant makes stale).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;

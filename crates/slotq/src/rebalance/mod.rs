@@ -14,7 +14,10 @@
 //! keyed sends for it wait meanwhile, so a key's messages never wait on two shards at once
 //! (see `docs/architecture.md`, "Shard lifecycle").
 //!
-//! One rebalancer per queue at a time: a step holds a lock key in the registry's slot.
+//! One rebalancer per queue at a time: a step holds a lock key in the registry's slot
+//! (`lock`), renewed while held and released when the step ends or is dropped. A step cut
+//! short is finished by the next: shards taken off the registry stay on its `cleanup`
+//! list until their leftovers are moved (`retire`).
 
 mod lock;
 pub mod plan;
