@@ -922,3 +922,39 @@ fn rebalance_follows_an_emptied_master_and_plan_simulates_a_thousand() {
         assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn a_rebalance_stopped_mid_retirement_says_what_it_left_and_the_next_finishes() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+    assert!(slotq(&["--url", u, "push", "cut", "a"]).status.success());
+    assert!(slotq(&["--url", u, "pop", "cut", "-n", "1"]).status.success());
+    c.migrate_slots(&c.slots_of(2), 0).unwrap();
+    // The step drains the surplus shard, sets it retiring, and waits two registry polls
+    // (2 s) before it looks whether it is empty: stopped in that wait.
+    let step = Command::new(env!("CARGO_BIN_EXE_slotq"))
+        .args(["--url", u, "rebalance", "cut"])
+        .env_remove("SLOTQ_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let killed = Command::new("kill")
+        .args(["-TERM", &step.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = step.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a cancelled step exits non-zero: {err}");
+    assert!(err.contains("cancelled mid-step"), "{err}");
+    assert!(err.contains("back to draining: cut#"), "{err}");
+    // The next rebalance takes it from there (the lock went with the cancelled one).
+    let o = slotq(&["--url", u, "--json", "rebalance", "cut"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["settled"], true, "{v}");
+    assert_eq!(v["retired"].as_array().unwrap().len(), 1, "{v}");
+}

@@ -72,8 +72,9 @@ fn describe(r: &RebalanceReport) -> Option<String> {
 /// A step cut short by Ctrl-C or SIGTERM: the lock is released (the step's future is
 /// dropped), and what it left is said: shards still draining or retiring (the next
 /// rebalance goes on with them) and retired shards whose leftovers are not moved yet (the
-/// next rebalance moves them first).
-async fn cancelled(q: &slotq::Queue) -> CliError {
+/// next rebalance moves them first). `None` when the step left nothing half done (it was
+/// cut before it changed anything, or after it finished): then the run ends as usual.
+async fn cancelled(q: &slotq::Queue) -> Option<CliError> {
     let reverted = match q.rebalance_cancelled().await {
         Ok(tags) if !tags.is_empty() => format!("back to draining: {}; ", tags.join(" ")),
         Ok(_) => String::new(),
@@ -107,19 +108,20 @@ async fn cancelled(q: &slotq::Queue) -> CliError {
                         .join(" ")
                 ));
             }
-            if parts.is_empty() {
-                "nothing half done".to_string()
-            } else {
-                parts.join("; ")
+            // Draining shards are where a finished step may leave a queue too: only a
+            // retirement under way (reverted above) or one cut short counts as half done.
+            if set.cleanup.is_empty() && reverted.is_empty() {
+                return None;
             }
+            parts.join("; ")
         }
         Err(e) => format!("the registry could not be read: {e}"),
     };
-    CliError::Other(format!(
+    Some(CliError::Other(format!(
         "rebalance of {} cancelled mid-step at registry version {}; {reverted}left: {left}; run slotq rebalance again to finish it",
         q.name(),
         q.shards().version
-    ))
+    )))
 }
 
 /// `slotq rebalance QUEUE`.
@@ -139,8 +141,14 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
     loop {
         let report = tokio::select! {
             r = q.rebalance() => r?,
-            _ = tokio::signal::ctrl_c() => return Err(cancelled(&q).await),
-            _ = term.recv() => return Err(cancelled(&q).await),
+            _ = tokio::signal::ctrl_c() => match cancelled(&q).await {
+                Some(e) => return Err(e),
+                None => break,
+            },
+            _ = term.recv() => match cancelled(&q).await {
+                Some(e) => return Err(e),
+                None => break,
+            },
         };
         if let Some(line) = describe(&report) {
             eprintln!("{line}");
