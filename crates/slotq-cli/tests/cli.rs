@@ -929,7 +929,11 @@ fn a_rebalance_stopped_mid_retirement_says_what_it_left_and_the_next_finishes() 
     let url = c.url();
     let u = url.as_str();
     assert!(slotq(&["--url", u, "push", "cut", "a"]).status.success());
-    assert!(slotq(&["--url", u, "pop", "cut", "-n", "1"]).status.success());
+    assert!(
+        slotq(&["--url", u, "pop", "cut", "-n", "1"])
+            .status
+            .success()
+    );
     c.migrate_slots(&c.slots_of(2), 0).unwrap();
     // The step drains the surplus shard, sets it retiring, and waits two registry polls
     // (2 s) before it looks whether it is empty: stopped in that wait.
@@ -948,7 +952,10 @@ fn a_rebalance_stopped_mid_retirement_says_what_it_left_and_the_next_finishes() 
     assert!(killed.success());
     let o = step.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "a cancelled step exits non-zero: {err}");
+    assert!(
+        !o.status.success(),
+        "a cancelled step exits non-zero: {err}"
+    );
     assert!(err.contains("cancelled mid-step"), "{err}");
     assert!(err.contains("back to draining: cut#"), "{err}");
     // The next rebalance takes it from there (the lock went with the cancelled one).
