@@ -381,18 +381,6 @@ impl Consumer {
             }
             let (stop, alive) = watch::channel(());
             let keys = self.keys_of(&s.tag);
-            let fenced = match (&self.ctx.fence_group, &mut self.group) {
-                (Some(group), Some(g)) if self.ctx.max_attempts.is_none() => {
-                    Some(super::fenced_pop::FencedWait::new(
-                        self.ctx.scripts.clone(),
-                        group.clone(),
-                        keys.clone(),
-                        self.pop_batch * FENCED_ASK_FACTOR,
-                        g.epoch_cell(&s.tag),
-                    ))
-                }
-                _ => None,
-            };
             let w = Waiter {
                 cluster: self.queue.cluster().clone(),
                 slot: s.slot,
@@ -405,8 +393,7 @@ impl Consumer {
                 tx: self.inbox_tx.clone(),
                 wake_only: self.ctx.max_attempts.is_some() || self.ctx.fence_group.is_some(),
                 lease: lease_behind_wait
-                    .then(|| WaitLease::new(self.ctx.clone(), keys.clone(), self.pop_batch)),
-                fenced,
+                    .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
                 rearm: self.waiters_rearm(),
             };
             self.waiters

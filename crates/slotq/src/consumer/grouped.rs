@@ -27,9 +27,6 @@ pub(super) struct Grouped {
     owned: BTreeSet<String>,
     /// Shards whose fence refused this member, by the epoch it presented.
     lost: HashMap<String, u64>,
-    /// The epoch of each owned shard's grant, shared with the shard's waiter (which sends
-    /// fenced pops behind its waits).
-    epoch_cells: HashMap<String, Arc<std::sync::atomic::AtomicU64>>,
     /// Ordered, at-least-once: leases handed out per shard, until settled or expired.
     handed: HashMap<Arc<str>, Vec<Arc<Lease>>>,
     /// Shards whose buffered messages are being given back.
@@ -45,7 +42,6 @@ impl Grouped {
             view: Arc::new(View::default()),
             owned: BTreeSet::new(),
             lost: HashMap::new(),
-            epoch_cells: HashMap::new(),
             handed: HashMap::new(),
             returning: HashMap::new(),
         }
@@ -85,10 +81,6 @@ impl Grouped {
             .filter(|t| !self.lost.contains_key(*t))
             .cloned()
             .collect();
-        self.epoch_cells.retain(|t, _| v.epochs.contains_key(t));
-        for (t, cell) in &self.epoch_cells {
-            cell.store(v.epochs[t], Ordering::Relaxed);
-        }
         Some(v)
     }
 
@@ -103,15 +95,6 @@ impl Grouped {
             return None;
         }
         self.view.epochs.get(tag).copied()
-    }
-
-    /// The epoch of the grant of an owned shard, as a cell that follows new grants.
-    pub(super) fn epoch_cell(&mut self, tag: &str) -> Arc<std::sync::atomic::AtomicU64> {
-        let epoch = self.view.epochs.get(tag).copied().unwrap_or(0);
-        self.epoch_cells
-            .entry(tag.to_string())
-            .or_insert_with(|| Arc::new(std::sync::atomic::AtomicU64::new(epoch)))
-            .clone()
     }
 
     /// A pop of the shard was refused by its fence: another member was granted it later.

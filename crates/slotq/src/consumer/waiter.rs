@@ -40,9 +40,6 @@ pub(super) struct Waiter {
     /// At-least-once, unless the consumer is in an ordered group: a lease sent behind the
     /// wait (see `wait_lease`).
     pub(super) lease: Option<WaitLease>,
-    /// Ordered members of at-most-once queues: a fenced pop sent behind the wait (see
-    /// `fenced_pop`).
-    pub(super) fenced: Option<super::fenced_pop::FencedWait>,
     /// Block again at once after handing messages to a waiting consumer, while it works on
     /// them (its prefetch, with a lease behind the wait): see [`Waiter::run`].
     pub(super) rearm: bool,
@@ -135,12 +132,7 @@ impl Waiter {
                 bytes.extend(l.packed(id));
                 id
             });
-            let take = self.fenced.as_ref().map(|f| {
-                let take = f.take_key();
-                bytes.extend(f.packed(&take));
-                take
-            });
-            let behind = lease.is_some() || take.is_some();
+            let behind = lease.is_some();
             let replies = if behind { 3 } else { 1 };
             let reply = {
                 let pop = tokio::time::timeout(
@@ -167,15 +159,6 @@ impl Waiter {
                             )),
                             (None, _, Ok(Ok(mut r))) if !self.wake_only => {
                                 if let Ok(items) = blmpop_items(r.remove(0).into_value()) {
-                                    give_back(&self.cluster, self.slot, &self.key, items).await;
-                                }
-                            }
-                            (None, _, Ok(Ok(mut r))) if r.len() == 3 => {
-                                let (list, script) = (r.pop().expect("3"), r.pop().expect("3"));
-                                if let (Some(f), Some(take)) = (self.fenced.as_mut(), take.as_deref())
-                                    && let super::fenced_pop::AfterFencedWait::Popped(items) =
-                                        f.read(&self.cluster, take, script, list).await
-                                {
                                     give_back(&self.cluster, self.slot, &self.key, items).await;
                                 }
                             }
@@ -212,27 +195,6 @@ impl Waiter {
             let after: Option<(Reply, Reply)> = match (replies.pop(), replies.pop()) {
                 (Some(list), Some(script)) => Some((script, list)),
                 _ => None,
-            };
-            let after = match (self.fenced.as_mut(), take.as_deref(), after) {
-                (Some(f), Some(take), Some((script, list))) => {
-                    match f.read(&self.cluster, take, script, list).await {
-                        super::fenced_pop::AfterFencedWait::Popped(items) if !items.is_empty() => {
-                            if !self.hand_over(items).await {
-                                return;
-                            }
-                            woke_in = Some(wait);
-                        }
-                        super::fenced_pop::AfterFencedWait::Popped(_) => {}
-                        super::fenced_pop::AfterFencedWait::Wake => {
-                            if self.tx.send(Vec::new()).is_err() {
-                                return;
-                            }
-                            woke_in = Some(wait);
-                        }
-                    }
-                    None
-                }
-                (_, _, after) => after,
             };
             if let (Some(l), Some(id), Some((script, list))) = (&mut self.lease, lease, after) {
                 // The lease ran (or was refused) whatever the wait answered.
@@ -276,7 +238,7 @@ impl Waiter {
             match waited {
                 Value::Nil => {}
                 Value::BulkString(_) if self.wake_only => {
-                    if self.lease.is_none() && self.fenced.is_none() {
+                    if self.lease.is_none() {
                         // Data arrived (and is still in the list): wake the consumer.
                         if self.tx.send(Vec::new()).is_err() {
                             return;
