@@ -70,33 +70,48 @@ fn stop_all(members: &mut [Child]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_member_hands_out_nothing_once_its_shards_moved() {
-    const KEYS: usize = 6;
-    const PER_KEY: usize = 120;
+/// A 3-master cluster, an at-least-once queue of 6 shards holding `per_key` numbered
+/// messages for each of `keys` keys, and two ordered member processes (leases as given,
+/// up to `pause_ms` of work a message) working on it for 1.2 s already.
+async fn working_members(
+    queue: &str,
+    keys: usize,
+    per_key: usize,
+    leases: [u64; 2],
+    pause_ms: u64,
+) -> (TestCluster, Done, Vec<Child>) {
     let c = TestCluster::start(3, 0).unwrap();
     let url = c.url();
-    let client = client(&url).await;
-    let q = client
-        .queue("zombie")
+    let q = client(&url)
+        .await
+        .queue(queue)
         .shards_per_master(2)
         .reliable()
         .open()
         .await
         .unwrap();
-    send_sequences(&q, KEYS, PER_KEY).await;
+    send_sequences(&q, keys, per_key).await;
     let done = history();
-    // 20 ms of work per message on average: about 7 s of work for the two. The member to
-    // be paused holds 30 s leases, so what it buffered is still fresh when it continues;
-    // the other holds 1 s leases.
-    let mut members = vec![
-        member(&url, "zombie", 30_000, 40),
-        member(&url, "zombie", 1_000, 40),
-    ];
+    let mut members: Vec<Child> = leases
+        .iter()
+        .map(|&l| member(&url, queue, l, pause_ms))
+        .collect();
     for (i, m) in members.iter_mut().enumerate() {
         collect(m, i, &done);
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    (c, done, members)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_member_hands_out_nothing_once_its_shards_moved() {
+    const KEYS: usize = 6;
+    const PER_KEY: usize = 120;
+    // 20 ms of work per message on average: about 7 s of work for the two. The member to
+    // be paused holds 30 s leases, so what it buffered is still fresh when it continues;
+    // the other holds 1 s leases.
+    let (_c, done, mut members) =
+        working_members("zombie", KEYS, PER_KEY, [30_000, 1_000], 40).await;
     // Paused past its membership (3 s) while it holds messages, then continued.
     signal(&members[0], "-STOP");
     let paused_at = check(&done).distinct;
@@ -127,27 +142,9 @@ async fn a_paused_member_hands_out_nothing_once_its_shards_moved() {
 async fn a_killed_member_s_leases_come_back_before_newer_messages_at_once() {
     const KEYS: usize = 6;
     const PER_KEY: usize = 100;
-    let c = TestCluster::start(3, 0).unwrap();
-    let url = c.url();
-    let client = client(&url).await;
-    let q = client
-        .queue("longlease")
-        .shards_per_master(2)
-        .reliable()
-        .open()
-        .await
-        .unwrap();
-    send_sequences(&q, KEYS, PER_KEY).await;
-    let done = history();
     // A member with a 15 s lease and one with a 1 s lease.
-    let mut members = vec![
-        member(&url, "longlease", 15_000, 30),
-        member(&url, "longlease", 1_000, 30),
-    ];
-    for (i, m) in members.iter_mut().enumerate() {
-        collect(m, i, &done);
-    }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_c, done, mut members) =
+        working_members("longlease", KEYS, PER_KEY, [15_000, 1_000], 30).await;
     members[0].kill().unwrap();
     members[0].wait().unwrap();
     let killed = Instant::now();
