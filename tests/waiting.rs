@@ -48,6 +48,14 @@ async fn a_drained_at_least_once_consumer_waits_without_asking_again() {
     }
     assert_eq!(got, 1000);
 
+    // A round the last call started ahead may still be in flight: one wait settles it.
+    assert!(
+        consumer
+            .recv_batch_timeout(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Every lease sends an LRANGE of the lease's list behind its script.
     let leases = command_calls(&c, "lrange");
     for _ in 0..3 {
@@ -344,6 +352,62 @@ async fn a_lease_that_arrives_after_its_consumer_stopped_receiving_is_given_back
     other.ack_all(&batch).await.unwrap();
     other.close().await;
     away.close().await;
+}
+
+/// A consumer closed while its waits' leases are on their way back gives them back before
+/// `close` returns: a process that exits right after (its runtime dropped with every task
+/// it spawned) leaves nothing leased. Each round cancels a receive mid-wait (its waiters
+/// stay blocked, each with a lease behind), sends, and closes at once.
+#[test]
+fn a_consumer_closed_as_its_waits_bring_leases_leaves_nothing_leased() {
+    let c = TestCluster::start(3, 0).unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    for round in 1..=8 {
+        let name = format!("exit{round}");
+        let rt = runtime();
+        rt.block_on(async {
+            let client = client(&c.url()).await;
+            let q = client.queue(&name).reliable().open().await.unwrap();
+            let producer = q.producer().build().unwrap();
+            let mut consumer = q
+                .consumer()
+                .without_group()
+                .lease(Duration::from_secs(60))
+                .build()
+                .unwrap();
+            tokio::select! {
+                got = consumer.recv_batch(10) => panic!("nothing was sent: {got:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(150)) => {}
+            }
+            producer
+                .send_batch((0..6).map(|i| format!("r{round}-{i}")))
+                .await
+                .unwrap();
+            consumer.close().await;
+        });
+        // As a process exits: what was spawned and is not done never runs.
+        drop(rt);
+        let (depth, in_flight) = runtime().block_on(async {
+            let client = client(&c.url()).await;
+            let q = client.queue(&name).open().await.unwrap();
+            let stats = q.stats().await.unwrap();
+            (
+                stats.iter().map(|s| s.depth).sum::<u64>(),
+                stats.iter().map(|s| s.in_flight.unwrap_or(0)).sum::<u64>(),
+            )
+        });
+        assert_eq!(
+            (depth, in_flight),
+            (6, 0),
+            "round {round}: everything back in the queue, nothing leased"
+        );
+    }
 }
 
 /// Members that give up after 10 ms and do something else for 5 ms before they call again

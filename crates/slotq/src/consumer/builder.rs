@@ -158,6 +158,7 @@ impl ConsumerBuilder {
                 } else {
                     None
                 },
+                releases: Default::default(),
             },
             round: None,
             prefetch: self.prefetch,

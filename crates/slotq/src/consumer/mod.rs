@@ -202,8 +202,18 @@ impl Consumer {
     }
 
     /// Stops the consumer: ends its blocked pops and pushes every message it popped but
-    /// did not hand out back to the head of its shard, and waits until that is done.
+    /// did not hand out back to the head of its shard, and waits until that is done (a
+    /// process may exit right after: nothing is left to a task of its own).
     pub async fn close(mut self) {
+        // Waiters first: told to stop, each ends its blocked pop and gives back what a
+        // late reply brought, or hands it to the inbox, which is still open and read below.
+        let waiters: Vec<(JoinHandle<()>, watch::Sender<()>)> =
+            self.waiters.drain().map(|(_, w)| w).collect();
+        let (handles, stops): (Vec<_>, Vec<_>) = waiters.into_iter().unzip();
+        drop(stops);
+        for w in handles {
+            let _ = w.await;
+        }
         if let Some(round) = self.round.as_mut() {
             let replies = round.replies().await;
             let round = self.round.take().expect("a round in flight");
@@ -211,17 +221,18 @@ impl Consumer {
             self.buffer_up(out.messages);
         }
         let left = self.take_unhanded();
-        let waiters: Vec<JoinHandle<()>> = self.waiters.drain().map(|(_, (h, _))| h).collect();
         let (cluster, prefix) = (
             self.queue.cluster().clone(),
             self.queue.prefix().to_string(),
         );
         let group = self.group.take();
+        let releases = self.ctx.releases.clone();
+        // A release that does not land in this long is left to its task (or, if the
+        // process exits, to the lease's expiry): the node is slow or gone.
+        let release_limit = (2 * cluster.config().request_timeout_value()).min(self.ctx.lease);
         drop(self);
         return_messages(&cluster, &prefix, left).await;
-        for w in waiters {
-            let _ = w.await;
-        }
+        releases.settled(release_limit).await;
         if let Some(mut g) = group {
             g.leave().await;
         }

@@ -49,6 +49,54 @@ pub(super) struct Ctx {
     pub(super) lease: Duration,
     /// Ordered groups: the group's name, which fenced pops present with their epoch.
     pub(super) fence_group: Option<Arc<str>>,
+    /// Releases of lost or unwanted leases still running: `close` waits for them, so a
+    /// process that exits right after closing its consumer leaves no lease behind.
+    pub(super) releases: Arc<Releases>,
+}
+
+/// Counts the release tasks a consumer started and wakes whoever waits for none.
+#[derive(Default)]
+pub(super) struct Releases {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Releases {
+    fn start(self: &Arc<Self>) -> ReleaseGuard {
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ReleaseGuard(self.clone())
+    }
+
+    /// Waits until every release started so far has ended, or `limit` passed.
+    pub(super) async fn settled(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let idle = self.idle.notified();
+                if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// One running release; dropping it (done, or its task cancelled) counts it out.
+struct ReleaseGuard(Arc<Releases>);
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Most payload bytes asked of one shard in one round: a reply stays a few MiB whatever
@@ -324,7 +372,9 @@ pub(super) fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
                 (ctx.cluster.clone(), ctx.scripts.clone(), ask.keys.clone());
             let until = Instant::now() + ctx.lease;
             tracing::debug!(shard = %keys.tag, lease = %id, cause = %e, "releasing a lease whose pop reply was lost");
+            let guard = ctx.releases.start();
             tokio::spawn(async move {
+                let _guard = guard;
                 let pause = cluster.config().request_timeout_value();
                 while Instant::now() < until {
                     if let Ok(true) = lease::release_lost(&cluster, &scripts, &keys, id).await {
