@@ -381,37 +381,13 @@ async fn a_member_that_leaves_cleanly_frees_its_shards_at_once() {
 }
 
 /// The lease script of at-least-once shards, as the library sends it.
-const LEASE_POP: &str = concat!(
-    include_str!("../crates/slotq/src/lua/frames.lua"),
-    include_str!("../crates/slotq/src/lua/lease_pop.lua")
-);
-
-/// Runs the lease script on shard `tag` presenting `epoch` of group "g".
 fn lease_with(
     c: &TestCluster,
     tag: &str,
     id: &str,
     epoch: u64,
 ) -> redis::RedisResult<Vec<redis::Value>> {
-    let k = |kind: &str| format!("slotq:{{{tag}}}:{kind}");
-    let node = c.owner_of(slotq::slot::key_slot(k("ready"))).unwrap();
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(LEASE_POP).arg(8);
-    for kind in [
-        "ready", "leases", "inflight", "acks", "delayed", "dead", "count",
-    ] {
-        cmd.arg(k(kind));
-    }
-    cmd.arg(k(&format!("lease:{id}")));
-    cmd.arg(100)
-        .arg(30_000)
-        .arg(10)
-        .arg(100)
-        .arg(id)
-        .arg(8 << 20);
-    cmd.arg("g").arg(epoch);
-    let mut conn = c.node(node).client().unwrap().get_connection().unwrap();
-    cmd.query(&mut conn)
+    slotq_tests::scripts::lease_pop(c, tag, id, 100, Some(("g", epoch)))
 }
 
 /// The fence itself, script by script: a pop presenting an older grant than the shard's
@@ -585,4 +561,97 @@ async fn an_at_most_once_shard_s_fence_refuses_an_older_grant() {
         "a fenced member takes nothing of the shard: {more:?}"
     );
     drop(a);
+}
+
+/// A pop whose reply a consumer gave up on (a stalled node, a dropped connection) and
+/// released by name before the pop ran: when it runs at last it leases nothing, so an
+/// ordered member that went on with newer pops never sees those messages come back later,
+/// behind newer ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_released_before_it_ran_leases_nothing_when_it_runs() {
+    use slotq_tests::scripts::{lease_pop, release_lost};
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("late-pop")
+        .shards_per_master(1)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let key = key_of_some_shard(&q);
+    let tag = q.shards().shards[0].tag.clone();
+    let producer = q.producer().build().unwrap();
+    for i in 0..3 {
+        producer.send_keyed(&key, format!("m{i}")).await.unwrap();
+    }
+    let late = "c".repeat(32);
+    assert!(
+        !release_lost(&c, &tag, &late),
+        "the pop has not run: nothing to release"
+    );
+    let ran = lease_pop(&c, &tag, &late, 100, Some(("g", 1))).unwrap();
+    assert_eq!(
+        ran[0],
+        redis::Value::Int(0),
+        "the late pop leased nothing: {ran:?}"
+    );
+    let next = lease_pop(&c, &tag, &"d".repeat(32), 100, Some(("g", 1))).unwrap();
+    assert_eq!(
+        next[3],
+        redis::Value::Int(3),
+        "the messages are still there: {next:?}"
+    );
+    // A pop that ran before its release is released as it always was.
+    assert!(release_lost(&c, &tag, &"d".repeat(32)));
+}
+
+/// A claim gives the old holder's leases back in the order they were made, not by
+/// deadline: a lease extended past newer ones (a worker extends what it holds while a
+/// handler runs) still comes back ahead of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_returns_leases_in_the_order_they_were_made_even_when_extended() {
+    use slotq_tests::scripts::{lease_pop, payloads_in_lease};
+    let c = TestCluster::start(3, 0).unwrap();
+    let client = client(&c.url()).await;
+    let q = client
+        .queue("claim-order")
+        .shards_per_master(1)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let key = key_of_some_shard(&q);
+    let tag = q.shards().shards[0].tag.clone();
+    let producer = q.producer().build().unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("payload-number-{i}")).collect();
+    for n in &names {
+        producer.send_keyed(&key, n.as_str()).await.unwrap();
+    }
+    // Three leases of two messages each, under grant 1; the first extended far ahead.
+    let ids: Vec<String> = ["1", "2", "3"].iter().map(|d| d.repeat(32)).collect();
+    for id in &ids {
+        let r = lease_pop(&c, &tag, id, 2, Some(("g", 1))).unwrap();
+        assert_eq!(r[3], redis::Value::Int(2), "{r:?}");
+    }
+    let leases = format!("slotq:{{{tag}}}:leases");
+    let node = c.owner_of(slotq::slot::key_slot(&leases)).unwrap();
+    c.node(node)
+        .cmd::<i64>(
+            redis::cmd("ZADD")
+                .arg(&leases)
+                .arg("XX")
+                .arg(i64::MAX / 4)
+                .arg(&ids[0]),
+        )
+        .unwrap();
+    // Grant 2 claims the shard: every lease back, in the order made, then leased anew.
+    let claim = "e".repeat(32);
+    let r = lease_pop(&c, &tag, &claim, 100, Some(("g", 2))).unwrap();
+    assert_eq!(r[2], redis::Value::Int(6), "all six came back: {r:?}");
+    assert_eq!(
+        payloads_in_lease(&c, &tag, &claim, &names),
+        names,
+        "in the order they were sent"
+    );
 }

@@ -4,8 +4,7 @@
 //! order in which messages were first processed, and (an at-least-once queue) that every
 //! message sent was processed.
 //!
-//! It runs for `SLOTQ_NEMESIS_SECS` seconds (default 20). Ignored in CI for now (see the
-//! open bug noted at the test).
+//! It runs for `SLOTQ_NEMESIS_SECS` seconds (default 20, as in CI).
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
@@ -36,10 +35,6 @@ fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
-// Open bug: in one of four CI-sized runs this found 9 per-key order violations (all by one
-// member, e.g. "k1: 9 first processed before 3"); until it is found and fixed the test is
-// run by hand: `cargo nextest run -p slotq-tests --test nemesis --run-ignored all`.
-#[ignore = "open bug: found per-key order violations in 1 of 4 runs; run with --run-ignored all"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
     const KEYS: usize = 12;

@@ -7,6 +7,9 @@ pub mod load;
 #[path = "history.rs"]
 pub mod history;
 
+#[path = "scripts.rs"]
+pub mod scripts;
+
 use std::time::Duration;
 
 use slotq::{Cluster, ClusterConfig};

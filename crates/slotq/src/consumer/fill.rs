@@ -1,7 +1,7 @@
 //! Getting messages into the buffer: sweeping the shards in rounds, or waiting on the
 //! shards' blocking waiters when the last round left them empty.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::round::{self, Ask, Round};
 use super::wait_lease::WaitLease;
 use super::waiter::{Attention, Waiter};
-use super::{Consumer, Flow, MAX_WEIGHT, Message, giveback::return_messages};
+use super::{Consumer, Flow, MAX_WEIGHT, Message};
 use crate::error::Result;
 use crate::lease::{LeaseId, ShardKeys};
 use crate::placement::{Shard, ready_key};
@@ -153,7 +153,7 @@ impl Consumer {
 
     /// One round: a pop on every shard, one pipeline per node. Cancel-safe: a round cut
     /// short by a cancelled caller is resumed by the next call (see [`round`]).
-    async fn sweep(&mut self) -> Result<usize> {
+    pub(super) async fn sweep(&mut self) -> Result<usize> {
         if self.round.is_none() {
             let asks = self.plan_round(None);
             if asks.is_empty() {
@@ -194,40 +194,38 @@ impl Consumer {
                 g.fenced(&tag, fence);
                 self.waiters.remove(&*tag);
             }
+            if g.cfg.ordered {
+                for (tag, task) in std::mem::take(&mut out.lost) {
+                    g.returning(tag.to_string(), task);
+                }
+            }
         }
-        if let Some(g) = self.group.as_mut()
+        if let Some(g) = self.group.as_ref()
             && g.cfg.ordered
         {
-            // A round sent before a shard was released may bring its messages: they go
-            // back, and the shard stays held until they are. A round that brings
-            // messages of a shard lost otherwise (fenced, or taken while this member's
-            // membership lapsed) holds stale messages: see `discard_stale`.
-            let (mine, gone): (Vec<Message>, Vec<Message>) = out
+            // Only what was taken under the grant this member holds now is handed out. A
+            // round that brings messages of a shard released meanwhile, or of a grant
+            // lost (fenced, membership lapsed, granted anew), gives them back together
+            // with what is buffered of the shard (see `ordered_giveback`); a fenced shard
+            // gives back its buffered messages at once.
+            let mut gone: HashSet<Arc<str>> = out
+                .messages
+                .iter()
+                .filter(|m| !g.holds(m))
+                .map(|m| m.shard.clone())
+                .collect();
+            gone.extend(
+                self.buffer
+                    .iter()
+                    .filter(|m| !g.holds(m) && !g.released().contains(&*m.shard))
+                    .map(|m| m.shard.clone()),
+            );
+            let (give, mine): (Vec<Message>, Vec<Message>) = out
                 .messages
                 .into_iter()
-                .partition(|m| g.owned().contains(&*m.shard));
+                .partition(|m| gone.contains(&m.shard));
             out.messages = mine;
-            let (gone, stale): (Vec<Message>, Vec<Message>) = gone
-                .into_iter()
-                .partition(|m| g.released().contains(&*m.shard));
-            let mut by_shard: HashMap<Arc<str>, Vec<Message>> = HashMap::new();
-            for m in gone {
-                by_shard.entry(m.shard.clone()).or_default().push(m);
-            }
-            let (cluster, prefix) = (
-                self.queue.cluster().clone(),
-                self.queue.prefix().to_string(),
-            );
-            super::giveback::discard_stale(&cluster, &prefix, stale);
-            for (tag, give) in by_shard {
-                let (cluster, prefix) = (
-                    self.queue.cluster().clone(),
-                    self.queue.prefix().to_string(),
-                );
-                let task =
-                    tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
-                g.returning(tag.to_string(), task);
-            }
+            self.give_back_ordered(&gone, give);
         }
         let got = out.messages.len();
         self.flowing = if got == 0 {

@@ -101,28 +101,3 @@ pub(super) fn list_items(v: Value) -> Result<Vec<Bytes>> {
         other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
     }
 }
-
-/// Messages an ordered member took under a grant of their shard that no longer holds:
-/// never handed out. At-least-once ones are released (the new owner's claim has put them
-/// back at the head already, or will); at-most-once ones left Redis when they were popped,
-/// and the new owner may have handed out newer ones of the same keys since: they are
-/// dropped and counted (`slotq_fenced_dropped_total`) rather than delivered out of order.
-pub(super) fn discard_stale(cluster: &Cluster, prefix: &str, stale: Vec<Message>) {
-    if stale.is_empty() {
-        return;
-    }
-    let (leased, plain): (Vec<Message>, Vec<Message>) =
-        stale.into_iter().partition(|m| m.lease.is_some());
-    if !plain.is_empty() {
-        metrics::counter!(crate::telemetry::FENCED_DROPPED).increment(plain.len() as u64);
-        tracing::warn!(
-            count = plain.len(),
-            shard = %plain[0].shard,
-            "ordered member lost a shard while holding popped messages (at-most-once): dropped"
-        );
-    }
-    if !leased.is_empty() {
-        let (cluster, prefix) = (cluster.clone(), prefix.to_string());
-        tokio::spawn(async move { return_messages(&cluster, &prefix, leased).await });
-    }
-}

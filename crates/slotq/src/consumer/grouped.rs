@@ -84,9 +84,11 @@ impl Grouped {
         Some(v)
     }
 
-    /// The view in hand (before a refresh).
-    pub(super) fn view(&self) -> Arc<View> {
-        self.view.clone()
+    /// Whether a newer view arrived than the one in hand (taken by the next `refresh`).
+    pub(super) fn view_pending(&self) -> bool {
+        self.member
+            .as_ref()
+            .is_some_and(|m| !Arc::ptr_eq(&m.view.borrow(), &self.view))
     }
 
     /// Ordered: the epoch of this member's grant of a shard, to present to its fence.
@@ -113,6 +115,12 @@ impl Grouped {
                 .insert(tag.to_string(), fence);
             m.poke.notify_one();
         }
+    }
+
+    /// Ordered: whether a message was taken under the grant of its shard this member
+    /// holds now (owned, same epoch).
+    pub(super) fn holds(&self, m: &super::Message) -> bool {
+        self.owned.contains(&*m.shard) && m.epoch == self.epoch_of(&m.shard)
     }
 
     /// Ordered: whether this member can still be sure it is a member: until a fifth of the

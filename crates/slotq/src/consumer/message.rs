@@ -29,6 +29,9 @@ pub struct Message {
     /// At-least-once queues: when it was first enqueued (ms since the Unix epoch).
     pub enqueued_ms: Option<u64>,
     pub(super) lease: Option<LeaseRef>,
+    /// Ordered groups: the epoch of the grant of its shard it was taken under. Handed out
+    /// only while the member still holds that very grant (see `Consumer::sync_group`).
+    pub(super) epoch: Option<u64>,
 }
 
 /// The name the at-least-once documentation uses for a leased message.
@@ -43,6 +46,7 @@ impl Message {
             attempt: 1,
             enqueued_ms: None,
             lease: None,
+            epoch: None,
         }
     }
 

@@ -27,7 +27,7 @@
 //! consumer's side of its group: views, epochs, validity), `giveback` (returning what was
 //! not handed out, and dropping what a lost grant makes stale).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ mod fill;
 mod giveback;
 mod grouped;
 mod message;
+mod ordered_giveback;
 mod round;
 mod wait_lease;
 mod waiter;
@@ -144,7 +145,7 @@ impl Consumer {
         loop {
             self.queue.check_live().await?;
             self.sync_group().await?;
-            self.release_stale();
+            self.release_stale().await;
             if let Some(m) = self.buffer.pop_front() {
                 if let Some(g) = self.group.as_mut() {
                     g.handed(std::slice::from_ref(&m));
@@ -161,7 +162,7 @@ impl Consumer {
         loop {
             self.queue.check_live().await?;
             self.sync_group().await?;
-            self.release_stale();
+            self.release_stale().await;
             if !self.buffer.is_empty() {
                 let out = self.take(max);
                 self.prefetch_if_dry();
@@ -181,7 +182,7 @@ impl Consumer {
         loop {
             self.queue.check_live().await?;
             self.sync_group().await?;
-            self.release_stale();
+            self.release_stale().await;
             if !self.buffer.is_empty() || Instant::now() >= deadline {
                 let out = self.take(max);
                 if !out.is_empty() {
@@ -353,45 +354,34 @@ impl Consumer {
                 });
             }
         }
-        let before = g.view();
+        // Ordered: a round in flight is absorbed before a new view is taken, so that what
+        // it brings of a shard the view takes away goes back in the same call as what is
+        // buffered of it (see `ordered_giveback`).
+        if g.cfg.ordered && g.view_pending() && self.round.is_some() {
+            self.settle_round_in_flight().await;
+        }
+        let g = self.group.as_mut().expect("a group");
         let changed = g.refresh();
         if let Some(view) = &changed {
-            if g.cfg.ordered {
-                // Shards lost without a handover (this member's membership lapsed, or a
-                // grant was made anew) or granted again: what is buffered of them is
-                // stale, taken under a grant that no longer holds.
-                let stale_tag = |t: &str| {
-                    !view.released.contains(t)
-                        && (view.epochs.get(t) != before.epochs.get(t) || !g.owned().contains(t))
-                };
-                while let Ok(batch) = self.inbox_rx.try_recv() {
-                    self.buffer.extend(batch);
-                }
-                let (stale, keep): (Vec<Message>, Vec<Message>) =
-                    self.buffer.drain(..).partition(|m| stale_tag(&m.shard));
-                self.buffer.extend(keep);
-                giveback::discard_stale(self.queue.cluster(), self.queue.prefix(), stale);
-            }
             // Dropping a waiter's sender ends its blocked pop; it gives back what it took.
             self.waiters.retain(|tag, _| view.owned.contains(tag));
-            if g.cfg.ordered && !view.released.is_empty() {
+            if g.cfg.ordered {
+                // Shards released to another member, lost without a handover (membership
+                // lapsed, fenced) or granted anew: what is buffered of them goes back.
                 while let Ok(batch) = self.inbox_rx.try_recv() {
                     self.buffer.extend(batch);
                 }
-                for tag in g.released().clone() {
-                    let (give, keep): (Vec<Message>, Vec<Message>) =
-                        self.buffer.drain(..).partition(|m| *m.shard == *tag);
-                    self.buffer.extend(keep);
-                    let (cluster, prefix) = (
-                        self.queue.cluster().clone(),
-                        self.queue.prefix().to_string(),
-                    );
-                    let task =
-                        tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
-                    g.returning(tag, task);
-                }
+                let mut gone: HashSet<Arc<str>> = self
+                    .buffer
+                    .iter()
+                    .filter(|m| !g.holds(m))
+                    .map(|m| m.shard.clone())
+                    .collect();
+                gone.extend(view.released.iter().map(|t| Arc::from(t.as_str())));
+                self.give_back_ordered(&gone, Vec::new());
             }
         }
+        let g = self.group.as_mut().expect("a group");
         let due = self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY);
         if changed.is_some() || due {
             // A round in flight may bring messages of the shards it asked: they stay held.
@@ -409,34 +399,41 @@ impl Consumer {
     /// quarter of its length left are released (no delivery counted) instead of handed out,
     /// so that a slow application never gets a message it cannot settle in time, and the
     /// reaper never counts an attempt for a message nobody saw.
-    fn release_stale(&mut self) {
+    async fn release_stale(&mut self) {
         let Some(lease_len) = self.ctx.max_attempts.map(|_| self.ctx.lease) else {
             return;
         };
         let cutoff = Instant::now() + lease_len / 4;
-        let mut stale = Vec::new();
-        while let Some(m) = self.buffer.front() {
-            match &m.lease {
-                Some(l) if l.lease.local_deadline.get() < cutoff => {
-                    stale.push(self.buffer.pop_front().expect("a front message"));
-                }
-                _ => break,
+        let near_over = |m: &Message| {
+            m.lease
+                .as_ref()
+                .is_some_and(|l| l.lease.local_deadline.get() < cutoff)
+        };
+        if self.group.as_ref().is_some_and(|g| g.cfg.ordered) {
+            // Ordered: nothing newer of those shards may be handed out before the stale
+            // messages come back, so everything held of them goes back with them.
+            let shards: HashSet<Arc<str>> = self
+                .buffer
+                .iter()
+                .take_while(|m| near_over(m))
+                .map(|m| m.shard.clone())
+                .collect();
+            if !shards.is_empty() {
+                tracing::debug!(
+                    shards = shards.len(),
+                    "releasing buffered messages whose lease is nearly over"
+                );
+                self.settle_round_in_flight().await;
+                self.give_back_ordered(&shards, Vec::new());
             }
+            return;
+        }
+        let mut stale = Vec::new();
+        while self.buffer.front().is_some_and(near_over) {
+            stale.push(self.buffer.pop_front().expect("a front message"));
         }
         if stale.is_empty() {
             return;
-        }
-        if self.group.as_ref().is_some_and(|g| g.cfg.ordered) {
-            // Ordered: nothing newer of those shards may be handed out before the stale
-            // messages come back, so everything buffered of them goes back too.
-            let shards: std::collections::HashSet<Arc<str>> =
-                stale.iter().map(|m| m.shard.clone()).collect();
-            let (more, keep): (Vec<Message>, Vec<Message>) = self
-                .buffer
-                .drain(..)
-                .partition(|m| shards.contains(&m.shard));
-            self.buffer.extend(keep);
-            stale.extend(more);
         }
         tracing::debug!(
             count = stale.len(),
@@ -446,25 +443,7 @@ impl Consumer {
             self.queue.cluster().clone(),
             self.queue.prefix().to_string(),
         );
-        match self.group.as_mut() {
-            Some(g) if g.cfg.ordered => {
-                // Tracked per shard: an ordered consumer pops none of them until the
-                // released messages are back at the head.
-                let mut by_shard: HashMap<Arc<str>, Vec<Message>> = HashMap::new();
-                for m in stale {
-                    by_shard.entry(m.shard.clone()).or_default().push(m);
-                }
-                for (tag, give) in by_shard {
-                    let (cluster, prefix) = (cluster.clone(), prefix.clone());
-                    let task =
-                        tokio::spawn(async move { return_messages(&cluster, &prefix, give).await });
-                    g.returning(tag.to_string(), task);
-                }
-            }
-            _ => {
-                tokio::spawn(async move { return_messages(&cluster, &prefix, stale).await });
-            }
-        }
+        tokio::spawn(async move { return_messages(&cluster, &prefix, stale).await });
     }
 }
 

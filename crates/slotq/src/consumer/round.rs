@@ -180,6 +180,10 @@ pub(super) struct Outcome {
     pub(super) drained: bool,
     /// Shards whose fence refused this member's grant, with the fence found.
     pub(super) fenced: Vec<(Arc<str>, u64)>,
+    /// Shards whose lease reply was lost, with the task releasing the lease by name:
+    /// an ordered member takes nothing more of such a shard until it has ended (the pop
+    /// may run late, and its messages come back ahead of what a newer pop would take).
+    pub(super) lost: Vec<(Arc<str>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Round {
@@ -269,6 +273,7 @@ pub(super) fn absorb(
         error: None,
         drained: true,
         fenced: Vec::new(),
+        lost: Vec::new(),
     };
     // Room for every message up front: a `Message` is large, and growing the vector while
     // a thousand arrive would move each of them several times.
@@ -295,7 +300,9 @@ pub(super) fn absorb(
         let shard: Arc<str> = Arc::from(&*ask.keys.tag);
         let taken = match reply {
             Ok(Reply::Items(v)) => each_item(v, |payload| {
-                out.messages.push(Message::plain(payload, shard.clone()))
+                let mut m = Message::plain(payload, shard.clone());
+                m.epoch = ask.fence;
+                out.messages.push(m)
             }),
             Ok(Reply::Lease(Leasing::Nothing { .. })) => Ok(0),
             Ok(Reply::Lease(Leasing::Leased {
@@ -320,8 +327,10 @@ pub(super) fn absorb(
             Ok(Reply::Lease(Leasing::Unread(e))) => {
                 // The lease exists but none of it arrived: give it back by name (below
                 // for errors that may hide a pop, which every lost reply does).
-                if !e.may_have_run() {
-                    lost_reply(ctx, ask, &e);
+                if !e.may_have_run()
+                    && let Some(task) = lost_reply(ctx, ask, &e)
+                {
+                    out.lost.push((ask.keys.tag.clone(), task));
                 }
                 Err(e)
             }
@@ -341,7 +350,9 @@ pub(super) fn absorb(
             Err(e) => {
                 out.full.push(false);
                 if e.may_have_run() {
-                    lost_reply(ctx, ask, &e);
+                    if let Some(task) = lost_reply(ctx, ask, &e) {
+                        out.lost.push((ask.keys.tag.clone(), task));
+                    }
                 } else if e.is_retryable() {
                     tracing::debug!(shard = %ask.keys.tag, cause = %e, "shard skipped this round");
                 } else {
@@ -354,8 +365,10 @@ pub(super) fn absorb(
     out
 }
 
-/// A pop whose reply was lost may have run.
-pub(super) fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
+/// A pop whose reply was lost may have run. At-least-once: its lease is released by
+/// name, or (not there yet) tombstoned so that the pop leases nothing if it runs later;
+/// the task doing so is returned.
+pub(super) fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) -> Option<tokio::task::JoinHandle<()>> {
     match ask.lease {
         None => {
             metrics::counter!(crate::telemetry::POP_REPLIES_LOST).increment(1);
@@ -363,26 +376,30 @@ pub(super) fn lost_reply(ctx: &Ctx, ask: &Ask, e: &Error) {
                 shard = %ask.keys.tag, cause = %e, count = ask.count,
                 "pop reply lost: if the pop ran, up to this many messages are gone (at-most-once)"
             );
+            None
         }
         Some(id) => {
             // The pop may still be queued behind a stalled node: keep trying, a request
-            // timeout apart, until the lease is found and released, or until it would
+            // timeout apart, until the lease is released or tombstoned, or until it would
             // have expired anyway (then the reaper returns its messages).
             let (cluster, scripts, keys) =
                 (ctx.cluster.clone(), ctx.scripts.clone(), ask.keys.clone());
             let until = Instant::now() + ctx.lease;
             tracing::debug!(shard = %keys.tag, lease = %id, cause = %e, "releasing a lease whose pop reply was lost");
             let guard = ctx.releases.start();
-            tokio::spawn(async move {
+            Some(tokio::spawn(async move {
                 let _guard = guard;
                 let pause = cluster.config().request_timeout_value();
                 while Instant::now() < until {
-                    if let Ok(true) = lease::release_lost(&cluster, &scripts, &keys, id).await {
+                    if lease::release_lost(&cluster, &scripts, &keys, id)
+                        .await
+                        .is_ok()
+                    {
                         return;
                     }
                     tokio::time::sleep(pause).await;
                 }
-            });
+            }))
         }
     }
 }
@@ -428,6 +445,7 @@ pub(super) fn take_lease(
                         lease: lease.clone(),
                         position,
                     }),
+                    epoch: ask.fence,
                 });
             })?;
         }

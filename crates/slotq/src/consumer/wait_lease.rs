@@ -145,7 +145,7 @@ impl WaitLease {
     /// Gives back a lease made for a consumer that is not receiving, or whose reply was
     /// lost, by name: no delivery counted. Keeps trying, as a round's lost lease does.
     pub(super) fn release(&self, id: LeaseId, why: &Error) {
-        round::lost_reply(&self.ctx, &self.ask(id), why);
+        let _ = round::lost_reply(&self.ctx, &self.ask(id), why);
     }
 
     /// Releases the messages of a lease the consumer will not receive.

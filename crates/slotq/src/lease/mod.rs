@@ -379,7 +379,8 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
 
 /// Gives back a whole lease whose pop reply never arrived (a timeout or a lost connection):
 /// none of its messages was handed out, so none counts as a delivery. Returns whether the
-/// lease was found; `false` when the pop never ran (or its lease expired already).
+/// lease was found; `false` when the pop has not run (it may still be queued: a tombstone
+/// makes it lease nothing when it does) or its lease expired already.
 pub(crate) async fn release_lost(
     cluster: &Cluster,
     scripts: &LeaseScripts,

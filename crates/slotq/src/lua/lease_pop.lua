@@ -36,6 +36,14 @@ if not redis.call('ZSCORE', KEYS[2], KEEP) then
   keep_keys(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 end
 
+-- A pop whose client gave up on its reply and released it by name before it ran (see
+-- settle.lua, 'releaseall'): it leases nothing, so nothing is taken that nobody receives.
+local tombstone = '~x:' .. ARGV[5]
+if redis.call('ZSCORE', KEYS[2], tombstone) then
+  redis.call('ZREM', KEYS[2], tombstone)
+  return {0, 0, 0, 0, 0, 0}
+end
+
 -- The fence of an ordered group: the highest epoch presented to this shard, kept in the
 -- acks hash (a key that always exists) under '~f:<group>' (lease ids are hex, so no lease
 -- is named so). An older epoch is refused: its holder lost the shard. A newer one claims
@@ -61,8 +69,22 @@ local list_of = string.sub(KEYS[2], 1, #KEYS[2] - #'leases') .. 'lease:'
 local reaped = 0
 local expired
 if claiming then
-  -- Every lease (the KEEP member sits at +inf), in deadline order.
+  -- Every lease (the KEEP member sits at +inf), in the order the leases were made (an
+  -- extended lease has a later deadline than newer ones): ordered pops number their
+  -- leases ('~c:<lease>' in the acks hash); others, unnumbered, count as older.
   expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(+inf')
+  if #expired > 1 then
+    local fields = {}
+    for x, lease in ipairs(expired) do fields[x] = '~c:' .. lease end
+    local made = redis.call('HMGET', KEYS[4], unpack(fields))
+    local rank = {}
+    for x, lease in ipairs(expired) do rank[lease] = {tonumber(made[x] or '0'), x} end
+    table.sort(expired, function(a, b)
+      local ra, rb = rank[a], rank[b]
+      if ra[1] ~= rb[1] then return ra[1] < rb[1] end
+      return ra[2] < rb[2]
+    end)
+  end
 else
   expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 end
@@ -115,7 +137,7 @@ for x = #expired, 1, -1 do
   end
   if listed then redis.call('DEL', list_of .. lease) end
   redis.call('HDEL', KEYS[3], lease)
-  redis.call('HDEL', KEYS[4], lease)
+  redis.call('HDEL', KEYS[4], lease, '~c:' .. lease)
   redis.call('ZREM', KEYS[2], lease)
 end
 
@@ -261,6 +283,10 @@ end
 redis.call('HSET', KEYS[4], lease,
   string.char(math.floor(total / 256), total % 256, 0, 0) .. string.rep('\0', math.ceil(total / 8)))
 redis.call('ZADD', KEYS[2], deadline, lease)
+if ARGV[7] then
+  -- Ordered: the lease's number, the order a claim gives the leases back in.
+  redis.call('HSET', KEYS[4], '~c:' .. lease, redis.call('HINCRBY', KEYS[4], '~n', 1))
+end
 if in_list then
   return {1, deadline, reaped, total, elements, avail}
 end

@@ -18,11 +18,18 @@ if #KEYS == 4 or #KEYS == 8 then list = KEYS[#KEYS] end
 local function forget()
   if list then redis.call('DEL', list) end
   redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1], '~c:' .. ARGV[1])
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
 local acks = redis.call('HGET', KEYS[3], ARGV[1])
 if not acks then
+  if ARGV[2] == 'releaseall' then
+    -- The pop whose reply was lost has not run (or its lease is gone already): it may
+    -- still be queued somewhere (a stalled node, a connection the client gave up on). A
+    -- tombstone in the leases set makes it lease nothing when it runs (see lease_pop.lua);
+    -- the reaper drops the tombstone after ten minutes, as it would an expired lease.
+    redis.call('ZADD', KEYS[1], 'NX', server_ms() + 600000, '~x:' .. ARGV[1])
+  end
   return {-1, 0, 0}
 end
 local n = string.byte(acks, 1) * 256 + string.byte(acks, 2)
