@@ -214,3 +214,55 @@ async fn fifty_callers_of_a_frozen_master_each_keep_their_deadline() {
         "slowest call {slowest:?}"
     );
 }
+
+/// A durable push (`RPUSH`, the ready count and `WAIT` as one unit) sent to a master that a
+/// manual failover just demoted: the push and the count answer MOVED, the `WAIT` "cannot
+/// be used with replica instances"; the unit follows the MOVED to the new master and the
+/// send succeeds (it used to fail for good with the `WAIT` error, 3 tries of 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_send_to_a_master_just_demoted_follows_the_moved() {
+    let c = ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .node_timeout_ms(1000)
+        .start()
+        .unwrap();
+    let client = slotq::Client::from_cluster(slotq_tests::router(&c.url()).await);
+    let q = client
+        .queue("durable-moved")
+        .shards_per_master(1)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let producer = q
+        .producer()
+        .durability(1, Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let set = q.shards();
+    let shard = &set.shards[0];
+    let key = slotq_tests::key_for_shard(&set, shard.number);
+    producer.send_keyed(&key, "before").await.unwrap();
+    let master = c.owner_of(shard.slot).unwrap();
+    let replica = c.replicas_of(master)[0];
+    tokio::task::block_in_place(|| c.failover(replica)).unwrap();
+    // The client's map still names the demoted master.
+    producer
+        .send_keyed(&key, "after")
+        .await
+        .expect("the unit follows the MOVED");
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let batch = consumer
+            .recv_batch_timeout(10, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "both messages are there: {got:?}");
+        consumer.ack_all(&batch).await.unwrap();
+        got.extend(batch.into_iter().map(|m| m.payload));
+    }
+    assert_eq!(got, [&b"before"[..], &b"after"[..]]);
+    consumer.close().await;
+}

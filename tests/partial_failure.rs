@@ -495,3 +495,69 @@ async fn a_durable_send_asked_to_another_node_is_confirmed_by_that_node() {
     );
     c.finish_migration(&migration).unwrap();
 }
+
+/// Honest errors: an unkeyed batch that timed out on a stalled master (it may be stored
+/// there) and was rerouted to masters that are gone reports that it may have run, not the
+/// last lane's "not stored" error; after the stalled master resumes, no message whose send
+/// said "not stored" is in the queue (a caller's retry would have duplicated it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerouted_batch_says_it_may_be_stored_if_any_lane_may_have_stored_it() {
+    let mut c = TestCluster::start(3, 0).unwrap();
+    let client = Client::from_cluster(slotq_tests::router(&c.url()).await);
+    let q = client
+        .queue("honest")
+        .shards_per_master(1)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let producer = q.producer().build().unwrap();
+    producer.send("warm").await.unwrap();
+    let masters = c.masters();
+    c.pause(masters[0]).unwrap();
+    c.kill(masters[1]).unwrap();
+    c.kill(masters[2]).unwrap();
+    let mut not_stored = Vec::new();
+    let mut may_be_stored = 0;
+    // Lanes are tried in an order of the producer's choosing: two times in three the
+    // stalled master is not the last one tried.
+    for i in 0..5 {
+        let body = format!("batch-{i}");
+        match producer.send_batch([body.as_str()]).await {
+            Ok(_) => {}
+            Err(e) if e.may_have_run() => may_be_stored += 1,
+            Err(_) => not_stored.push(body),
+        }
+    }
+    c.resume(masters[0]).unwrap();
+    c.restart(masters[1]).unwrap();
+    c.restart(masters[2]).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let mut got = HashSet::new();
+    loop {
+        let batch = consumer
+            .recv_batch_timeout(100, Duration::from_secs(2))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        consumer.ack_all(&batch).await.unwrap();
+        got.extend(
+            batch
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned()),
+        );
+    }
+    consumer.close().await;
+    let lied: Vec<&String> = not_stored.iter().filter(|b| got.contains(*b)).collect();
+    assert!(
+        may_be_stored > 0,
+        "some sends timed out on the stalled master"
+    );
+    assert!(
+        lied.is_empty(),
+        "sends that said \"not stored\" were stored: {lied:?} (errors that may have run: {may_be_stored})"
+    );
+}

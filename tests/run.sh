@@ -2,25 +2,27 @@
 # The project's two entry points on a fresh Debian machine:
 #   bash tests/run.sh        the whole test suite: format, lints, docs, every test (what CI runs)
 #   bash tests/run.sh demo   a local cluster, traffic through slotq, and what it shows
-# Both install redis-server/redis-tools first when they are missing.
+# Both install redis-server/redis-tools first when they are missing; the suite also nftables
+# (partition tests cut the network with rules of their own; they need root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ensure_redis() {
-  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null && command -v tmux >/dev/null; then return; fi
-  echo "installing redis-server, redis-tools and tmux (terminal tests)" >&2
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null && command -v tmux >/dev/null \
+    && { [ "${1:-}" != test ] || command -v nft >/dev/null; }; then return; fi
+  echo "installing redis-server, redis-tools, tmux (terminal tests) and nftables (partition tests)" >&2
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   if command -v apt-get >/dev/null; then
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools tmux >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools tmux nftables >/dev/null
   else
-    echo "please install redis-server (Redis 7 or newer), redis-cli and tmux, then run again" >&2
+    echo "please install redis-server (Redis 7 or newer), redis-cli, tmux and nftables, then run again" >&2
     exit 1
   fi
 }
 
-ensure_redis
+ensure_redis "${1:-test}"
 case "${1:-test}" in
   demo)
     cargo run --release -q -p slotq-cli -- demo

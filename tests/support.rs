@@ -10,6 +10,9 @@ pub mod history;
 #[path = "scripts.rs"]
 pub mod scripts;
 
+#[path = "nft.rs"]
+pub mod nft;
+
 use std::time::Duration;
 
 use slotq::{Cluster, ClusterConfig};

@@ -126,6 +126,11 @@ impl Dialer {
             }
         };
         let _ = tcp.set_nodelay(true);
+        // A connection given up on (a request timed out, a node cut off) is reset, not
+        // closed gracefully: with a zero linger, closing discards what the kernel still
+        // holds unsent and sends RST, so a request abandoned during a partition is never
+        // delivered, and run, after the network heals.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
         // A TCP stream splits into halves that need no lock: its reader and writer tasks,
         // often on two threads, never wait for each other. A TLS stream is one state
         // machine, split behind a lock.

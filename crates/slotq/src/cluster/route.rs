@@ -261,8 +261,12 @@ fn regroup(
     if retried_later.is_none() && redirected.is_none() {
         return;
     }
-    // A command that failed for good fails the unit: nothing is resent.
-    if unit.iter().any(|&i| matches!(results[i], Some(Err(_)))) {
+    // A command that failed for good fails the unit: nothing is resent. Unless another
+    // command of the unit was redirected: the unit went to a node that does not serve its
+    // slot, and what failed there failed for that reason (a `WAIT` on a master just
+    // demoted answers "WAIT cannot be used with replica instances" while the push before
+    // it answers MOVED): the whole unit follows the redirect.
+    if redirected.is_none() && unit.iter().any(|&i| matches!(results[i], Some(Err(_)))) {
         let e = unit
             .iter()
             .find_map(|&i| results[i].as_ref().and_then(|r| r.as_ref().err().cloned()))
@@ -348,6 +352,9 @@ async fn send_group(
     }
     match tokio::time::timeout(timeout, conn.exec_replies(bytes, replies, items)).await {
         Err(_) => {
+            // Given up on: the connection is reset (see `conn.rs`), so what it still
+            // holds unsent never runs later.
+            node.reset();
             if !opts.isolated {
                 inner.mark_down(addr);
             }

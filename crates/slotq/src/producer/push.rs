@@ -29,6 +29,10 @@ impl ProducerInner {
         }
         let mut tried: HashSet<String> = HashSet::new();
         let mut target = lane.clone();
+        // The first error of an attempt that may have stored the batch: a later lane's
+        // error that says "not stored" must not hide it (the caller would send again what
+        // is already there).
+        let mut maybe_stored: Option<Error> = None;
         loop {
             tried.insert(target.tag.clone());
             let lanes = self.lanes();
@@ -36,7 +40,14 @@ impl ProducerInner {
             match self.push(&target, batch, body, !last).await {
                 Err(e) if !last && rerouteable(&e, self.resend_ambiguous) => {
                     tracing::debug!(shard = %target.tag, cause = %e, "rerouting batch");
+                    if e.may_have_run() && maybe_stored.is_none() {
+                        maybe_stored = Some(e);
+                    }
                     target = self.choose(&lanes, &tried);
+                }
+                Err(e) if !e.may_have_run() && maybe_stored.is_some() => {
+                    tracing::debug!(shard = %target.tag, cause = %e, "rerouted batch failed");
+                    return Err(maybe_stored.expect("checked above"));
                 }
                 other => return other,
             }

@@ -1,0 +1,69 @@
+//! Network partitions for tests: nftables rules in a table of the test's own, deleted when
+//! the value is dropped. Needs root and `nft` (`apt-get install nftables`, done by
+//! `tests/run.sh`); without them a test fails loudly rather than skipping.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A table of drop rules; `Drop` deletes it (every rule with it).
+pub struct Partition {
+    table: String,
+}
+
+fn nft(args: &str) {
+    let out = Command::new("nft")
+        .args(args.split(' '))
+        .output()
+        .expect("nft runs (apt-get install nftables; tests need root)");
+    assert!(
+        out.status.success(),
+        "nft {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Partition {
+    /// An empty table with an output chain (loopback traffic passes it).
+    pub fn new() -> Partition {
+        let table = format!(
+            "slotq_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        nft(&format!("add table inet {table}"));
+        nft(&format!(
+            "add chain inet {table} out {{ type filter hook output priority 0 ; }}"
+        ));
+        Partition { table }
+    }
+
+    /// Drops every TCP packet sent to `port` (clients to a node; its cluster bus, on
+    /// port + 10000, still passes).
+    pub fn cut_port(&self, port: u16) {
+        nft(&format!(
+            "add rule inet {} out tcp dport {port} drop",
+            self.table
+        ));
+    }
+
+    /// Deletes the rules: the network is whole again.
+    pub fn heal(&self) {
+        nft(&format!("flush chain inet {} out", self.table));
+    }
+}
+
+impl Default for Partition {
+    fn default() -> Self {
+        Partition::new()
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
