@@ -81,9 +81,10 @@ impl FakeNode {
         (l, NodeAddr::new("127.0.0.1", port))
     }
 
-    /// Serves `script` on `listener`. `PING` is answered `PONG` and `CLUSTER SHARDS` with
-    /// "unknown subcommand" (so the router asks `CLUSTER SLOTS`) unless the script answers
-    /// them first; the script sees every command, those included.
+    /// Serves `script` on `listener`. `PING` is answered `PONG`, `CLUSTER SHARDS` with
+    /// "unknown subcommand" (so the router asks `CLUSTER SLOTS`) and `CLUSTER INFO` with a
+    /// cluster that is up, unless the script answers them first; the script sees every
+    /// command, those included.
     pub(crate) fn serve(listener: TcpListener, script: Script) -> FakeNode {
         let log: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
         let reads: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
@@ -163,6 +164,13 @@ async fn connection(
                             .is_some_and(|s| s.eq_ignore_ascii_case("SHARDS")) =>
                 {
                     error("ERR unknown subcommand 'SHARDS'")
+                }
+                (Act::Reply(r), Some(w))
+                    if r.is_empty()
+                        && w == "CLUSTER"
+                        && words.get(1).is_some_and(|s| s.eq_ignore_ascii_case("INFO")) =>
+                {
+                    bulk("cluster_state:ok\r\ncluster_current_epoch:0\r\n")
                 }
                 _ => act,
             };

@@ -10,6 +10,24 @@ use super::node::Node;
 use crate::error::{Error, Result};
 use crate::topology::{Health, NodeAddr, Role, Topology};
 
+/// Nodes asked for the slot map at once (see [`Inner::fetch_topology`]).
+const VIEWS_AT_ONCE: usize = 3;
+
+/// What one node says: its slot map, whether it serves (`cluster_state:ok`), and the
+/// highest config epoch it has seen (`cluster_current_epoch`).
+struct View {
+    topology: Topology,
+    serving: bool,
+    epoch: u64,
+}
+
+impl View {
+    /// Serving beats not serving; then a higher epoch; a tie keeps the earlier answer.
+    fn beats(&self, other: &View) -> bool {
+        (self.serving, self.epoch) > (other.serving, other.epoch)
+    }
+}
+
 /// Single-flight bookkeeping of the background refresh.
 #[derive(Default)]
 pub(crate) struct RefreshState {
@@ -64,7 +82,7 @@ impl Inner {
         });
     }
 
-    /// Fetches the slot map from the first node that answers and installs it.
+    /// Fetches the slot map (see [`Inner::fetch_topology`]) and installs it.
     pub(crate) async fn refresh_topology(&self) -> Result<Arc<Topology>> {
         let current = self.topology();
         // Masters first (they know their own slots best), then replicas, then the seeds.
@@ -93,25 +111,100 @@ impl Inner {
         Ok(self.topology())
     }
 
-    /// Asks the candidates in order (nodes in their down backoff last) for the slot map.
+    /// Asks the candidates for the slot map, [`VIEWS_AT_ONCE`] at a time (nodes in their
+    /// down backoff last), and believes the majority: a node that says the cluster is down
+    /// for it (`cluster_state:fail`: it lost sight of the majority of masters) counts only
+    /// if no node says otherwise, and among the others the one that has seen the highest
+    /// config epoch wins. The first node to answer is not trusted alone: a master cut off
+    /// from the rest of the cluster serves its old map until it notices (a node timeout),
+    /// and a replica promoted on the other side has a higher epoch.
     pub(crate) async fn fetch_topology(&self, candidates: &[NodeAddr]) -> Result<Topology> {
         let (down, up): (Vec<&NodeAddr>, Vec<&NodeAddr>) = candidates
             .iter()
             .partition(|a| self.pool.existing(a).is_some_and(|n| n.is_down()));
+        let mut ordered: Vec<NodeAddr> = up.into_iter().chain(down).cloned().collect();
+        let mut best: Option<View> = None;
         let mut last_err = None;
-        for addr in up.into_iter().chain(down) {
-            let node = self.pool.get(addr);
-            match self.fetch_from(&node).await {
-                Ok(t) => return Ok(t),
-                // Credentials or TLS are wrong for every node alike: say so at once.
-                Err(e @ (Error::Auth { .. } | Error::Tls { .. })) => return Err(e),
-                Err(e) => {
-                    tracing::debug!(node = %addr, cause = %e, "no slot map from node");
-                    last_err = Some(e);
+        let mut asked = 0;
+        while asked < ordered.len() {
+            let chunk: Vec<NodeAddr> =
+                ordered[asked..(asked + VIEWS_AT_ONCE).min(ordered.len())].to_vec();
+            asked += chunk.len();
+            let views = futures::future::join_all(
+                chunk
+                    .iter()
+                    .map(|a| async move { self.fetch_view(&self.pool.get(a)).await }),
+            )
+            .await;
+            for (addr, view) in chunk.iter().zip(views) {
+                match view {
+                    Ok(v) => {
+                        if best.as_ref().is_none_or(|b| v.beats(b)) {
+                            best = Some(v);
+                        }
+                    }
+                    // Credentials or TLS are wrong for every node alike: say so at once.
+                    Err(e @ (Error::Auth { .. } | Error::Tls { .. })) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(node = %addr, cause = %e, "no slot map from node");
+                        last_err = Some(e);
+                    }
                 }
             }
+            match &best {
+                Some(b) if b.serving => break,
+                // Only nodes that say the cluster is down for them so far: ask the nodes
+                // their maps name too (a seed cut off from the majority still names them).
+                Some(b) => {
+                    for n in b.topology.nodes() {
+                        if !ordered.contains(&n.addr) {
+                            ordered.push(n.addr.clone());
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if let Some(b) = best {
+            return Ok(b.topology);
         }
         Err(last_err.unwrap_or_else(|| Error::Config("no seed node to connect to".into())))
+    }
+
+    /// One node's slot map, with what it says of the cluster's state and epoch.
+    async fn fetch_view(&self, node: &Node) -> Result<View> {
+        let topology = self.fetch_from(node).await?;
+        if topology.is_standalone() {
+            return Ok(View {
+                topology,
+                serving: true,
+                epoch: 0,
+            });
+        }
+        let info = super::route::send_raw(
+            node,
+            &redis::cmd("CLUSTER").arg("INFO").clone(),
+            self.config.request_timeout,
+        )
+        .await;
+        // A node that does not say (an old server, an error): taken as serving, epoch 0.
+        let text = match info {
+            Ok(Ok(redis::Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(Ok(redis::Value::VerbatimString { text, .. })) => text,
+            _ => String::new(),
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        Ok(View {
+            topology,
+            serving: field("cluster_state") != Some("fail"),
+            epoch: field("cluster_current_epoch")
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(0),
+        })
     }
 
     async fn fetch_from(&self, node: &Node) -> Result<Topology> {
