@@ -67,3 +67,20 @@ impl Drop for Partition {
             .status();
     }
 }
+
+impl Partition {
+    /// Cuts `ip` off from each of `others` (both directions); traffic with any other
+    /// address (clients on 127.0.0.1) still passes.
+    pub fn isolate(&self, ip: &str, others: &[&str]) {
+        for o in others {
+            nft(&format!(
+                "add rule inet {} out ip saddr {ip} ip daddr {o} drop",
+                self.table
+            ));
+            nft(&format!(
+                "add rule inet {} out ip saddr {o} ip daddr {ip} drop",
+                self.table
+            ));
+        }
+    }
+}

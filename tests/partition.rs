@@ -48,3 +48,123 @@ async fn a_request_given_up_on_during_a_partition_never_runs_after_the_heal() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+/// What a master cut off from every other node (clients still reach it) costs the
+/// messages sent to it: the sends acknowledged and then lost, of how many acknowledged.
+/// The cut lasts 8 s (node timeout 2 s: its replica is promoted on the other side, and the
+/// master refuses writes once it sees it lost the majority), then heals.
+async fn minority_master(durable: bool) -> (usize, usize) {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let c = slotq_testkit::ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .own_addresses(if durable { 31 } else { 11 })
+        .node_timeout_ms(2000)
+        .start()
+        .unwrap();
+    let client = slotq::Client::from_cluster(slotq_tests::router(&c.url()).await);
+    let q = client
+        .queue("cut")
+        .shards_per_master(1)
+        .reliable()
+        .open()
+        .await
+        .unwrap();
+    let set = q.shards();
+    let shard = set.shards[0].clone();
+    let key = slotq_tests::key_for_shard(&set, shard.number);
+    let m = c.owner_of(shard.slot).unwrap();
+    // The default producer of an at-least-once queue waits for a replica.
+    let mut producer = q.producer();
+    if !durable {
+        producer = producer.no_durability();
+    }
+    let producer = producer.build().unwrap();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (producer, acked, stop, key) =
+                (producer.clone(), acked.clone(), stop.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = format!("t{t}-{seq}");
+                    seq += 1;
+                    if producer.send_keyed(&key, body.as_str()).await.is_ok() {
+                        acked.lock().unwrap().push(body);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut = Partition::new();
+    let others: Vec<String> = (0..c.len())
+        .filter(|&i| i != m)
+        .map(|i| c.node(i).host().to_string())
+        .collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    cut.isolate(c.node(m).host(), &others);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cut.heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    // The old master rejoins as a replica of the promoted one, and resyncs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let mut got = HashSet::new();
+    loop {
+        let batch = consumer
+            .recv_batch_timeout(1000, Duration::from_secs(3))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        consumer.ack_all(&batch).await.unwrap();
+        got.extend(
+            batch
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned()),
+        );
+    }
+    consumer.close().await;
+    let acked = acked.lock().unwrap();
+    let lost = acked.iter().filter(|a| !got.contains(*a)).count();
+    eprintln!(
+        "minority master, durable {durable}: {} acknowledged, {lost} of them lost",
+        acked.len()
+    );
+    (acked.len(), lost)
+}
+
+/// Without durability (`no_durability()`), sends the cut-off master acknowledged before it noticed it lost
+/// the majority are lost when its replica takes over: the documented bound (the node
+/// timeout's worth of sends to that master), pinned so that a change shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_master_loses_what_it_acknowledged_without_durability() {
+    let (acked, lost) = minority_master(false).await;
+    assert!(acked > 0);
+    assert!(
+        lost > 0,
+        "this case loses acknowledged sends: docs/operations.md says so"
+    );
+}
+
+/// By default (an at-least-once queue's producer waits for a replica), a master cut off
+/// from its replica acknowledges nothing: no acknowledged send is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_master_loses_nothing_acknowledged_by_default() {
+    let (acked, lost) = minority_master(true).await;
+    assert!(acked > 0);
+    assert_eq!(lost, 0, "of {acked} acknowledged sends");
+}

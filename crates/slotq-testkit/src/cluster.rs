@@ -20,6 +20,8 @@ pub struct ClusterBuilder {
     base_port: Option<u16>,
     dir: Option<PathBuf>,
     own_group: bool,
+    /// Node i (from 0) binds 127.0.0.(first + i).
+    own_addresses: Option<u8>,
 }
 
 impl Default for ClusterBuilder {
@@ -32,6 +34,7 @@ impl Default for ClusterBuilder {
             base_port: None,
             dir: None,
             own_group: false,
+            own_addresses: None,
         }
     }
 }
@@ -81,6 +84,15 @@ impl ClusterBuilder {
     /// Keep the nodes' files under `dir` (not deleted on drop).
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// Gives every node a loopback address of its own, 127.0.0.`first`, `first`+1, ...
+    /// (bound, sent from and announced), so that a test can cut nodes apart with
+    /// firewall rules by address; clients still come from 127.0.0.1.
+    pub fn own_addresses(mut self, first: u8) -> Self {
+        assert!(first >= 2, "127.0.0.1 is the clients' address");
+        self.own_addresses = Some(first);
         self
     }
 
@@ -426,6 +438,11 @@ impl TestCluster {
             own_group: self.builder.own_group,
             ..ServerBuilder::default()
         };
+        if let Some(first) = self.builder.own_addresses {
+            let last = first as usize + i;
+            assert!(last < 255, "no loopback address left for node {i}");
+            b = b.host(&format!("127.0.0.{last}"));
+        }
         let dir = self.root.join(format!("node{i}"));
         if let Some(base) = self.builder.base_port {
             b = b.port(base + i as u16);
@@ -439,10 +456,10 @@ impl TestCluster {
     }
 
     fn meet(&self, i: usize) -> Result<()> {
-        let port = self.nodes[i].port();
+        let (host, port) = (self.nodes[i].host(), self.nodes[i].port());
         // CLUSTER MEET takes the bus port as an optional third argument; the default is
         // port + 10000, which is what a TLS node's bus listens on too.
-        self.nodes[0].cmd::<()>(redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port))
+        self.nodes[0].cmd::<()>(redis::cmd("CLUSTER").arg("MEET").arg(host).arg(port))
     }
 
     fn wait_all_known(&self) -> Result<()> {

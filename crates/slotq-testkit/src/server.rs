@@ -26,6 +26,8 @@ pub struct ServerBuilder {
     pub(crate) tls_files: Option<TlsFiles>,
     pub(crate) extra: Vec<String>,
     pub(crate) own_group: bool,
+    /// The loopback address the server binds, sends from and announces.
+    pub(crate) host: String,
 }
 
 impl Default for ServerBuilder {
@@ -39,6 +41,7 @@ impl Default for ServerBuilder {
             tls_files: None,
             extra: Vec::new(),
             own_group: false,
+            host: "127.0.0.1".into(),
         }
     }
 }
@@ -47,6 +50,15 @@ impl ServerBuilder {
     /// A standalone server on a free port in a temporary directory.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Binds, sends from (replication, cluster bus) and announces this loopback address
+    /// (127.0.0.0/8 only) instead of 127.0.0.1: nodes with addresses of their own can be
+    /// cut apart by address (see `slotq_tests::nft`).
+    pub fn host(mut self, ip: &str) -> Self {
+        assert!(ip.starts_with("127."), "loopback addresses only: {ip}");
+        self.host = ip.to_string();
+        self
     }
 
     /// Listen on this port instead of a free one.
@@ -110,6 +122,7 @@ impl ServerBuilder {
             let port = self.port.unwrap_or_else(free_port);
             let mut server = Server {
                 port,
+                host: self.host.clone(),
                 dir: dir.clone(),
                 child: None,
                 security: self.security.clone(),
@@ -139,6 +152,7 @@ impl ServerBuilder {
 #[derive(Debug)]
 pub struct Server {
     port: u16,
+    host: String,
     dir: PathBuf,
     child: Option<Child>,
     security: Security,
@@ -158,17 +172,22 @@ impl Server {
         self.port
     }
 
-    /// `127.0.0.1:port`.
+    /// The loopback address it binds (127.0.0.1 unless given one of its own).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// `host:port`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// The URL of this server, with credentials when an ACL user is set.
     pub fn url(&self) -> String {
         let scheme = if self.security.tls { "rediss" } else { "redis" };
         match &self.security.user {
-            Some((u, p)) => format!("{scheme}://{u}:{p}@127.0.0.1:{}", self.port),
-            None => format!("{scheme}://127.0.0.1:{}", self.port),
+            Some((u, p)) => format!("{scheme}://{u}:{p}@{}:{}", self.host, self.port),
+            None => format!("{scheme}://{}:{}", self.host, self.port),
         }
     }
 
@@ -322,7 +341,13 @@ impl Server {
     fn write_config(&self, b: &ServerBuilder, port: u16) -> Result<()> {
         let mut c = String::new();
         let d = self.dir.display();
-        let _ = writeln!(c, "bind 127.0.0.1");
+        let _ = writeln!(c, "bind {}", self.host);
+        if self.host != "127.0.0.1" {
+            let _ = writeln!(c, "bind-source-addr {}", self.host);
+            if b.cluster {
+                let _ = writeln!(c, "cluster-announce-ip {}", self.host);
+            }
+        }
         match &self.tls_files {
             Some(f) => {
                 let _ = writeln!(c, "port 0\ntls-port {port}");

@@ -235,7 +235,7 @@ impl TestCluster {
             return Ok(0);
         }
         let mut c = redis::cmd("MIGRATE");
-        c.arg("127.0.0.1")
+        c.arg(self.nodes[m.to].host())
             .arg(self.nodes[m.to].port())
             .arg("")
             .arg(0)

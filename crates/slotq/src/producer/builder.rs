@@ -48,8 +48,14 @@ pub struct ProducerBuilder {
     pub(super) max_payload: usize,
     pub(super) empty: EmptyPayloads,
     pub(super) durability: Option<(u32, Duration)>,
+    /// `no_durability()`: no `WAIT` by default on at-least-once queues either.
+    pub(super) durability_off: bool,
     pub(super) resend_ambiguous: Option<bool>,
 }
+
+/// How long a push waits for a replica by default (at-least-once queues whose master has
+/// a replica): a replica on a healthy network confirms within a millisecond.
+pub(super) const DEFAULT_DURABILITY_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl ProducerBuilder {
     pub(crate) fn new(queue: Queue) -> Self {
@@ -63,6 +69,7 @@ impl ProducerBuilder {
             max_payload: DEFAULT_MAX_PAYLOAD,
             empty: EmptyPayloads::Reject,
             durability: None,
+            durability_off: false,
             resend_ambiguous: None,
         }
     }
@@ -80,8 +87,25 @@ impl ProducerBuilder {
     /// After each push, `WAIT` until `replicas` replicas acknowledged it (at most
     /// `timeout`); sends resolve only then, or fail with [`Error::NotReplicated`] (the write
     /// is on the master but may not survive a failover).
+    ///
+    /// Default: on at-least-once queues, one replica and 500 ms for every push to a master
+    /// that has a replica (masters without any acknowledge alone; a master whose replica
+    /// is down fails its sends with [`Error::NotReplicated`] until one is back); off on
+    /// at-most-once queues. Without it, a master cut off from the rest of the cluster keeps
+    /// acknowledging sends until it notices (the node timeout), and a replica promoted
+    /// meanwhile never had them: see `docs/operations.md`, "What can be lost".
     pub fn durability(mut self, replicas: u32, timeout: Duration) -> Self {
         self.durability = Some((replicas, timeout));
+        self.durability_off = false;
+        self
+    }
+
+    /// Acknowledges a send as soon as its master has it, without waiting for a replica,
+    /// also on at-least-once queues: faster, and what a master acknowledged within a node
+    /// timeout before a failover can be lost.
+    pub fn no_durability(mut self) -> Self {
+        self.durability = None;
+        self.durability_off = true;
         self
     }
 

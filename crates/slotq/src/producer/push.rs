@@ -101,7 +101,7 @@ impl ProducerInner {
                 .clone()
                 .into()
         });
-        let reply = match (self.cfg.durability, ready_count) {
+        let reply = match (self.durability_for(lane), ready_count) {
             (None, None) => cluster
                 .batch_commands(vec![(lane.slot, cmd)], opts)
                 .await
@@ -178,6 +178,23 @@ impl ProducerInner {
             }
             other => Err(Error::Protocol(format!("push: unexpected reply {other:?}"))),
         }
+    }
+}
+
+impl ProducerInner {
+    /// The `WAIT` behind a push to `lane`: as configured, or by default on at-least-once
+    /// queues one replica when the lane's master has a replica, whatever its health: a
+    /// master cut off from the rest of the cluster sees its replica as failed, and is the
+    /// very master whose acknowledgements a failover would lose (its sends then fail,
+    /// `NotReplicated`, rather than be acknowledged and lost).
+    fn durability_for(&self, lane: &Lane) -> Option<(u32, Duration)> {
+        if self.cfg.durability.is_some() || self.cfg.durability_off || !self.reliable {
+            return self.cfg.durability;
+        }
+        let topology = self.cfg.queue.cluster().topology();
+        let master = topology.owner(lane.slot)?;
+        (!topology.replicas_of(master).is_empty())
+            .then_some((1, super::builder::DEFAULT_DURABILITY_TIMEOUT))
     }
 }
 
