@@ -101,7 +101,8 @@ impl ProducerInner {
                 .clone()
                 .into()
         });
-        let reply = match (self.durability_for(lane), ready_count) {
+        let durability = self.durability_for(lane);
+        let reply = match (durability, ready_count) {
             (None, None) => cluster
                 .batch_commands(vec![(lane.slot, cmd)], opts)
                 .await
@@ -143,15 +144,20 @@ impl ProducerInner {
                         other => return Err(Error::Protocol(format!("WAIT: {other:?}"))),
                     };
                     if acked < replicas {
-                        return Err(Error::NotReplicated {
-                            node: cluster
-                                .topology()
-                                .owner(lane.slot)
-                                .cloned()
-                                .unwrap_or_else(|| crate::topology::NodeAddr::new("?", 0)),
-                            wanted: replicas,
-                            acked,
-                        });
+                        let node = cluster
+                            .topology()
+                            .owner(lane.slot)
+                            .cloned()
+                            .unwrap_or_else(|| crate::topology::NodeAddr::new("?", 0));
+                        if !(self.cfg.durability.is_none()
+                            && self.alone_by_majority(lane, &node).await)
+                        {
+                            return Err(Error::NotReplicated {
+                                node,
+                                wanted: replicas,
+                                acked,
+                            });
+                        }
                     }
                 }
                 pushed
@@ -183,18 +189,43 @@ impl ProducerInner {
 
 impl ProducerInner {
     /// The `WAIT` behind a push to `lane`: as configured, or by default on at-least-once
-    /// queues one replica when the lane's master has a replica, whatever its health: a
-    /// master cut off from the rest of the cluster sees its replica as failed, and is the
-    /// very master whose acknowledgements a failover would lose (its sends then fail,
-    /// `NotReplicated`, rather than be acknowledged and lost).
+    /// queues one replica unless the slot map (the majority's, see `cluster/refresh.rs`)
+    /// shows the lane's master without a live replica. A slot whose owner is not known
+    /// right now (a failover in progress) waits too: the push may go to a master cut off
+    /// from its replica, whose acknowledgements a failover would lose.
     fn durability_for(&self, lane: &Lane) -> Option<(u32, Duration)> {
         if self.cfg.durability.is_some() || self.cfg.durability_off || !self.reliable {
             return self.cfg.durability;
         }
+        let wait = Some((1, super::builder::DEFAULT_DURABILITY_TIMEOUT));
         let topology = self.cfg.queue.cluster().topology();
-        let master = topology.owner(lane.slot)?;
-        (!topology.replicas_of(master).is_empty())
-            .then_some((1, super::builder::DEFAULT_DURABILITY_TIMEOUT))
+        let Some(master) = topology.owner(lane.slot) else {
+            return wait;
+        };
+        topology
+            .replicas_of(master)
+            .iter()
+            .any(|r| r.health != crate::topology::Health::Failed)
+            .then_some(wait)
+            .flatten()
+    }
+}
+
+impl ProducerInner {
+    /// Default durability only: whether a push that no replica confirmed went to the
+    /// master the majority's slot map names for the lane, now, and that master has no live
+    /// replica (its replica died in the failover that made it master): then the write is
+    /// on the only copy there is, and counts as acknowledged. A master cut off from the
+    /// others is either still named with its live replica, or no longer the owner.
+    async fn alone_by_majority(&self, lane: &Lane, answered: &crate::topology::NodeAddr) -> bool {
+        let Ok(map) = self.cfg.queue.cluster().refresh().await else {
+            return false;
+        };
+        map.owner(lane.slot) == Some(answered)
+            && map
+                .replicas_of(answered)
+                .iter()
+                .all(|r| r.health == crate::topology::Health::Failed)
     }
 }
 
