@@ -345,6 +345,10 @@ pub struct BenchArgs {
     /// At-least-once: consumers lease and acknowledge every message.
     #[arg(long)]
     pub reliable: bool,
+    /// Producers do not wait for a replica (at-least-once queues wait by default where
+    /// masters have replicas): to compare durable sending with the plain kind.
+    #[arg(long)]
+    pub no_durability: bool,
     /// Also measure one plain list driven by the redis crate's cluster client.
     #[arg(long)]
     pub baseline: bool,

@@ -138,6 +138,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         one_by_one: false,
         baseline: false,
         reliable: false,
+        no_durability: false,
         phases: vec![crate::args::BenchPhase::E2e],
         anchor: None,
         rounds: 1,

@@ -58,7 +58,14 @@ pub(super) async fn rate_phase(
     // The first measured message is due here (ns since the origin).
     let measure_from_ns = (warm as f64 * period_ns) as u64;
     let producers: Vec<slotq::Producer> = (0..args.producers)
-        .map(|_| q.producer().build())
+        .map(|_| {
+            let p = q.producer();
+            if args.no_durability {
+                p.no_durability().build()
+            } else {
+                p.build()
+            }
+        })
         .collect::<Result<_, _>>()?;
     let pb = bar(total, &format!("{rate:.0}/s"), show);
     // Consumers first: the clock of the schedule starts once they had time to join.

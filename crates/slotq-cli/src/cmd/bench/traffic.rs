@@ -62,7 +62,11 @@ pub(super) async fn produce(
     start: Instant,
     pb: &ProgressBar,
 ) -> Result<(), CliError> {
-    let producer = q.producer().build()?;
+    let mut producer = q.producer();
+    if args.no_durability {
+        producer = producer.no_durability();
+    }
+    let producer = producer.build()?;
     let mut tasks = Vec::new();
     for (first, n) in shares(args.messages, args.producers) {
         let producer = producer.clone();
