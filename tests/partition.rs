@@ -49,11 +49,20 @@ async fn a_request_given_up_on_during_a_partition_never_runs_after_the_heal() {
     assert_eq!(n, 2);
 }
 
-/// What a master cut off from every other node (clients still reach it) costs the
-/// messages sent to it: the sends acknowledged and then lost, of how many acknowledged.
-/// The cut lasts 8 s (node timeout 2 s: its replica is promoted on the other side, and the
-/// master refuses writes once it sees it lost the majority), then heals.
-async fn minority_master(durable: bool) -> (usize, usize) {
+/// Which nodes a partition test cuts apart.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Cut {
+    /// One master from every other node (clients still reach it); keyed sends to its shard.
+    MasterFromAll,
+    /// That master's replica from the master (both still reach the others); unkeyed sends.
+    ReplicaFromMaster,
+}
+
+/// What a cut costs the messages sent meanwhile: (acknowledged, acknowledged then lost,
+/// sends that failed). The cut lasts 8 s (node timeout 2 s: a master cut off from every
+/// other node sees its replica promoted on the other side, and refuses writes once it
+/// sees it lost the majority), then heals.
+async fn partitioned(first_ip: u8, durable: bool, cut_what: Cut) -> (usize, usize, usize) {
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
@@ -61,7 +70,7 @@ async fn minority_master(durable: bool) -> (usize, usize) {
     let c = slotq_testkit::ClusterBuilder::new()
         .masters(3)
         .replicas(1)
-        .own_addresses(if durable { 31 } else { 11 })
+        .own_addresses(first_ip)
         .node_timeout_ms(2000)
         .start()
         .unwrap();
@@ -84,19 +93,30 @@ async fn minority_master(durable: bool) -> (usize, usize) {
     }
     let producer = producer.build().unwrap();
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..4)
         .map(|t| {
-            let (producer, acked, stop, key) =
-                (producer.clone(), acked.clone(), stop.clone(), key.clone());
+            let (producer, acked, stop, key, failed) = (
+                producer.clone(),
+                acked.clone(),
+                stop.clone(),
+                key.clone(),
+                failed.clone(),
+            );
             tokio::spawn(async move {
                 let mut seq = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let body = format!("t{t}-{seq}");
                     seq += 1;
-                    if producer.send_keyed(&key, body.as_str()).await.is_ok() {
+                    let sent = match cut_what {
+                        Cut::MasterFromAll => producer.send_keyed(&key, body.as_str()).await,
+                        Cut::ReplicaFromMaster => producer.send(body.as_str()).await,
+                    };
+                    if sent.is_ok() {
                         acked.lock().unwrap().push(body);
                     } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
@@ -105,12 +125,20 @@ async fn minority_master(durable: bool) -> (usize, usize) {
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = Partition::new();
-    let others: Vec<String> = (0..c.len())
-        .filter(|&i| i != m)
-        .map(|i| c.node(i).host().to_string())
-        .collect();
-    let others: Vec<&str> = others.iter().map(String::as_str).collect();
-    cut.isolate(c.node(m).host(), &others);
+    match cut_what {
+        Cut::MasterFromAll => {
+            let others: Vec<String> = (0..c.len())
+                .filter(|&i| i != m)
+                .map(|i| c.node(i).host().to_string())
+                .collect();
+            let others: Vec<&str> = others.iter().map(String::as_str).collect();
+            cut.isolate(c.node(m).host(), &others);
+        }
+        Cut::ReplicaFromMaster => {
+            let r = c.replicas_of(m)[0];
+            cut.isolate(c.node(r).host(), &[c.node(m).host()]);
+        }
+    }
     tokio::time::sleep(Duration::from_secs(8)).await;
     cut.heal();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -140,11 +168,12 @@ async fn minority_master(durable: bool) -> (usize, usize) {
     consumer.close().await;
     let acked = acked.lock().unwrap();
     let lost = acked.iter().filter(|a| !got.contains(*a)).count();
+    let failed = failed.load(Ordering::Relaxed);
     eprintln!(
-        "minority master, durable {durable}: {} acknowledged, {lost} of them lost",
+        "{cut_what:?}, durable {durable}: {} acknowledged, {lost} of them lost; {failed} sends failed",
         acked.len()
     );
-    (acked.len(), lost)
+    (acked.len(), lost, failed)
 }
 
 /// Without durability (`no_durability()`), sends the cut-off master acknowledged before it noticed it lost
@@ -152,7 +181,7 @@ async fn minority_master(durable: bool) -> (usize, usize) {
 /// timeout's worth of sends to that master), pinned so that a change shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_master_loses_what_it_acknowledged_without_durability() {
-    let (acked, lost) = minority_master(false).await;
+    let (acked, lost, _) = partitioned(11, false, Cut::MasterFromAll).await;
     assert!(acked > 0);
     assert!(
         lost > 0,
@@ -164,7 +193,19 @@ async fn a_minority_master_loses_what_it_acknowledged_without_durability() {
 /// from its replica acknowledges nothing: no acknowledged send is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_master_loses_nothing_acknowledged_by_default() {
-    let (acked, lost) = minority_master(true).await;
+    let (acked, lost, _) = partitioned(31, true, Cut::MasterFromAll).await;
     assert!(acked > 0);
     assert_eq!(lost, 0, "of {acked} acknowledged sends");
+}
+
+/// A replica cut off from its master (both still see the rest of the cluster): nothing is
+/// promoted, the master's pushes find no replica to confirm them, and the default producer
+/// sends unkeyed batches to the other masters instead: nothing acknowledged is lost, and
+/// no send fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_from_its_master_costs_no_acknowledged_send_and_no_failed_one() {
+    let (acked, lost, failed) = partitioned(51, true, Cut::ReplicaFromMaster).await;
+    assert!(acked > 0);
+    assert_eq!(lost, 0, "of {acked} acknowledged sends");
+    assert_eq!(failed, 0, "unkeyed sends go to the other masters");
 }
