@@ -533,24 +533,7 @@ async fn a_rerouted_batch_says_it_may_be_stored_if_any_lane_may_have_stored_it()
     c.restart(masters[1]).unwrap();
     c.restart(masters[2]).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut consumer = q.consumer().without_group().build().unwrap();
-    let mut got = HashSet::new();
-    loop {
-        let batch = consumer
-            .recv_batch_timeout(100, Duration::from_secs(2))
-            .await
-            .unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        consumer.ack_all(&batch).await.unwrap();
-        got.extend(
-            batch
-                .iter()
-                .map(|m| String::from_utf8_lossy(&m.payload).into_owned()),
-        );
-    }
-    consumer.close().await;
+    let got = slotq_tests::drain_payloads(&q, Duration::from_secs(2)).await;
     let lied: Vec<&String> = not_stored.iter().filter(|b| got.contains(*b)).collect();
     assert!(
         may_be_stored > 0,

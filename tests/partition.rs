@@ -63,7 +63,6 @@ enum Cut {
 /// other node sees its replica promoted on the other side, and refuses writes once it
 /// sees it lost the majority), then heals.
 async fn partitioned(first_ip: u8, durable: bool, cut_what: Cut) -> (usize, usize, usize) {
-    use std::collections::HashSet;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -148,24 +147,7 @@ async fn partitioned(first_ip: u8, durable: bool, cut_what: Cut) -> (usize, usiz
     }
     // The old master rejoins as a replica of the promoted one, and resyncs.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut consumer = q.consumer().without_group().build().unwrap();
-    let mut got = HashSet::new();
-    loop {
-        let batch = consumer
-            .recv_batch_timeout(1000, Duration::from_secs(3))
-            .await
-            .unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        consumer.ack_all(&batch).await.unwrap();
-        got.extend(
-            batch
-                .iter()
-                .map(|m| String::from_utf8_lossy(&m.payload).into_owned()),
-        );
-    }
-    consumer.close().await;
+    let got = slotq_tests::drain_payloads(&q, Duration::from_secs(3)).await;
     let acked = acked.lock().unwrap();
     let lost = acked.iter().filter(|a| !got.contains(*a)).count();
     let failed = failed.load(Ordering::Relaxed);

@@ -173,3 +173,27 @@ pub fn start_members(
         })
         .collect()
 }
+
+/// Receives and acknowledges everything an at-least-once queue holds, until a wait of
+/// `quiet` brings nothing; the payloads, as text.
+pub async fn drain_payloads(
+    q: &slotq::Queue,
+    quiet: Duration,
+) -> std::collections::HashSet<String> {
+    let mut consumer = q.consumer().without_group().build().unwrap();
+    let mut got = std::collections::HashSet::new();
+    loop {
+        let batch = consumer.recv_batch_timeout(1000, quiet).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        consumer.ack_all(&batch).await.unwrap();
+        got.extend(
+            batch
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned()),
+        );
+    }
+    consumer.close().await;
+    got
+}
