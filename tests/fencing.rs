@@ -381,6 +381,25 @@ async fn a_member_that_leaves_cleanly_frees_its_shards_at_once() {
 }
 
 /// The lease script of at-least-once shards, as the library sends it.
+/// Writes into group "g" a member "zz" that lives for ever and holds shard `tag` under
+/// `epoch`, as the group script would after this test's member lapsed.
+fn grant_to_another_member(c: &TestCluster, q: &Queue, tag: &str, epoch: u64) {
+    let number = tag.rsplit_once('#').unwrap().1;
+    let meta = format!("slotq:{{{}}}:group:g", q.name());
+    c.node(c.owner_of(slotq::slot::key_slot(&meta)).unwrap())
+        .cmd::<i64>(
+            redis::cmd("HSET")
+                .arg(&meta)
+                .arg("m:zz")
+                .arg(i64::MAX / 2)
+                .arg(format!("o:{number}"))
+                .arg("zz")
+                .arg(format!("e:{number}"))
+                .arg(epoch),
+        )
+        .unwrap();
+}
+
 fn lease_with(
     c: &TestCluster,
     tag: &str,
@@ -457,19 +476,7 @@ async fn the_shard_s_fence_refuses_an_older_grant_and_a_claim_returns_the_leases
     // The group agrees (another member, "zz", holds that newer grant): A's next pop is
     // refused by the fence, its next heartbeat shows the shard gone, and A hands out
     // nothing more of it; its acks find the lease gone.
-    let meta_node = c.owner_of(slotq::slot::key_slot(&meta)).unwrap();
-    c.node(meta_node)
-        .cmd::<i64>(
-            redis::cmd("HSET")
-                .arg(&meta)
-                .arg("m:zz")
-                .arg(i64::MAX / 2)
-                .arg(format!("o:{number}"))
-                .arg("zz")
-                .arg(format!("e:{number}"))
-                .arg(epoch + 1),
-        )
-        .unwrap();
+    grant_to_another_member(&c, &q, &tag, epoch + 1);
     producer.send_keyed(&key, "m6").await.unwrap();
     let more = a
         .recv_batch_timeout(10, Duration::from_millis(1500))
@@ -537,20 +544,7 @@ async fn an_at_most_once_shard_s_fence_refuses_an_older_grant() {
     );
     // The group agrees ("zz" holds that newer grant): A presents the grant it holds, now
     // older than the fence, and takes nothing of the shard.
-    let number = tag.rsplit_once('#').unwrap().1.to_string();
-    let meta = format!("slotq:{{{}}}:group:g", q.name());
-    c.node(c.owner_of(slotq::slot::key_slot(&meta)).unwrap())
-        .cmd::<i64>(
-            redis::cmd("HSET")
-                .arg(&meta)
-                .arg("m:zz")
-                .arg(i64::MAX / 2)
-                .arg(format!("o:{number}"))
-                .arg("zz")
-                .arg(format!("e:{number}"))
-                .arg(epoch + 1),
-        )
-        .unwrap();
+    grant_to_another_member(&c, &q, &tag, epoch + 1);
     producer.send_keyed(&key, "m4").await.unwrap();
     let more = a
         .recv_batch_timeout(10, Duration::from_millis(500))
