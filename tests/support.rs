@@ -187,7 +187,9 @@ pub async fn drain_payloads(
         if batch.is_empty() {
             break;
         }
-        consumer.ack_all(&batch).await.unwrap();
+        if q.mode() != slotq::DeliveryMode::AtMostOnce {
+            consumer.ack_all(&batch).await.unwrap();
+        }
         got.extend(
             batch
                 .iter()

@@ -17,6 +17,11 @@ pub const PUSH_SECONDS: &str = "slotq_push_seconds";
 pub const POPPED: &str = "slotq_messages_popped_total";
 /// At-most-once pops whose reply was lost: if the pop ran, its messages are gone.
 pub const POP_REPLIES_LOST: &str = "slotq_pop_replies_lost_total";
+/// At-most-once messages popped but not handed out because no replica confirmed the pop
+/// in time: pushed back to the node that popped them (see `consumer/confirm.rs`).
+pub const POPS_UNCONFIRMED: &str = "slotq_pops_unconfirmed_total";
+/// Of those, messages whose push-back failed: lost (never delivered twice).
+pub const UNCONFIRMED_LOST: &str = "slotq_unconfirmed_lost_total";
 /// Time of one sweep over every shard.
 pub const POP_ROUND_SECONDS: &str = "slotq_pop_round_seconds";
 /// Settled messages, by kind.

@@ -41,6 +41,7 @@ use conn::Dialer;
 use node::NodePool;
 use refresh::RefreshState;
 pub(crate) use resp::Reply;
+pub(crate) use route::Served;
 #[cfg(test)]
 pub(crate) use wire::Wire;
 
@@ -253,6 +254,21 @@ impl Cluster {
     ) -> Vec<Result<Reply>> {
         let cmds = cmds.into_iter().map(|(s, c)| (s, c.into())).collect();
         route::run_batch(&self.inner, cmds, opts, true).await
+    }
+
+    /// [`Cluster::batch_items`] whose effects must survive a failover: each node's
+    /// pipeline ends with `WAIT replicas timeout` where the slot map shows the node with
+    /// a live replica, and each command that got an answer comes back with the node that
+    /// gave it and whether that `WAIT` confirmed it (see `route::run_batch_confirmed`).
+    /// Send it with `opts.isolated`: the `WAIT` holds its connection.
+    pub(crate) async fn batch_items_confirmed(
+        &self,
+        cmds: Vec<(Slot, Cmd)>,
+        opts: RequestOpts,
+        confirm: (u32, Duration),
+    ) -> Vec<(Result<Reply>, Option<Served>)> {
+        let cmds = cmds.into_iter().map(|(s, c)| (s, c.into())).collect();
+        route::run_batch_confirmed(&self.inner, cmds, opts, true, Some(confirm)).await
     }
 
     /// Runs `cmd` on one particular node, without routing (admin and inspection).

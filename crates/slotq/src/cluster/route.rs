@@ -106,7 +106,38 @@ pub(crate) async fn run_batch(
     opts: RequestOpts,
     items_wanted: bool,
 ) -> Vec<Result<Reply>> {
+    run_batch_confirmed(inner, cmds, opts, items_wanted, None)
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect()
+}
+
+/// Where a command of a confirmed batch ran, and whether a replica confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Served {
+    /// The node whose reply is the command's result.
+    pub(crate) node: NodeAddr,
+    /// The node's pipeline ended with a `WAIT` that enough replicas answered, or the slot
+    /// map shows the node without a live replica (nothing to wait for).
+    pub(crate) confirmed: bool,
+}
+
+/// [`run_batch`] where, with `confirm = Some((replicas, timeout))`, each node's pipeline
+/// ends with `WAIT replicas timeout` when the slot map shows that node with a live
+/// replica. `WAIT` counts the replicas that have every write of its connection so far,
+/// so it covers every command of the pipeline before it: a command's [`Served`] says
+/// whether its effect would survive that node's failover. Each command that got an
+/// answer comes back with where it ran.
+pub(crate) async fn run_batch_confirmed(
+    inner: &Arc<Inner>,
+    cmds: Vec<(Slot, Command)>,
+    opts: RequestOpts,
+    items_wanted: bool,
+    confirm: Option<(u32, Duration)>,
+) -> Vec<(Result<Reply>, Option<Served>)> {
     let n = cmds.len();
+    let mut served: Vec<Option<Served>> = vec![None; n];
     let mut results: Vec<Option<Result<Reply>>> = (0..n).map(|_| None).collect();
     let mut items: Vec<Item> = (0..n).map(|_| Item::default()).collect();
     let mut pending: Vec<usize> = (0..n).collect();
@@ -134,14 +165,24 @@ pub(crate) async fn run_batch(
         // `cmds` (kept for resending after a redirect).
         let sends = groups.into_iter().map(|(addr, group)| {
             let cmds = &cmds;
+            let wait = confirm.filter(|_| has_live_replica(&topology, &addr));
             async move {
-                let r = send_group(inner, &addr, &group, cmds, opts, items_wanted).await;
-                (addr, group, r)
+                let r = send_group(inner, &addr, &group, cmds, opts, items_wanted, wait).await;
+                (addr, group, wait, r)
             }
         });
-        for (addr, group, sent) in join_all(sends).await {
-            let replies = match sent {
-                Ok(replies) => replies,
+        for (addr, group, wait, sent) in join_all(sends).await {
+            let (replies, confirmed) = match sent {
+                Ok((replies, waited)) => {
+                    let confirmed = match (wait, waited) {
+                        (None, _) => true,
+                        (Some((want, _)), Some(Reply::Value(Value::Int(acked)))) => {
+                            acked >= i64::from(want)
+                        }
+                        _ => false,
+                    };
+                    (replies, confirmed)
+                }
                 Err(SendError::NotSent(e)) => {
                     for (i, _) in group {
                         if e.is_retryable() {
@@ -226,6 +267,16 @@ pub(crate) async fn run_batch(
             if opts.together {
                 regroup(&unit, &mut results, &mut items, &mut pending, &mut later);
             }
+            if confirm.is_some() {
+                for &i in &unit {
+                    if results[i].is_some() {
+                        served[i] = Some(Served {
+                            node: addr.clone(),
+                            confirmed,
+                        });
+                    }
+                }
+            }
         }
 
         if !later.is_empty() {
@@ -242,8 +293,17 @@ pub(crate) async fn run_batch(
     }
     results
         .into_iter()
-        .map(|r| r.expect("every command ends with a result"))
+        .zip(served)
+        .map(|(r, s)| (r.expect("every command ends with a result"), s))
         .collect()
+}
+
+/// Whether the slot map shows `addr` with a replica not marked failed.
+fn has_live_replica(topology: &crate::topology::Topology, addr: &NodeAddr) -> bool {
+    topology
+        .replicas_of(addr)
+        .iter()
+        .any(|r| r.health != crate::topology::Health::Failed)
 }
 
 /// A unit ([`RequestOpts::together`]) is sent again as a whole when any of its commands is:
@@ -311,7 +371,8 @@ fn redirect(
     }
 }
 
-/// Sends one node's share of a batch as one write (`ASKING` before asked commands).
+/// Sends one node's share of a batch as one write (`ASKING` before asked commands, and
+/// `WAIT` behind the whole share when `wait` is set: its reply comes back apart).
 async fn send_group(
     inner: &Arc<Inner>,
     addr: &NodeAddr,
@@ -319,8 +380,9 @@ async fn send_group(
     cmds: &[(Slot, Command)],
     opts: RequestOpts,
     items: bool,
-) -> std::result::Result<Vec<Reply>, SendError> {
-    let timeout = opts.timeout;
+    wait: Option<(u32, Duration)>,
+) -> std::result::Result<(Vec<Reply>, Option<Reply>), SendError> {
+    let timeout = opts.timeout + wait.map_or(Duration::ZERO, |(_, t)| t);
     // ASKING targets are importing nodes: the map may still call them down or unknown.
     let asking = group.iter().any(|(_, a)| *a);
     if !asking && inner.is_down(addr) {
@@ -349,6 +411,14 @@ async fn send_group(
             replies += 1;
         }
         cmds[*i].1.encode(&mut bytes);
+    }
+    if let Some((replicas, t)) = wait {
+        let cmd = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(t.as_millis() as u64)
+            .get_packed_command();
+        bytes.short().extend_from_slice(&cmd);
+        replies += 1;
     }
     match tokio::time::timeout(timeout, conn.exec_replies(bytes, replies, items)).await {
         Err(_) => {
@@ -382,7 +452,8 @@ async fn send_group(
                 }
                 out.push(values.next().unwrap_or(Reply::Value(Value::Nil)));
             }
-            Ok(out)
+            let waited = wait.and_then(|_| values.next());
+            Ok((out, waited))
         }
     }
 }

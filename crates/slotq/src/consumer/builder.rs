@@ -28,6 +28,7 @@ pub struct ConsumerBuilder {
     ordered: bool,
     member_timeout: Duration,
     prefetch: bool,
+    unconfirmed_pops: bool,
 }
 
 impl ConsumerBuilder {
@@ -41,6 +42,7 @@ impl ConsumerBuilder {
             ordered: false,
             member_timeout: DEFAULT_MEMBER_TIMEOUT,
             prefetch: true,
+            unconfirmed_pops: false,
         }
     }
 
@@ -87,6 +89,19 @@ impl ConsumerBuilder {
     /// `docs/architecture.md`, *Consumer*).
     pub fn prefetch(mut self, on: bool) -> Self {
         self.prefetch = on;
+        self
+    }
+
+    /// At-most-once queues: hand out what a pop brings without waiting for a replica to
+    /// confirm the pop. By default a pop from a master that has a live replica is
+    /// confirmed first (`WAIT 1`, up to 500 ms), and the messages of a pop no replica
+    /// confirmed go back to the head of their list on that master: a failover then never
+    /// hands a message out twice (see `docs/operations.md`, *What can be lost*). Unconfirmed
+    /// pops are faster, and a master lost before its replica had a pop delivers that pop's
+    /// messages again from the promoted replica. No effect on at-least-once queues, whose
+    /// leases already deliver again what a failover loses.
+    pub fn unconfirmed_pops(mut self) -> Self {
+        self.unconfirmed_pops = true;
         self
     }
 
@@ -159,6 +174,8 @@ impl ConsumerBuilder {
                     None
                 },
                 releases: Default::default(),
+                confirm: (max_attempts.is_none() && !self.unconfirmed_pops)
+                    .then_some(super::confirm::DEFAULT_CONFIRM),
             },
             round: None,
             prefetch: self.prefetch,

@@ -16,7 +16,7 @@
 use redis::Value;
 
 use super::round::Ask;
-use crate::cluster::{Cluster, Reply, RequestOpts};
+use crate::cluster::{Cluster, Reply, RequestOpts, Served};
 use crate::error::{Error, Result};
 use crate::lease::LeaseScripts;
 use crate::server_error::{RetryMethod, ServerErrorKind};
@@ -61,14 +61,34 @@ fn commands(
     }
 }
 
-/// One reply per ask: what `LPOP` would have answered, or the error (`FENCED` included).
+/// Sends a pass: confirmed by replicas when `confirm` is set (see `confirm.rs`).
+async fn send_pass(
+    cluster: &Cluster,
+    cmds: Vec<(Slot, redis::Cmd)>,
+    opts: RequestOpts,
+    confirm: Option<(u32, std::time::Duration)>,
+) -> Vec<(Result<Reply>, Option<Served>)> {
+    match confirm {
+        Some(c) => cluster.batch_items_confirmed(cmds, opts, c).await,
+        None => cluster
+            .batch_items(cmds, opts)
+            .await
+            .into_iter()
+            .map(|r| (r, None))
+            .collect(),
+    }
+}
+
+/// One reply per ask: what `LPOP` would have answered, or the error (`FENCED` included),
+/// with where the pop ran and whether a replica confirmed it (with `confirm`).
 pub(super) async fn pop_many(
     cluster: &Cluster,
     scripts: &LeaseScripts,
     group: Option<&str>,
     asks: &[Ask],
     opts: RequestOpts,
-) -> Vec<Result<Reply>> {
+    confirm: Option<(u32, std::time::Duration)>,
+) -> Vec<(Result<Reply>, Option<Served>)> {
     let fenced = |a: &Ask| group.filter(|_| a.fence.is_some());
     let takes: Vec<String> = asks
         .iter()
@@ -91,7 +111,8 @@ pub(super) async fn pop_many(
         }
         (cmds, spans)
     };
-    let mut out: Vec<Option<Result<Reply>>> = (0..asks.len()).map(|_| None).collect();
+    type Answer = (Result<Reply>, Option<Served>);
+    let mut out: Vec<Option<Answer>> = (0..asks.len()).map(|_| None).collect();
     let mut todo: Vec<(usize, Way)> = (0..asks.len()).map(|i| (i, Way::Take)).collect();
     // At most three passes: as asked, with the script's source, in place.
     for _ in 0..3 {
@@ -99,7 +120,7 @@ pub(super) async fn pop_many(
             break;
         }
         let (cmds, spans) = send(&todo);
-        let mut replies = cluster.batch_items(cmds, opts).await.into_iter();
+        let mut replies = send_pass(cluster, cmds, opts, confirm).await.into_iter();
         let mut again = Vec::new();
         let mut reread = Vec::new();
         for (&(i, way), n) in todo.iter().zip(spans) {
@@ -109,6 +130,7 @@ pub(super) async fn pop_many(
                 out[i] = Some(first);
                 continue;
             }
+            let (first, first_served) = first;
             match first {
                 Err(Error::Server { kind, .. })
                     if kind.retry_method() == RetryMethod::ReloadScript =>
@@ -119,18 +141,23 @@ pub(super) async fn pop_many(
                     kind: ServerErrorKind::TryAgain,
                     ..
                 }) => again.push((i, Way::InPlace)),
-                Err(e) => out[i] = Some(Err(e)),
-                Ok(Reply::Value(Value::Int(0))) => out[i] = Some(Ok(Reply::Value(Value::Nil))),
+                Err(e) => out[i] = Some((Err(e), first_served)),
+                Ok(Reply::Value(Value::Int(0))) => {
+                    out[i] = Some((Ok(Reply::Value(Value::Nil)), first_served))
+                }
                 Ok(Reply::Value(Value::Int(taken))) => match second {
-                    Some(Ok(Reply::Items(items))) if items.len() == taken as usize => {
-                        out[i] = Some(Ok(Reply::Items(items)));
+                    Some((Ok(Reply::Items(items)), served)) if items.len() == taken as usize => {
+                        out[i] = Some((Ok(Reply::Items(items)), served));
                     }
                     _ => reread.push((i, taken)),
                 },
                 Ok(other) => {
-                    out[i] = Some(Err(Error::Protocol(format!(
-                        "fenced pop: unexpected reply {other:?}"
-                    ))))
+                    out[i] = Some((
+                        Err(Error::Protocol(format!(
+                            "fenced pop: unexpected reply {other:?}"
+                        ))),
+                        first_served,
+                    ))
                 }
             }
         }
@@ -144,7 +171,10 @@ pub(super) async fn pop_many(
                     )
                 })
                 .collect();
-            for (&(i, _), r) in reread.iter().zip(cluster.batch_items(cmds, opts).await) {
+            for (&(i, _), r) in reread
+                .iter()
+                .zip(send_pass(cluster, cmds, opts, confirm).await)
+            {
                 out[i] = Some(r);
             }
         }
@@ -153,9 +183,12 @@ pub(super) async fn pop_many(
     out.into_iter()
         .map(|r| {
             r.unwrap_or_else(|| {
-                Err(Error::Protocol(
-                    "fenced pop: no reply after three passes".into(),
-                ))
+                (
+                    Err(Error::Protocol(
+                        "fenced pop: no reply after three passes".into(),
+                    )),
+                    None,
+                )
             })
         })
         .collect()

@@ -393,6 +393,7 @@ impl Consumer {
                 lease: lease_behind_wait
                     .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
                 rearm: self.waiters_rearm(),
+                confirm: self.ctx.confirm,
             };
             self.waiters
                 .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 mod builder;
+mod confirm;
 mod fenced_pop;
 mod fill;
 mod giveback;

@@ -49,6 +49,9 @@ pub(super) struct Ctx {
     pub(super) lease: Duration,
     /// Ordered groups: the group's name, which fenced pops present with their epoch.
     pub(super) fence_group: Option<Arc<str>>,
+    /// At-most-once queues: replicas that must confirm a pop before its messages are
+    /// handed out, and how long to wait for them (see `confirm.rs`); `None`: unconfirmed.
+    pub(super) confirm: Option<(u32, Duration)>,
     /// Releases of lost or unwanted leases still running: `close` waits for them, so a
     /// process that exits right after closing its consumer leaves no lease behind.
     pub(super) releases: Arc<Releases>,
@@ -205,6 +208,7 @@ impl Round {
         let (cluster, scripts, lease) = (ctx.cluster.clone(), ctx.scripts.clone(), ctx.lease);
         let max_attempts = ctx.max_attempts;
         let fence_group = ctx.fence_group.clone();
+        let confirm = ctx.confirm;
         let sent = asks.clone();
         let replies: Replies = Box::pin(async move {
             let mut opts = cluster.default_opts();
@@ -213,8 +217,18 @@ impl Round {
             match max_attempts {
                 None => {
                     let group = fence_group.as_deref();
-                    let replies =
-                        super::fenced_pop::pop_many(&cluster, &scripts, group, &sent, opts).await;
+                    // A confirmed round's `WAIT` holds its connection: the second one.
+                    opts.isolated |= confirm.is_some();
+                    let replies = super::fenced_pop::pop_many(
+                        &cluster, &scripts, group, &sent, opts, confirm,
+                    )
+                    .await;
+                    let replies = match confirm {
+                        Some(_) => {
+                            super::confirm::withhold_unconfirmed(&cluster, &sent, replies).await
+                        }
+                        None => replies.into_iter().map(|(r, _)| r).collect(),
+                    };
                     replies.into_iter().map(|r| r.map(Reply::Items)).collect()
                 }
                 Some(max_attempts) => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio::sync::{mpsc, watch};
 
+use super::confirm;
 use super::giveback::{give_back, list_items};
 use super::wait_lease::{Brought, WaitLease};
 use super::{BLOCK_GRACE, Message};
@@ -43,6 +44,9 @@ pub(super) struct Waiter {
     /// Block again at once after handing messages to a waiting consumer, while it works on
     /// them (its prefetch, with a lease behind the wait): see [`Waiter::run`].
     pub(super) rearm: bool,
+    /// At-most-once pops (`BLMPOP`): replicas that must confirm a pop before its messages
+    /// are handed out (see `confirm.rs`).
+    pub(super) confirm: Option<(u32, Duration)>,
 }
 
 /// Where a consumer is, for its waiters.
@@ -133,10 +137,25 @@ impl Waiter {
                 id
             });
             let behind = lease.is_some();
-            let replies = if behind { 3 } else { 1 };
+            // A pop confirmed by a replica before its messages are handed out: `WAIT`
+            // behind `BLMPOP`, on the same connection (it answers at once after a wait
+            // that popped nothing).
+            let confirm = self
+                .confirm
+                .filter(|_| !self.wake_only && has_live_replica(&self.cluster, &owner));
+            if let Some((n, t)) = confirm {
+                bytes.extend(
+                    redis::cmd("WAIT")
+                        .arg(n)
+                        .arg(t.as_millis() as u64)
+                        .get_packed_command(),
+                );
+            }
+            let replies = if behind { 3 } else { 1 } + usize::from(confirm.is_some());
+            let waiting_for_replicas = confirm.map_or(Duration::ZERO, |(_, t)| t);
             let reply = {
                 let pop = tokio::time::timeout(
-                    self.block + BLOCK_GRACE,
+                    self.block + BLOCK_GRACE + waiting_for_replicas,
                     b.conn.exec_replies(bytes, replies, behind),
                 );
                 tokio::pin!(pop);
@@ -158,8 +177,20 @@ impl Waiter {
                                 "consumer gone while its wait's lease was in flight".into(),
                             )),
                             (None, _, Ok(Ok(mut r))) if !self.wake_only => {
-                                if let Ok(items) = blmpop_items(r.remove(0).into_value()) {
-                                    give_back(&self.cluster, self.slot, &self.key, items).await;
+                                let popped = blmpop_items(r.remove(0).into_value());
+                                let confirmed = confirm.is_none_or(|(n, _)| {
+                                    r.pop().is_some_and(|w| confirm::confirmed(&w.into_value(), n))
+                                });
+                                match popped {
+                                    Ok(items) if items.is_empty() => {}
+                                    Ok(items) if confirmed => {
+                                        give_back(&self.cluster, self.slot, &self.key, items).await
+                                    }
+                                    Ok(items) => {
+                                        confirm::push_back(&self.cluster, b.node.clone(), &self.key, items)
+                                            .await
+                                    }
+                                    Err(_) => {}
                                 }
                             }
                             _ => {}
@@ -192,6 +223,11 @@ impl Waiter {
                 Ok(Ok(r)) => r,
             };
             let waited = replies.remove(0).into_value();
+            let confirmed = confirm.is_none_or(|(n, _)| {
+                replies
+                    .pop()
+                    .is_some_and(|w| confirm::confirmed(&w.into_value(), n))
+            });
             let after: Option<(Reply, Reply)> = match (replies.pop(), replies.pop()) {
                 (Some(list), Some(script)) => Some((script, list)),
                 _ => None,
@@ -254,6 +290,10 @@ impl Waiter {
                 }
                 v => match blmpop_items(v) {
                     Ok(items) if items.is_empty() => {}
+                    Ok(items) if !confirmed => {
+                        let node = b.node.clone();
+                        confirm::push_back(&self.cluster, node, &self.key, items).await;
+                    }
                     Ok(items) => {
                         if !self.hand_over(items).await {
                             return;
@@ -366,6 +406,15 @@ impl Waiter {
             other => Err(Error::Protocol(format!("CLIENT ID: {other:?}"))),
         }
     }
+}
+
+/// Whether the slot map shows `node` with a replica not marked failed.
+fn has_live_replica(cluster: &Cluster, node: &NodeAddr) -> bool {
+    cluster
+        .topology()
+        .replicas_of(node)
+        .iter()
+        .any(|r| r.health != crate::topology::Health::Failed)
 }
 
 /// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.
