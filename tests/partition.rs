@@ -316,3 +316,91 @@ async fn unconfirmed_pops_deliver_twice_what_a_minority_master_handed_out() {
         "of a backlog of {backlog}: docs/operations.md says this case delivers twice"
     );
 }
+
+/// The client on the minority side: it reaches one master only, which is cut off from
+/// every other node (the majority promotes that master's replica). Every call returns
+/// within the documented bound — the retry budget, plus one request timeout for the
+/// attempt under way, plus the `WAIT` of a durable send — whatever it answers. Returns
+/// (sends, the longest one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_on_the_minority_side_gets_an_answer_within_the_retry_budget() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let c = slotq_testkit::ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .own_addresses(111)
+        .node_timeout_ms(2000)
+        .start()
+        .unwrap();
+    let config = slotq::ClusterConfig::from_url(&c.url()).unwrap();
+    let (budget, timeout) = (config.retry_budget_value(), config.request_timeout_value());
+    let client = slotq::Client::from_cluster(Cluster::connect(config).await.unwrap());
+    let q = client.queue("minority").reliable().open().await.unwrap();
+    let producer = q.producer().build().unwrap();
+    let m = c.masters()[0];
+    let longest: Arc<Mutex<(Duration, String)>> = Arc::default();
+    let counts: Arc<Mutex<std::collections::BTreeMap<String, usize>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (producer, longest, counts, stop) = (
+                producer.clone(),
+                longest.clone(),
+                counts.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let started = std::time::Instant::now();
+                    let sent = producer.send(format!("t{t}-{seq}")).await;
+                    seq += 1;
+                    let took = started.elapsed();
+                    let what = match &sent {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("{e:?}")
+                            .split([' ', '{', '('])
+                            .next()
+                            .unwrap()
+                            .to_string(),
+                    };
+                    *counts.lock().unwrap().entry(what.clone()).or_default() += 1;
+                    let mut l = longest.lock().unwrap();
+                    if took > l.0 {
+                        *l = (took, what);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut = Partition::new();
+    let others: Vec<String> = (0..c.len())
+        .filter(|&i| i != m)
+        .map(|i| c.node(i).host().to_string())
+        .collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    cut.isolate(c.node(m).host(), &others);
+    cut.isolate("127.0.0.1", &others);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    cut.heal();
+    let (took, what) = longest.lock().unwrap().clone();
+    eprintln!(
+        "minority client: {:?}; longest send {took:?} ({what}); budget {budget:?}, request timeout {timeout:?}",
+        counts.lock().unwrap()
+    );
+    // The budget, then the attempt under way when it ran out: a connection (connect
+    // timeout, 1 s by default), the request timeout, and the `WAIT` of a durable send.
+    let wait = Duration::from_millis(500);
+    let bound = budget + Duration::from_secs(1) + timeout + wait;
+    assert!(
+        took <= bound,
+        "a send took {took:?} ({what}); the bound is {bound:?}"
+    );
+}

@@ -70,6 +70,11 @@ pub enum Command {
         /// With --reliable: deliveries before a message is dead-lettered.
         #[arg(long, default_value_t = slotq::placement::DEFAULT_MAX_ATTEMPTS)]
         max_attempts: u32,
+        /// At-least-once queues: do not wait for a replica to confirm each push (by
+        /// default a push to a master with a live replica waits for it, so that a failover
+        /// loses no acknowledged message).
+        #[arg(long)]
+        no_durability: bool,
     },
     /// Pop messages and print one per line.
     ///
@@ -124,6 +129,11 @@ pub enum Command {
         /// delivered again (with --exec, leases are extended while the handler runs).
         #[arg(long, value_name = "SECS", value_parser = parse_secs)]
         lease: Option<std::time::Duration>,
+        /// At-most-once queues: hand out pops no replica confirmed (faster; a failover may
+        /// then deliver a message twice). By default a pop from a master with a live
+        /// replica is confirmed first.
+        #[arg(long)]
+        unconfirmed_pops: bool,
         /// Run a handler per message instead of printing.
         #[command(flatten)]
         exec: ExecArgs,
@@ -345,8 +355,9 @@ pub struct BenchArgs {
     /// At-least-once: consumers lease and acknowledge every message.
     #[arg(long)]
     pub reliable: bool,
-    /// Producers do not wait for a replica (at-least-once queues wait by default where
-    /// masters have replicas): to compare durable sending with the plain kind.
+    /// Nothing waits for a replica: producers of at-least-once queues send without `WAIT`,
+    /// and consumers of at-most-once queues hand out pops no replica confirmed (both wait
+    /// by default where masters have replicas): to compare with the plain kind.
     #[arg(long)]
     pub no_durability: bool,
     /// Also measure one plain list driven by the redis crate's cluster client.

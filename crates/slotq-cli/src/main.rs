@@ -140,9 +140,11 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             key,
             reliable,
             max_attempts,
+            no_durability,
         } => {
             let cluster = connect(cli).await?;
             let opts = cmd::push::Options {
+                no_durability: *no_durability,
                 key: key.clone(),
                 reliable: reliable.then_some(*max_attempts),
                 null: *null,
@@ -173,6 +175,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             ordered,
             null,
             lease,
+            unconfirmed_pops,
             exec,
         } => {
             // The recorder goes in before the router exists, so that nothing is missed.
@@ -189,6 +192,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                 ordered: *ordered,
                 null: *null,
                 lease: *lease,
+                unconfirmed_pops: *unconfirmed_pops,
                 exec: exec.exec.as_ref().map(|command| cmd::exec::Settings {
                     queue: queue.clone(),
                     command: command.clone(),

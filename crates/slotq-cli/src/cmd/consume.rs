@@ -53,6 +53,8 @@ pub struct Options {
     pub null: bool,
     /// The consumer's lease (at-least-once queues).
     pub lease: Option<Duration>,
+    /// At-most-once queues: hand out pops no replica confirmed.
+    pub unconfirmed_pops: bool,
     /// Run a handler per message instead of printing (`slotq consume --exec`).
     pub exec: Option<super::exec::Settings>,
 }
@@ -67,6 +69,7 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
         ordered,
         null,
         lease,
+        unconfirmed_pops,
         exec,
     } = opts;
     slotq::group::validate_group_name(&group)?;
@@ -95,6 +98,9 @@ pub async fn run(cluster: &Cluster, queue: &str, opts: Options) -> Result<String
     }
     if let Some(lease) = lease {
         builder = builder.lease(lease);
+    }
+    if unconfirmed_pops {
+        builder = builder.unconfirmed_pops();
     }
     if let Some(settings) = exec {
         // Pop no more than the handlers can take, so little waits leased in the buffer.

@@ -24,6 +24,8 @@ const READ_AHEAD: usize = 8;
 
 /// How `slotq push` runs.
 pub struct Options {
+    /// At-least-once queues: push without waiting for a replica.
+    pub no_durability: bool,
     /// Send keyed.
     pub key: Option<String>,
     /// Create a missing queue in at-least-once mode with this many attempts.
@@ -53,7 +55,11 @@ pub async fn run(
         builder = builder.max_attempts(max_attempts);
     }
     let q = builder.open().await?;
-    let producer = q.producer().build()?;
+    let mut producer = q.producer();
+    if opts.no_durability {
+        producer = producer.no_durability();
+    }
+    let producer = producer.build()?;
     let mut sent = 0u64;
     let result = if messages.is_empty() {
         stream_stdin(&producer, opts.key.as_deref(), opts.null, &mut sent).await

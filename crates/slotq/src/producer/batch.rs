@@ -30,6 +30,9 @@ pub(super) struct Batch {
     pub(super) bytes: usize,
     pub(super) keyed: bool,
     pub(super) signal: Arc<Signal>,
+    /// When its first message was enqueued: a send's retry budget counts from there, so
+    /// time spent queued behind a lane's failing push comes out of it.
+    pub(super) born: Option<std::time::Instant>,
 }
 
 impl Batch {

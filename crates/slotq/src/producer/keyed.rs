@@ -18,13 +18,14 @@ impl Producer {
     /// Sends one message to the shard `key` maps to; messages with the same key are
     /// delivered in the order they were sent (while the shard set does not change).
     pub async fn send_keyed(&self, key: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> Result<()> {
+        let called = std::time::Instant::now();
         self.inner.cfg.queue.check_live().await?;
         let payload = payload.as_ref();
         self.inner.check(payload)?;
         let now = crate::lease::now_ms();
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
         self.inner.acquire(1).await;
-        let signal = self.inner.enqueue(&lane, &[payload], true, now);
+        let signal = self.inner.enqueue(&lane, &[payload], true, (now, called));
         signal.wait().await
     }
 
@@ -72,13 +73,23 @@ impl Producer {
         for (lane, payloads) in groups {
             for chunk in payloads.chunks(grain) {
                 self.inner.acquire(chunk.len()).await;
-                signals.push(self.inner.enqueue(&lane, chunk, true, now));
+                signals.push(self.inner.enqueue(
+                    &lane,
+                    chunk,
+                    true,
+                    (now, std::time::Instant::now()),
+                ));
             }
         }
         for (hash, payload) in held {
             let lane = self.inner.keyed_lane_by_hash(hash).await?;
             self.inner.acquire(1).await;
-            signals.push(self.inner.enqueue(&lane, &[payload], true, now));
+            signals.push(self.inner.enqueue(
+                &lane,
+                &[payload],
+                true,
+                (now, std::time::Instant::now()),
+            ));
         }
         let mut first_err = None;
         for s in signals {

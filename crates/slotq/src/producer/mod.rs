@@ -105,6 +105,7 @@ impl Producer {
 
     /// Sends one message to some healthy shard; resolves when Redis stored it.
     pub async fn send(&self, payload: impl AsRef<[u8]>) -> Result<()> {
+        let called = std::time::Instant::now();
         self.inner.cfg.queue.check_live().await?;
         let payload = payload.as_ref();
         self.inner.check(payload)?;
@@ -112,7 +113,7 @@ impl Producer {
         self.inner.snapshot_if_due(1).await;
         self.inner.acquire(1).await;
         let lane = self.inner.pick()?;
-        let signal = self.inner.enqueue(&lane, &[payload], false, now);
+        let signal = self.inner.enqueue(&lane, &[payload], false, (now, called));
         signal.wait().await
     }
 
@@ -136,7 +137,10 @@ impl Producer {
         for chunk in payloads.chunks(grain) {
             self.inner.acquire(chunk.len()).await;
             let lane = self.inner.pick_fresh()?;
-            signals.push(self.inner.enqueue(&lane, chunk, false, now));
+            signals.push(
+                self.inner
+                    .enqueue(&lane, chunk, false, (now, std::time::Instant::now())),
+            );
         }
         drop(payloads);
         let mut first_err = None;
@@ -309,13 +313,14 @@ impl ProducerInner {
     /// Adds payloads to the lane's open batch (sealing it when full; each payload is copied
     /// into it) and starts the lane's flush task if it is idle. Returns the signal of the
     /// batch holding the last payload. On at-least-once queues each message gets its id
-    /// here, enqueued at `now_ms`.
+    /// here, enqueued at `now_ms`; `called` is when the caller's send began (a batch's retry
+    /// budget counts from its first message's).
     fn enqueue<P: AsRef<[u8]>>(
         self: &Arc<Self>,
         lane: &Arc<Lane>,
         payloads: &[P],
         keyed: bool,
-        now_ms: u64,
+        (now_ms, called): (u64, std::time::Instant),
     ) -> Arc<Signal> {
         lane.pending
             .fetch_add(payloads.len() as i64, Ordering::Relaxed);
@@ -339,6 +344,7 @@ impl ProducerInner {
                     st.sealed.push_back(full);
                 }
                 if st.open.is_empty() {
+                    st.open.born = Some(called);
                     // Room for the rest of these payloads, as far as one batch takes them,
                     // guessed from this one's size.
                     let n = (payloads.len() - i).min(self.cfg.max_batch_messages);

@@ -18,14 +18,21 @@ use crate::error::{Error, Result};
 impl ProducerInner {
     /// Pushes a batch to its lane; an unkeyed batch that could not be sent (node down,
     /// shard full) goes to another healthy lane instead.
+    ///
+    /// The retry budget counts from when the batch's first message was enqueued, and
+    /// covers every lane tried: a send answers within the budget plus the attempt under
+    /// way when it ran out, also when it waited behind a push that used up its own.
     pub(super) async fn push_routed(
         &self,
         lane: &Arc<Lane>,
         batch: &Batch,
         body: &Bytes,
     ) -> Result<()> {
+        let budget = self.cfg.queue.cluster().config().retry_budget_value();
+        let deadline = batch.born.unwrap_or_else(std::time::Instant::now) + budget;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
         if batch.keyed {
-            return self.push(lane, batch, body, false).await;
+            return self.push(lane, batch, body, left()).await;
         }
         let mut tried: HashSet<String> = HashSet::new();
         let mut target = lane.clone();
@@ -37,8 +44,10 @@ impl ProducerInner {
             tried.insert(target.tag.clone());
             let lanes = self.lanes();
             let last = lanes.iter().all(|l| tried.contains(&l.tag));
-            match self.push(&target, batch, body, !last).await {
-                Err(e) if !last && rerouteable(&e, self.resend_ambiguous) => {
+            let budget = if last { left() } else { Duration::ZERO };
+            match self.push(&target, batch, body, budget).await {
+                // Another lane while the budget lasts (each try is one attempt).
+                Err(e) if !last && rerouteable(&e, self.resend_ambiguous) && !left().is_zero() => {
                     tracing::debug!(shard = %target.tag, cause = %e, "rerouting batch");
                     if e.may_have_run() && maybe_stored.is_none() {
                         maybe_stored = Some(e);
@@ -54,12 +63,17 @@ impl ProducerInner {
         }
     }
 
-    async fn push(&self, lane: &Lane, batch: &Batch, body: &Bytes, fail_fast: bool) -> Result<()> {
+    /// One push of `batch` to `lane`, retrying what is safe to retry for `retry_budget`.
+    async fn push(
+        &self,
+        lane: &Lane,
+        batch: &Batch,
+        body: &Bytes,
+        retry_budget: Duration,
+    ) -> Result<()> {
         let cluster = self.cfg.queue.cluster();
         let mut opts = cluster.default_opts();
-        if fail_fast {
-            opts.retry_budget = Duration::ZERO;
-        }
+        opts.retry_budget = retry_budget;
         // The batch holds its messages as the push carries them: the command is a head
         // before them (see `batch.rs`).
         let count = batch.len();

@@ -163,7 +163,10 @@ pub(super) async fn consume(
     let mut tasks = Vec::new();
     let reliable = args.reliable;
     for _ in 0..args.consumers {
-        let builder = q.consumer().prefetch(!args.no_prefetch);
+        let mut builder = q.consumer().prefetch(!args.no_prefetch);
+        if args.no_durability {
+            builder = builder.unconfirmed_pops();
+        }
         let mut consumer = if args.without_group {
             builder.without_group().build()?
         } else if args.ordered {
