@@ -23,6 +23,9 @@ pub struct LoadConfig {
     pub batch: usize,
     /// Pause between a producer's batches.
     pub pause: Duration,
+    /// Each message is sent on its own (`send`): a failed send's error is that message's,
+    /// so one that says "not stored" can be checked against what was delivered.
+    pub one_by_one: bool,
 }
 
 impl Default for LoadConfig {
@@ -32,6 +35,7 @@ impl Default for LoadConfig {
             consumers: 2,
             batch: 20,
             pause: Duration::from_millis(5),
+            one_by_one: false,
         }
     }
 }
@@ -43,6 +47,8 @@ struct Shared {
     failed: AtomicU64,
     next_id: AtomicU64,
     acked: Mutex<Vec<u64>>,
+    /// Messages whose send failed with an error that says it was not stored.
+    refused: Mutex<Vec<u64>>,
     delivered: Mutex<HashMap<u64, u32>>,
     /// Per shard: instants of deliveries (for stall and resume measurements).
     deliveries_by_shard: Mutex<HashMap<String, Vec<Instant>>>,
@@ -78,6 +84,12 @@ pub struct Report {
     pub lost: u64,
     /// Receptions beyond the first.
     pub duplicated: u64,
+    /// Messages whose send failed saying they were not stored (`may_have_run() ==
+    /// false`), and that were delivered all the same.
+    pub refused_but_stored: u64,
+    /// Longest time one shard delivered nothing while producers ran (between two of its
+    /// deliveries).
+    pub longest_shard_gap: Duration,
     /// Longest single `send_batch` call.
     pub longest_send: Duration,
     /// Longest single receive call.
@@ -94,16 +106,18 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "attempted {} acked {} failed {} delivered {} lost {} duplicated {} longest send {:?} longest receive {:?} longest stall {:?} in {:?}",
+            "attempted {} acked {} failed {} delivered {} lost {} duplicated {} refused but stored {} longest send {:?} longest receive {:?} longest stall {:?} longest shard gap {:?} in {:?}",
             self.attempted,
             self.acked,
             self.failed,
             self.delivered,
             self.lost,
             self.duplicated,
+            self.refused_but_stored,
             self.longest_send,
             self.longest_recv,
             self.longest_gap,
+            self.longest_shard_gap,
             self.elapsed
         )?;
         if !self.errors.is_empty() {
@@ -145,18 +159,28 @@ impl Load {
                             .attempted
                             .fetch_add(ids.len() as u64, Ordering::Relaxed);
                         let t0 = Instant::now();
-                        let r = producer.send_batch(ids.iter().map(|i| i.to_string())).await;
+                        let results = if cfg.one_by_one {
+                            let sends = ids.iter().map(|i| producer.send(i.to_string()));
+                            futures::future::join_all(sends).await
+                        } else {
+                            let r = producer.send_batch(ids.iter().map(|i| i.to_string())).await;
+                            vec![r; ids.len()]
+                        };
                         note_max(&shared.longest_send, t0.elapsed());
-                        match r {
-                            Ok(()) => {
-                                shared
-                                    .acked_count
-                                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
-                                shared.acked.lock().unwrap().extend(ids);
-                            }
-                            Err(e) => {
-                                shared.failed.fetch_add(ids.len() as u64, Ordering::Relaxed);
-                                note_error(&shared, &e);
+                        for (id, r) in ids.iter().zip(results) {
+                            match r {
+                                Ok(()) => {
+                                    shared.acked_count.fetch_add(1, Ordering::Relaxed);
+                                    shared.acked.lock().unwrap().push(*id);
+                                }
+                                Err(e) => {
+                                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                                    // One message's own error only when sent on its own.
+                                    if cfg.one_by_one && !e.may_have_run() {
+                                        shared.refused.lock().unwrap().push(*id);
+                                    }
+                                    note_error(&shared, &e);
+                                }
                             }
                         }
                         tokio::time::sleep(cfg.pause).await;
@@ -268,7 +292,19 @@ impl Load {
         }
         let acked = self.shared.acked.lock().unwrap();
         let d = self.shared.delivered.lock().unwrap();
+        let refused = self.shared.refused.lock().unwrap();
+        let longest_shard_gap = self
+            .shared
+            .deliveries_by_shard
+            .lock()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.windows(2).map(|w| w[1] - w[0]))
+            .max()
+            .unwrap_or_default();
         Report {
+            refused_but_stored: refused.iter().filter(|id| d.contains_key(id)).count() as u64,
+            longest_shard_gap,
             attempted: self.shared.attempted.load(Ordering::Relaxed),
             acked: acked.len() as u64,
             failed: self.shared.failed.load(Ordering::Relaxed),
