@@ -404,3 +404,78 @@ async fn a_client_on_the_minority_side_gets_an_answer_within_the_retry_budget() 
         "a send took {took:?} ({what}); the bound is {bound:?}"
     );
 }
+
+/// A consumer blocked on an idle shard follows the promotion of that shard's replica
+/// within a second, even when the old master (cut off from every other node, still
+/// reachable by the client) has the lowest address, the one a slot-map refresh asked
+/// first: the refresh believes the majority's map, not the first node that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_consumer_follows_a_promotion_within_a_second() {
+    let c = slotq_testkit::ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .own_addresses(151)
+        .node_timeout_ms(2000)
+        .start()
+        .unwrap();
+    let config = slotq::ClusterConfig::from_url(&c.url()).unwrap();
+    let client = slotq::Client::from_cluster(Cluster::connect(config).await.unwrap());
+    let q = client
+        .queue("promoted")
+        .shards_per_master(1)
+        .open()
+        .await
+        .unwrap();
+    // The shard of the master with the lowest address.
+    let m = (0..c.len())
+        .filter(|i| c.masters().contains(i))
+        .min_by_key(|&i| c.node(i).host().to_string())
+        .unwrap();
+    let set = q.shards();
+    let shard = set
+        .shards
+        .iter()
+        .find(|s| c.owner_of(s.slot) == Some(m))
+        .unwrap()
+        .clone();
+    let r = c.replicas_of(m)[0];
+    let mut consumer = q.consumer().build().unwrap();
+    let receiving = tokio::spawn(async move {
+        let got = consumer
+            .recv_batch_timeout(1, Duration::from_secs(30))
+            .await
+            .unwrap();
+        (std::time::Instant::now(), got)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut = Partition::new();
+    let others: Vec<String> = (0..c.len())
+        .filter(|&i| i != m)
+        .map(|i| c.node(i).host().to_string())
+        .collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    cut.isolate(c.node(m).host(), &others);
+    // Wait for the promotion, then push straight to the new master.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let role: Vec<redis::Value> = c.node(r).cmd(&redis::cmd("ROLE")).unwrap();
+        if matches!(&role[0], redis::Value::BulkString(b) if b == b"master") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no promotion");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let key = slotq::placement::ready_key(q.prefix(), &shard.tag);
+    let _: i64 = c
+        .node(r)
+        .cmd(redis::cmd("RPUSH").arg(&key).arg("after the promotion"))
+        .unwrap();
+    let pushed = std::time::Instant::now();
+    let (at, got) = receiving.await.unwrap();
+    cut.heal();
+    assert_eq!(got.len(), 1, "the message pushed to the new master arrives");
+    assert_eq!(&got[0].payload[..], b"after the promotion");
+    let took = at.saturating_duration_since(pushed);
+    eprintln!("delivered {took:?} after it was pushed to the promoted replica");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+}
