@@ -26,20 +26,39 @@ pub fn group_member(
     group: &str,
     ordered: bool,
 ) -> Child {
-    Command::new(exe)
-        .args([
-            url,
-            queue,
-            &lease_ms.to_string(),
-            "group-work",
-            &pause_ms.to_string(),
-            group,
-            if ordered { "1" } else { "0" },
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("consumer process starts")
+    group_member_from(exe, url, queue, lease_ms, pause_ms, group, ordered, None)
+}
+
+/// [`group_member`], its connections made from `source` (an address of its own that a
+/// partition can cut off) when given.
+#[allow(clippy::too_many_arguments)]
+pub fn group_member_from(
+    exe: &str,
+    url: &str,
+    queue: &str,
+    lease_ms: u64,
+    pause_ms: u64,
+    group: &str,
+    ordered: bool,
+    source: Option<&str>,
+) -> Child {
+    let mut cmd = Command::new(exe);
+    if let Some(ip) = source {
+        cmd.env("SLOTQ_TEST_SOURCE_IP", ip);
+    }
+    cmd.args([
+        url,
+        queue,
+        &lease_ms.to_string(),
+        "group-work",
+        &pause_ms.to_string(),
+        group,
+        if ordered { "1" } else { "0" },
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("consumer process starts")
 }
 
 /// Collects the `DONE <ns> <payload>` lines of member `who` into `into`, from a thread.

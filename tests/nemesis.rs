@@ -1,5 +1,7 @@
 //! A nemesis for ordered groups: members paused (SIGSTOP) past their membership and
-//! continued, killed -9 and replaced, and the registry's master paused, while a producer
+//! continued, killed -9 and replaced, the registry's master paused, and a member cut off
+//! from the registry's master by a partition (each member connects from a loopback
+//! address of its own; nftables drops its traffic with that node), while a producer
 //! sends numbered sequences per key. The checker reads the whole history: per key, the
 //! order in which messages were first processed, and (an at-least-once queue) that every
 //! message sent was processed.
@@ -14,11 +16,17 @@ use std::time::{Duration, Instant};
 
 use slotq::Client;
 use slotq_testkit::TestCluster;
-use slotq_tests::history::{Done, check, collect, distinct, group_member, history};
+use slotq_tests::history::{Done, check, collect, distinct, group_member_from, history};
+use slotq_tests::nft::Partition;
+
+/// The address member `who` connects from.
+fn member_ip(who: usize) -> String {
+    format!("127.0.0.{}", 201 + who)
+}
 
 /// A member process of ordered group "g", its processings collected into `done`.
 fn member(url: &str, lease_ms: u64, who: usize, done: &Done) -> Child {
-    let mut child = group_member(
+    let mut child = group_member_from(
         env!("CARGO_BIN_EXE_slotq-test-consumer"),
         url,
         "nemesis",
@@ -26,6 +34,7 @@ fn member(url: &str, lease_ms: u64, who: usize, done: &Done) -> Child {
         5,
         "g",
         true,
+        Some(&member_ip(who)),
     );
     collect(&mut child, who, done);
     child
@@ -97,6 +106,19 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
     // The nemesis.
     let meta = format!("slotq:{{{}}}:meta", q.name());
     let registry_master = c.owner_of(slotq::slot::key_slot(&meta)).unwrap();
+    // The members connect from their own addresses (else the cuts below cut nothing).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(0..members.len()).all(|i| {
+        c.node(registry_master)
+            .cmd::<String>(slotq::redis::cmd("CLIENT").arg("LIST"))
+            .is_ok_and(|l| l.contains(&format!("addr={}:", member_ip(i))))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "members connect from their own addresses"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let start = Instant::now();
     let mut ops: HashMap<&str, usize> = HashMap::new();
     let mut round = 0;
@@ -105,7 +127,7 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
         let i = rand::random_range(0..members.len());
         // Every kind of fault in turn, on a member picked at random.
         round += 1;
-        match round % 3 {
+        match round % 4 {
             0 => {
                 // Paused past the membership (3 s), then continued.
                 let pid = members[i].id();
@@ -119,6 +141,16 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
                 members[i].wait().unwrap();
                 members[i] = member(&url, leases[i], i, &done);
                 *ops.entry("kill -9 and replace a member").or_default() += 1;
+            }
+            2 => {
+                // One member cut off from the registry's master past its membership: its
+                // heartbeats fail while it still reaches the other masters.
+                let cut = Partition::new();
+                cut.cut_ip_from_port(&member_ip(i), c.node(registry_master).port());
+                tokio::time::sleep(Duration::from_millis(rand::random_range(3500..5500))).await;
+                cut.heal();
+                *ops.entry("cut a member off from the registry master")
+                    .or_default() += 1;
             }
             _ => {
                 // The registry's master stalls (under the node timeout): heartbeats wait.
@@ -154,5 +186,5 @@ async fn an_ordered_group_keeps_order_and_loses_nothing_under_a_nemesis() {
         "{:?}",
         &r.violations[..r.violations.len().min(10)]
     );
-    assert_eq!(ops.len(), 3, "every kind of fault happened: {ops:?}");
+    assert_eq!(ops.len(), 4, "every kind of fault happened: {ops:?}");
 }

@@ -48,6 +48,19 @@ impl Partition {
         ));
     }
 
+    /// Cuts `ip` off from the node listening on `port` (both directions; its connections
+    /// to other ports still pass).
+    pub fn cut_ip_from_port(&self, ip: &str, port: u16) {
+        nft(&format!(
+            "add rule inet {} out ip saddr {ip} tcp dport {port} drop",
+            self.table
+        ));
+        nft(&format!(
+            "add rule inet {} out ip daddr {ip} tcp sport {port} drop",
+            self.table
+        ));
+    }
+
     /// Deletes the rules: the network is whole again.
     pub fn heal(&self) {
         nft(&format!("flush chain inet {} out", self.table));

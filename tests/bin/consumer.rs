@@ -7,6 +7,7 @@
 //! `slotq-test-consumer URL QUEUE LEASE_MS group-work MS GROUP ORDERED`: a member of GROUP
 //! (ordered when ORDERED is 1): forever: for each message, a random pause of 0..MS ms, then
 //! `DONE <ns since the epoch> <payload>` (flushed), then its ack.
+//! With `SLOTQ_TEST_SOURCE_IP` set, every connection is made from that address.
 
 use std::io::Write;
 use std::time::Duration;
@@ -22,7 +23,16 @@ async fn main() {
         args[3].parse::<u64>().unwrap(),
         &args[4],
     );
-    let client = Client::open(url).await.expect("connect");
+    // `SLOTQ_TEST_SOURCE_IP`: connect from that address (a partition test cuts it off).
+    let client = match std::env::var("SLOTQ_TEST_SOURCE_IP") {
+        Ok(ip) => {
+            let config = slotq::ClusterConfig::from_url(url)
+                .expect("valid url")
+                .source_address(ip.parse().expect("an IP address"));
+            Client::from_cluster(slotq::Cluster::connect(config).await.expect("connect"))
+        }
+        Err(_) => Client::open(url).await.expect("connect"),
+    };
     let q = client
         .queue(queue)
         .must_exist()

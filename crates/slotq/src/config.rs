@@ -46,6 +46,7 @@ pub struct ClusterConfig {
     pub(crate) periodic_refresh: Option<Duration>,
     pub(crate) require_cluster: bool,
     pub(crate) tls_root_cert: Option<Vec<u8>>,
+    pub(crate) source_address: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -59,6 +60,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("refresh_interval", &self.refresh_interval)
             .field("down_backoff", &self.down_backoff)
             .field("require_cluster", &self.require_cluster)
+            .field("source_address", &self.source_address)
             .finish()
     }
 }
@@ -80,6 +82,7 @@ impl ClusterConfig {
             periodic_refresh: Some(DEFAULT_PERIODIC_REFRESH),
             require_cluster: false,
             tls_root_cert: None,
+            source_address: None,
         })
     }
 
@@ -87,6 +90,14 @@ impl ClusterConfig {
     pub fn seed(mut self, url: &str) -> Result<Self> {
         self.seeds.push(parse_url(url)?);
         Ok(self)
+    }
+
+    /// The local address every connection to the cluster is made from (the system picks
+    /// one by default): for a host with several addresses whose traffic must leave from
+    /// a given one (firewall rules, a dedicated network).
+    pub fn source_address(mut self, ip: std::net::IpAddr) -> Self {
+        self.source_address = Some(ip);
+        self
     }
 
     /// Deadline for connecting to a node.

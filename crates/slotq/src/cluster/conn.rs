@@ -33,6 +33,8 @@ pub(crate) struct Dialer {
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
     pub(crate) connect_timeout: Duration,
+    /// The local address connections are made from (`ClusterConfig::source_address`).
+    pub(crate) source: Option<std::net::IpAddr>,
 }
 
 /// Why a request got no reply: what happened, and the I/O error behind it if any.
@@ -103,6 +105,35 @@ type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
 type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
 
 impl Dialer {
+    /// A TCP connection to `node`, from the configured source address if there is one.
+    async fn connect_tcp(&self, node: &NodeAddr) -> std::io::Result<TcpStream> {
+        let Some(source) = self.source else {
+            return TcpStream::connect((node.host.as_str(), node.port)).await;
+        };
+        let mut last = None;
+        for addr in tokio::net::lookup_host((node.host.as_str(), node.port)).await? {
+            if addr.is_ipv4() != source.is_ipv4() {
+                continue;
+            }
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(source, 0))?;
+            match socket.connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("no address of {node} in the family of the source address {source}"),
+            )
+        }))
+    }
+
     /// Connects, upgrades to TLS if configured, authenticates, and checks the protocol.
     pub(crate) async fn dial(&self, node: &NodeAddr) -> Result<Conn, Error> {
         let connect_err = |reason: String, cause: Option<Cause>| Error::Connect {
@@ -110,12 +141,7 @@ impl Dialer {
             reason,
             cause,
         };
-        let tcp = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((node.host.as_str(), node.port)),
-        )
-        .await
-        {
+        let tcp = match tokio::time::timeout(self.connect_timeout, self.connect_tcp(node)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(connect_err(e.to_string(), Some(Cause::new(e)))),
             Err(_) => {

@@ -132,6 +132,7 @@ impl Cluster {
             username: seed.redis_settings().username().map(str::to_string),
             password: seed.redis_settings().password().map(str::to_string),
             connect_timeout: config.connect_timeout,
+            source: config.source_address,
         };
         let seeds = config.seed_addrs();
         let placeholder = Topology::from_parts(Vec::new(), &[]);
