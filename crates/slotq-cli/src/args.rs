@@ -234,6 +234,21 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Pause a queue: every consumer stops taking new messages within a registry poll
+    /// (work in hand finishes, leases are still settled); producers go on sending.
+    ///
+    /// Example: slotq pause orders
+    Pause {
+        /// Queue name.
+        queue: String,
+    },
+    /// Resume a paused queue.
+    ///
+    /// Example: slotq resume orders
+    Resume {
+        /// Queue name.
+        queue: String,
+    },
     /// Every slotq queue on the cluster: mode, shards, depth, in flight, dead letters.
     ///
     /// Example: slotq queues --json

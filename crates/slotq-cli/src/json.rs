@@ -67,6 +67,8 @@ pub struct Stats<'a> {
     pub shards: Vec<Shard>,
     /// Ready messages in all shards.
     pub total_depth: u64,
+    /// Paused (`slotq pause`): consumers take nothing until it is resumed.
+    pub paused: bool,
     /// What a rebalance would do now.
     pub rebalance: RebalanceHint,
 }
@@ -122,6 +124,19 @@ pub struct QueueSummary {
     pub in_flight: Option<u64>,
     /// At-least-once: dead letters.
     pub dead: Option<u64>,
+    /// Paused (`slotq pause`).
+    pub paused: bool,
+}
+
+/// `pause` / `resume`.
+#[derive(Debug, Serialize)]
+pub struct PauseChange<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Paused now.
+    pub paused: bool,
+    /// Whether this call changed it (false: it was so already).
+    pub changed: bool,
 }
 
 /// `push` (summary).

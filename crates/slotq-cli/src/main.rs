@@ -271,6 +271,14 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             let cluster = connect(cli).await?;
             cmd::inspect::delete(&cluster, queue, *yes, cli.json).await
         }
+        Command::Pause { queue } => {
+            let cluster = connect(cli).await?;
+            cmd::queue::set_paused(&cluster, queue, true, cli.json).await
+        }
+        Command::Resume { queue } => {
+            let cluster = connect(cli).await?;
+            cmd::queue::set_paused(&cluster, queue, false, cli.json).await
+        }
         Command::Queues => {
             let cluster = connect(cli).await?;
             cmd::inspect::queues(&cluster, cli.json).await

@@ -140,6 +140,9 @@ pub struct ShardSet {
     /// same registry version that removes them, so that a rebalance cut short between the
     /// two steps is finished by the next one instead of forgetting them.
     pub cleanup: Vec<u32>,
+    /// Paused (`Queue::pause`): consumers take nothing new until it is resumed; producers
+    /// go on sending.
+    pub paused: bool,
 }
 
 impl ShardSet {
@@ -198,6 +201,7 @@ impl ShardSet {
                     DeliveryMode::AtLeastOnce { max_attempts } => max_attempts.to_string(),
                 },
             ),
+            ("paused".into(), if self.paused { "1" } else { "0" }.into()),
         ]
     }
 
@@ -266,6 +270,7 @@ impl ShardSet {
             mode,
             keyed,
             cleanup: numbers("cleanup")?,
+            paused: fields.get("paused").is_some_and(|v| v == "1"),
         })
     }
 
@@ -438,6 +443,7 @@ mod tests {
             mode: DeliveryMode::AtLeastOnce { max_attempts: 3 },
             keyed: vec![7, 0, 2],
             cleanup: vec![9],
+            paused: true,
         };
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);

@@ -70,11 +70,16 @@ pub async fn queues(cluster: &Cluster, as_json: bool) -> Result<String, CliError
             depth,
             in_flight,
             dead,
+            paused: q.is_paused(),
         });
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         rows.push(vec![
             name,
-            mode.to_string(),
+            if q.is_paused() {
+                format!("{mode}, paused")
+            } else {
+                mode.to_string()
+            },
             shards.to_string(),
             depth.to_string(),
             opt(in_flight),

@@ -110,6 +110,9 @@ pub async fn pop(
             )
             .await?;
         if got.is_empty() {
+            if taken == 0 && q.is_paused() {
+                eprintln!("{queue} is paused: nothing popped (slotq resume {queue})");
+            }
             break;
         }
         taken += got.len();
@@ -198,6 +201,7 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             version: set.version,
             shards,
             total_depth: total,
+            paused: set.paused,
             rebalance: crate::json::RebalanceHint {
                 add: plan.add.len(),
                 reactivate: plan.reactivate.len(),
@@ -240,8 +244,13 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             plan.drain.len()
         )
     };
+    let paused = if set.paused {
+        ", PAUSED (slotq resume to resume)"
+    } else {
+        ""
+    };
     Ok(format!(
-        "queue {queue}: {} shards, {mode}, registry version {}\n\n{}\ntotal depth {total}\n{advice}",
+        "queue {queue}: {} shards, {mode}{paused}, registry version {}\n\n{}\ntotal depth {total}\n{advice}",
         stats.len(),
         set.version,
         table(
@@ -484,4 +493,34 @@ pub async fn watch(
             _ = tokio::signal::ctrl_c() => return Ok(String::new()),
         }
     }
+}
+
+/// `slotq pause QUEUE` / `slotq resume QUEUE`.
+pub async fn set_paused(
+    cluster: &Cluster,
+    queue: &str,
+    pause: bool,
+    as_json: bool,
+) -> Result<String, CliError> {
+    let q = open_existing(cluster, queue).await?;
+    let changed = if pause {
+        q.pause().await?
+    } else {
+        q.resume().await?
+    };
+    if as_json {
+        return Ok(crate::json::line(&crate::json::PauseChange {
+            queue,
+            paused: pause,
+            changed,
+        }));
+    }
+    Ok(match (pause, changed) {
+        (true, true) => format!(
+            "paused {queue}: consumers take nothing new within a registry poll (1 s); producers go on sending\n"
+        ),
+        (true, false) => format!("{queue} was paused already\n"),
+        (false, true) => format!("resumed {queue}\n"),
+        (false, false) => format!("{queue} was not paused\n"),
+    })
 }

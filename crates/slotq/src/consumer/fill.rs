@@ -23,6 +23,10 @@ impl Consumer {
     pub(super) async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
         loop {
             self.queue.check_live().await?;
+            if self.queue.is_paused() {
+                // The caller's loop sets everything aside (see `paused.rs`).
+                return Ok(());
+            }
             while let Ok(batch) = self.inbox_rx.try_recv() {
                 self.take_in(batch);
             }
@@ -88,7 +92,11 @@ impl Consumer {
     /// flowing shard never keeps the others from being asked: every shard is asked at
     /// least every other round.
     pub(super) fn prefetch_if_dry(&mut self) {
-        if !self.prefetch || self.round.is_some() || !self.buffer.is_empty() {
+        if !self.prefetch
+            || self.round.is_some()
+            || !self.buffer.is_empty()
+            || self.queue.is_paused()
+        {
             return;
         }
         let (asks, partial) = match std::mem::replace(&mut self.flowing, Flow::Stopped) {

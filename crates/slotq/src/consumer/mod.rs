@@ -44,6 +44,7 @@ mod giveback;
 mod grouped;
 mod message;
 mod ordered_giveback;
+mod paused;
 mod round;
 mod wait_lease;
 mod waiter;
@@ -145,6 +146,7 @@ impl Consumer {
     pub async fn recv(&mut self) -> Result<Message> {
         loop {
             self.queue.check_live().await?;
+            self.wait_while_paused(None).await?;
             self.sync_group().await?;
             self.release_stale().await;
             if let Some(m) = self.buffer.pop_front() {
@@ -162,6 +164,7 @@ impl Consumer {
     pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Message>> {
         loop {
             self.queue.check_live().await?;
+            self.wait_while_paused(None).await?;
             self.sync_group().await?;
             self.release_stale().await;
             if !self.buffer.is_empty() {
@@ -182,6 +185,9 @@ impl Consumer {
         let deadline = Instant::now() + timeout;
         loop {
             self.queue.check_live().await?;
+            if !self.wait_while_paused(Some(deadline)).await? {
+                return Ok(Vec::new());
+            }
             self.sync_group().await?;
             self.release_stale().await;
             if !self.buffer.is_empty() || Instant::now() >= deadline {

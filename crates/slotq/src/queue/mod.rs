@@ -131,6 +131,7 @@ impl QueueBuilder {
                 mode: self.mode,
                 keyed: Vec::new(),
                 cleanup: Vec::new(),
+                paused: false,
             })),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
@@ -396,5 +397,49 @@ impl Queue {
     /// At-most-once or at-least-once (fixed at creation).
     pub fn mode(&self) -> placement::DeliveryMode {
         self.inner.shards.read().unwrap().mode
+    }
+
+    /// Whether the queue was paused, as of this client's last look at the registry (at
+    /// most one registry poll old while it is used).
+    pub fn is_paused(&self) -> bool {
+        self.inner.shards.read().unwrap().paused
+    }
+
+    /// Pauses the queue: every consumer, in every process, stops taking new messages
+    /// within one registry poll (1 s by default) and gives back what it took and had not
+    /// handed out; messages already handed out are settled as usual. Producers go on
+    /// sending. The pause is a registry field, written with a `WAIT` for the registry
+    /// master's replicas, so it survives a failover. Returns false when the queue was
+    /// paused already.
+    pub async fn pause(&self) -> Result<bool> {
+        self.set_paused(true).await
+    }
+
+    /// Resumes a paused queue: consumers take messages again within one registry poll.
+    /// Returns false when the queue was not paused.
+    pub async fn resume(&self) -> Result<bool> {
+        self.set_paused(false).await
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<bool> {
+        let inner = &self.inner;
+        for _ in 0..REGISTRY_CAS_ATTEMPTS {
+            let current = inner
+                .read_registry()
+                .await?
+                .ok_or_else(|| Error::QueueNotFound(inner.name.clone()))?;
+            if current.paused == paused {
+                *inner.shards.write().unwrap() = Arc::new(current);
+                return Ok(false);
+            }
+            let mut next = current.clone();
+            next.version += 1;
+            next.paused = paused;
+            if inner.write_registry(current.version, &next).await? {
+                *inner.shards.write().unwrap() = Arc::new(next);
+                return Ok(true);
+            }
+        }
+        Err(Error::RegistryContention(inner.name.clone()))
     }
 }

@@ -117,6 +117,7 @@ impl QueueInner {
             shards_per_master: k,
             mode,
             cleanup: Vec::new(),
+            paused: false,
         };
         let v = self
             .registry_script(&self.scripts.create, None, &proposal)

@@ -148,6 +148,7 @@ mod tests {
             shards_per_master: k,
             mode: DeliveryMode::AtMostOnce,
             cleanup: Vec::new(),
+            paused: false,
         }
     }
 
