@@ -70,6 +70,10 @@ pub enum Command {
         /// With --reliable: deliveries before a message is dead-lettered.
         #[arg(long, default_value_t = slotq::placement::DEFAULT_MAX_ATTEMPTS)]
         max_attempts: u32,
+        /// A dedup id for the one message given: not enqueued if a message with this id
+        /// was sent to the queue within the last 10 minutes (exit code 6 then).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["key", "null"])]
+        dedup_id: Option<String>,
         /// At-least-once queues: do not wait for a replica to confirm each push (by
         /// default a push to a master with a live replica waits for it, so that a failover
         /// loses no acknowledged message).

@@ -37,6 +37,8 @@ pub const EXIT_NOT_FOUND: u8 = 4;
 /// closed pipe (`slotq pop Q -n 1000 | head -1`) is not an error: the reader is done, and
 /// the command stops quietly with 0 after giving back what it did not write.
 pub const EXIT_OUTPUT: u8 = 5;
+/// Not enqueued: a message with the same dedup id was sent within its window.
+pub const EXIT_DUPLICATE: u8 = 6;
 
 /// Errors of the CLI, each with an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,8 @@ impl CliError {
                 | slotq::Error::InvalidPayload(_),
             ) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::QueueNotFound(_)) => EXIT_NOT_FOUND,
+            CliError::Slotq(slotq::Error::InvalidDedupId(_)) => EXIT_USAGE,
+            CliError::Slotq(slotq::Error::Duplicate { .. }) => EXIT_DUPLICATE,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
             CliError::Output { error, .. } if output::is_closed_pipe(error) => EXIT_OK,
@@ -141,10 +145,12 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             reliable,
             max_attempts,
             no_durability,
+            dedup_id,
         } => {
             let cluster = connect(cli).await?;
             let opts = cmd::push::Options {
                 no_durability: *no_durability,
+                dedup_id: dedup_id.clone(),
                 key: key.clone(),
                 reliable: reliable.then_some(*max_attempts),
                 null: *null,

@@ -212,6 +212,22 @@ pub enum Error {
     #[error("invalid payload: {0}")]
     InvalidPayload(String),
 
+    /// A send with a dedup id that was sent already within the dedup window: not enqueued
+    /// again (the first one is, or was, in the queue).
+    #[error(
+        "duplicate: dedup id {id:?} was sent to queue {queue:?} within its dedup window; not enqueued again"
+    )]
+    Duplicate {
+        /// The queue.
+        queue: String,
+        /// The dedup id.
+        id: String,
+    },
+
+    /// A dedup id refused before anything was sent (empty, or longer than allowed).
+    #[error("invalid dedup id: {0}")]
+    InvalidDedupId(String),
+
     /// The shard would grow past the configured maximum depth; nothing was pushed.
     #[error("queue full: shard {shard} holds {depth} messages (max {max})")]
     QueueFull {

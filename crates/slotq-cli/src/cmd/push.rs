@@ -24,6 +24,8 @@ const READ_AHEAD: usize = 8;
 
 /// How `slotq push` runs.
 pub struct Options {
+    /// A dedup id for the one message given.
+    pub dedup_id: Option<String>,
     /// At-least-once queues: push without waiting for a replica.
     pub no_durability: bool,
     /// Send keyed.
@@ -61,7 +63,18 @@ pub async fn run(
     }
     let producer = producer.build()?;
     let mut sent = 0u64;
-    let result = if messages.is_empty() {
+    if let Some(id) = &opts.dedup_id {
+        let [message] = messages else {
+            return Err(CliError::Usage(
+                "--dedup-id takes exactly one message argument".into(),
+            ));
+        };
+        producer.send_dedup(id, message.as_bytes()).await?;
+        sent = 1;
+    }
+    let result = if opts.dedup_id.is_some() {
+        Ok(())
+    } else if messages.is_empty() {
         stream_stdin(&producer, opts.key.as_deref(), opts.null, &mut sent).await
     } else {
         let batch: Vec<Vec<u8>> = messages.iter().map(|m| m.clone().into_bytes()).collect();

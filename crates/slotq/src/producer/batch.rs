@@ -33,6 +33,8 @@ pub(super) struct Batch {
     /// When its first message was enqueued: a send's retry budget counts from there, so
     /// time spent queued behind a lane's failing push comes out of it.
     pub(super) born: Option<std::time::Instant>,
+    /// A send with a dedup id: one message, pushed by `lua/push_dedup.lua`.
+    pub(super) dedup: Option<String>,
 }
 
 impl Batch {

@@ -51,6 +51,11 @@ pub struct ProducerBuilder {
     /// `no_durability()`: no `WAIT` by default on at-least-once queues either.
     pub(super) durability_off: bool,
     pub(super) resend_ambiguous: Option<bool>,
+    /// How long a dedup id keeps a second send of it out (see `dedup.rs`).
+    pub(super) dedup_window: Duration,
+    /// Every `send` / `send_keyed` gets a dedup id of its own and is resent on ambiguous
+    /// failures (see `dedup.rs`).
+    pub(super) idempotent: bool,
 }
 
 /// How long a push waits for a replica by default (at-least-once queues whose master has
@@ -71,7 +76,29 @@ impl ProducerBuilder {
             durability: None,
             durability_off: false,
             resend_ambiguous: None,
+            dedup_window: super::dedup::DEFAULT_DEDUP_WINDOW,
+            idempotent: false,
         }
+    }
+
+    /// How long a dedup id keeps a second send with the same id out of the queue (default
+    /// 10 minutes; see [`Producer::send_dedup`]). The window is the sender's: producers of
+    /// one queue that share ids should agree on it.
+    pub fn dedup_window(mut self, d: Duration) -> Self {
+        self.dedup_window = d;
+        self
+    }
+
+    /// An idempotent producer: every [`Producer::send`] and [`Producer::send_keyed`] gets
+    /// a dedup id of its own, and a send whose outcome is unknown (a timeout, a broken
+    /// connection, a failover, too few replicas: [`Error::may_have_run`]) is sent again to
+    /// the same shard with the same id until the retry budget is spent. The message is then
+    /// enqueued exactly once: a resend that finds the id answers that the first send
+    /// stored it. Each message is one push (no batching), so this costs throughput;
+    /// `send_batch` and `send_keyed_batch` send their messages that way, concurrently.
+    pub fn idempotent(mut self) -> Self {
+        self.idempotent = true;
+        self
     }
 
     /// Whether an unkeyed batch whose push may or may not have been stored (the node timed
@@ -173,6 +200,9 @@ impl ProducerBuilder {
         }
         if self.max_buffered > Semaphore::MAX_PERMITS {
             return cfg("max_buffered is too large".into());
+        }
+        if self.dedup_window < Duration::from_millis(1) {
+            return cfg("dedup_window must be at least 1 ms".into());
         }
         if let Some((n, t)) = self.durability
             && (n == 0 || t.is_zero())

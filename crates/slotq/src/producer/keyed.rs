@@ -24,6 +24,9 @@ impl Producer {
         self.inner.check(payload)?;
         let now = crate::lease::now_ms();
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
+        if self.inner.cfg.idempotent {
+            return self.inner.send_idempotent(&lane, payload, called).await;
+        }
         self.inner.acquire(1).await;
         let signal = self.inner.enqueue(&lane, &[payload], true, (now, called));
         signal.wait().await
@@ -39,6 +42,32 @@ impl Producer {
         items: impl IntoIterator<Item = (K, P)>,
     ) -> Result<()> {
         self.inner.cfg.queue.check_live().await?;
+        if self.inner.cfg.idempotent {
+            // One push per message: each key's messages one after another (their order),
+            // the keys at once.
+            let mut by_key: Vec<(K, Vec<P>)> = Vec::new();
+            let mut index: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+            for (k, p) in items {
+                match index.get(k.as_ref()) {
+                    Some(&i) => by_key[i].1.push(p),
+                    None => {
+                        index.insert(k.as_ref().to_vec(), by_key.len());
+                        by_key.push((k, vec![p]));
+                    }
+                }
+            }
+            let sends = by_key.iter().map(|(k, ps)| async move {
+                for p in ps {
+                    self.send_keyed(k.as_ref(), p.as_ref()).await?;
+                }
+                Ok::<(), Error>(())
+            });
+            return futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .find(Result::is_err)
+                .unwrap_or(Ok(()));
+        }
         let items: Vec<(u64, P)> = items
             .into_iter()
             .map(|(k, p)| (fnv1a(k.as_ref()), p))
@@ -107,7 +136,7 @@ impl ProducerInner {
     /// key's messages never wait on two shards at once, so they stay in order. After the
     /// hold the shard is used as it is (the rebalance retires a shard well within the
     /// hold, or gives up and puts it back to draining).
-    async fn keyed_lane(&self, key: &[u8]) -> Result<Arc<Lane>> {
+    pub(super) async fn keyed_lane(&self, key: &[u8]) -> Result<Arc<Lane>> {
         self.keyed_lane_by_hash(fnv1a(key)).await
     }
 

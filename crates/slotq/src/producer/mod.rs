@@ -20,6 +20,7 @@
 
 mod batch;
 mod builder;
+mod dedup;
 mod keyed;
 mod lanes;
 mod push;
@@ -37,6 +38,7 @@ pub use builder::{
     DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_MESSAGES, DEFAULT_MAX_BUFFERED, DEFAULT_MAX_PAYLOAD,
     EmptyPayloads, ProducerBuilder, check_payload,
 };
+pub use dedup::{DEFAULT_DEDUP_WINDOW, MAX_DEDUP_ID, check_dedup_id};
 pub use keyed::KEYED_HOLD;
 use lanes::{CHOICE_SPAN, Lane, LaneState, Lanes};
 
@@ -111,6 +113,10 @@ impl Producer {
         self.inner.check(payload)?;
         let now = crate::lease::now_ms();
         self.inner.snapshot_if_due(1).await;
+        if self.inner.cfg.idempotent {
+            let lane = self.inner.pick()?;
+            return self.inner.send_idempotent(&lane, payload, called).await;
+        }
         self.inner.acquire(1).await;
         let lane = self.inner.pick()?;
         let signal = self.inner.enqueue(&lane, &[payload], false, (now, called));
@@ -129,6 +135,14 @@ impl Producer {
         let payloads: Vec<P> = payloads.into_iter().collect();
         for p in &payloads {
             self.inner.check(p.as_ref())?;
+        }
+        if self.inner.cfg.idempotent {
+            let sends = payloads.iter().map(|p| self.send(p.as_ref()));
+            return futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .find(Result::is_err)
+                .unwrap_or(Ok(()));
         }
         self.inner.snapshot_if_due(payloads.len()).await;
         let grain = self.inner.batch_grain(payloads.len()).max(1);

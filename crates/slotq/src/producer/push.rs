@@ -77,10 +77,12 @@ impl ProducerInner {
         // The batch holds its messages as the push carries them: the command is a head
         // before them (see `batch.rs`).
         let count = batch.len();
-        let cmd = match self.cfg.max_depth {
+        let cmd = match (&batch.dedup, self.cfg.max_depth) {
+            // A dedup id: the marker and the push in one script (max_depth does not apply).
+            (Some(id), _) => self.dedup_command(lane, id, batch, body),
             // At-least-once queues: the whole batch is one frame, behind its head (one
             // command, so the two are never apart).
-            None if self.reliable => {
+            (None, None) if self.reliable => {
                 let (open, head) = batch.frame_open(body.len());
                 Command::with_body(
                     &[b"RPUSH", lane.key.as_bytes(), &head],
@@ -88,10 +90,12 @@ impl ProducerInner {
                     vec![open.into(), body.clone(), Bytes::from_static(b"\r\n")],
                 )
             }
-            None => Command::with_body(&[b"RPUSH", lane.key.as_bytes()], count, vec![body.clone()]),
+            (None, None) => {
+                Command::with_body(&[b"RPUSH", lane.key.as_bytes()], count, vec![body.clone()])
+            }
             // At-most-once queues only: the builder refuses `max_depth` on at-least-once
             // queues.
-            Some(max) => {
+            (None, Some(max)) => {
                 let scripts = self.cfg.queue.scripts();
                 let max = max.to_string();
                 scripts.push_bounded.with_body(
@@ -104,7 +108,7 @@ impl ProducerInner {
         };
         // At-least-once shards keep a count of ready messages (a frame holds many): it
         // goes in the same write, right behind the push.
-        let ready_count = self.reliable.then(|| {
+        let ready_count = (self.reliable && batch.dedup.is_none()).then(|| {
             redis::cmd("INCRBY")
                 .arg(crate::placement::shard_key(
                     self.cfg.queue.prefix(),
@@ -196,6 +200,10 @@ impl ProducerInner {
                     max: self.cfg.max_depth.unwrap_or_default(),
                 })
             }
+            Value::SimpleString(s) if s == "DUPLICATE" => Err(Error::Duplicate {
+                queue: self.cfg.queue.name().to_string(),
+                id: batch.dedup.clone().unwrap_or_default(),
+            }),
             other => Err(Error::Protocol(format!("push: unexpected reply {other:?}"))),
         }
     }

@@ -168,6 +168,7 @@ pub(crate) struct Scripts {
     pub(crate) create: Script,
     pub(crate) update: Script,
     pub(crate) push_bounded: Script,
+    pub(crate) push_dedup: Script,
 }
 
 impl Scripts {
@@ -176,6 +177,7 @@ impl Scripts {
             create: Script::new(include_str!("../lua/create_registry.lua")),
             update: Script::new(include_str!("../lua/update_registry.lua")),
             push_bounded: Script::new(include_str!("../lua/push_bounded.lua")),
+            push_dedup: Script::new(include_str!("../lua/push_dedup.lua")),
         }
     }
 }
