@@ -165,7 +165,7 @@ pub(crate) async fn run_batch_confirmed(
         // `cmds` (kept for resending after a redirect).
         let sends = groups.into_iter().map(|(addr, group)| {
             let cmds = &cmds;
-            let wait = confirm.filter(|_| has_live_replica(&topology, &addr));
+            let wait = confirm.filter(|_| topology.has_live_replica(&addr));
             async move {
                 let r = send_group(inner, &addr, &group, cmds, opts, items_wanted, wait).await;
                 (addr, group, wait, r)
@@ -296,14 +296,6 @@ pub(crate) async fn run_batch_confirmed(
         .zip(served)
         .map(|(r, s)| (r.expect("every command ends with a result"), s))
         .collect()
-}
-
-/// Whether the slot map shows `addr` with a replica not marked failed.
-fn has_live_replica(topology: &crate::topology::Topology, addr: &NodeAddr) -> bool {
-    topology
-        .replicas_of(addr)
-        .iter()
-        .any(|r| r.health != crate::topology::Health::Failed)
 }
 
 /// A unit ([`RequestOpts::together`]) is sent again as a whole when any of its commands is:

@@ -208,7 +208,16 @@ impl Round {
         let (cluster, scripts, lease) = (ctx.cluster.clone(), ctx.scripts.clone(), ctx.lease);
         let max_attempts = ctx.max_attempts;
         let fence_group = ctx.fence_group.clone();
-        let confirm = ctx.confirm;
+        // Confirmed only where some master asked has a live replica: elsewhere there is
+        // nothing to wait for, and the round stays on the shared connections.
+        let confirm = ctx.confirm.filter(|_| {
+            let topology = ctx.cluster.topology();
+            asks.iter().any(|a| {
+                topology
+                    .owner(a.keys.slot)
+                    .is_none_or(|m| topology.has_live_replica(m))
+            })
+        });
         let sent = asks.clone();
         let replies: Replies = Box::pin(async move {
             let mut opts = cluster.default_opts();

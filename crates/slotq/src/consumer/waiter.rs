@@ -142,7 +142,7 @@ impl Waiter {
             // that popped nothing).
             let confirm = self
                 .confirm
-                .filter(|_| !self.wake_only && has_live_replica(&self.cluster, &owner));
+                .filter(|_| !self.wake_only && self.cluster.topology().has_live_replica(&owner));
             if let Some((n, t)) = confirm {
                 bytes.extend(
                     redis::cmd("WAIT")
@@ -406,15 +406,6 @@ impl Waiter {
             other => Err(Error::Protocol(format!("CLIENT ID: {other:?}"))),
         }
     }
-}
-
-/// Whether the slot map shows `node` with a replica not marked failed.
-fn has_live_replica(cluster: &Cluster, node: &NodeAddr) -> bool {
-    cluster
-        .topology()
-        .replicas_of(node)
-        .iter()
-        .any(|r| r.health != crate::topology::Health::Failed)
 }
 
 /// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.

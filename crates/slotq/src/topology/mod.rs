@@ -149,6 +149,13 @@ impl Topology {
             .collect()
     }
 
+    /// Whether `master` has a replica the cluster does not call failed.
+    pub fn has_live_replica(&self, master: &NodeAddr) -> bool {
+        self.replicas_of(master)
+            .iter()
+            .any(|r| r.health != Health::Failed)
+    }
+
     /// The master serving `slot`, if any.
     pub fn owner(&self, slot: Slot) -> Option<&NodeAddr> {
         match self.owner.get(slot as usize) {
