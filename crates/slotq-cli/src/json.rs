@@ -69,6 +69,9 @@ pub struct Stats<'a> {
     pub total_depth: u64,
     /// Paused (`slotq pause`): consumers take nothing until it is resumed.
     pub paused: bool,
+    /// Shards removed from the set whose leftovers were not moved yet (a retirement cut
+    /// short; the next rebalance moves them).
+    pub cleanup: Vec<String>,
     /// What a rebalance would do now.
     pub rebalance: RebalanceHint,
 }

@@ -202,6 +202,7 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             shards,
             total_depth: total,
             paused: set.paused,
+            cleanup: set.cleanup.iter().map(|n| format!("{queue}#{n}")).collect(),
             rebalance: crate::json::RebalanceHint {
                 add: plan.add.len(),
                 reactivate: plan.reactivate.len(),
@@ -234,11 +235,23 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             format!("at-least-once, {max_attempts} attempts")
         }
     };
-    let advice = if plan.is_empty() && idle == 0 {
+    let leftovers = if set.cleanup.is_empty() {
         String::new()
     } else {
         format!(
-            "rebalance: would add {}, reactivate {}, drain {}; {idle} shard(s) draining, retired once empty (slotq rebalance {queue})\n",
+            "leftovers of removed shard(s) {} not moved yet (a retirement cut short): slotq rebalance {queue} moves them\n",
+            set.cleanup
+                .iter()
+                .map(|n| format!("{queue}#{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let advice = if plan.is_empty() && idle == 0 {
+        leftovers
+    } else {
+        format!(
+            "rebalance: would add {}, reactivate {}, drain {}; {idle} shard(s) draining, retired once empty (slotq rebalance {queue})\n{leftovers}",
             plan.add.len(),
             plan.reactivate.len(),
             plan.drain.len()
