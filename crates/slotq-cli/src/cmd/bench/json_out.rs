@@ -23,6 +23,9 @@ pub(super) struct Report<'a> {
     pub(super) messages_per_node: &'a BTreeMap<String, u64>,
     pub(super) anchor: Option<AnchorOut>,
     pub(super) ratios: Option<Vec<Ratio>>,
+    /// The push+pop phase against the concurrent anchor (redis-benchmark pushing and
+    /// popping at once): the median of the rounds' ratios.
+    pub(super) push_pop_vs_concurrent: Option<f64>,
     /// `--rounds`: every round's anchor and phase rates (one entry for a single round).
     pub(super) rounds: Vec<RoundOut>,
 }
@@ -119,6 +122,8 @@ struct Share {
 pub(super) struct AnchorOut {
     pub(super) push_msgs_per_s: f64,
     pub(super) pop_msgs_per_s: f64,
+    /// Pushed and popped at once (the concurrent anchor).
+    pub(super) push_pop_msgs_per_s: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -149,6 +154,7 @@ impl RoundOut {
                 anchor: r.anchor.map(|a| AnchorOut {
                     push_msgs_per_s: a.push,
                     pop_msgs_per_s: a.pop,
+                    push_pop_msgs_per_s: a.both,
                 }),
                 phases: r
                     .phases

@@ -178,7 +178,9 @@ pub async fn run(
             anchor: anchor.as_ref().map(|a| json_out::AnchorOut {
                 push_msgs_per_s: a.push,
                 pop_msgs_per_s: a.pop,
+                push_pop_msgs_per_s: a.both,
             }),
+            push_pop_vs_concurrent: summary.e2e_vs_both(),
             ratios: anchor.map(|_| {
                 phases
                     .iter()

@@ -88,9 +88,20 @@ pub(super) async fn baseline(
 pub(super) struct Anchor {
     pub(super) push: f64,
     pub(super) pop: f64,
+    /// Messages a second through lists pushed and popped at once (see [`concurrent`]):
+    /// what a push+pop phase does, at the machine's limit.
+    pub(super) both: Option<f64>,
 }
 
 impl Anchor {
+    /// A push+pop phase against the concurrent anchor.
+    pub(super) fn ratio_both(&self, p: &Phase) -> Option<f64> {
+        (p.name == "push+pop")
+            .then_some(self.both)
+            .flatten()
+            .map(|b| p.rate() / b)
+    }
+
     /// Pops compare with the anchor's pops; pushes and end-to-end runs with its pushes.
     pub(super) fn ratio(&self, p: &Phase) -> f64 {
         let base = if p.name.ends_with("pop") && !p.name.contains('+') {
@@ -116,12 +127,17 @@ pub(super) async fn run_anchor(
 ) -> Result<Anchor, CliError> {
     let mut best: Option<Anchor> = None;
     for (batch, commands) in ANCHOR_BATCHES {
-        let a = run_anchor_once(script, cluster, size, batch, commands, show).await?;
+        let mut a = run_anchor_once(script, cluster, size, batch, commands, show).await?;
+        a.both = Some(concurrent(cluster, size, batch, commands, show).await?);
         best = Some(match best {
             None => a,
             Some(b) => Anchor {
                 push: b.push.max(a.push),
                 pop: b.pop.max(a.pop),
+                both: match (b.both, a.both) {
+                    (Some(x), Some(y)) => Some(x.max(y)),
+                    (x, y) => x.or(y),
+                },
             },
         });
     }
@@ -167,11 +183,108 @@ async fn run_anchor_once(
             .ok()
     };
     match (rate("push"), rate("pop")) {
-        (Some(push), Some(pop)) if push > 0.0 && pop > 0.0 => Ok(Anchor { push, pop }),
+        (Some(push), Some(pop)) if push > 0.0 && pop > 0.0 => Ok(Anchor {
+            push,
+            pop,
+            both: None,
+        }),
         _ => Err(CliError::Other(format!(
             "the anchor printed no figures:\n{}{}",
             text,
             String::from_utf8_lossy(&out.stderr)
         ))),
     }
+}
+
+/// The concurrent anchor: on every master at once, `redis-benchmark` (the anchor script's
+/// settings: 20 clients, pipeline 16) pushes `commands` `LPUSH`es of `batch` values to one
+/// list while another pops `RPOP list batch` from it, the list filled beforehand with as
+/// many as will be popped, so that pops never find it empty. Returns messages a second
+/// through the lists: each counted once, as a push+pop phase counts them.
+pub(super) async fn concurrent(
+    cluster: &Cluster,
+    size: usize,
+    batch: usize,
+    commands: usize,
+    show: bool,
+) -> Result<f64, CliError> {
+    let topology = cluster.topology();
+    let masters: Vec<slotq::NodeAddr> = topology.masters().iter().map(|m| m.addr.clone()).collect();
+    if masters.is_empty() {
+        return Err(CliError::Other("the cluster has no master".into()));
+    }
+    // A list per master, in a slot that master serves.
+    let targets: Vec<(slotq::NodeAddr, String)> = masters
+        .iter()
+        .map(|m| {
+            let key = (0..)
+                .map(|n| format!("{{anchor-both{n}}}:list"))
+                .find(|k| topology.owner(slotq::slot::key_slot(k)) == Some(m))
+                .expect("some key lands on every master");
+            (m.clone(), key)
+        })
+        .collect();
+    if show {
+        eprintln!("running the concurrent anchor (push and pop at once, batch {batch}) ...");
+    }
+    let value = "x".repeat(size);
+    let bench = |node: &slotq::NodeAddr, args: Vec<String>| {
+        let mut c = tokio::process::Command::new("redis-benchmark");
+        c.args(["-h", &node.host, "-p", &node.port.to_string()])
+            .args(["-n", &commands.to_string(), "-c", "20", "-P", "16", "-q"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let push_args = |key: &str| -> Vec<String> {
+        let mut a = vec!["LPUSH".to_string(), key.to_string()];
+        a.extend(std::iter::repeat_n(value.clone(), batch));
+        a
+    };
+    let run_all = |cmds: Vec<tokio::process::Command>| async move {
+        let mut children = Vec::new();
+        for mut c in cmds {
+            children.push(c.spawn().map_err(|e| {
+                CliError::Other(format!(
+                    "cannot run redis-benchmark (apt-get install redis-tools): {e}"
+                ))
+            })?);
+        }
+        for mut ch in children {
+            ch.wait()
+                .await
+                .map_err(|e| CliError::Other(e.to_string()))?;
+        }
+        Ok::<(), CliError>(())
+    };
+    let clear = || async {
+        for (node, key) in &targets {
+            let _ = cluster
+                .node_query::<redis::Value>(node, redis::cmd("DEL").arg(key))
+                .await;
+        }
+    };
+    clear().await;
+    // Filled first, then pushed and popped at once.
+    run_all(
+        targets
+            .iter()
+            .map(|(n, k)| bench(n, push_args(k)))
+            .collect(),
+    )
+    .await?;
+    let t0 = Instant::now();
+    let mut both = Vec::new();
+    for (n, k) in &targets {
+        both.push(bench(n, push_args(k)));
+        both.push(bench(
+            n,
+            vec!["RPOP".to_string(), k.clone(), batch.to_string()],
+        ));
+    }
+    run_all(both).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    clear().await;
+    Ok((targets.len() * commands * batch) as f64 / secs)
 }

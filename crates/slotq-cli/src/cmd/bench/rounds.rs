@@ -54,6 +54,10 @@ impl Summary {
         let anchor = (!anchors.is_empty()).then(|| Anchor {
             push: median(anchors.iter().map(|a| a.push).collect()),
             pop: median(anchors.iter().map(|a| a.pop).collect()),
+            both: {
+                let both: Vec<f64> = anchors.iter().filter_map(|a| a.both).collect();
+                (!both.is_empty()).then(|| median(both))
+            },
         });
         let per_round: Option<Vec<Vec<f64>>> = rounds.iter().map(Round::ratios).collect();
         let ratios = per_round.map(|per_round| {
@@ -90,6 +94,20 @@ impl Summary {
                 None => r.phases[i].rate(),
             })
             .collect()
+    }
+
+    /// The push+pop phase against the concurrent anchor: the median of its rounds' ratios
+    /// to their own round's concurrent anchor.
+    pub(super) fn e2e_vs_both(&self) -> Option<f64> {
+        let per: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter_map(|r| {
+                let a = r.anchor?;
+                r.phases.iter().find_map(|p| a.ratio_both(p))
+            })
+            .collect();
+        (!per.is_empty()).then(|| median(per))
     }
 
     /// What one round of `by_round` means.
@@ -139,6 +157,7 @@ mod tests {
             anchor: Some(Anchor {
                 push: push_anchor,
                 pop: 2.0 * push_anchor,
+                both: None,
             }),
             phases: vec![phase("push", push_secs), phase("push+pop", e2e_secs)],
         }

@@ -126,12 +126,16 @@ pub(super) fn render(
         match (anchor, several) {
             (None, _) => String::new(),
             (Some(a), false) => format!(
-                "anchor (redis-benchmark, same cluster, this run): push {:.0} msgs/s, pop {:.0} msgs/s\n",
-                a.push, a.pop
+                "anchor (redis-benchmark, same cluster, this run): push {:.0} msgs/s, pop {:.0} msgs/s{}\n",
+                a.push,
+                a.pop,
+                both_line(a.both, summary.e2e_vs_both())
             ),
             (Some(a), true) => format!(
-                "anchor (redis-benchmark, same cluster, before each round; medians): push {:.0} msgs/s, pop {:.0} msgs/s\n",
-                a.push, a.pop
+                "anchor (redis-benchmark, same cluster, before each round; medians): push {:.0} msgs/s, pop {:.0} msgs/s{}\n",
+                a.push,
+                a.pop,
+                both_line(a.both, summary.e2e_vs_both())
             ),
         },
         if several {
@@ -154,6 +158,18 @@ pub(super) fn render(
             )
         },
     )
+}
+
+/// The concurrent anchor, and the push+pop phase against it (X ANCHOR of push+pop is
+/// against the push anchor).
+fn both_line(both: Option<f64>, ratio: Option<f64>) -> String {
+    match (both, ratio) {
+        (Some(b), Some(r)) => {
+            format!(", push+pop at once {b:.0} msgs/s (push+pop phase: {r:.2}x of that)")
+        }
+        (Some(b), None) => format!(", push+pop at once {b:.0} msgs/s"),
+        _ => String::new(),
+    }
 }
 
 pub(super) fn fmt_us(us: u64) -> String {
