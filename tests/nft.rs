@@ -97,3 +97,20 @@ impl Partition {
         }
     }
 }
+
+impl Partition {
+    /// Cuts node `m` of `c` off from every other node of `c` (clients still reach it).
+    pub fn isolate_node(&self, c: &slotq_testkit::TestCluster, m: usize) {
+        self.isolate_from_nodes(c.node(m).host(), c, m);
+    }
+
+    /// Cuts `ip` off from every node of `c` but node `except`.
+    pub fn isolate_from_nodes(&self, ip: &str, c: &slotq_testkit::TestCluster, except: usize) {
+        let others: Vec<String> = (0..c.len())
+            .filter(|&i| i != except)
+            .map(|i| c.node(i).host().to_string())
+            .collect();
+        let others: Vec<&str> = others.iter().map(String::as_str).collect();
+        self.isolate(ip, &others);
+    }
+}

@@ -66,13 +66,7 @@ async fn partitioned(first_ip: u8, durable: bool, cut_what: Cut) -> (usize, usiz
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let c = slotq_testkit::ClusterBuilder::new()
-        .masters(3)
-        .replicas(1)
-        .own_addresses(first_ip)
-        .node_timeout_ms(2000)
-        .start()
-        .unwrap();
+    let c = slotq_tests::partition_cluster(first_ip);
     let client = slotq::Client::from_cluster(slotq_tests::router(&c.url()).await);
     let q = client
         .queue("cut")
@@ -125,14 +119,7 @@ async fn partitioned(first_ip: u8, durable: bool, cut_what: Cut) -> (usize, usiz
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = Partition::new();
     match cut_what {
-        Cut::MasterFromAll => {
-            let others: Vec<String> = (0..c.len())
-                .filter(|&i| i != m)
-                .map(|i| c.node(i).host().to_string())
-                .collect();
-            let others: Vec<&str> = others.iter().map(String::as_str).collect();
-            cut.isolate(c.node(m).host(), &others);
-        }
+        Cut::MasterFromAll => cut.isolate_node(&c, m),
         Cut::ReplicaFromMaster => {
             let r = c.replicas_of(m)[0];
             cut.isolate(c.node(r).host(), &[c.node(m).host()]);
@@ -201,13 +188,7 @@ async fn popped_across_a_cut(first_ip: u8, confirmed: bool) -> (usize, usize, us
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let c = slotq_testkit::ClusterBuilder::new()
-        .masters(3)
-        .replicas(1)
-        .own_addresses(first_ip)
-        .node_timeout_ms(2000)
-        .start()
-        .unwrap();
+    let c = slotq_tests::partition_cluster(first_ip);
     let client = slotq::Client::from_cluster(slotq_tests::router(&c.url()).await);
     let q = client
         .queue("cutpops")
@@ -266,12 +247,7 @@ async fn popped_across_a_cut(first_ip: u8, confirmed: bool) -> (usize, usize, us
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = Partition::new();
-    let others: Vec<String> = (0..c.len())
-        .filter(|&i| i != m)
-        .map(|i| c.node(i).host().to_string())
-        .collect();
-    let others: Vec<&str> = others.iter().map(String::as_str).collect();
-    cut.isolate(c.node(m).host(), &others);
+    cut.isolate_node(&c, m);
     tokio::time::sleep(Duration::from_secs(8)).await;
     cut.heal();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -327,13 +303,7 @@ async fn a_client_on_the_minority_side_gets_an_answer_within_the_retry_budget() 
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let c = slotq_testkit::ClusterBuilder::new()
-        .masters(3)
-        .replicas(1)
-        .own_addresses(111)
-        .node_timeout_ms(2000)
-        .start()
-        .unwrap();
+    let c = slotq_tests::partition_cluster(111);
     let config = slotq::ClusterConfig::from_url(&c.url()).unwrap();
     let (budget, timeout) = (config.retry_budget_value(), config.request_timeout_value());
     let client = slotq::Client::from_cluster(Cluster::connect(config).await.unwrap());
@@ -377,13 +347,8 @@ async fn a_client_on_the_minority_side_gets_an_answer_within_the_retry_budget() 
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cut = Partition::new();
-    let others: Vec<String> = (0..c.len())
-        .filter(|&i| i != m)
-        .map(|i| c.node(i).host().to_string())
-        .collect();
-    let others: Vec<&str> = others.iter().map(String::as_str).collect();
-    cut.isolate(c.node(m).host(), &others);
-    cut.isolate("127.0.0.1", &others);
+    cut.isolate_node(&c, m);
+    cut.isolate_from_nodes("127.0.0.1", &c, m);
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
     for s in senders {
@@ -411,13 +376,7 @@ async fn a_client_on_the_minority_side_gets_an_answer_within_the_retry_budget() 
 /// first: the refresh believes the majority's map, not the first node that answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_consumer_follows_a_promotion_within_a_second() {
-    let c = slotq_testkit::ClusterBuilder::new()
-        .masters(3)
-        .replicas(1)
-        .own_addresses(151)
-        .node_timeout_ms(2000)
-        .start()
-        .unwrap();
+    let c = slotq_tests::partition_cluster(151);
     let config = slotq::ClusterConfig::from_url(&c.url()).unwrap();
     let client = slotq::Client::from_cluster(Cluster::connect(config).await.unwrap());
     let q = client
@@ -449,12 +408,7 @@ async fn a_blocked_consumer_follows_a_promotion_within_a_second() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cut = Partition::new();
-    let others: Vec<String> = (0..c.len())
-        .filter(|&i| i != m)
-        .map(|i| c.node(i).host().to_string())
-        .collect();
-    let others: Vec<&str> = others.iter().map(String::as_str).collect();
-    cut.isolate(c.node(m).host(), &others);
+    cut.isolate_node(&c, m);
     // Wait for the promotion, then push straight to the new master.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -56,30 +56,21 @@ fn wait_whole(c: &TestCluster) {
     }
 }
 
-fn hosts_except(c: &TestCluster, except: usize) -> Vec<String> {
-    (0..c.len())
-        .filter(|&i| i != except)
-        .map(|i| c.node(i).host().to_string())
-        .collect()
-}
-
 /// Makes the cut of `fault`; what it cuts is chosen from the cluster as it is now.
 fn cut(c: &TestCluster, fault: Fault, round: usize) -> Partition {
     let masters = c.masters();
     let m = masters[round % masters.len()];
     let p = Partition::new();
-    let others = hosts_except(c, m);
-    let others: Vec<&str> = others.iter().map(String::as_str).collect();
     match fault {
-        Fault::MasterFromAll => p.isolate(c.node(m).host(), &others),
+        Fault::MasterFromAll => p.isolate_node(c, m),
         Fault::ClientFromMaster => p.isolate("127.0.0.1", &[c.node(m).host()]),
         Fault::ReplicaFromMaster => {
             let r = c.replicas_of(m)[0];
             p.isolate(c.node(r).host(), &[c.node(m).host()]);
         }
         Fault::ClientOnMinoritySide => {
-            p.isolate(c.node(m).host(), &others);
-            p.isolate("127.0.0.1", &others);
+            p.isolate_node(c, m);
+            p.isolate_from_nodes("127.0.0.1", c, m);
         }
     }
     p
@@ -91,13 +82,7 @@ async fn partitions_lose_nothing_acknowledged_and_deliver_nothing_twice() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let c = slotq_testkit::ClusterBuilder::new()
-        .masters(3)
-        .replicas(1)
-        .own_addresses(131)
-        .node_timeout_ms(2000)
-        .start()
-        .unwrap();
+    let c = slotq_tests::partition_cluster(131);
     // The router's defaults: what a user gets.
     let config = ClusterConfig::from_url(&c.url()).unwrap();
     let client = Client::from_cluster(Cluster::connect(config).await.unwrap());

@@ -24,6 +24,18 @@ pub async fn router(url: &str) -> Cluster {
         .expect("router connects")
 }
 
+/// The partition tests' cluster: 3 masters + 3 replicas, node timeout 2 s, node `i` on
+/// its own loopback address 127.0.0.(`first_ip` + i), so that nftables can cut nodes apart.
+pub fn partition_cluster(first_ip: u8) -> slotq_testkit::TestCluster {
+    slotq_testkit::ClusterBuilder::new()
+        .masters(3)
+        .replicas(1)
+        .own_addresses(first_ip)
+        .node_timeout_ms(2000)
+        .start()
+        .expect("cluster starts")
+}
+
 /// Settings with short deadlines: 500 ms per attempt, 2 s retry budget.
 pub fn fast_config(url: &str) -> ClusterConfig {
     ClusterConfig::from_url(url)

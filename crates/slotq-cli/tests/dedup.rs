@@ -1,20 +1,10 @@
 //! `slotq push --dedup-id` as a user runs it.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{slotq, text};
 
 use slotq_testkit::ClusterBuilder;
-
-fn slotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slotq"))
-        .args(args)
-        .env_remove("SLOTQ_URL")
-        .output()
-        .expect("slotq runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[test]
 fn a_dedup_id_is_pushed_once_and_a_second_push_exits_6() {

@@ -1,20 +1,10 @@
 //! `slotq pause` / `slotq resume` as a user runs them.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{slotq, text};
 
 use slotq_testkit::ClusterBuilder;
-
-fn slotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slotq"))
-        .args(args)
-        .env_remove("SLOTQ_URL")
-        .output()
-        .expect("slotq runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[test]
 fn a_paused_queue_takes_pushes_pops_nothing_and_says_so() {

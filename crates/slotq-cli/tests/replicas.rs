@@ -2,22 +2,13 @@
 //! is paused (SIGSTOP) confirms nothing, so a durable push fails and a confirmed pop hands
 //! nothing out, unless told not to wait.
 
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use common::{slotq, text};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use slotq_testkit::ClusterBuilder;
-
-fn slotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slotq"))
-        .args(args)
-        .env_remove("SLOTQ_URL")
-        .output()
-        .expect("slotq runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[test]
 fn with_its_replica_paused_a_master_keeps_nothing_for_good_unless_told_not_to_wait() {

@@ -1,20 +1,10 @@
 //! `slotq stats` shows what an operator must act on.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{slotq, text};
 
 use slotq_testkit::ClusterBuilder;
-
-fn slotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slotq"))
-        .args(args)
-        .env_remove("SLOTQ_URL")
-        .output()
-        .expect("slotq runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// A registry that names removed shards whose leftovers were not moved (a retirement cut
 /// short between its two steps): `stats` says so, and which rebalance finishes it.
