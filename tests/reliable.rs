@@ -224,6 +224,12 @@ async fn nack_delay_extend_dead_letters_and_replay() {
         (dead[0].id, dead[0].deliveries, dead[0].payload.as_slice()),
         (id, 2, b"a".as_slice())
     );
+    assert_eq!(
+        dead[0].reason,
+        slotq::DeadReason::Failed,
+        "nacked on its last attempt"
+    );
+    assert!(dead[0].died_ms.is_some());
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.dead.unwrap()).sum::<u64>(), 1);
     // Zero asked, zero listed (not every dead letter).
@@ -597,10 +603,12 @@ async fn frames_without_heads_foreign_elements_and_leases_stored_in_place_are_se
         .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
         .collect();
     assert_eq!(rest, payloads(0, 2250).collect::<Vec<_>>(), "in order");
-    let dead: Vec<Vec<u8>> = node
-        .cmd(redis::cmd("LRANGE").arg(key("dead")).arg(0).arg(-1))
-        .unwrap();
-    assert!(dead.contains(&b"not a frame".to_vec()), "parked: {dead:?}");
+    let dead = q.dead_letters(100).await.unwrap();
+    assert!(
+        dead.iter()
+            .any(|d| d.payload == b"not a frame" && d.reason == slotq::DeadReason::Unreadable),
+        "parked, saying why: {dead:?}"
+    );
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.depth).sum::<u64>(), 0);
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
@@ -684,10 +692,12 @@ async fn an_unreadable_frame_goes_to_the_dead_letters_and_never_stops_the_shard(
     }
     eprintln!("{} of 100 received; {errors} receive errors", seen.len());
     assert_eq!(seen.len(), 100, "every good message arrives");
-    let dead: Vec<Vec<u8>> = node
-        .cmd(redis::cmd("LRANGE").arg(key("dead")).arg(0).arg(-1))
-        .unwrap();
-    assert!(dead.contains(&bad), "the bad frame is parked: {dead:?}");
+    let dead = q.dead_letters(100).await.unwrap();
+    assert!(
+        dead.iter()
+            .any(|d| d.payload == bad && d.reason == slotq::DeadReason::Unreadable),
+        "the bad frame is parked, saying why: {dead:?}"
+    );
     let stats = q.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.in_flight.unwrap()).sum::<u64>(), 0);
 }

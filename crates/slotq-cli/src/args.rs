@@ -154,7 +154,10 @@ pub enum Command {
     },
     /// Dead letters of an at-least-once queue: list, replay into the queue, or purge.
     ///
-    /// Example: slotq dead orders list -n 20
+    /// Each dead letter says why it died (REASON: attempts, failed, rejected, expired,
+    /// unreadable) and when.
+    ///
+    /// Example: slotq dead orders list -n 20; slotq dead orders replay --id 0f3a...
     Dead {
         /// Queue name.
         queue: String,
@@ -164,6 +167,10 @@ pub enum Command {
         /// Most messages per shard (list, replay).
         #[arg(short = 'n', long = "count", default_value_t = 100)]
         count: usize,
+        /// replay: only the dead letter with this message id (32 hex digits, as `list`
+        /// prints it); repeatable. Exit 4 if one of them is not among the dead letters.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
     },
     /// Per-shard depth, slot and node of a queue, with totals.
     ///

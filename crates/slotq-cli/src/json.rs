@@ -51,6 +51,12 @@ pub struct DeadLetter<'a> {
     pub deliveries: u32,
     /// First enqueued, ms since the Unix epoch (producer clock).
     pub enqueued_ms: u64,
+    /// Why it died: attempts, failed, rejected, expired, unreadable, unknown.
+    pub reason: &'static str,
+    /// What was recorded with the reason (may be empty).
+    pub detail: &'a str,
+    /// When it died, ms since the Unix epoch (server clock); null when not recorded.
+    pub died_ms: Option<u64>,
     /// The payload.
     #[serde(flatten)]
     pub payload: Payload,
@@ -189,6 +195,9 @@ pub struct PlannedShard {
 pub struct Replayed {
     /// Dead letters put back into the queue.
     pub replayed: u64,
+    /// With `--id`: the ids asked for that were not among the dead letters.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_found: Vec<String>,
 }
 
 /// `dead Q purge`.

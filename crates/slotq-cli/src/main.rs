@@ -61,6 +61,10 @@ pub enum CliError {
         /// shard; at-least-once: released from their leases).
         given_back: usize,
     },
+    /// Something asked for by name is not there (exit code 4); the text says what was
+    /// done with the rest.
+    #[error("{0}")]
+    NotFound(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -88,7 +92,9 @@ impl CliError {
                 | slotq::Error::InvalidPayload(_),
             ) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::QueueNotFound(_)) => EXIT_NOT_FOUND,
+            CliError::NotFound(_) => EXIT_NOT_FOUND,
             CliError::Slotq(slotq::Error::InvalidDedupId(_)) => EXIT_USAGE,
+            CliError::Slotq(slotq::Error::InvalidMessageId(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::Duplicate { .. }) => EXIT_DUPLICATE,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
@@ -222,9 +228,10 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             queue,
             action,
             count,
+            ids,
         } => {
             let cluster = connect(cli).await?;
-            cmd::queue::dead(&cluster, queue, *action, *count, cli.json).await
+            cmd::dead::run(&cluster, queue, *action, *count, ids, cli.json).await
         }
         Command::Stats {
             queue, watch: None, ..

@@ -151,7 +151,7 @@ fn exec_settles_by_exit_status_with_backoff_timeouts_and_dead_letters() {
 cat > "$d.payload"
 echo "$SLOTQ_QUEUE $SLOTQ_SHARD $(date +%s%N)" > "$d.env"
 case "$(cat "$d.payload")" in
-  fail) exit 3 ;;
+  fail) echo "card declined for $SLOTQ_ATTEMPT time(s)" >&2; exit 3 ;;
   slow) [ "$SLOTQ_ATTEMPT" = 1 ] && exec sleep 30 ;;
 esac
 exit 0"#;
@@ -215,6 +215,52 @@ exit 0"#;
     let dead: serde_json::Value = serde_json::from_slice(&dead.stdout).unwrap();
     assert_eq!(dead[0]["payload"], "fail");
     assert_eq!(dead[0]["deliveries"], 3);
+    // It says why: the handler's exit status and the tail of its stderr (which also
+    // reached slotq's own stderr as it was written).
+    assert_eq!(dead[0]["reason"], "failed", "{dead}");
+    let detail = dead[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("exited with status 3") && detail.contains("card declined for 3 time(s)"),
+        "{detail}"
+    );
+    assert!(dead[0]["died_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert!(err.contains("card declined for 1 time(s)"), "{err}");
+    let table = text(&ok(&["--url", &url, "dead", "jobs", "list"]).stdout);
+    assert!(
+        table.contains("REASON") && table.contains("failed"),
+        "{table}"
+    );
+
+    // Replay by id: that letter only, once; a bad id changes nothing.
+    let id = dead[0]["id"].as_str().unwrap().to_owned();
+    let bad = run(&["--url", &url, "dead", "jobs", "replay", "--id", "xyz"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("32 hexadecimal digits"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let with_list = run(&["--url", &url, "dead", "jobs", "list", "--id", &id]);
+    assert_eq!(with_list.status.code(), Some(2));
+    assert_eq!(
+        totals(&url, "jobs"),
+        (0, 0, 0, 1),
+        "nothing moved by bad input"
+    );
+    let moved = ok(&["--url", &url, "dead", "jobs", "replay", "--id", &id]);
+    assert_eq!(
+        text(&moved.stdout),
+        "1 dead letter(s) moved back into jobs\n"
+    );
+    assert_eq!(totals(&url, "jobs"), (1, 0, 0, 0));
+    let again = run(&["--url", &url, "dead", "jobs", "replay", "--id", &id]);
+    assert_eq!(again.status.code(), Some(4), "{}", text(&again.stderr));
+    assert!(text(&again.stderr).contains(&id), "{}", text(&again.stderr));
+    assert_eq!(totals(&url, "jobs"), (1, 0, 0, 0), "replayed once");
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

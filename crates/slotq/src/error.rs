@@ -228,6 +228,12 @@ pub enum Error {
     #[error("invalid dedup id: {0}")]
     InvalidDedupId(String),
 
+    /// A message id that is not 32 hexadecimal digits (as slotq prints ids).
+    #[error(
+        "invalid message id {0:?}: expected 32 hexadecimal digits, as `slotq dead Q list` prints ids"
+    )]
+    InvalidMessageId(String),
+
     /// The shard would grow past the configured maximum depth; nothing was pushed.
     #[error("queue full: shard {shard} holds {depth} messages (max {max})")]
     QueueFull {

@@ -84,7 +84,7 @@ pub use cluster::{Cluster, RequestOpts, RouterStats};
 pub use config::ClusterConfig;
 pub use consumer::{Consumer, Message};
 pub use error::{Cause, Error, Result};
-pub use lease::{LeaseId, MessageId, SettleReport, Settled};
+pub use lease::{DeadReason, LeaseId, MessageId, SettleReport, Settled};
 pub use placement::DeliveryMode;
 pub use producer::{EmptyPayloads, Producer};
 pub use queue::{Queue, ShardStats};

@@ -2,8 +2,9 @@
 //!
 //! Each message runs `sh -c CMD` once: the payload on the handler's standard input (then
 //! end of file), `SLOTQ_QUEUE`, `SLOTQ_SHARD`, `SLOTQ_MESSAGE_ID` (empty on at-most-once
-//! queues) and `SLOTQ_ATTEMPT` in its environment, its standard output and error those of
-//! slotq. Up to `--concurrency` handlers run at once; the consumer pops only as many
+//! queues) and `SLOTQ_ATTEMPT` in its environment, its standard output that of slotq, its
+//! standard error passed through to slotq's (the last 512 bytes kept: a message
+//! dead-lettered after a failure records the exit status and that tail, reason `failed`). Up to `--concurrency` handlers run at once; the consumer pops only as many
 //! messages as there are free handler slots, so nothing waits leased in a local buffer.
 //!
 //! Settling, on an at-least-once queue: exit status 0 acknowledges the message; any other
@@ -282,8 +283,9 @@ async fn handle(
 ) -> Outcome {
     let mut attempt = msg.attempt;
     let what = describe(&msg);
+    let mut why = String::new();
     let ok = loop {
-        let run = run_handler(
+        let (run, tail) = run_handler(
             &msg,
             &settings,
             attempt,
@@ -297,10 +299,13 @@ async fn handle(
             Run::TimedOut | Run::NotStarted(_) => false,
         };
         if !ok {
-            eprintln!(
-                "slotq: handler for {what} {}",
-                failure_text(&run, &settings)
-            );
+            let failure = failure_text(&run, &settings);
+            eprintln!("slotq: handler for {what} {failure}");
+            why = if tail.is_empty() {
+                format!("handler {failure}")
+            } else {
+                format!("handler {failure}; stderr: {tail}")
+            };
         }
         // Ordered: retried here, before anything later of its shard, while it has
         // attempts left; its lease is kept meanwhile.
@@ -330,9 +335,10 @@ async fn handle(
     let settled = if ok {
         msg.ack().await
     } else if settings.ordered {
-        msg.dead_letter().await
+        msg.dead_letter_as(slotq::DeadReason::Failed, &why).await
     } else {
-        msg.nack(Some(settings.backoff_for(attempt))).await
+        msg.nack_because(Some(settings.backoff_for(attempt)), &why)
+            .await
     };
     match settled {
         Ok(slotq::Settled::Done | slotq::Settled::AlreadySettled) if ok => Outcome::Succeeded,
@@ -387,8 +393,8 @@ async fn run_handler(
     settings: &Settings,
     attempt: u32,
     reliable: bool,
-    mut stop: watch::Receiver<bool>,
-) -> Run {
+    stop: watch::Receiver<bool>,
+) -> (Run, String) {
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(&settings.command)
@@ -400,12 +406,31 @@ async fn run_handler(
         )
         .env("SLOTQ_ATTEMPT", attempt.to_string())
         .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Run::NotStarted(e),
+        Err(e) => return (Run::NotStarted(e), String::new()),
     };
+    let tail = child.stderr.take().map(super::stderr_tail::forward);
+    let run = supervise(msg, settings, reliable, stop, &mut child).await;
+    let tail = match tail {
+        Some(t) => t.finish().await,
+        None => String::new(),
+    };
+    (run, tail)
+}
+
+/// Feeds the handler its message, extends the lease while it runs, and waits for it (or
+/// stops it on timeout or shutdown).
+async fn supervise(
+    msg: &Message,
+    settings: &Settings,
+    reliable: bool,
+    mut stop: watch::Receiver<bool>,
+    child: &mut tokio::process::Child,
+) -> Run {
     // The payload goes in on a task of its own: a handler need not read it, and one that
     // reads slowly must not hold up the timeout or the lease extension.
     if let Some(mut stdin) = child.stdin.take() {
@@ -435,11 +460,11 @@ async fn run_handler(
                 }
             }
             _ = &mut timeout, if settings.timeout.is_some() => {
-                terminate(&mut child).await;
+                terminate(child).await;
                 return Run::TimedOut;
             }
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
-                terminate(&mut child).await;
+                terminate(child).await;
                 return Run::Stopped;
             }
         }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod consume;
+pub mod dead;
 pub mod demo;
 pub mod dev_cluster;
 pub mod exec;
@@ -13,3 +14,4 @@ pub mod push;
 pub mod queue;
 pub mod rebalance;
 pub mod slots;
+pub mod stderr_tail;

@@ -391,69 +391,6 @@ pub(crate) fn state(s: ShardState) -> &'static str {
     }
 }
 
-/// `slotq dead QUEUE list|replay|purge`.
-pub async fn dead(
-    cluster: &Cluster,
-    queue: &str,
-    action: crate::args::DeadAction,
-    count: usize,
-    as_json: bool,
-) -> Result<String, CliError> {
-    use crate::args::DeadAction;
-    let q = open_existing(cluster, queue).await?;
-    match action {
-        DeadAction::List => {
-            let dead = q.dead_letters(count).await?;
-            if as_json {
-                // Payloads that are not UTF-8 show as base64, as everywhere.
-                let items: Vec<crate::json::DeadLetter<'_>> = dead
-                    .iter()
-                    .map(|d| crate::json::DeadLetter {
-                        shard: &d.shard,
-                        id: d.id.to_string(),
-                        deliveries: d.deliveries,
-                        enqueued_ms: d.enqueued_ms,
-                        payload: crate::json::Payload::of(&d.payload),
-                    })
-                    .collect();
-                return Ok(crate::json::line(&items));
-            }
-            let rows: Vec<Vec<String>> = dead
-                .iter()
-                .map(|d| {
-                    vec![
-                        d.shard.clone(),
-                        d.id.to_string(),
-                        d.deliveries.to_string(),
-                        String::from_utf8_lossy(&d.payload).into_owned(),
-                    ]
-                })
-                .collect();
-            Ok(format!(
-                "{} dead letter(s) in {queue}\n\n{}",
-                rows.len(),
-                table(&["SHARD", "ID", "DELIVERIES", "PAYLOAD"], &rows)
-            ))
-        }
-        DeadAction::Replay => {
-            let n = q.replay_dead(count).await?;
-            Ok(if as_json {
-                crate::json::line(&crate::json::Replayed { replayed: n })
-            } else {
-                format!("{n} dead letter(s) moved back into {queue}\n")
-            })
-        }
-        DeadAction::Purge => {
-            let n = q.purge_dead().await?;
-            Ok(if as_json {
-                crate::json::line(&crate::json::Purged { purged: n })
-            } else {
-                format!("{n} dead letter(s) deleted from {queue}\n")
-            })
-        }
-    }
-}
-
 /// Opens a queue that must already exist (exit code 4 otherwise).
 pub async fn open_existing(cluster: &Cluster, queue: &str) -> Result<slotq::Queue, CliError> {
     Ok(Client::from_cluster(cluster.clone())

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::lease::{self, LeaseId, LeaseRef, MessageId, Settle, Settled};
+use crate::lease::{self, DeadReason, LeaseId, LeaseRef, MessageId, Settle, Settled};
 
 /// One message popped from a queue.
 ///
@@ -66,13 +66,28 @@ impl Message {
     /// Negatively acknowledges the message: it is delivered again (after `delay`, if
     /// given), or goes to the dead letters once it used up its attempts.
     pub async fn nack(&self, delay: Option<Duration>) -> Result<Settled> {
-        lease::settle_one(self.lease()?, Settle::Nack(delay.unwrap_or_default())).await
+        self.nack_because(delay, "").await
+    }
+
+    /// [`Message::nack`] saying why: if this was its last attempt, the dead letter records
+    /// reason [`DeadReason::Failed`] with `why` (cut to
+    /// [`MAX_DEAD_DETAIL`](crate::lease::MAX_DEAD_DETAIL) bytes) for `slotq dead Q list`.
+    pub async fn nack_because(&self, delay: Option<Duration>, why: &str) -> Result<Settled> {
+        let how = Settle::Nack(delay.unwrap_or_default(), why.into());
+        lease::settle_one(self.lease()?, how).await
     }
 
     /// Moves the message to the dead letters now, whatever attempts it has left (a
-    /// worker that retried it in place, or knows it can never succeed).
+    /// worker that knows it can never succeed): reason [`DeadReason::Rejected`].
     pub async fn dead_letter(&self) -> Result<Settled> {
-        lease::settle_one(self.lease()?, Settle::Dead).await
+        self.dead_letter_as(DeadReason::Rejected, "").await
+    }
+
+    /// Moves the message to the dead letters now, recording `reason` and `why` (a worker
+    /// that retried it in place until its attempts were used up records
+    /// [`DeadReason::Failed`] and the last failure).
+    pub async fn dead_letter_as(&self, reason: DeadReason, why: &str) -> Result<Settled> {
+        lease::settle_one(self.lease()?, Settle::Dead(reason, why.into())).await
     }
 
     /// Extends the lease of this message (and of the messages popped with it) to `by` from

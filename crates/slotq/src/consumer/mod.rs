@@ -294,7 +294,7 @@ impl Consumer {
         delay: Option<Duration>,
     ) -> Result<SettleReport> {
         let refs: Vec<&LeaseRef> = msgs.iter().map(Message::lease).collect::<Result<_>>()?;
-        lease::settle_many(&refs, Settle::Nack(delay.unwrap_or_default())).await
+        lease::settle_many(&refs, Settle::Nack(delay.unwrap_or_default(), "".into())).await
     }
 
     /// The queue this consumer reads.

@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::Value;
 
 mod codec;
+mod dead;
 mod pop;
 
 pub use codec::{
@@ -42,6 +43,8 @@ pub use codec::{
 pub(crate) use codec::{
     envelope_header, for_each_envelope, frame_head_of, frame_start, frames_of_lease, push_envelope,
 };
+pub use dead::{DEAD_MAGIC, DeadReason, DeadRecord, MAX_DEAD_DETAIL, decode_dead};
+pub(crate) use dead::{clip_detail, dead_id};
 pub(crate) use pop::{
     AfterWait, LeaseAsk, LeaseTerms, Leasing, lease_many, lease_packed, read_packed,
 };
@@ -193,14 +196,19 @@ impl ShardKeys {
             // The whole lease at once (the usual batch ack) needs no positions.
             Settle::Ack if distinct(positions) == lease.count => ("ackall", 0),
             Settle::Ack => ("ack", 0),
-            Settle::Nack(d) => ("nack", d.as_millis() as u64),
+            Settle::Nack(d, _) => ("nack", d.as_millis() as u64),
             // A nack that every message's attempt count exceeds.
-            Settle::Dead => ("nack", 0),
+            Settle::Dead(..) => ("nack", 0),
             Settle::Release => ("release", 0),
         };
         let max_attempts = match how {
-            Settle::Dead => 0,
+            Settle::Dead(..) => 0,
             _ => lease.max_attempts,
+        };
+        let (reason, detail) = match how {
+            Settle::Dead(r, d) => (*r, &**d),
+            Settle::Nack(_, d) => (DeadReason::Failed, &**d),
+            _ => (DeadReason::Failed, ""),
         };
         let mut args = vec![
             lease.id.to_string().into_bytes(),
@@ -208,6 +216,8 @@ impl ShardKeys {
             delay.to_string().into_bytes(),
             max_attempts.to_string().into_bytes(),
             lease.count.to_string().into_bytes(),
+            reason.code().to_string().into_bytes(),
+            clip_detail(detail).as_bytes().to_vec(),
         ];
         if mode != "ackall" {
             for (first, last) in ranges(positions) {
@@ -218,7 +228,7 @@ impl ShardKeys {
         let list = lease.in_list.then_some(lease.id);
         let keys = self.settle_keys(
             list,
-            matches!(how, Settle::Nack(_) | Settle::Dead | Settle::Release),
+            matches!(how, Settle::Nack(..) | Settle::Dead(..) | Settle::Release),
         );
         Call {
             slot: self.slot,
@@ -289,12 +299,14 @@ pub(crate) struct LeaseRef {
 }
 
 /// How to settle a message.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Settle {
     Ack,
-    Nack(Duration),
-    /// Straight to the dead letters, whatever attempts are left.
-    Dead,
+    /// Requeued after the delay, or dead-lettered (reason `failed`, with the detail) once
+    /// its attempts are used up.
+    Nack(Duration, Arc<str>),
+    /// Straight to the dead letters, whatever attempts are left, with this reason and detail.
+    Dead(DeadReason, Arc<str>),
     /// Back to the head of the ready list, not counted as a delivery (never handed out).
     Release,
 }
@@ -345,8 +357,8 @@ pub(crate) async fn settle_many(refs: &[&LeaseRef], how: Settle) -> Result<Settl
     let mut report = SettleReport::default();
     let kind = match how {
         Settle::Ack => "ack",
-        Settle::Nack(_) => "nack",
-        Settle::Dead => "dead",
+        Settle::Nack(..) => "nack",
+        Settle::Dead(..) => "dead",
         Settle::Release => "release",
     };
     for ((l, ps), r) in groups.iter().zip(results) {
@@ -398,6 +410,8 @@ pub(crate) async fn release_lost(
             b"0".to_vec(),
             b"0".to_vec(),
             b"-1".to_vec(),
+            b"0".to_vec(),
+            Vec::new(),
         ],
     };
     let mut out = crate::script::run_batch(cluster, &[call], cluster.default_opts()).await;

@@ -185,3 +185,33 @@ local function server_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+
+-- A dead letter says why it died: 0xA5 0x04, the reason (u8), when (u64 BE ms, server
+-- clock), the detail's length (u16 BE), the detail (text, at most 1024 bytes), then what
+-- died: an envelope, or bytes no slotq producer wrote. Reasons: 1 its last delivery's
+-- lease ran out, 2 it was nacked on its last attempt (the detail says why, if the consumer
+-- did), 3 a consumer dead-lettered it, 4 its deadline passed, 5 not a frame or envelope.
+local DEAD_ATTEMPTS, DEAD_FAILED, DEAD_REJECTED, DEAD_EXPIRED, DEAD_UNREADABLE = 1, 2, 3, 4, 5
+
+local function dead_record(reason, now, detail, body)
+  detail = string.sub(detail or '', 1, 1024)
+  local t = {}
+  local n = now
+  for i = 8, 1, -1 do
+    t[i] = n % 256
+    n = math.floor(n / 256)
+  end
+  return string.char(0xA5, 0x04, reason, unpack(t)) ..
+    string.char(math.floor(#detail / 256), #detail % 256) .. detail .. body
+end
+
+local function is_dead_record(d)
+  return #d >= 13 and string.byte(d, 1) == 0xA5 and string.byte(d, 2) == 0x04
+end
+
+-- What a dead record holds (the record itself when it is not one).
+local function dead_body(d)
+  if not is_dead_record(d) then return d end
+  local len = string.byte(d, 12) * 256 + string.byte(d, 13)
+  return string.sub(d, 14 + len)
+end

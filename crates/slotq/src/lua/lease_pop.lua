@@ -2,7 +2,7 @@
 -- KEYS: 1 ready (LIST: each frame behind its head), 2 leases (ZSET lease -> deadline ms),
 --       3 inflight (HASH lease -> its frames, for leases stored in place), 4 acks (HASH
 --       lease -> u16 count, u16 settled, bitmap), 5 delayed (ZSET envelope -> due ms),
---       6 dead (LIST of envelopes), 7 ready count (STRING: messages in 1), and
+--       6 dead (LIST of dead records, see frames.lua), 7 ready count (STRING: messages in 1), and
 --       8 (optional) this lease's list: every lease's list is named like it, the lease id
 --       last
 -- ARGV: 1 messages wanted, 2 lease ms, 3 max attempts, 4 reap limit, 5 lease id (chosen
@@ -113,7 +113,7 @@ for x = #expired, 1, -1 do
     if not ok then
       -- A frame that cannot be read (leased unread, so no one could take its messages):
       -- kept whole with the dead letters; it must never stop the shard's pops.
-      redis.call('RPUSH', KEYS[6], f)
+      redis.call('RPUSH', KEYS[6], dead_record(DEAD_UNREADABLE, now, 'a leased frame that cannot be read', f))
       i = i + count(f)
       envs = {}
     end
@@ -122,7 +122,7 @@ for x = #expired, 1, -1 do
       if not settled(acks, i) then
         local e2, a = bump(e)
         if a >= max_attempts then
-          redis.call('RPUSH', KEYS[6], e2)
+          redis.call('RPUSH', KEYS[6], dead_record(DEAD_ATTEMPTS, now, 'the lease of its last delivery expired', e2))
         else
           back[#back + 1] = e2
         end
@@ -193,12 +193,12 @@ local function take_by_reading(most)
       if headed and is_frame(f) then
         redis.call('LPOP', KEYS[1], 2)
         avail = avail - 2
-        redis.call('RPUSH', KEYS[6], f)
+        redis.call('RPUSH', KEYS[6], dead_record(DEAD_UNREADABLE, now, 'a frame that cannot be read', f))
       else
         redis.call('LPOP', KEYS[1])
         avail = avail - 1
         if not headed then
-          redis.call('RPUSH', KEYS[6], x)
+          redis.call('RPUSH', KEYS[6], dead_record(DEAD_UNREADABLE, now, 'not a slotq frame', x))
         end
       end
       parked = parked + 1

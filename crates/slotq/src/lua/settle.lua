@@ -6,8 +6,10 @@
 --       acks go through in a slot that is being migrated)
 -- ARGV: 1 lease id, 2 mode ('ack' | 'nack' | 'release' | 'ackall' | 'releaseall'), 3 delay
 --       ms (nack), 4 max attempts (nack), 5 messages the caller holds in the lease (-1: not
---       known), 6.. ranges of message positions in the lease as pairs first, last (1-based,
---       inclusive)
+--       known), 6 the reason a message this nack dead-letters is recorded with (see
+--       dead_record in frames.lua: 2 failed, 3 rejected), 7 the detail recorded with it (why
+--       the consumer gave up, may be empty), 8.. ranges of message positions in the lease as
+--       pairs first, last (1-based, inclusive)
 -- 'ackall' acknowledges every message of the lease not settled yet, in O(1); 'releaseall'
 -- releases them (a lease whose pop reply was lost: nothing of it was handed out).
 -- Returns {settled now, lease complete (0/1), dead-lettered}; {-1, 0, 0} when the lease no
@@ -49,7 +51,7 @@ local ranges = {}
 if ARGV[2] == 'releaseall' then
   ranges = {1, n}
 else
-  for j = 6, #ARGV do
+  for j = 8, #ARGV do
     ranges[#ranges + 1] = tonumber(ARGV[j])
   end
 end
@@ -107,7 +109,7 @@ for j = 1, #ranges - 1, 2 do
       elseif nack then
         local e, a = bump(envs[i])
         if a >= max_attempts then
-          redis.call('RPUSH', KEYS[6], e)
+          redis.call('RPUSH', KEYS[6], dead_record(tonumber(ARGV[6]) or DEAD_FAILED, now, ARGV[7], e))
           dead = dead + 1
         elseif delay > 0 then
           redis.call('ZADD', KEYS[5], now + delay, e)

@@ -13,12 +13,14 @@ use crate::placement::{
 use crate::script::Script;
 use crate::slot::{Slot, key_slot};
 
+mod dead;
 mod registry;
 mod stats;
 
+pub use dead::DeadLetter;
 pub use registry::DEFAULT_BULK_LIMIT;
 pub(crate) use registry::DELETING;
-pub use stats::{DeadLetter, ShardStats};
+pub use stats::ShardStats;
 
 /// How often clients look for a new registry version (new shards).
 pub const DEFAULT_REGISTRY_POLL: Duration = Duration::from_millis(1000);

@@ -1,5 +1,4 @@
-//! Looking into a queue: per-shard statistics and the dead letters of an at-least-once
-//! queue (list, replay, purge).
+//! Looking into a queue: per-shard statistics (the dead letters are in `dead.rs`).
 
 use std::time::Duration;
 
@@ -32,21 +31,6 @@ pub struct ShardStats {
     pub delayed: Option<u64>,
     /// Reliable queues: age of the message at the head of the ready list (producer clock).
     pub oldest_age: Option<Duration>,
-}
-
-/// A message in the dead letters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Its shard.
-    pub shard: String,
-    /// Its id.
-    pub id: crate::lease::MessageId,
-    /// How many times it was delivered.
-    pub deliveries: u32,
-    /// When it was first enqueued (ms since the Unix epoch, producer clock).
-    pub enqueued_ms: u64,
-    /// The payload.
-    pub payload: Vec<u8>,
 }
 
 impl Queue {
@@ -130,7 +114,7 @@ impl Queue {
         Ok(out)
     }
 
-    fn require_reliable(&self) -> Result<()> {
+    pub(super) fn require_reliable(&self) -> Result<()> {
         match self.mode() {
             placement::DeliveryMode::AtMostOnce => Err(Error::NotReliable(format!(
                 "queue {:?} is at-most-once: it has no leases or dead letters",
@@ -139,129 +123,11 @@ impl Queue {
             _ => Ok(()),
         }
     }
-
-    /// Up to `max` dead letters per shard, oldest first, without removing them.
-    pub async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>> {
-        self.require_reliable()?;
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let set = self.reload().await?;
-        let cluster = &self.inner.cluster;
-        let keys: Vec<crate::lease::ShardKeys> = set
-            .shards
-            .iter()
-            .map(|s| crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag))
-            .collect();
-        let cmds = keys
-            .iter()
-            .map(|k| {
-                (
-                    k.slot,
-                    // One more than wanted: the list starts with its KEEP entry.
-                    redis::cmd("LRANGE")
-                        .arg(&k.dead)
-                        .arg(0)
-                        .arg(max.min(i64::MAX as usize - 1) as i64)
-                        .clone(),
-                )
-            })
-            .collect();
-        let mut out = Vec::new();
-        for (k, r) in keys
-            .iter()
-            .zip(cluster.batch(cmds, cluster.default_opts()).await)
-        {
-            if let Value::Array(items) = r? {
-                let letters = items
-                    .into_iter()
-                    .filter(|i| !matches!(i, Value::BulkString(b) if b == crate::lease::KEEP))
-                    .take(max);
-                for item in letters {
-                    if let Value::BulkString(e) = item {
-                        // Something that is not an envelope (pushed by hand) is shown raw.
-                        let letter = match crate::lease::decode_envelope(e.clone()) {
-                            Ok(env) => DeadLetter {
-                                shard: k.tag.to_string(),
-                                id: env.id,
-                                deliveries: env.deliveries as u32,
-                                enqueued_ms: env.enqueued_ms,
-                                payload: env.payload,
-                            },
-                            Err(_) => DeadLetter {
-                                shard: k.tag.to_string(),
-                                id: crate::lease::MessageId([0; 16]),
-                                deliveries: 0,
-                                enqueued_ms: 0,
-                                payload: e,
-                            },
-                        };
-                        out.push(letter);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Moves up to `max` dead letters per shard back to the ready lists (delivery counts
-    /// reset); returns how many moved.
-    pub async fn replay_dead(&self, max: usize) -> Result<u64> {
-        self.require_reliable()?;
-        let set = self.reload().await?;
-        let scripts = self.inner.lease_scripts.clone();
-        let calls: Vec<crate::script::Call<'_>> = set
-            .shards
-            .iter()
-            .map(|s| {
-                let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
-                crate::script::Call {
-                    slot: k.slot,
-                    script: &scripts.replay,
-                    keys: vec![k.dead.clone(), k.ready.clone(), k.count.clone()],
-                    args: vec![max.to_string().into_bytes()],
-                }
-            })
-            .collect();
-        let cluster = &self.inner.cluster;
-        let mut moved = 0;
-        for r in crate::script::run_batch(cluster, &calls, cluster.default_opts()).await {
-            moved += int(r?)?;
-        }
-        Ok(moved)
-    }
-
-    /// Deletes every dead letter; returns how many there were.
-    pub async fn purge_dead(&self) -> Result<u64> {
-        self.require_reliable()?;
-        let set = self.reload().await?;
-        let cluster = &self.inner.cluster;
-        let mut cmds = Vec::new();
-        for s in &set.shards {
-            let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
-            // The list's KEEP entry goes too; the next reliable pop puts it back.
-            cmds.push((k.slot, redis::cmd("LLEN").arg(&k.dead).clone()));
-            cmds.push((k.slot, redis::cmd("DEL").arg(&k.dead).clone()));
-        }
-        let mut purged = 0;
-        for (i, r) in cluster
-            .batch(cmds, cluster.default_opts())
-            .await
-            .into_iter()
-            .enumerate()
-        {
-            let v = r?;
-            if i % 2 == 0 {
-                purged += int(v)?.saturating_sub(1);
-            }
-        }
-        Ok(purged)
-    }
 }
 
 /// A count: an integer reply, or nothing (a key that does not exist) as 0; negative counts
 /// are clamped to 0.
-fn int(v: Value) -> Result<u64> {
+pub(super) fn int(v: Value) -> Result<u64> {
     let n: Option<i64> = redis::from_redis_value(v)
         .map_err(|e| Error::Protocol(format!("expected an integer: {e}")))?;
     Ok(n.unwrap_or(0).max(0) as u64)
