@@ -79,6 +79,26 @@ pub enum Command {
         /// loses no acknowledged message).
         #[arg(long)]
         no_durability: bool,
+        /// Schedule: each message becomes ready this long after it is sent (`30s`, `5m`,
+        /// `1h 30m`, `250ms`). Prints each message's id (for `slotq cancel`) on stdout.
+        #[arg(long, value_name = "DURATION", value_parser = parse_delay, conflicts_with_all = ["at", "dedup_id"])]
+        delay: Option<std::time::Duration>,
+        /// Schedule: every message becomes ready at this time (RFC 3339, e.g.
+        /// `2026-12-24T18:00:00Z`; compared with the Redis servers' clocks). Prints each
+        /// message's id on stdout.
+        #[arg(long, value_name = "TIME", value_parser = parse_time, conflicts_with = "dedup_id")]
+        at: Option<std::time::SystemTime>,
+    },
+    /// Cancel scheduled messages that are not due yet, by the ids `push --delay/--at`
+    /// printed. Exit 4 if one of them was not waiting (due already, cancelled, unknown).
+    ///
+    /// Example: slotq cancel orders 5c1f0a9e3b7d4c21a8e6f0b2d4c6e8a0
+    Cancel {
+        /// Queue name.
+        queue: String,
+        /// Message ids (32 hex digits).
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
     /// Pop messages and print one per line.
     ///
@@ -517,4 +537,21 @@ pub enum BenchPhase {
     Pop,
     /// Producers and consumers at once.
     E2e,
+}
+
+/// A delay: `30s`, `5m`, `1h 30m`, `250ms` (a bare number is seconds).
+fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return std::time::Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?} is not a delay (seconds must be 0 or more)"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a delay ({e}); try 30s, 5m or 1h 30m"))
+}
+
+/// A point in time, RFC 3339 (`2026-12-24T18:00:00Z`, `2026-12-24T18:00:00.5+01:00`).
+fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .or_else(|_| humantime::parse_rfc3339(s))
+        .map_err(|e| format!("{s:?} is not a time ({e}); write it as 2026-12-24T18:00:00Z"))
 }

@@ -103,6 +103,8 @@ pub struct Shard {
     pub dead: Option<u64>,
     /// At-least-once: age of the oldest ready message.
     pub oldest_age_ms: Option<u64>,
+    /// Scheduled for later, not due yet.
+    pub scheduled: u64,
 }
 
 /// What `slotq rebalance` would do.
@@ -155,6 +157,16 @@ pub struct Pushed<'a> {
     pub queue: &'a str,
     /// Messages sent.
     pub pushed: u64,
+    /// Scheduled sends (`--delay`, `--at`): their ids, in order, for `slotq cancel`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+}
+
+/// `cancel Q ID...`.
+#[derive(Debug, Serialize)]
+pub struct Cancelled {
+    /// Ids cancelled.
+    pub cancelled: Vec<String>,
 }
 
 /// `expand`.

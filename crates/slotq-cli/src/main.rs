@@ -95,6 +95,7 @@ impl CliError {
             CliError::NotFound(_) => EXIT_NOT_FOUND,
             CliError::Slotq(slotq::Error::InvalidDedupId(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::InvalidMessageId(_)) => EXIT_USAGE,
+            CliError::Slotq(slotq::Error::InvalidSchedule(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::Duplicate { .. }) => EXIT_DUPLICATE,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
@@ -152,9 +153,14 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             max_attempts,
             no_durability,
             dedup_id,
+            delay,
+            at,
         } => {
             let cluster = connect(cli).await?;
             let opts = cmd::push::Options {
+                schedule: delay
+                    .map(cmd::push::Schedule::Delay)
+                    .or(at.map(cmd::push::Schedule::At)),
                 no_durability: *no_durability,
                 dedup_id: dedup_id.clone(),
                 key: key.clone(),
@@ -163,6 +169,10 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                 json: cli.json,
             };
             cmd::push::run(&cluster, queue, messages, opts).await
+        }
+        Command::Cancel { queue, ids } => {
+            let cluster = connect(cli).await?;
+            cmd::dead::cancel(&cluster, queue, ids, cli.json).await
         }
         Command::Pop {
             queue,

@@ -228,6 +228,10 @@ pub enum Error {
     #[error("invalid dedup id: {0}")]
     InvalidDedupId(String),
 
+    /// A due time refused before anything was sent (too far in the past or ahead).
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+
     /// A message id that is not 32 hexadecimal digits (as slotq prints ids).
     #[error(
         "invalid message id {0:?}: expected 32 hexadecimal digits, as `slotq dead Q list` prints ids"

@@ -1,5 +1,6 @@
 //! `slotq dead QUEUE list|replay|purge`: the dead letters of an at-least-once queue, each
-//! with why and when it died.
+//! with why and when it died; and `slotq cancel QUEUE ID...`, the other command that acts
+//! on messages by id.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -152,4 +153,41 @@ fn one_line(s: &str, max: usize) -> String {
     let mut out: String = flat.chars().take(max - 3).collect();
     out.push_str("...");
     out
+}
+
+/// `slotq cancel QUEUE ID...`: cancels scheduled messages not due yet.
+pub async fn cancel(
+    cluster: &Cluster,
+    queue: &str,
+    ids: &[String],
+    as_json: bool,
+) -> Result<String, CliError> {
+    // Ids are checked before anything is cancelled.
+    let ids: Vec<MessageId> = ids
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, slotq::Error>>()?;
+    let q = open_existing(cluster, queue).await?;
+    let done = q.cancel(&ids).await?;
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| !done.contains(id))
+        .map(|id| id.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(CliError::NotFound(format!(
+            "cancelled {} of {} message(s) of {queue}; not waiting (due and delivered \
+             already, cancelled before, or never scheduled): {}",
+            done.len(),
+            ids.len(),
+            missing.join(", ")
+        )));
+    }
+    Ok(if as_json {
+        crate::json::line(&crate::json::Cancelled {
+            cancelled: done.iter().map(|id| id.to_string()).collect(),
+        })
+    } else {
+        format!("cancelled {} scheduled message(s) of {queue}\n", done.len())
+    })
 }

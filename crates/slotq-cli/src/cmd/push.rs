@@ -22,8 +22,35 @@ const BATCH: usize = 1000;
 /// Batches read ahead of the sending.
 const READ_AHEAD: usize = 8;
 
+/// When scheduled messages become ready.
+#[derive(Debug, Clone, Copy)]
+pub enum Schedule {
+    /// This long after each is sent.
+    Delay(std::time::Duration),
+    /// At this time.
+    At(std::time::SystemTime),
+}
+
+impl Schedule {
+    fn at(self) -> std::time::SystemTime {
+        match self {
+            Schedule::Delay(d) => std::time::SystemTime::now() + d,
+            Schedule::At(t) => t,
+        }
+    }
+}
+
+/// What was sent so far: a count, and the ids of scheduled messages.
+#[derive(Default)]
+struct Sent {
+    count: u64,
+    ids: Vec<String>,
+}
+
 /// How `slotq push` runs.
 pub struct Options {
+    /// Scheduled sends.
+    pub schedule: Option<Schedule>,
     /// A dedup id for the one message given.
     pub dedup_id: Option<String>,
     /// At-least-once queues: push without waiting for a replica.
@@ -62,7 +89,7 @@ pub async fn run(
         producer = producer.no_durability();
     }
     let producer = producer.build()?;
-    let mut sent = 0u64;
+    let mut sent = Sent::default();
     if let Some(id) = &opts.dedup_id {
         let [message] = messages else {
             return Err(CliError::Usage(
@@ -70,41 +97,68 @@ pub async fn run(
             ));
         };
         producer.send_dedup(id, message.as_bytes()).await?;
-        sent = 1;
+        sent.count = 1;
     }
+    let how = How {
+        key: opts.key.as_deref(),
+        schedule: opts.schedule,
+    };
     let result = if opts.dedup_id.is_some() {
         Ok(())
     } else if messages.is_empty() {
-        stream_stdin(&producer, opts.key.as_deref(), opts.null, &mut sent).await
+        stream_stdin(&producer, how, opts.null, &mut sent).await
     } else {
         let batch: Vec<Vec<u8>> = messages.iter().map(|m| m.clone().into_bytes()).collect();
-        send(&producer, opts.key.as_deref(), 1, batch, &mut sent).await
+        send(&producer, how, 1, batch, &mut sent).await
     };
     if let Err(e) = result {
-        if sent > 0 {
-            eprintln!("pushed {sent} message(s) to {queue} before stopping");
+        if sent.count > 0 {
+            eprintln!(
+                "pushed {} message(s) to {queue} before stopping",
+                sent.count
+            );
+            // The ids of what was scheduled before the stop, so it can be cancelled.
+            if !opts.json && !sent.ids.is_empty() {
+                let _ = crate::output::RawOut::stdout()
+                    .and_then(|mut o| o.write_all(ids_text(&sent.ids).as_bytes()));
+            }
         }
         return Err(e);
     }
     Ok(if opts.json {
         crate::json::line(&crate::json::Pushed {
             queue,
-            pushed: sent,
+            pushed: sent.count,
+            ids: sent.ids,
         })
+    } else if opts.schedule.is_some() {
+        eprintln!("scheduled {} message(s) for {queue}", sent.count);
+        ids_text(&sent.ids)
     } else {
-        eprintln!("pushed {sent} message(s) to {queue}");
+        eprintln!("pushed {} message(s) to {queue}", sent.count);
         String::new()
     })
+}
+
+fn ids_text(ids: &[String]) -> String {
+    ids.iter().map(|id| format!("{id}\n")).collect()
+}
+
+/// How each batch is sent.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    key: Option<&'a str>,
+    schedule: Option<Schedule>,
 }
 
 /// Sends a batch (first message on line `first`); a bad message stops it: the messages
 /// before it are sent, then the error is returned.
 async fn send(
     producer: &slotq::Producer,
-    key: Option<&str>,
+    how: How<'_>,
     first: u64,
     mut batch: Vec<Vec<u8>>,
-    sent: &mut u64,
+    sent: &mut Sent,
 ) -> Result<(), CliError> {
     let bad = batch.iter().enumerate().find_map(|(i, p)| {
         slotq::producer::check_payload(
@@ -120,24 +174,37 @@ async fn send(
         batch.truncate(*i);
     }
     let n = batch.len() as u64;
-    match key {
-        Some(k) => {
+    match (how.key, how.schedule) {
+        (Some(k), Some(when)) => {
+            let at = when.at();
+            for p in batch {
+                let id = producer.send_keyed_at(k, p, at).await?;
+                sent.ids.push(id.to_string());
+                sent.count += 1;
+            }
+            return bad.map_or(Ok(()), |(_, e)| Err(e));
+        }
+        (None, Some(when)) if n > 0 => {
+            let ids = producer.send_batch_at(batch, when.at()).await?;
+            sent.ids.extend(ids.iter().map(|id| id.to_string()));
+        }
+        (Some(k), None) => {
             producer
                 .send_keyed_batch(batch.into_iter().map(|p| (k, p)))
                 .await?
         }
-        None if n > 0 => producer.send_batch(batch).await?,
-        None => {}
+        (None, None) if n > 0 => producer.send_batch(batch).await?,
+        (None, _) => {}
     }
-    *sent += n;
+    sent.count += n;
     bad.map_or(Ok(()), |(_, e)| Err(e))
 }
 
 async fn stream_stdin(
     producer: &slotq::Producer,
-    key: Option<&str>,
+    how: How<'_>,
     null: bool,
-    sent: &mut u64,
+    sent: &mut Sent,
 ) -> Result<(), CliError> {
     let (tx, mut rx) = mpsc::channel::<Read>(READ_AHEAD);
     let sep = if null { 0 } else { b'\n' };
@@ -148,7 +215,7 @@ async fn stream_stdin(
         let read = tokio::select! {
             read = rx.recv() => read,
             _ = tick.tick() => {
-                progress.draw(*sent);
+                progress.draw(sent.count);
                 continue;
             }
         };
@@ -156,7 +223,7 @@ async fn stream_stdin(
             None => break Ok(()),
             Some(Read::Batch(first, batch)) => {
                 let bytes: usize = batch.iter().map(Vec::len).sum();
-                if let Err(e) = send(producer, key, first, batch, sent).await {
+                if let Err(e) = send(producer, how, first, batch, sent).await {
                     break Err(e);
                 }
                 progress.bytes += bytes as u64;

@@ -194,6 +194,7 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
                 delayed: s.delayed,
                 dead: s.dead,
                 oldest_age_ms: s.oldest_age.map(|a| a.as_millis() as u64),
+                scheduled: s.scheduled,
             })
             .collect();
         return Ok(crate::json::line(&crate::json::Stats {
@@ -226,6 +227,7 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
                 opt(s.dead),
                 s.oldest_age
                     .map_or("-".into(), |a| format!("{:.1}s", a.as_secs_f64())),
+                s.scheduled.to_string(),
             ]
         })
         .collect();
@@ -257,13 +259,19 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
             plan.drain.len()
         )
     };
+    let scheduled: u64 = stats.iter().map(|s| s.scheduled).sum();
+    let scheduled_note = if scheduled > 0 {
+        format!(", {scheduled} scheduled for later")
+    } else {
+        String::new()
+    };
     let paused = if set.paused {
         ", PAUSED (slotq resume to resume)"
     } else {
         ""
     };
     Ok(format!(
-        "queue {queue}: {} shards, {mode}{paused}, registry version {}\n\n{}\ntotal depth {total}\n{advice}",
+        "queue {queue}: {} shards, {mode}{paused}, registry version {}\n\n{}\ntotal depth {total}{}\n{advice}",
         stats.len(),
         set.version,
         table(
@@ -276,10 +284,12 @@ pub async fn stats(cluster: &Cluster, queue: &str, as_json: bool) -> Result<Stri
                 "IN-FLIGHT",
                 "DELAYED",
                 "DEAD",
-                "OLDEST"
+                "OLDEST",
+                "SCHEDULED"
             ],
             &rows
-        )
+        ),
+        scheduled_note
     ))
 }
 

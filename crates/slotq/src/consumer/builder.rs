@@ -196,6 +196,7 @@ impl ConsumerBuilder {
                     timeout: self.member_timeout,
                 })
             }),
+            promoter: None,
             last_report: None,
             found_nothing: true,
             sweep_due: true,

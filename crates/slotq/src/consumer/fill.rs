@@ -21,6 +21,9 @@ const FENCED_ASK_FACTOR: usize = 4;
 impl Consumer {
     /// Gets at least one message into the buffer, or returns at the deadline.
     pub(super) async fn fill(&mut self, deadline: Option<Instant>) -> Result<()> {
+        if self.promoter.is_none() {
+            self.promoter = Some(super::promoter::Promoter::start(self.queue.clone()));
+        }
         loop {
             self.queue.check_live().await?;
             if self.queue.is_paused() {

@@ -45,6 +45,7 @@ mod grouped;
 mod message;
 mod ordered_giveback;
 mod paused;
+mod promoter;
 mod round;
 mod wait_lease;
 mod waiter;
@@ -105,6 +106,8 @@ pub struct Consumer {
     waiters: HashMap<String, (JoinHandle<()>, watch::Sender<()>)>,
     /// The consumer's group, unless it reads every shard itself.
     group: Option<Grouped>,
+    /// Moves scheduled messages to the ready lists on time (started by the first receive).
+    promoter: Option<promoter::Promoter>,
     last_report: Option<Instant>,
     /// The last round found nothing in the consumer's own shards (so the next may steal).
     found_nothing: bool,

@@ -35,6 +35,9 @@ pub(super) struct Batch {
     pub(super) born: Option<std::time::Instant>,
     /// A send with a dedup id: one message, pushed by `lua/push_dedup.lua`.
     pub(super) dedup: Option<String>,
+    /// Scheduled messages, stored by `lua/schedule.lua`: the body holds (id, due ms,
+    /// element) triples.
+    pub(super) schedule: bool,
 }
 
 impl Batch {
@@ -57,6 +60,26 @@ impl Batch {
     /// Adds a payload of a plain queue, as a RESP bulk string.
     pub(super) fn push_payload(&mut self, payload: &[u8]) {
         push_bulk(&mut self.body, payload);
+        self.count += 1;
+    }
+
+    /// Adds a scheduled message: its id, its due time and the element to push then (the
+    /// payload, or on at-least-once queues the envelope: `head` then the payload), as
+    /// three RESP bulk strings.
+    pub(super) fn push_scheduled(
+        &mut self,
+        id: &[u8; 16],
+        due_ms: u64,
+        head: &[u8],
+        payload: &[u8],
+    ) {
+        push_bulk(&mut self.body, id);
+        push_bulk(&mut self.body, due_ms.to_string().as_bytes());
+        push_bulk_header(&mut self.body, head.len() + payload.len());
+        self.body.extend_from_slice(head);
+        self.body.extend_from_slice(payload);
+        self.body.extend_from_slice(b"\r\n");
+        self.bytes += payload.len();
         self.count += 1;
     }
 

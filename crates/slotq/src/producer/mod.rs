@@ -24,6 +24,7 @@ mod dedup;
 mod keyed;
 mod lanes;
 mod push;
+mod schedule;
 mod snapshot;
 
 use std::collections::HashSet;
@@ -81,6 +82,9 @@ struct ProducerInner {
     snapshotting: AtomicBool,
     /// What the last snapshot saw, to tell this producer's share of the growth.
     snapshot_history: Mutex<lanes::SnapshotHistory>,
+    /// Shards with scheduled messages this producer sent, due within a poll: it promotes
+    /// them itself on time (see `schedule.rs`).
+    nudges: Arc<schedule::Nudges>,
 }
 
 impl Producer {
@@ -100,6 +104,7 @@ impl Producer {
                 placed: AtomicUsize::new(0),
                 snapshotting: AtomicBool::new(false),
                 snapshot_history: Mutex::new(lanes::SnapshotHistory::default()),
+                nudges: Arc::new(schedule::Nudges::default()),
                 cfg,
             }),
         }
@@ -208,15 +213,7 @@ impl ProducerInner {
     /// At-least-once queues: the envelope header of the next message, with a fresh id,
     /// enqueued at `now_ms` (read once per call of the API).
     fn envelope_header(&self, now_ms: u64) -> [u8; crate::lease::ENVELOPE_HEADER] {
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&self.id_prefix);
-        id[8..].copy_from_slice(
-            &self
-                .id_counter
-                .fetch_add(1, Ordering::Relaxed)
-                .to_be_bytes(),
-        );
-        crate::lease::envelope_header(crate::lease::MessageId(id), now_ms)
+        crate::lease::envelope_header(self.next_id(), now_ms)
     }
 
     async fn acquire(&self, n: usize) {

@@ -78,6 +78,8 @@ impl ProducerInner {
         // before them (see `batch.rs`).
         let count = batch.len();
         let cmd = match (&batch.dedup, self.cfg.max_depth) {
+            // Scheduled: kept aside until due (max_depth does not apply).
+            _ if batch.schedule => self.schedule_command(lane, batch, body),
             // A dedup id: the marker and the push in one script (max_depth does not apply).
             (Some(id), _) => self.dedup_command(lane, id, batch, body),
             // At-least-once queues: the whole batch is one frame, behind its head (one
@@ -108,7 +110,7 @@ impl ProducerInner {
         };
         // At-least-once shards keep a count of ready messages (a frame holds many): it
         // goes in the same write, right behind the push.
-        let ready_count = (self.reliable && batch.dedup.is_none()).then(|| {
+        let ready_count = (self.reliable && batch.dedup.is_none() && !batch.schedule).then(|| {
             redis::cmd("INCRBY")
                 .arg(crate::placement::shard_key(
                     self.cfg.queue.prefix(),
@@ -183,7 +185,9 @@ impl ProducerInner {
         };
         match reply {
             Value::Int(n) if n >= 0 => {
-                lane.landed.fetch_add(count as i64, Ordering::Relaxed);
+                if !batch.schedule {
+                    lane.landed.fetch_add(count as i64, Ordering::Relaxed);
+                }
                 Ok(())
             }
             Value::Int(n) => {

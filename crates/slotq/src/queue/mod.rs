@@ -15,11 +15,14 @@ use crate::slot::{Slot, key_slot};
 
 mod dead;
 mod registry;
+mod schedule;
 mod stats;
 
 pub use dead::DeadLetter;
 pub use registry::DEFAULT_BULK_LIMIT;
 pub(crate) use registry::DELETING;
+pub use schedule::{MAX_SCHEDULE_AHEAD, PAST_TOLERANCE, SCHEDULE_POLL};
+pub(crate) use schedule::{PROMOTE_LIMIT, ScheduleKeys, due_ms, promote};
 pub use stats::ShardStats;
 
 /// How often clients look for a new registry version (new shards).
@@ -171,6 +174,9 @@ pub(crate) struct Scripts {
     pub(crate) update: Script,
     pub(crate) push_bounded: Script,
     pub(crate) push_dedup: Script,
+    pub(crate) schedule: Script,
+    pub(crate) promote: Script,
+    pub(crate) cancel: Script,
 }
 
 impl Scripts {
@@ -180,6 +186,15 @@ impl Scripts {
             update: Script::new(include_str!("../lua/update_registry.lua")),
             push_bounded: Script::new(include_str!("../lua/push_bounded.lua")),
             push_dedup: Script::new(include_str!("../lua/push_dedup.lua")),
+            schedule: Script::new(concat!(
+                include_str!("../lua/frames.lua"),
+                include_str!("../lua/schedule.lua")
+            )),
+            promote: Script::new(concat!(
+                include_str!("../lua/frames.lua"),
+                include_str!("../lua/promote.lua")
+            )),
+            cancel: Script::new(include_str!("../lua/cancel.lua")),
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct ShardStats {
     pub delayed: Option<u64>,
     /// Reliable queues: age of the message at the head of the ready list (producer clock).
     pub oldest_age: Option<Duration>,
+    /// Messages scheduled for later and not due yet (see [`Producer::send_at`](crate::Producer::send_at)).
+    pub scheduled: u64,
 }
 
 impl Queue {
@@ -64,6 +66,7 @@ impl Queue {
             ..cluster.default_opts()
         };
         let mut replies = cluster.batch(cmds, opts).await.into_iter();
+        let mut scheduled = self.scheduled_counts(&set.shards).await?.into_iter();
         let mut inflight = crate::script::run_batch(cluster, &inflight_calls, opts)
             .await
             .into_iter();
@@ -109,6 +112,7 @@ impl Queue {
                 dead,
                 delayed,
                 oldest_age,
+                scheduled: scheduled.next().unwrap_or(0),
             });
         }
         Ok(out)

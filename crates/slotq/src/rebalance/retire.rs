@@ -250,7 +250,7 @@ fn successor(
 async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode) -> Result<u64> {
     let cluster = q.cluster();
     let prefix = q.prefix();
-    let mut moved = 0u64;
+    let mut moved = move_scheduled(q, from, to, mode).await?;
     if mode == DeliveryMode::AtMostOnce {
         let (src, dst) = (ready_key(prefix, &from.tag), ready_key(prefix, &to.tag));
         loop {
@@ -358,6 +358,69 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
     }
     moved += delayed.len() as u64;
     Ok(moved)
+}
+
+/// Moves the scheduled messages of `from` to `to`, each keeping its id and due time:
+/// written to `to` first (by the scheduling script, which stores an id once), then removed
+/// from `from`, so a step cut in between leaves a copy, never a loss.
+async fn move_scheduled(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode) -> Result<u64> {
+    let (src, dst) = (
+        crate::queue::ScheduleKeys::new(q.prefix(), from, mode),
+        crate::queue::ScheduleKeys::new(q.prefix(), to, mode),
+    );
+    let cluster = q.cluster();
+    let mut moved = 0u64;
+    loop {
+        let due: Vec<(Vec<u8>, f64)> = cluster
+            .query(
+                from.slot,
+                redis::cmd("ZRANGE")
+                    .arg(&src.sched)
+                    .arg(0)
+                    .arg(MOVE_CHUNK as i64 - 1)
+                    .arg("WITHSCORES"),
+            )
+            .await?;
+        if due.is_empty() {
+            return Ok(moved);
+        }
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(&src.msgs);
+        for (id, _) in &due {
+            hmget.arg(id.as_slice());
+        }
+        let elements: Vec<Option<Vec<u8>>> = cluster.query(from.slot, &hmget).await?;
+        let mut args: Vec<Vec<u8>> = Vec::new();
+        for ((id, at), el) in due.iter().zip(elements) {
+            if let Some(el) = el {
+                args.extend([id.clone(), (*at as u64).to_string().into_bytes(), el]);
+            }
+        }
+        let scripts = q.scripts();
+        let arg_refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        scripts
+            .schedule
+            .run(
+                cluster,
+                to.slot,
+                &dst.schedule_keys(),
+                &arg_refs,
+                cluster.default_opts(),
+            )
+            .await?;
+        let ids: Vec<&[u8]> = due.iter().map(|(id, _)| id.as_slice()).collect();
+        scripts
+            .cancel
+            .run(
+                cluster,
+                from.slot,
+                &[&src.sched, &src.msgs],
+                &ids,
+                cluster.default_opts(),
+            )
+            .await?;
+        moved += due.len() as u64;
+    }
 }
 
 /// The first `n` elements of a list (all of them when `n` is 0).
