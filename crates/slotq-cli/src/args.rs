@@ -449,9 +449,15 @@ pub struct BenchArgs {
     /// seconds. On a machine whose speed drifts, the load levels stay true to the moment.
     #[arg(long, value_delimiter = ',', value_parser = parse_load, conflicts_with = "rate")]
     pub load: Option<Vec<f64>>,
-    /// With --rate or --load: how long to send, in seconds.
+    /// With --rate or --load: how long to send, in seconds; with --scheduled: the span of
+    /// the due times.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
+    /// Scheduled sends instead of the other phases: the idle cost of N messages waiting
+    /// an hour ahead, then how late N messages due over --duration reach the (idle)
+    /// consumers.
+    #[arg(long, value_name = "N", conflicts_with_all = ["rate", "load"])]
+    pub scheduled: Option<usize>,
     /// With --rate or --load: seconds of traffic at the phase's rate, on the same schedule,
     /// before --duration starts. Their latency is reported apart (the warm-up line and
     /// `warm_up` in --json), not in the phase's percentiles.

@@ -146,6 +146,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         rate: None,
         load: None,
         duration: 5.0,
+        scheduled: None,
         warm_up: std::time::Duration::ZERO,
         without_group: false,
         ordered: false,

@@ -53,6 +53,11 @@ struct ShardTimer {
 }
 
 impl ShardTimer {
+    /// Whether its known due time (plus its lag) has come, as opposed to only its poll.
+    fn due_by(&self, now: Instant) -> bool {
+        self.next_due.is_some_and(|d| d + self.lag <= now)
+    }
+
     /// When to call next (`now` for a shard never called).
     fn wake(&self, now: Instant) -> Instant {
         let Some(called) = self.called else {
@@ -64,6 +69,12 @@ impl ShardTimer {
             None => poll,
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn run(queue: Queue) {
@@ -86,11 +97,41 @@ async fn run(queue: Queue) {
             version = Some(set.version);
         }
         let now = Instant::now();
-        let due: Vec<String> = shards
-            .iter()
-            .filter(|(_, t)| t.wake(now) <= now)
-            .map(|(tag, _)| tag.clone())
-            .collect();
+        // Shards whose known due time came: the promote script. Shards only due for a
+        // poll: a plain read of their earliest due time first, the script only if
+        // something is due by now.
+        let (mut due, mut polls) = (Vec::new(), Vec::new());
+        for (tag, t) in &shards {
+            if t.due_by(now) {
+                due.push(tag.clone());
+            } else if t.wake(now) <= now {
+                polls.push(tag.clone());
+            }
+        }
+        if !polls.is_empty() {
+            let keys: Vec<ScheduleKeys> = polls.iter().map(|t| shards[t].keys.clone()).collect();
+            let found = crate::queue::earliest(&queue, &keys).await;
+            let (after, epoch_now) = (Instant::now(), now_ms());
+            for (tag, r) in polls.iter().zip(found) {
+                let Some(t) = shards.get_mut(tag) else {
+                    continue;
+                };
+                t.called = Some(after);
+                match r {
+                    Ok(Some(at)) if at <= epoch_now => {
+                        t.next_due = Some(after);
+                        due.push(tag.clone());
+                    }
+                    Ok(at) => {
+                        t.next_due = at.map(|at| after + Duration::from_millis(at - epoch_now));
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard = %tag, cause = %e, "reading due times failed");
+                        t.next_due = None;
+                    }
+                }
+            }
+        }
         if !due.is_empty() {
             let keys: Vec<ScheduleKeys> = due.iter().map(|t| shards[t].keys.clone()).collect();
             let results = crate::queue::promote(&queue, &keys).await;

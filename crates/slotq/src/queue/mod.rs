@@ -22,7 +22,7 @@ pub use dead::DeadLetter;
 pub use registry::DEFAULT_BULK_LIMIT;
 pub(crate) use registry::DELETING;
 pub use schedule::{MAX_SCHEDULE_AHEAD, PAST_TOLERANCE, SCHEDULE_POLL};
-pub(crate) use schedule::{PROMOTE_LIMIT, ScheduleKeys, due_ms, promote};
+pub(crate) use schedule::{PROMOTE_LIMIT, ScheduleKeys, due_ms, earliest, promote};
 pub use stats::ShardStats;
 
 /// How often clients look for a new registry version (new shards).

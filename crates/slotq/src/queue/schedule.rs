@@ -119,6 +119,55 @@ pub(crate) async fn promote(queue: &Queue, shards: &[ScheduleKeys]) -> Vec<Resul
         .collect()
 }
 
+/// The earliest due time waiting in each shard (ms since the Unix epoch; scheduled
+/// messages, and on at-least-once queues delayed redeliveries): plain reads, one or two
+/// per shard pipelined per node, what a consumer's poll costs while nothing is due.
+pub(crate) async fn earliest(queue: &Queue, shards: &[ScheduleKeys]) -> Vec<Result<Option<u64>>> {
+    let mut cmds = Vec::new();
+    for k in shards {
+        let first = |key: &str| {
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES")
+                .clone()
+        };
+        cmds.push((k.slot, first(&k.sched)));
+        if let Some((_, delayed)) = &k.reliable {
+            cmds.push((k.slot, first(delayed)));
+        }
+    }
+    let cluster = queue.cluster();
+    let opts = crate::cluster::RequestOpts {
+        idempotent: true,
+        ..cluster.default_opts()
+    };
+    let mut replies = cluster.batch(cmds, opts).await.into_iter();
+    let score = |r: Result<Value>| -> Result<Option<u64>> {
+        let v: Vec<(Vec<u8>, f64)> =
+            redis::from_redis_value(r?).map_err(|e| Error::Protocol(format!("ZRANGE: {e}")))?;
+        // The delayed set's KEEP member sits at +inf.
+        Ok(v.first()
+            .filter(|(_, s)| s.is_finite())
+            .map(|(_, s)| s.max(0.0) as u64))
+    };
+    shards
+        .iter()
+        .map(|k| {
+            let a = score(replies.next().expect("a reply per command"))?;
+            let b = match k.reliable {
+                Some(_) => score(replies.next().expect("a reply per command"))?,
+                None => None,
+            };
+            Ok(match (a, b) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            })
+        })
+        .collect()
+}
+
 /// Checks a due time and turns it into ms since the Unix epoch.
 pub(crate) fn due_ms(at: std::time::SystemTime) -> Result<u64> {
     let now = std::time::SystemTime::now();

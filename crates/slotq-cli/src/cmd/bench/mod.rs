@@ -7,6 +7,7 @@ mod json_out;
 mod rate;
 mod reference;
 mod rounds;
+mod scheduled;
 mod text_out;
 mod traffic;
 
@@ -91,6 +92,11 @@ pub async fn run(
     let q = builder.open().await?;
     let show = !as_json;
     let start = Instant::now();
+    if let Some(n) = args.scheduled {
+        let out = scheduled::run(cluster, &q, args, n, as_json).await;
+        cleanup(&q).await;
+        return out;
+    }
 
     let open_loop = args.rate.is_some() || args.load.is_some();
     if open_loop && args.rounds > 1 {
