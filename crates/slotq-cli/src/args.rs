@@ -88,6 +88,15 @@ pub enum Command {
         /// message's id on stdout.
         #[arg(long, value_name = "TIME", value_parser = parse_time, conflicts_with = "dedup_id")]
         at: Option<std::time::SystemTime>,
+        /// A header for every message (repeatable): `content-type=application/json`,
+        /// `traceparent=00-...`. Keys: visible ASCII without `=`; 4 KiB in all.
+        #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header, conflicts_with = "dedup_id")]
+        headers: Vec<(String, String)>,
+        /// Every message expires this long after it is sent (`60s`, `1h`): never delivered
+        /// after that (dropped, or dead-lettered with reason `expired` on at-least-once
+        /// queues).
+        #[arg(long, value_name = "DURATION", value_parser = parse_delay, conflicts_with = "dedup_id")]
+        ttl: Option<std::time::Duration>,
     },
     /// Cancel scheduled messages that are not due yet, by the ids `push --delay/--at`
     /// printed. Exit 4 if one of them was not waiting (due already, cancelled, unknown).
@@ -560,4 +569,13 @@ fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
     humantime::parse_rfc3339_weak(s)
         .or_else(|_| humantime::parse_rfc3339(s))
         .map_err(|e| format!("{s:?} is not a time ({e}); write it as 2026-12-24T18:00:00Z"))
+}
+
+/// A header: `KEY=VALUE` (the value may hold `=`).
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    slotq::meta::check_header(k, v).map_err(|e| e.to_string())?;
+    Ok((k.to_string(), v.to_string()))
 }

@@ -35,9 +35,40 @@ pub struct Message<'a> {
     /// Which delivery this is (pop only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// Headers it was sent with, in order (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    /// When it expires, ms since the Unix epoch (absent when it does not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
     /// The payload.
     #[serde(flatten)]
     pub payload: Payload,
+}
+
+/// Headers as a JSON object (a key sent twice keeps its first value).
+#[derive(Debug)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl Headers {
+    /// `None` for no headers.
+    pub fn of(h: &[(String, String)]) -> Option<Headers> {
+        (!h.is_empty()).then(|| Headers(h.to_vec()))
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut seen = std::collections::HashSet::new();
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in &self.0 {
+            if seen.insert(k.as_str()) {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
 }
 
 /// A dead letter (`dead Q list`).
@@ -57,6 +88,9 @@ pub struct DeadLetter<'a> {
     pub detail: &'a str,
     /// When it died, ms since the Unix epoch (server clock); null when not recorded.
     pub died_ms: Option<u64>,
+    /// Headers it was sent with (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
     /// The payload.
     #[serde(flatten)]
     pub payload: Payload,
@@ -290,6 +324,8 @@ mod tests {
             shard: "q#0",
             id: None,
             attempt: Some(1),
+            headers: None,
+            expires_ms: None,
             payload: Payload::of(b"caf\xe9"),
         };
         assert_eq!(
@@ -300,6 +336,8 @@ mod tests {
             shard: "q#0",
             id: None,
             attempt: None,
+            headers: None,
+            expires_ms: None,
             payload: Payload::of("café".as_bytes()),
         };
         assert_eq!(

@@ -96,6 +96,7 @@ impl CliError {
             CliError::Slotq(slotq::Error::InvalidDedupId(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::InvalidMessageId(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::InvalidSchedule(_)) => EXIT_USAGE,
+            CliError::Slotq(slotq::Error::InvalidHeader(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::Duplicate { .. }) => EXIT_DUPLICATE,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
@@ -155,12 +156,24 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             dedup_id,
             delay,
             at,
+            headers,
+            ttl,
         } => {
             let cluster = connect(cli).await?;
             let opts = cmd::push::Options {
                 schedule: delay
                     .map(cmd::push::Schedule::Delay)
                     .or(at.map(cmd::push::Schedule::At)),
+                options: {
+                    let mut o = slotq::SendOptions::new();
+                    for (k, v) in headers {
+                        o = o.header(k, v);
+                    }
+                    if let Some(t) = ttl {
+                        o = o.ttl(*t);
+                    }
+                    o
+                },
                 no_durability: *no_durability,
                 dedup_id: dedup_id.clone(),
                 key: key.clone(),

@@ -228,6 +228,10 @@ pub enum Error {
     #[error("invalid dedup id: {0}")]
     InvalidDedupId(String),
 
+    /// A header or time to live refused before anything was sent.
+    #[error("invalid header: {0}")]
+    InvalidHeader(String),
+
     /// A due time refused before anything was sent (too far in the past or ahead).
     #[error("invalid schedule: {0}")]
     InvalidSchedule(String),

@@ -143,6 +143,10 @@ pub struct ShardSet {
     /// Paused (`Queue::pause`): consumers take nothing new until it is resumed; producers
     /// go on sending.
     pub paused: bool,
+    /// At-least-once queues: an expired message is acknowledged (dropped and counted)
+    /// instead of dead-lettered with reason `expired` (`QueueBuilder::drop_expired`; fixed
+    /// at creation). At-most-once queues always drop them.
+    pub drop_expired: bool,
 }
 
 impl ShardSet {
@@ -202,6 +206,10 @@ impl ShardSet {
                 },
             ),
             ("paused".into(), if self.paused { "1" } else { "0" }.into()),
+            (
+                "expired".into(),
+                if self.drop_expired { "drop" } else { "dead" }.into(),
+            ),
         ]
     }
 
@@ -271,6 +279,7 @@ impl ShardSet {
             keyed,
             cleanup: numbers("cleanup")?,
             paused: fields.get("paused").is_some_and(|v| v == "1"),
+            drop_expired: fields.get("expired").is_some_and(|v| v == "drop"),
         })
     }
 
@@ -444,6 +453,7 @@ mod tests {
             keyed: vec![7, 0, 2],
             cleanup: vec![9],
             paused: true,
+            drop_expired: false,
         };
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);

@@ -22,6 +22,8 @@ pub const POP_REPLIES_LOST: &str = "slotq_pop_replies_lost_total";
 pub const POPS_UNCONFIRMED: &str = "slotq_pops_unconfirmed_total";
 /// Of those, messages whose push-back failed: lost (never delivered twice).
 pub const UNCONFIRMED_LOST: &str = "slotq_unconfirmed_lost_total";
+/// Messages past their time to live, not handed out: `action` dropped or dead-lettered.
+pub const EXPIRED: &str = "slotq_expired_total";
 /// Gauge: 1 while a consumer of the queue finds it paused (`Queue::pause`), else 0.
 pub const QUEUE_PAUSED: &str = "slotq_queue_paused";
 /// Time of one sweep over every shard.

@@ -97,6 +97,7 @@ async fn list(
                 reason: d.reason.as_str(),
                 detail: &d.detail,
                 died_ms: d.died_ms,
+                headers: crate::json::Headers::of(&d.headers),
                 payload: crate::json::Payload::of(&d.payload),
             })
             .collect();

@@ -2,7 +2,8 @@
 //!
 //! Each message runs `sh -c CMD` once: the payload on the handler's standard input (then
 //! end of file), `SLOTQ_QUEUE`, `SLOTQ_SHARD`, `SLOTQ_MESSAGE_ID` (empty on at-most-once
-//! queues) and `SLOTQ_ATTEMPT` in its environment, its standard output that of slotq, its
+//! queues), `SLOTQ_ATTEMPT` and `SLOTQ_HEADERS` (the message's headers as a JSON object,
+//! `{}` for none) in its environment, its standard output that of slotq, its
 //! standard error passed through to slotq's (the last 512 bytes kept: a message
 //! dead-lettered after a failure records the exit status and that tail, reason `failed`). Up to `--concurrency` handlers run at once; the consumer pops only as many
 //! messages as there are free handler slots, so nothing waits leased in a local buffer.
@@ -405,6 +406,13 @@ async fn run_handler(
             msg.id.map(|id| id.to_string()).unwrap_or_default(),
         )
         .env("SLOTQ_ATTEMPT", attempt.to_string())
+        .env(
+            "SLOTQ_HEADERS",
+            crate::json::Headers::of(msg.headers()).map_or_else(
+                || "{}".to_string(),
+                |h| crate::json::line(&h).trim_end().to_string(),
+            ),
+        )
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

@@ -98,6 +98,9 @@ pub async fn queues(cluster: &Cluster, as_json: bool) -> Result<String, CliError
     ))
 }
 
+/// One message `peek` found: shard, payload, id (at-least-once), headers and deadline.
+type Peeked = (String, Vec<u8>, Option<String>, Option<slotq::Meta>);
+
 /// `slotq peek QUEUE [-n N]`: up to N messages from the head of each shard, in order,
 /// nothing removed (`LRANGE`; at-least-once frames are opened to their messages).
 pub async fn peek(
@@ -128,7 +131,7 @@ pub async fn peek(
         })
         .collect();
     let replies = cluster.batch(cmds, cluster.default_opts()).await;
-    let mut peeked: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
+    let mut peeked: Vec<Peeked> = Vec::new();
     for (s, r) in set.shards.iter().zip(replies) {
         let items: Vec<Vec<u8>> = match r? {
             Value::Array(items) => items
@@ -152,11 +155,17 @@ pub async fn peek(
                         break;
                     }
                     let env = slotq::lease::decode_envelope(e)?;
-                    peeked.push((s.tag.clone(), env.payload, Some(env.id.to_string())));
+                    peeked.push((
+                        s.tag.clone(),
+                        env.payload,
+                        Some(env.id.to_string()),
+                        env.meta,
+                    ));
                     taken += 1;
                 }
             } else if taken < count {
-                peeked.push((s.tag.clone(), item, None));
+                let (meta, payload) = slotq::meta::read_plain(&item);
+                peeked.push((s.tag.clone(), payload.to_vec(), None, meta));
                 taken += 1;
             }
         }
@@ -164,10 +173,14 @@ pub async fn peek(
     if as_json {
         let items: Vec<crate::json::Message<'_>> = peeked
             .iter()
-            .map(|(shard, payload, id)| crate::json::Message {
+            .map(|(shard, payload, id, meta)| crate::json::Message {
                 shard,
                 id: id.clone(),
                 attempt: None,
+                headers: meta
+                    .as_ref()
+                    .and_then(|m| crate::json::Headers::of(&m.headers)),
+                expires_ms: meta.as_ref().and_then(|m| m.expires_ms),
                 payload: crate::json::Payload::of(payload),
             })
             .collect();
@@ -178,7 +191,7 @@ pub async fn peek(
         given_back: 0,
     })?;
     let sep = if null { 0 } else { b'\n' };
-    if let (_, Some(error)) = out.write_items(peeked.iter().map(|(_, p, _)| p.as_slice()), sep) {
+    if let (_, Some(error)) = out.write_items(peeked.iter().map(|(_, p, _, _)| p.as_slice()), sep) {
         return Err(CliError::Output {
             error,
             given_back: 0,

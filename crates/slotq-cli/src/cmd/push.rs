@@ -49,6 +49,8 @@ struct Sent {
 
 /// How `slotq push` runs.
 pub struct Options {
+    /// Headers and time to live of every message.
+    pub options: slotq::SendOptions,
     /// Scheduled sends.
     pub schedule: Option<Schedule>,
     /// A dedup id for the one message given.
@@ -79,6 +81,8 @@ pub async fn run(
     messages: &[String],
     opts: Options,
 ) -> Result<String, CliError> {
+    // Options are checked before the queue is opened (or created).
+    opts.options.check()?;
     let mut builder = Client::from_cluster(cluster.clone()).queue(queue);
     if let Some(max_attempts) = opts.reliable {
         builder = builder.max_attempts(max_attempts);
@@ -99,9 +103,15 @@ pub async fn run(
         producer.send_dedup(id, message.as_bytes()).await?;
         sent.count = 1;
     }
+    if !opts.options.is_empty() && opts.key.is_some() && opts.schedule.is_some() {
+        return Err(CliError::Usage(
+            "--header and --ttl do not go with --key and --delay/--at together".into(),
+        ));
+    }
     let how = How {
         key: opts.key.as_deref(),
         schedule: opts.schedule,
+        options: (!opts.options.is_empty()).then_some(&opts.options),
     };
     let result = if opts.dedup_id.is_some() {
         Ok(())
@@ -149,6 +159,7 @@ fn ids_text(ids: &[String]) -> String {
 struct How<'a> {
     key: Option<&'a str>,
     schedule: Option<Schedule>,
+    options: Option<&'a slotq::SendOptions>,
 }
 
 /// Sends a batch (first message on line `first`); a bad message stops it: the messages
@@ -174,6 +185,30 @@ async fn send(
         batch.truncate(*i);
     }
     let n = batch.len() as u64;
+    if let Some(o) = how.options {
+        match (how.key, how.schedule) {
+            (_, Some(when)) => {
+                let at = when.at();
+                for p in batch {
+                    let id = producer.send_at_with(p, at, o).await?;
+                    sent.ids.push(id.to_string());
+                    sent.count += 1;
+                }
+            }
+            (Some(k), None) => {
+                for p in batch {
+                    producer.send_keyed_with(k, p, o).await?;
+                    sent.count += 1;
+                }
+            }
+            (None, None) if n > 0 => {
+                producer.send_batch_with(batch, o).await?;
+                sent.count += n;
+            }
+            (None, None) => {}
+        }
+        return bad.map_or(Ok(()), |(_, e)| Err(e));
+    }
     match (how.key, how.schedule) {
         (Some(k), Some(when)) => {
             let at = when.at();

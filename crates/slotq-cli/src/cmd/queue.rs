@@ -130,6 +130,8 @@ pub async fn pop(
                 shard: &m.shard,
                 id: m.id.map(|i| i.to_string()),
                 attempt: Some(m.attempt),
+                headers: crate::json::Headers::of(m.headers()),
+                expires_ms: m.expires_ms(),
                 payload: crate::json::Payload::of(&m.payload),
             })
             .collect();

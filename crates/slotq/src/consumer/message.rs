@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::lease::{self, DeadReason, LeaseId, LeaseRef, MessageId, Settle, Settled};
+use crate::meta::Meta;
 
 /// One message popped from a queue.
 ///
@@ -32,13 +33,21 @@ pub struct Message {
     /// Ordered groups: the epoch of the grant of its shard it was taken under. Handed out
     /// only while the member still holds that very grant (see `Consumer::sync_group`).
     pub(super) epoch: Option<u64>,
+    /// Headers and deadline, when it was sent with them.
+    pub(super) meta: Option<Arc<Meta>>,
 }
 
 /// The name the at-least-once documentation uses for a leased message.
 pub type Delivery = Message;
 
 impl Message {
+    /// An at-most-once message as popped: a payload, or an extension and a payload (see
+    /// `meta.rs`; one byte looked at for messages without).
     pub(super) fn plain(payload: Bytes, shard: Arc<str>) -> Message {
+        let (payload, meta) = match crate::meta::split_plain(&payload) {
+            Some((meta, at)) => (payload.slice(at..), Some(meta)),
+            None => (payload, None),
+        };
         Message {
             payload,
             shard,
@@ -47,7 +56,31 @@ impl Message {
             enqueued_ms: None,
             lease: None,
             epoch: None,
+            meta: meta.filter(|m| *m != Meta::default()).map(Arc::new),
         }
+    }
+
+    /// Its headers, in the order sent (empty when it was sent without).
+    pub fn headers(&self) -> &[(String, String)] {
+        self.meta.as_deref().map_or(&[], |m| &m.headers)
+    }
+
+    /// The value of header `key` (the first, if sent twice).
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers()
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// When it expires (ms since the Unix epoch), if it was sent with a time to live. A
+    /// consumer never hands out a message past this (see [`SendOptions::ttl`](crate::SendOptions::ttl)).
+    pub fn expires_ms(&self) -> Option<u64> {
+        self.meta.as_deref().and_then(|m| m.expires_ms)
+    }
+
+    pub(super) fn expired(&self) -> bool {
+        self.meta.as_deref().is_some_and(Meta::expired)
     }
 
     pub(super) fn lease(&self) -> Result<&LeaseRef> {

@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 
 mod builder;
 mod confirm;
+mod expiry;
 mod fenced_pop;
 mod fill;
 mod giveback;
@@ -156,6 +157,10 @@ impl Consumer {
                 if let Some(g) = self.group.as_mut() {
                     g.handed(std::slice::from_ref(&m));
                 }
+                if m.expired() {
+                    self.settle_expired(vec![m]).await;
+                    continue;
+                }
                 self.prefetch_if_dry();
                 return Ok(m);
             }
@@ -171,7 +176,11 @@ impl Consumer {
             self.sync_group().await?;
             self.release_stale().await;
             if !self.buffer.is_empty() {
-                let out = self.take(max);
+                let mut out = self.take(max);
+                self.drop_expired(&mut out).await;
+                if out.is_empty() {
+                    continue;
+                }
                 self.prefetch_if_dry();
                 return Ok(out);
             }
@@ -194,7 +203,11 @@ impl Consumer {
             self.sync_group().await?;
             self.release_stale().await;
             if !self.buffer.is_empty() || Instant::now() >= deadline {
-                let out = self.take(max);
+                let mut out = self.take(max);
+                self.drop_expired(&mut out).await;
+                if out.is_empty() && Instant::now() < deadline {
+                    continue;
+                }
                 if !out.is_empty() {
                     self.prefetch_if_dry();
                 }

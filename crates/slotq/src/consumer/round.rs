@@ -469,6 +469,7 @@ pub(super) fn take_lease(
                         position,
                     }),
                     epoch: ask.fence,
+                    meta: env.meta.map(Arc::new),
                 });
             })?;
         }

@@ -127,7 +127,7 @@ pub(crate) fn frame_start(n: usize, bytes: usize) -> Vec<u8> {
 }
 
 /// The msgpack header of a string of `len` bytes.
-fn push_string_header(f: &mut Vec<u8>, len: usize) {
+pub(crate) fn push_string_header(f: &mut Vec<u8>, len: usize) {
     if len < 32 {
         f.push(0xa0 | len as u8);
     } else if len <= 0xff {
@@ -210,6 +210,8 @@ pub struct Envelope {
     pub enqueued_ms: u64,
     /// The payload.
     pub payload: Vec<u8>,
+    /// Headers and deadline, for envelopes that carry them (format 2).
+    pub meta: Option<crate::meta::Meta>,
 }
 
 /// An envelope of a frame as it was read: its payload a slice of the frame (no copy).
@@ -219,20 +221,23 @@ pub(crate) struct SharedEnvelope {
     pub(crate) deliveries: u16,
     pub(crate) enqueued_ms: u64,
     pub(crate) payload: Bytes,
+    pub(crate) meta: Option<crate::meta::Meta>,
 }
 
 /// Unwraps an envelope `e` held in `frame`: the payload stays in the frame's buffer.
 fn decode_envelope_in(frame: &Bytes, e: &[u8]) -> Result<SharedEnvelope> {
-    if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
+    if !super::ext::is_envelope(e) {
         return Err(not_an_envelope());
     }
+    let (meta, start) = super::ext::after_header(e).ok_or_else(not_an_envelope)?;
     let mut id = [0u8; 16];
     id.copy_from_slice(&e[2..18]);
     Ok(SharedEnvelope {
         id: MessageId(id),
         deliveries: u16::from_be_bytes([e[18], e[19]]),
         enqueued_ms: u64::from_be_bytes(e[20..28].try_into().expect("8 bytes")),
-        payload: frame.slice_ref(&e[ENVELOPE_HEADER..]),
+        payload: frame.slice_ref(&e[start..]),
+        meta,
     })
 }
 
@@ -256,10 +261,7 @@ pub(crate) fn for_each_envelope(f: &Bytes, mut each: impl FnMut(SharedEnvelope))
             "frame count does not match its contents".into(),
         ));
     }
-    if slices
-        .iter()
-        .any(|e| e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC)
-    {
+    if slices.iter().any(|e| !super::ext::is_envelope(e)) {
         return Err(not_an_envelope());
     }
     for e in &slices {
@@ -270,19 +272,21 @@ pub(crate) fn for_each_envelope(f: &Bytes, mut each: impl FnMut(SharedEnvelope))
 
 /// Unwraps an envelope.
 pub fn decode_envelope(mut e: Vec<u8>) -> Result<Envelope> {
-    if e.len() < ENVELOPE_HEADER || e[0..2] != ENVELOPE_MAGIC {
+    if !super::ext::is_envelope(&e) {
         return Err(not_an_envelope());
     }
+    let (meta, start) = super::ext::after_header(&e).ok_or_else(not_an_envelope)?;
     let mut id = [0u8; 16];
     id.copy_from_slice(&e[2..18]);
     let deliveries = u16::from_be_bytes([e[18], e[19]]);
     let enqueued_ms = u64::from_be_bytes(e[20..28].try_into().expect("8 bytes"));
-    e.drain(..ENVELOPE_HEADER);
+    e.drain(..start);
     Ok(Envelope {
         id: MessageId(id),
         deliveries,
         enqueued_ms,
         payload: e,
+        meta,
     })
 }
 
@@ -447,7 +451,7 @@ mod tests {
             prop_assert_eq!(for_each_envelope(&shared, |e| direct.push(e)).unwrap(), envs.len());
             let direct: Vec<Envelope> = direct
                 .into_iter()
-                .map(|e| Envelope { id: e.id, deliveries: e.deliveries, enqueued_ms: e.enqueued_ms, payload: e.payload.to_vec() })
+                .map(|e| Envelope { id: e.id, deliveries: e.deliveries, enqueued_ms: e.enqueued_ms, payload: e.payload.to_vec(), meta: e.meta })
                 .collect();
             let via_vec: Vec<Envelope> = back.iter().map(|e| decode_envelope(e.clone()).unwrap()).collect();
             prop_assert_eq!(direct, via_vec);

@@ -16,7 +16,7 @@
 
 use std::str::FromStr;
 
-use super::codec::{ENVELOPE_HEADER, ENVELOPE_MAGIC, MessageId};
+use super::codec::MessageId;
 use crate::error::Error;
 
 /// First two bytes of every dead record.
@@ -102,7 +102,7 @@ pub struct DeadRecord<'a> {
 /// Reads a dead list element: a record, or (older versions) a bare element.
 pub fn decode_dead(d: &[u8]) -> DeadRecord<'_> {
     let bare = DeadRecord {
-        reason: if d.len() >= ENVELOPE_HEADER && d[0..2] == ENVELOPE_MAGIC {
+        reason: if super::ext::is_envelope(d) {
             DeadReason::Unknown
         } else {
             DeadReason::Unreadable
@@ -129,7 +129,7 @@ pub fn decode_dead(d: &[u8]) -> DeadRecord<'_> {
 /// The id of the envelope a dead list element holds, if it holds one.
 pub(crate) fn dead_id(d: &[u8]) -> Option<MessageId> {
     let body = decode_dead(d).body;
-    if body.len() < ENVELOPE_HEADER || body[0..2] != ENVELOPE_MAGIC {
+    if !super::ext::is_envelope(body) {
         return None;
     }
     Some(MessageId(body[2..18].try_into().expect("16 bytes")))

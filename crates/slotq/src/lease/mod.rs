@@ -33,6 +33,7 @@ use redis::Value;
 
 mod codec;
 mod dead;
+mod ext;
 mod pop;
 
 pub use codec::{
@@ -45,6 +46,8 @@ pub(crate) use codec::{
 };
 pub use dead::{DEAD_MAGIC, DeadReason, DeadRecord, MAX_DEAD_DETAIL, decode_dead};
 pub(crate) use dead::{clip_detail, dead_id};
+pub use ext::EXT_ENVELOPE_MAGIC;
+pub(crate) use ext::push_envelope_ext;
 pub(crate) use pop::{
     AfterWait, LeaseAsk, LeaseTerms, Leasing, lease_many, lease_packed, read_packed,
 };

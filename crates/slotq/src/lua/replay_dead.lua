@@ -37,7 +37,8 @@ end
 local back, keep = {}, {}
 for i = 1, #msgs do
   local e = dead_body(msgs[i])
-  if string.byte(e, 1) == 0xA5 and string.byte(e, 2) == 0x01 and #e >= 28 then
+  local v = string.byte(e, 2)
+  if string.byte(e, 1) == 0xA5 and (v == 0x01 or v == 0x06) and #e >= 28 then
     back[#back + 1] = string.sub(e, 1, 18) .. '\0\0' .. string.sub(e, 21)
   elseif msgs[i] ~= KEEP then
     keep[#keep + 1] = msgs[i]

@@ -17,6 +17,9 @@ use crate::cluster::{push_bulk, push_bulk_header};
 use crate::error::Result;
 use crate::lease::ENVELOPE_HEADER;
 
+/// An extension with nothing in it: no deadline, no headers.
+pub(super) const EMPTY_EXT: [u8; crate::meta::EXT_FIXED] = [0; crate::meta::EXT_FIXED];
+
 #[derive(Default)]
 pub(super) struct Batch {
     /// The messages, back to back, as their push carries them (see the module notes).
@@ -57,29 +60,52 @@ impl Batch {
         self.body.reserve(payload_bytes + n * per);
     }
 
-    /// Adds a payload of a plain queue, as a RESP bulk string.
+    /// Adds a payload of a plain queue, as a RESP bulk string. One that begins with `0xA5`
+    /// goes behind an empty extension (see `meta.rs`), so that no payload is ever read as
+    /// one.
     pub(super) fn push_payload(&mut self, payload: &[u8]) {
+        if crate::meta::needs_plain_ext(payload) {
+            self.push_payload_ext(&EMPTY_EXT, payload);
+            return;
+        }
         push_bulk(&mut self.body, payload);
+        self.count += 1;
+    }
+
+    /// Adds a payload of a plain queue behind an extension (headers, a deadline).
+    pub(super) fn push_payload_ext(&mut self, ext: &[u8], payload: &[u8]) {
+        push_bulk_header(&mut self.body, 2 + ext.len() + payload.len());
+        self.body.extend_from_slice(&crate::meta::PLAIN_EXT_MAGIC);
+        self.body.extend_from_slice(ext);
+        self.body.extend_from_slice(payload);
+        self.body.extend_from_slice(b"\r\n");
+        self.count += 1;
+    }
+
+    /// Adds a message of an at-least-once queue with an extension: a format-2 envelope.
+    pub(super) fn push_envelope_ext(
+        &mut self,
+        header: &[u8; ENVELOPE_HEADER],
+        ext: &[u8],
+        payload: &[u8],
+    ) {
+        crate::lease::push_envelope_ext(&mut self.body, header, ext, payload);
+        self.first.get_or_insert(*header);
         self.count += 1;
     }
 
     /// Adds a scheduled message: its id, its due time and the element to push then (the
     /// payload, or on at-least-once queues the envelope: `head` then the payload), as
     /// three RESP bulk strings.
-    pub(super) fn push_scheduled(
-        &mut self,
-        id: &[u8; 16],
-        due_ms: u64,
-        head: &[u8],
-        payload: &[u8],
-    ) {
+    pub(super) fn push_scheduled(&mut self, id: &[u8; 16], due_ms: u64, element: &[&[u8]]) {
         push_bulk(&mut self.body, id);
         push_bulk(&mut self.body, due_ms.to_string().as_bytes());
-        push_bulk_header(&mut self.body, head.len() + payload.len());
-        self.body.extend_from_slice(head);
-        self.body.extend_from_slice(payload);
+        push_bulk_header(&mut self.body, element.iter().map(|p| p.len()).sum());
+        for p in element {
+            self.body.extend_from_slice(p);
+        }
         self.body.extend_from_slice(b"\r\n");
-        self.bytes += payload.len();
+        self.bytes += element.last().map_or(0, |p| p.len());
         self.count += 1;
     }
 

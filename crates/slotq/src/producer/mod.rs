@@ -26,6 +26,7 @@ mod lanes;
 mod push;
 mod schedule;
 mod snapshot;
+mod with_meta;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};

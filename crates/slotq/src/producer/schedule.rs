@@ -67,7 +67,7 @@ impl Producer {
             let chunk: Vec<&[u8]> = chunk.iter().map(AsRef::as_ref).collect();
             ids.extend(
                 self.inner
-                    .send_scheduled(&lane, false, &chunk, due, called)
+                    .send_scheduled(&lane, false, &chunk, due, called, None)
                     .await?,
             );
         }
@@ -90,7 +90,7 @@ impl Producer {
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
         let ids = self
             .inner
-            .send_scheduled(&lane, true, &[payload], due, called)
+            .send_scheduled(&lane, true, &[payload], due, called, None)
             .await?;
         Ok(ids[0])
     }
@@ -112,13 +112,14 @@ impl ProducerInner {
 
     /// One push of scheduled messages to `lane` (rerouted like any unkeyed batch unless
     /// `keyed`); then, if they are due within a poll, this producer promotes them on time.
-    async fn send_scheduled(
+    pub(super) async fn send_scheduled(
         &self,
         lane: &Arc<Lane>,
         keyed: bool,
         payloads: &[&[u8]],
         due: u64,
         called: Instant,
+        ext: Option<&[u8]>,
     ) -> Result<Vec<MessageId>> {
         let mut batch = Batch::default();
         batch.keyed = keyed;
@@ -126,13 +127,26 @@ impl ProducerInner {
         batch.schedule = true;
         let now = crate::lease::now_ms();
         let mut ids = Vec::with_capacity(payloads.len());
+        let plain_ext = crate::meta::PLAIN_EXT_MAGIC;
         for p in payloads {
             let id = self.next_id();
             if self.reliable {
-                let head = crate::lease::envelope_header(id, now);
-                batch.push_scheduled(&id.0, due, &head, p);
+                let mut head = crate::lease::envelope_header(id, now);
+                match ext {
+                    Some(ext) => {
+                        head[0..2].copy_from_slice(&crate::lease::EXT_ENVELOPE_MAGIC);
+                        batch.push_scheduled(&id.0, due, &[&head, ext, p]);
+                    }
+                    None => batch.push_scheduled(&id.0, due, &[&head, p]),
+                }
             } else {
-                batch.push_scheduled(&id.0, due, &[], p);
+                match ext {
+                    Some(ext) => batch.push_scheduled(&id.0, due, &[&plain_ext, ext, p]),
+                    None if crate::meta::needs_plain_ext(p) => {
+                        batch.push_scheduled(&id.0, due, &[&plain_ext, &super::batch::EMPTY_EXT, p])
+                    }
+                    None => batch.push_scheduled(&id.0, due, &[p]),
+                }
             }
             ids.push(id);
         }

@@ -32,15 +32,23 @@ pub struct DeadLetter {
     pub died_ms: Option<u64>,
     /// The payload (for an unreadable element: the bytes found).
     pub payload: Vec<u8>,
+    /// The headers it was sent with (empty when none).
+    pub headers: Vec<(String, String)>,
 }
 
 impl DeadLetter {
     fn read(shard: &str, element: &[u8]) -> DeadLetter {
         let record = lease::decode_dead(element);
-        let (id, deliveries, enqueued_ms, payload) =
+        let (id, deliveries, enqueued_ms, payload, headers) =
             match lease::decode_envelope(record.body.to_vec()) {
-                Ok(env) => (env.id, env.deliveries as u32, env.enqueued_ms, env.payload),
-                Err(_) => (MessageId([0; 16]), 0, 0, record.body.to_vec()),
+                Ok(env) => (
+                    env.id,
+                    env.deliveries as u32,
+                    env.enqueued_ms,
+                    env.payload,
+                    env.meta.map(|m| m.headers).unwrap_or_default(),
+                ),
+                Err(_) => (MessageId([0; 16]), 0, 0, record.body.to_vec(), Vec::new()),
             };
         DeadLetter {
             shard: shard.to_string(),
@@ -51,6 +59,7 @@ impl DeadLetter {
             detail: record.detail,
             died_ms: record.died_ms,
             payload,
+            headers,
         }
     }
 }

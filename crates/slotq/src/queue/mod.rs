@@ -41,6 +41,7 @@ pub struct QueueBuilder {
     registry_poll: Duration,
     mode: placement::DeliveryMode,
     finish_delete: bool,
+    drop_expired: bool,
 }
 
 impl QueueBuilder {
@@ -54,6 +55,7 @@ impl QueueBuilder {
             registry_poll: DEFAULT_REGISTRY_POLL,
             mode: placement::DeliveryMode::AtMostOnce,
             finish_delete: false,
+            drop_expired: false,
         }
     }
 
@@ -80,6 +82,14 @@ impl QueueBuilder {
     /// is dead-lettered.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.mode = placement::DeliveryMode::AtLeastOnce { max_attempts: n };
+        self
+    }
+
+    /// At-least-once queues: acknowledge expired messages (dropped, counted in
+    /// `slotq_expired_total`) instead of dead-lettering them with reason `expired`. Fixed
+    /// when the queue is created (ignored for existing queues).
+    pub fn drop_expired(mut self) -> Self {
+        self.drop_expired = true;
         self
     }
 
@@ -137,6 +147,7 @@ impl QueueBuilder {
                 keyed: Vec::new(),
                 cleanup: Vec::new(),
                 paused: false,
+                drop_expired: self.drop_expired,
             })),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
@@ -154,7 +165,7 @@ impl QueueBuilder {
             None if !self.create => return Err(Error::QueueNotFound(inner.name.clone())),
             None => {
                 inner
-                    .create_registry(self.shards_per_master, self.mode)
+                    .create_registry(self.shards_per_master, self.mode, self.drop_expired)
                     .await?
             }
         };

@@ -104,6 +104,7 @@ impl QueueInner {
         &self,
         k: u32,
         mode: placement::DeliveryMode,
+        drop_expired: bool,
     ) -> Result<ShardSet> {
         let topology = self.cluster.topology();
         let shards = placement::plan(&self.name, &topology, k);
@@ -118,6 +119,7 @@ impl QueueInner {
             mode,
             cleanup: Vec::new(),
             paused: false,
+            drop_expired,
         };
         let v = self
             .registry_script(&self.scripts.create, None, &proposal)

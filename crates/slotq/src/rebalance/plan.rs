@@ -149,6 +149,7 @@ mod tests {
             mode: DeliveryMode::AtMostOnce,
             cleanup: Vec::new(),
             paused: false,
+            drop_expired: false,
         }
     }
 

@@ -91,6 +91,7 @@ pub fn run(masters: usize, k: u32, reshard_percent: Option<f64>) -> Simulation {
         mode: DeliveryMode::AtMostOnce,
         cleanup: Vec::new(),
         paused: false,
+        drop_expired: false,
     };
     let registry_bytes = set.to_fields().iter().map(|(f, v)| f.len() + v.len()).sum();
     let reshard = reshard_percent.map(|percent| {
