@@ -98,6 +98,20 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_delay, conflicts_with = "dedup_id")]
         ttl: Option<std::time::Duration>,
     },
+    /// Serve the queues' gauges for Prometheus at http://ADDR/metrics (depth, in flight,
+    /// delayed, dead, oldest age, scheduled per shard and node; members and lag per
+    /// consumer group), read from the cluster at each scrape, until Ctrl-C or SIGTERM.
+    ///
+    /// Example: slotq exporter --listen 127.0.0.1:9465 --queue orders
+    Exporter {
+        /// Where to listen (localhost by default: the gauges name your queues).
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        listen: std::net::SocketAddr,
+        /// Only these queues (repeatable); without, every slotq queue on the cluster
+        /// (looked for again every 30 s).
+        #[arg(long = "queue", value_name = "QUEUE")]
+        queues: Vec<String>,
+    },
     /// Cancel scheduled messages that are not due yet, by the ids `push --delay/--at`
     /// printed. Exit 4 if one of them was not waiting (due already, cancelled, unknown).
     ///

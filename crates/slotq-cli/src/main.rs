@@ -183,6 +183,10 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             };
             cmd::push::run(&cluster, queue, messages, opts).await
         }
+        Command::Exporter { listen, queues } => {
+            let cluster = connect(cli).await?;
+            cmd::exporter::run(&cluster, *listen, queues).await
+        }
         Command::Cancel { queue, ids } => {
             let cluster = connect(cli).await?;
             cmd::dead::cancel(&cluster, queue, ids, cli.json).await

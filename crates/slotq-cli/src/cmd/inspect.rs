@@ -8,7 +8,7 @@ use crate::CliError;
 use crate::output::{RawOut, table};
 
 /// Registry keys on every master: `<prefix>:{<queue>}:meta`.
-async fn queue_names(cluster: &Cluster) -> Result<Vec<String>, CliError> {
+pub(super) async fn queue_names(cluster: &Cluster) -> Result<Vec<String>, CliError> {
     let prefix = slotq::placement::DEFAULT_PREFIX;
     let pattern = format!("{prefix}:{{*}}:meta");
     let mut names = std::collections::BTreeSet::new();

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod dev_cluster;
 pub mod exec;
 pub mod exec_order;
+pub mod exporter;
 pub mod group;
 pub mod inspect;
 pub mod keyslot;

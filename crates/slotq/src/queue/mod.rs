@@ -14,6 +14,7 @@ use crate::script::Script;
 use crate::slot::{Slot, key_slot};
 
 mod dead;
+mod groups;
 mod registry;
 mod schedule;
 mod stats;

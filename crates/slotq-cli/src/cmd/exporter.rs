@@ -1,0 +1,262 @@
+//! `slotq exporter --listen ADDR [--queue Q ...]`: the queues' gauges for Prometheus.
+//!
+//! Each scrape of `/metrics` reads every queue as `slotq stats` and `slotq group` do (per
+//! queue one pipelined round per master, plus one per group) and answers in the text
+//! format. The queue list is found with `SCAN` (as `slotq queues` does) at most every 30 s,
+//! not per scrape: a `SCAN` walks every key of a master. With `--queue`, only those.
+//!
+//! Gauges (labels): `slotq_queue_depth`, `slotq_queue_in_flight`, `slotq_queue_delayed`,
+//! `slotq_queue_dead`, `slotq_queue_oldest_age_seconds`, `slotq_queue_scheduled` (`queue`,
+//! `shard`, `node`); `slotq_queue_paused` (`queue`); `slotq_group_members`,
+//! `slotq_group_lag` (`queue`, `group`); `slotq_group_member_shards`,
+//! `slotq_group_member_lag` (`queue`, `group`, `member`); `slotq_exporter_scrape_seconds`
+//! and `slotq_exporter_errors` (queues that could not be read this scrape).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slotq::{Client, Cluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+use crate::CliError;
+
+/// How long a discovered queue list is used before it is looked for again.
+const DISCOVER_EVERY: Duration = Duration::from_secs(30);
+
+struct State {
+    cluster: Cluster,
+    fixed: Vec<String>,
+    found: Mutex<Option<(Instant, Vec<String>)>>,
+}
+
+/// Serves `/metrics` on `listen` until Ctrl-C or SIGTERM.
+pub async fn run(
+    cluster: &Cluster,
+    listen: std::net::SocketAddr,
+    queues: &[String],
+) -> Result<String, CliError> {
+    for q in queues {
+        slotq::placement::validate_queue_name(q)?;
+    }
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::Other(format!("listening on {listen}: {e}")))?;
+    eprintln!(
+        "slotq exporter: http://{}/metrics",
+        listener.local_addr().map_or(listen, |a| a)
+    );
+    let state = Arc::new(State {
+        cluster: cluster.clone(),
+        fixed: queues.to_vec(),
+        found: Mutex::new(None),
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Other(format!("SIGTERM handler: {e}")))?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(String::new()),
+            _ = term.recv() => return Ok(String::new()),
+            accepted = listener.accept() => {
+                let Ok((conn, _)) = accepted else { continue };
+                let state = state.clone();
+                tokio::spawn(async move { serve(conn, &state).await });
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x exchange: `GET /metrics` gets the gauges, anything else a 404.
+async fn serve(mut conn: tokio::net::TcpStream, state: &State) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) =
+        if line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+            ("200 OK", scrape(state).await)
+        } else {
+            ("404 Not Found", "not found: try /metrics\n".to_string())
+        };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+async fn queue_list(state: &State) -> Vec<String> {
+    if !state.fixed.is_empty() {
+        return state.fixed.clone();
+    }
+    let mut found = state.found.lock().await;
+    if let Some((at, names)) = found.as_ref()
+        && at.elapsed() < DISCOVER_EVERY
+    {
+        return names.clone();
+    }
+    match super::inspect::queue_names(&state.cluster).await {
+        Ok(names) => {
+            *found = Some((Instant::now(), names.clone()));
+            names
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, "listing queues failed");
+            found.as_ref().map(|(_, n)| n.clone()).unwrap_or_default()
+        }
+    }
+}
+
+/// One family of samples: its help, its type and its lines.
+#[derive(Default)]
+struct Family {
+    lines: String,
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Reads every queue and renders the gauges.
+async fn scrape(state: &State) -> String {
+    let started = Instant::now();
+    let names = queue_list(state).await;
+    let families = [
+        ("slotq_queue_depth", "Messages ready in a shard."),
+        (
+            "slotq_queue_in_flight",
+            "At-least-once: messages leased and not settled.",
+        ),
+        (
+            "slotq_queue_delayed",
+            "At-least-once: messages waiting for a delayed redelivery.",
+        ),
+        ("slotq_queue_dead", "At-least-once: dead letters."),
+        (
+            "slotq_queue_oldest_age_seconds",
+            "At-least-once: age of the message at the head of a shard.",
+        ),
+        (
+            "slotq_queue_scheduled",
+            "Messages scheduled for later, not due yet.",
+        ),
+        ("slotq_queue_paused", "1 while the queue is paused."),
+        ("slotq_group_members", "Live members of a consumer group."),
+        (
+            "slotq_group_lag",
+            "Messages waiting in the shards a group reads.",
+        ),
+        ("slotq_group_member_shards", "Shards a group member owns."),
+        (
+            "slotq_group_member_lag",
+            "Messages waiting in the shards a member owns.",
+        ),
+    ];
+    let mut out: Vec<Family> = families.iter().map(|_| Family::default()).collect();
+    let mut errors = 0u64;
+    for name in &names {
+        if let Err(e) = read_queue(state, name, &mut out).await {
+            tracing::warn!(queue = %name, cause = %e, "reading the queue failed");
+            errors += 1;
+        }
+    }
+    let mut text = String::new();
+    for ((fam, help), f) in families.iter().zip(&out) {
+        let _ = writeln!(text, "# HELP {fam} {help}\n# TYPE {fam} gauge");
+        text.push_str(&f.lines);
+    }
+    let _ = writeln!(
+        text,
+        "# HELP slotq_exporter_scrape_seconds Time this scrape took.\n# TYPE slotq_exporter_scrape_seconds gauge\nslotq_exporter_scrape_seconds {:.6}",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        text,
+        "# HELP slotq_exporter_errors Queues that could not be read in this scrape.\n# TYPE slotq_exporter_errors gauge\nslotq_exporter_errors {errors}"
+    );
+    text
+}
+
+async fn read_queue(state: &State, name: &str, out: &mut [Family]) -> Result<(), slotq::Error> {
+    let q = Client::from_cluster(state.cluster.clone())
+        .queue(name)
+        .must_exist()
+        .open()
+        .await?;
+    let stats = q.stats().await?;
+    let qn = label(name);
+    for s in &stats {
+        let shard = label(&s.tag);
+        let node = s
+            .node
+            .as_ref()
+            .map(|n| label(&n.to_string()))
+            .unwrap_or_default();
+        let l = format!("{{queue=\"{qn}\",shard=\"{shard}\",node=\"{node}\"}}");
+        let mut put = |i: usize, v: Option<f64>| {
+            if let Some(v) = v {
+                let _ = writeln!(out[i].lines, "{}{l} {v}", FAMILY_NAMES[i]);
+            }
+        };
+        put(0, Some(s.depth as f64));
+        put(1, s.in_flight.map(|v| v as f64));
+        put(2, s.delayed.map(|v| v as f64));
+        put(3, s.dead.map(|v| v as f64));
+        put(4, s.oldest_age.map(|a| a.as_secs_f64()));
+        put(5, Some(s.scheduled as f64));
+    }
+    let _ = writeln!(
+        out[6].lines,
+        "slotq_queue_paused{{queue=\"{qn}\"}} {}",
+        u8::from(q.is_paused())
+    );
+    for g in q.groups().await? {
+        let st = q.group_status(&g).await?;
+        let gl = format!("queue=\"{qn}\",group=\"{}\"", label(&g));
+        let lag: u64 = st.shards.iter().map(|s| s.depth).sum();
+        let _ = writeln!(
+            out[7].lines,
+            "slotq_group_members{{{gl}}} {}",
+            st.members.len()
+        );
+        let _ = writeln!(out[8].lines, "slotq_group_lag{{{gl}}} {lag}");
+        for m in &st.members {
+            let ml = format!("{gl},member=\"{}\"", label(&m.id));
+            let mlag: u64 = st
+                .shards
+                .iter()
+                .filter(|s| m.shards.contains(&s.tag))
+                .map(|s| s.depth)
+                .sum();
+            let _ = writeln!(
+                out[9].lines,
+                "slotq_group_member_shards{{{ml}}} {}",
+                m.shards.len()
+            );
+            let _ = writeln!(out[10].lines, "slotq_group_member_lag{{{ml}}} {mlag}");
+        }
+    }
+    Ok(())
+}
+
+/// The per-shard families, by index (as in `scrape`).
+const FAMILY_NAMES: [&str; 6] = [
+    "slotq_queue_depth",
+    "slotq_queue_in_flight",
+    "slotq_queue_delayed",
+    "slotq_queue_dead",
+    "slotq_queue_oldest_age_seconds",
+    "slotq_queue_scheduled",
+];
