@@ -125,3 +125,93 @@ fn dockerfile_is_multi_stage_with_a_slim_runtime() {
     assert!(text.contains("ENTRYPOINT [\"slotq\"]"));
     assert!(text.contains("USER nobody"), "does not run as root");
 }
+
+/// The metric names `slotq exporter` serves, read from its source.
+fn exported_names() -> Vec<String> {
+    let src = repo_file("crates/slotq-cli/src/cmd/exporter.rs");
+    let mut names: Vec<String> = src
+        .split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+        .filter(|w| w.starts_with("slotq_"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_monitoring_profile_provisions_a_dashboard_of_exported_gauges() {
+    let docs =
+        YamlLoader::load_from_str(&repo_file("docker/docker-compose.yml")).expect("valid YAML");
+    let services = &docs[0]["services"];
+    for s in ["exporter", "prometheus", "grafana"] {
+        assert_eq!(
+            strings(&services[s]["profiles"]),
+            ["monitoring"],
+            "{s} runs in the monitoring profile"
+        );
+    }
+    let exporter = strings(&services["exporter"]["command"]);
+    assert_eq!(exporter[..2], ["exporter", "--listen"]);
+    let listen = exporter[2].clone();
+    // Prometheus scrapes exactly where the exporter listens.
+    let prom = YamlLoader::load_from_str(&repo_file("docker/prometheus.yml")).expect("YAML");
+    let targets = strings(&prom[0]["scrape_configs"][0]["static_configs"][0]["targets"]);
+    assert_eq!(targets, [listen]);
+    // Grafana mounts the provisioning and the dashboards where the provider looks.
+    let volumes = strings(&services["grafana"]["volumes"]);
+    assert!(volumes.contains(&"./grafana/provisioning:/etc/grafana/provisioning:ro".to_string()));
+    let provider = YamlLoader::load_from_str(&repo_file(
+        "docker/grafana/provisioning/dashboards/slotq.yml",
+    ))
+    .expect("YAML");
+    let path = provider[0]["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    assert!(
+        volumes.iter().any(|v| v.ends_with(&format!(":{path}:ro"))),
+        "{volumes:?} mounts {path}"
+    );
+    let datasource = YamlLoader::load_from_str(&repo_file(
+        "docker/grafana/provisioning/datasources/prometheus.yml",
+    ))
+    .expect("YAML");
+    let ds_uid = datasource[0]["datasources"][0]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Every panel queries gauges the exporter serves, through the provisioned datasource.
+    let dash: serde_json::Value =
+        serde_json::from_str(&repo_file("docker/grafana/dashboards/slotq.json")).expect("JSON");
+    let exported = exported_names();
+    assert!(exported.len() >= 11, "{exported:?}");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut used = std::collections::BTreeSet::new();
+    for p in panels {
+        assert_eq!(p["datasource"]["uid"], ds_uid.as_str(), "{}", p["title"]);
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("slotq_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for n in names {
+                assert!(exported.iter().any(|e| e == n), "{n} is not exported");
+                used.insert(n.to_string());
+            }
+        }
+    }
+    for needed in [
+        "slotq_queue_depth",
+        "slotq_queue_in_flight",
+        "slotq_queue_dead",
+        "slotq_queue_oldest_age_seconds",
+        "slotq_group_lag",
+        "slotq_group_members",
+    ] {
+        assert!(used.contains(needed), "the dashboard shows {needed}");
+    }
+}

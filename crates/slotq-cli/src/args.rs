@@ -481,6 +481,11 @@ pub struct BenchArgs {
     /// consumers.
     #[arg(long, value_name = "N", conflicts_with_all = ["rate", "load"])]
     pub scheduled: Option<usize>,
+    /// A consumer curve instead of one run: push, pop and push+pop phases with each of
+    /// these consumer counts in turn (`1,4,16,64,256`), --rounds times each; reports msgs/s
+    /// and the least and most one consumer took, per count.
+    #[arg(long, value_delimiter = ',', value_name = "COUNTS", conflicts_with_all = ["rate", "load", "scheduled"])]
+    pub curve: Option<Vec<usize>>,
     /// With --rate or --load: seconds of traffic at the phase's rate, on the same schedule,
     /// before --duration starts. Their latency is reported apart (the warm-up line and
     /// `warm_up` in --json), not in the phase's percentiles.

@@ -3,6 +3,7 @@
 //! client (the usual way to run a Redis queue on a cluster); or, with `--rate`, traffic at a
 //! fixed arrival rate with latencies from each message's intended send time.
 
+mod curve;
 mod json_out;
 mod rate;
 mod reference;
@@ -92,6 +93,16 @@ pub async fn run(
     let q = builder.open().await?;
     let show = !as_json;
     let start = Instant::now();
+    if let Some(counts) = &args.curve {
+        if args.rate.is_some() || args.load.is_some() {
+            return Err(CliError::Usage(
+                "--curve runs closed-loop phases: not with --rate or --load".into(),
+            ));
+        }
+        let out = curve::run(&q, args, counts, as_json).await;
+        cleanup(&q).await;
+        return out;
+    }
     if let Some(n) = args.scheduled {
         let out = scheduled::run(cluster, &q, args, n, as_json).await;
         cleanup(&q).await;
