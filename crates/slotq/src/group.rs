@@ -120,6 +120,20 @@ pub const DEEP_BACKLOG: u64 = 1000;
 /// an idle group goes back to one beat per member per interval.
 pub const HUNGRY_WINDOW: Duration = Duration::from_secs(3);
 
+/// Members a group lets beat ten times a beat interval at once: beyond that the fast pause
+/// grows with the group, so that the fast beats of a whole group stay about 80 a second
+/// (each beat runs the group script on the registry's master, which reads the whole group:
+/// 256 hungry members beating ten times a second kept that master at 100% CPU, see
+/// docs/benchmarks.md, *The consumer curve*).
+const FAST_MEMBERS: i64 = 8;
+
+/// The pause of a fast beat (a tenth of a beat) in a group of `members`, never more than a
+/// beat.
+fn fast_beat(every: Duration, members: i64) -> Duration {
+    let scale = (members / FAST_MEMBERS).max(1) as u32;
+    (every / 10 * scale).min(every)
+}
+
 /// A running membership: a task that beats every third of the timeout.
 pub(crate) struct Membership {
     pub(crate) view: watch::Receiver<Arc<View>>,
@@ -196,7 +210,7 @@ impl Membership {
                         pause = if !v.owned.is_subset(&owned) {
                             every / 100
                         } else if v.generation != old || !v.waiting.is_empty() || hungry {
-                            every / 10
+                            fast_beat(every, v.members)
                         } else {
                             every
                         };
