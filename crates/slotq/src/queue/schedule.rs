@@ -234,26 +234,4 @@ impl Queue {
             .map(|(id, _)| *id)
             .collect())
     }
-
-    /// Messages scheduled and not due yet, per shard (`ZCARD`, pipelined per node), in the
-    /// order of the registry's shards.
-    pub(crate) async fn scheduled_counts(&self, shards: &[Shard]) -> Result<Vec<u64>> {
-        let cmds = shards
-            .iter()
-            .map(|s| {
-                let key = shard_key(self.prefix(), &s.tag, "sched");
-                (s.slot, redis::cmd("ZCARD").arg(key).clone())
-            })
-            .collect();
-        let cluster = self.cluster();
-        cluster
-            .batch(cmds, cluster.default_opts())
-            .await
-            .into_iter()
-            .map(|r| match r? {
-                Value::Int(n) => Ok(n.max(0) as u64),
-                other => Err(Error::Protocol(format!("ZCARD: {other:?}"))),
-            })
-            .collect()
-    }
 }

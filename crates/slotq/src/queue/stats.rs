@@ -46,6 +46,9 @@ impl Queue {
         let mut inflight_calls = Vec::new();
         for s in &set.shards {
             let k = crate::lease::ShardKeys::new(&self.inner.prefix, &s.tag);
+            // Scheduled messages, in the same round.
+            let sched = crate::placement::shard_key(&self.inner.prefix, &s.tag, "sched");
+            cmds.push((s.slot, redis::cmd("ZCARD").arg(sched).clone()));
             if !reliable {
                 cmds.push((s.slot, redis::cmd("LLEN").arg(&k.ready).clone()));
             } else {
@@ -66,7 +69,6 @@ impl Queue {
             ..cluster.default_opts()
         };
         let mut replies = cluster.batch(cmds, opts).await.into_iter();
-        let mut scheduled = self.scheduled_counts(&set.shards).await?.into_iter();
         let mut inflight = crate::script::run_batch(cluster, &inflight_calls, opts)
             .await
             .into_iter();
@@ -77,6 +79,7 @@ impl Queue {
         let mut out = Vec::with_capacity(set.shards.len());
         for s in &set.shards {
             let mut next = || replies.next().expect("one reply per command");
+            let scheduled = int(next()?)?;
             let (mut dead, mut delayed, mut oldest_age, mut in_flight) = (None, None, None, None);
             let depth;
             if reliable {
@@ -112,7 +115,7 @@ impl Queue {
                 dead,
                 delayed,
                 oldest_age,
-                scheduled: scheduled.next().unwrap_or(0),
+                scheduled,
             });
         }
         Ok(out)
