@@ -21,10 +21,7 @@ pub async fn run(
     as_json: bool,
 ) -> Result<String, CliError> {
     // Ids are checked before anything is read or moved.
-    let ids: Vec<MessageId> = ids
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, slotq::Error>>()?;
+    let ids = parse_ids(ids)?;
     if !ids.is_empty() && !matches!(action, DeadAction::Replay) {
         return Err(CliError::Usage("--id goes with `replay` only".into()));
     }
@@ -164,10 +161,7 @@ pub async fn cancel(
     as_json: bool,
 ) -> Result<String, CliError> {
     // Ids are checked before anything is cancelled.
-    let ids: Vec<MessageId> = ids
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, slotq::Error>>()?;
+    let ids = parse_ids(ids)?;
     let q = open_existing(cluster, queue).await?;
     let done = q.cancel(&ids).await?;
     let missing: Vec<String> = ids
@@ -191,4 +185,12 @@ pub async fn cancel(
     } else {
         format!("cancelled {} scheduled message(s) of {queue}\n", done.len())
     })
+}
+
+/// Message ids as typed (32 hex digits each); the first bad one is the error.
+fn parse_ids(ids: &[String]) -> Result<Vec<MessageId>, CliError> {
+    Ok(ids
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, slotq::Error>>()?)
 }

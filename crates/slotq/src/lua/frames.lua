@@ -186,6 +186,21 @@ local function server_ms()
 end
 
 
+-- Pushes elements to the tail of a ready list: on at-least-once queues as one frame behind
+-- its head, with the ready count raised (count_key); on at-most-once queues as they are.
+local function push_ready(ready, count_key, els)
+  if #els == 0 then return end
+  if count_key then
+    local f = frame(els)
+    redis.call('RPUSH', ready, head(#els, f, els[1]), f)
+    redis.call('INCRBY', count_key, #els)
+  else
+    for k = 1, #els, 1000 do
+      redis.call('RPUSH', ready, unpack(els, k, math.min(k + 999, #els)))
+    end
+  end
+end
+
 -- A dead letter says why it died: 0xA5 0x04, the reason (u8), when (u64 BE ms, server
 -- clock), the detail's length (u16 BE), the detail (text, at most 1024 bytes), then what
 -- died: an envelope, or bytes no slotq producer wrote. Reasons: 1 its last delivery's

@@ -27,17 +27,7 @@ if frames and #els < limit then
     for _, e in ipairs(due) do els[#els + 1] = e end
   end
 end
-if #els > 0 then
-  if frames then
-    local f = frame(els)
-    redis.call('RPUSH', KEYS[3], head(#els, f, els[1]), f)
-    redis.call('INCRBY', KEYS[4], #els)
-  else
-    for k = 1, #els, 1000 do
-      redis.call('RPUSH', KEYS[3], unpack(els, k, math.min(k + 999, #els)))
-    end
-  end
-end
+push_ready(KEYS[3], frames and KEYS[4] or nil, els)
 local next_due = -1
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #first == 2 then next_due = tonumber(first[2]) end

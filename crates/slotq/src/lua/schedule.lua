@@ -20,15 +20,5 @@ for i = 1, #ARGV - 2, 3 do
     redis.call('ZADD', KEYS[1], due, id)
   end
 end
-if #now_els > 0 then
-  if frames then
-    local f = frame(now_els)
-    redis.call('RPUSH', KEYS[3], head(#now_els, f, now_els[1]), f)
-    redis.call('INCRBY', KEYS[4], #now_els)
-  else
-    for k = 1, #now_els, 1000 do
-      redis.call('RPUSH', KEYS[3], unpack(now_els, k, math.min(k + 999, #now_els)))
-    end
-  end
-end
+push_ready(KEYS[3], frames and KEYS[4] or nil, now_els)
 return math.floor(#ARGV / 3)
