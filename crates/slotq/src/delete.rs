@@ -85,6 +85,26 @@ impl Queue {
         self.delete_in_slot_but(slot, start, None).await
     }
 
+    /// The keys of `slot` on its master (`CLUSTER GETKEYSINSLOT`): a shard or a registry
+    /// has a handful; other keys may share the slot, so it asks for many.
+    pub(crate) async fn keys_in_slot(&self, slot: Slot) -> Result<Vec<String>> {
+        let cluster = self.cluster();
+        let owner = cluster
+            .topology()
+            .owner(slot)
+            .cloned()
+            .ok_or(Error::SlotUncovered { slot })?;
+        cluster
+            .node_query(
+                &owner,
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(100_000),
+            )
+            .await
+    }
+
     /// Deletes the keys of `slot` that start with `start`, but `keep`; how many.
     async fn delete_in_slot_but(
         &self,
@@ -93,21 +113,7 @@ impl Queue {
         keep: Option<&str>,
     ) -> Result<usize> {
         let cluster = self.cluster();
-        let owner = cluster
-            .topology()
-            .owner(slot)
-            .cloned()
-            .ok_or(Error::SlotUncovered { slot })?;
-        // A shard has a handful of keys; other keys may share its slot, so ask for many.
-        let found: Vec<String> = cluster
-            .node_query(
-                &owner,
-                redis::cmd("CLUSTER")
-                    .arg("GETKEYSINSLOT")
-                    .arg(slot)
-                    .arg(100_000),
-            )
-            .await?;
+        let found = self.keys_in_slot(slot).await?;
         let ours: Vec<&String> = found
             .iter()
             .filter(|k| k.starts_with(start) && Some(k.as_str()) != keep)
