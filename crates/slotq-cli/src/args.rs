@@ -112,6 +112,27 @@ pub enum Command {
         #[arg(long = "queue", value_name = "QUEUE")]
         queues: Vec<String>,
     },
+    /// A live web page of the cluster and its queues: masters and slot ranges, each
+    /// queue's shards per master (ready, in flight, dead), messages in and out per second,
+    /// groups and their lag, dead letters. Read-only unless started with --allow-writes.
+    ///
+    /// Example: slotq dashboard --listen 127.0.0.1:8080
+    Dashboard {
+        /// Where to listen (localhost by default: the page shows your queues' contents).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Only these queues (repeatable); without, every slotq queue on the cluster
+        /// (looked for again every 30 s).
+        #[arg(long = "queue", value_name = "QUEUE")]
+        queues: Vec<String>,
+        /// Let the page replay and purge dead letters, pause and resume queues.
+        #[arg(long)]
+        allow_writes: bool,
+        /// Require this token on every request of the page (open it as
+        /// http://HOST:PORT/#token=TOKEN).
+        #[arg(long, env = "SLOTQ_DASHBOARD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Cancel scheduled messages that are not due yet, by the ids `push --delay/--at`
     /// printed. Exit 4 if one of them was not waiting (due already, cancelled, unknown).
     ///

@@ -187,6 +187,21 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             let cluster = connect(cli).await?;
             cmd::exporter::run(&cluster, *listen, queues).await
         }
+        Command::Dashboard {
+            listen,
+            queues,
+            allow_writes,
+            token,
+        } => {
+            let cluster = connect(cli).await?;
+            let opts = cmd::dashboard::Options {
+                listen: *listen,
+                queues: queues.clone(),
+                allow_writes: *allow_writes,
+                token: token.clone(),
+            };
+            cmd::dashboard::run(&cluster, opts).await
+        }
         Command::Cancel { queue, ids } => {
             let cluster = connect(cli).await?;
             cmd::dead::cancel(&cluster, queue, ids, cli.json).await

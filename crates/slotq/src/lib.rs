@@ -89,7 +89,7 @@ pub use lease::{DeadReason, LeaseId, MessageId, SettleReport, Settled};
 pub use meta::{Meta, SendOptions};
 pub use placement::DeliveryMode;
 pub use producer::{EmptyPayloads, Producer};
-pub use queue::{Queue, ShardStats};
+pub use queue::{FlowTotals, Queue, ShardStats};
 pub use server_error::{RetryMethod, ServerErrorKind};
 pub use topology::{NodeAddr, Topology};
 

@@ -10,17 +10,17 @@
 //! `shard`, `node`); `slotq_queue_paused` (`queue`); `slotq_group_members`,
 //! `slotq_group_lag` (`queue`, `group`); `slotq_group_member_shards`,
 //! `slotq_group_member_lag` (`queue`, `group`, `member`); `slotq_exporter_scrape_seconds`
-//! and `slotq_exporter_errors` (queues that could not be read this scrape).
+//! and `slotq_exporter_errors` (queues that could not be read this scrape); counters
+//! `slotq_queue_messages_in_total` and `slotq_queue_messages_out_total` (`queue`).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slotq::{Client, Cluster};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
+use super::http;
 use crate::CliError;
 
 /// How long a discovered queue list is used before it is looked for again.
@@ -41,24 +41,17 @@ pub async fn run(
     for q in queues {
         slotq::placement::validate_queue_name(q)?;
     }
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| CliError::Other(format!("listening on {listen}: {e}")))?;
-    eprintln!(
-        "slotq exporter: http://{}/metrics",
-        listener.local_addr().map_or(listen, |a| a)
-    );
+    let listener = http::bind(listen, "exporter").await?;
     let state = Arc::new(State {
         cluster: cluster.clone(),
         fixed: queues.to_vec(),
         found: Mutex::new(None),
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| CliError::Other(format!("SIGTERM handler: {e}")))?;
+    let stop = http::stop_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(String::new()),
-            _ = term.recv() => return Ok(String::new()),
+            stopped = &mut stop => return stopped.map(|()| String::new()),
             accepted = listener.accept() => {
                 let Ok((conn, _)) = accepted else { continue };
                 let state = state.clone();
@@ -70,29 +63,21 @@ pub async fn run(
 
 /// One HTTP/1.x exchange: `GET /metrics` gets the gauges, anything else a 404.
 async fn serve(mut conn: tokio::net::TcpStream, state: &State) {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(n)) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&req);
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) =
-        if line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
-            ("200 OK", scrape(state).await)
-        } else {
-            ("404 Not Found", "not found: try /metrics\n".to_string())
-        };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = conn.write_all(head.as_bytes()).await;
-    let _ = conn.write_all(body.as_bytes()).await;
-    let _ = conn.shutdown().await;
+    let Some(req) = http::read_request(&mut conn).await else {
+        return;
+    };
+    let (status, body) = if req.method == "GET" && req.path == "/metrics" {
+        ("200 OK", scrape(state).await)
+    } else {
+        ("404 Not Found", "not found: try /metrics\n".to_string())
+    };
+    http::respond(
+        &mut conn,
+        status,
+        "text/plain; version=0.0.4; charset=utf-8",
+        body.as_bytes(),
+    )
+    .await;
 }
 
 async fn queue_list(state: &State) -> Vec<String> {
@@ -166,8 +151,9 @@ async fn scrape(state: &State) -> String {
     ];
     let mut out: Vec<Family> = families.iter().map(|_| Family::default()).collect();
     let mut errors = 0u64;
+    let mut flows = (String::new(), String::new());
     for name in &names {
-        if let Err(e) = read_queue(state, name, &mut out).await {
+        if let Err(e) = read_queue(state, name, &mut out, &mut flows).await {
             tracing::warn!(queue = %name, cause = %e, "reading the queue failed");
             errors += 1;
         }
@@ -177,6 +163,16 @@ async fn scrape(state: &State) -> String {
         let _ = writeln!(text, "# HELP {fam} {help}\n# TYPE {fam} gauge");
         text.push_str(&f.lines);
     }
+    let _ = writeln!(
+        text,
+        "# HELP slotq_queue_messages_in_total Messages stored by producers (written by each client once a second).\n# TYPE slotq_queue_messages_in_total counter"
+    );
+    text.push_str(&flows.0);
+    let _ = writeln!(
+        text,
+        "# HELP slotq_queue_messages_out_total Messages taken by consumers (written by each client once a second).\n# TYPE slotq_queue_messages_out_total counter"
+    );
+    text.push_str(&flows.1);
     let _ = writeln!(
         text,
         "# HELP slotq_exporter_scrape_seconds Time this scrape took.\n# TYPE slotq_exporter_scrape_seconds gauge\nslotq_exporter_scrape_seconds {:.6}",
@@ -189,7 +185,12 @@ async fn scrape(state: &State) -> String {
     text
 }
 
-async fn read_queue(state: &State, name: &str, out: &mut [Family]) -> Result<(), slotq::Error> {
+async fn read_queue(
+    state: &State,
+    name: &str,
+    out: &mut [Family],
+    flows: &mut (String, String),
+) -> Result<(), slotq::Error> {
     let q = Client::from_cluster(state.cluster.clone())
         .queue(name)
         .must_exist()
@@ -221,6 +222,17 @@ async fn read_queue(state: &State, name: &str, out: &mut [Family]) -> Result<(),
         out[6].lines,
         "slotq_queue_paused{{queue=\"{qn}\"}} {}",
         u8::from(q.is_paused())
+    );
+    let flow = q.flow().await?;
+    let _ = writeln!(
+        flows.0,
+        "slotq_queue_messages_in_total{{queue=\"{qn}\"}} {}",
+        flow.pushed
+    );
+    let _ = writeln!(
+        flows.1,
+        "slotq_queue_messages_out_total{{queue=\"{qn}\"}} {}",
+        flow.popped
     );
     for g in q.groups().await? {
         let st = q.group_status(&g).await?;

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod consume;
+pub mod dashboard;
 pub mod dead;
 pub mod demo;
 pub mod dev_cluster;
@@ -9,6 +10,7 @@ pub mod exec;
 pub mod exec_order;
 pub mod exporter;
 pub mod group;
+pub mod http;
 pub mod inspect;
 pub mod keyslot;
 pub mod push;

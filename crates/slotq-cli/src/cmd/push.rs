@@ -121,6 +121,8 @@ pub async fn run(
         let batch: Vec<Vec<u8>> = messages.iter().map(|m| m.clone().into_bytes()).collect();
         send(&producer, how, 1, batch, &mut sent).await
     };
+    // Counted messages reach the queue's totals before the process exits.
+    let _ = q.flush_flow().await;
     if let Err(e) = result {
         if sent.count > 0 {
             eprintln!(

@@ -167,6 +167,8 @@ pub async fn pop(
         }
     }
     consumer.close().await;
+    // Counted messages reach the queue's totals before the process exits.
+    let _ = q.flush_flow().await;
     Ok(String::new())
 }
 

@@ -121,6 +121,7 @@ impl Consumer {
             // Counted here as a round's messages are counted in `sweep`.
             metrics::counter!(crate::telemetry::POPPED, "queue" => self.queue.name().to_string())
                 .increment(batch.len() as u64);
+            self.queue.count_popped(batch.len());
             // A waiter's batch is one shard's. A waiter that re-arms watches its shard
             // while the consumer works (see `Waiter::run`): no round is started ahead.
             self.flowing = if self.waiters_rearm() {
@@ -282,6 +283,9 @@ impl Consumer {
         metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
             .record(round.started.elapsed().as_secs_f64());
         metrics::counter!(crate::telemetry::POPPED, "queue" => queue).increment(got as u64);
+        if got > 0 {
+            self.queue.count_popped(got);
+        }
         match out.error {
             // What other shards gave is handed out; the error comes back when the queue
             // had nothing else to give.

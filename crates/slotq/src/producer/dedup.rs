@@ -106,7 +106,14 @@ impl ProducerInner {
         let mut sent_before = false;
         loop {
             match self.push_routed(lane, &batch, &body).await {
-                Err(Error::Duplicate { .. }) if sent_before => return Ok(()),
+                Ok(()) => {
+                    self.cfg.queue.count_pushed(1);
+                    return Ok(());
+                }
+                Err(Error::Duplicate { .. }) if sent_before => {
+                    self.cfg.queue.count_pushed(1);
+                    return Ok(());
+                }
                 Err(e) if resend && e.may_have_run() && Instant::now() < deadline => {
                     tracing::debug!(shard = %lane.tag, cause = %e, "idempotent send: sending again");
                     sent_before = true;

@@ -411,6 +411,7 @@ impl ProducerInner {
             metrics::histogram!(crate::telemetry::PUSH_BATCH, "queue" => queue.clone())
                 .record(n as f64);
             let counter = if result.is_ok() {
+                self.cfg.queue.count_pushed(n);
                 crate::telemetry::PUSHED
             } else {
                 crate::telemetry::PUSH_FAILURES

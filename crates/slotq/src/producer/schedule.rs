@@ -152,6 +152,7 @@ impl ProducerInner {
         }
         let body = batch.take_body();
         self.push_routed(lane, &batch, &body).await?;
+        self.cfg.queue.count_pushed(payloads.len());
         let wait = Duration::from_millis(due.saturating_sub(crate::lease::now_ms()));
         if !wait.is_zero() && wait <= crate::queue::SCHEDULE_POLL {
             // After a reroute it may be on another lane: consumers find it there within a

@@ -14,12 +14,14 @@ use crate::script::Script;
 use crate::slot::{Slot, key_slot};
 
 mod dead;
+mod flow;
 mod groups;
 mod registry;
 mod schedule;
 mod stats;
 
 pub use dead::DeadLetter;
+pub use flow::{FLOW_FLUSH, FlowTotals, flow_key};
 pub use registry::DEFAULT_BULK_LIMIT;
 pub(crate) use registry::DELETING;
 pub use schedule::{MAX_SCHEDULE_AHEAD, PAST_TOLERANCE, SCHEDULE_POLL};
@@ -135,6 +137,7 @@ impl QueueBuilder {
         }
         let meta = meta_key(&self.prefix, &self.name);
         let inner = QueueInner {
+            flow: Arc::new(flow::FlowCounts::new(&self.prefix, &self.name)),
             meta_slot: key_slot(&meta),
             meta,
             cluster: self.cluster,
@@ -249,6 +252,8 @@ pub(crate) struct QueueInner {
     pub(crate) finish_delete: bool,
     /// One registry look at a time in [`Queue::check_live`].
     live_check: tokio::sync::Mutex<()>,
+    /// Messages in and out, counted here and written once a second (`flow.rs`).
+    flow: Arc<flow::FlowCounts>,
 }
 
 /// What [`Queue::expand`] did.
@@ -359,6 +364,7 @@ impl Queue {
     /// Marks the queue deleted for this client's own producers and consumers at once.
     pub(crate) fn inner_deleted(&self) {
         self.inner.deleted.store(true, Ordering::Release);
+        self.flow_deleted();
     }
 
     /// The current shard set; looks for a newer registry version in the background at
