@@ -3,7 +3,8 @@
 #   bash tests/run.sh        the whole test suite: format, lints, docs, every test (what CI runs)
 #   bash tests/run.sh demo   a local cluster, traffic through slotq, and what it shows
 # Both install redis-server/redis-tools first when they are missing; the suite also nftables
-# (partition tests cut the network with rules of their own; they need root).
+# (partition tests cut the network with rules of their own; they need root), chromium and
+# playwright-core (the dashboard is tested in a real headless browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,29 @@ ensure_redis() {
   fi
 }
 
+# The dashboard's browser test: Debian's chromium, driven by playwright-core from npm.
+ensure_browser() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if ! command -v chromium >/dev/null || ! command -v npm >/dev/null; then
+    echo "installing chromium and node (the dashboard's browser test)" >&2
+    if command -v apt-get >/dev/null; then
+      local pkgs="chromium"
+      command -v npm >/dev/null || pkgs="$pkgs nodejs npm"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $pkgs >/dev/null
+    else
+      echo "please install chromium and node (20 or newer), then run again" >&2
+      exit 1
+    fi
+  fi
+  if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
 ensure_redis "${1:-test}"
+[ "${1:-test}" != test ] || ensure_browser
 case "${1:-test}" in
   demo)
     cargo run --release -q -p slotq-cli -- demo

@@ -122,7 +122,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
         /// Only these queues (repeatable); without, every slotq queue on the cluster
-        /// (looked for again every 30 s).
+        /// (looked for again every 10 s).
         #[arg(long = "queue", value_name = "QUEUE")]
         queues: Vec<String>,
         /// Let the page replay and purge dead letters, pause and resume queues.

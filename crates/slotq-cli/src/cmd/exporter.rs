@@ -41,7 +41,7 @@ pub async fn run(
     for q in queues {
         slotq::placement::validate_queue_name(q)?;
     }
-    let listener = http::bind(listen, "exporter").await?;
+    let listener = http::bind(listen, "exporter", "/metrics").await?;
     let state = Arc::new(State {
         cluster: cluster.clone(),
         fixed: queues.to_vec(),

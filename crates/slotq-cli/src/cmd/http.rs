@@ -47,13 +47,17 @@ impl Request {
     }
 }
 
-/// Binds `listen`, saying where on standard error.
-pub async fn bind(listen: std::net::SocketAddr, what: &str) -> Result<TcpListener, CliError> {
+/// Binds `listen`, saying on standard error where `path` is served.
+pub async fn bind(
+    listen: std::net::SocketAddr,
+    what: &str,
+    path: &str,
+) -> Result<TcpListener, CliError> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| CliError::Other(format!("listening on {listen}: {e}")))?;
     eprintln!(
-        "slotq {what}: http://{}/",
+        "slotq {what}: http://{}{path}",
         listener.local_addr().map_or(listen, |a| a)
     );
     Ok(listener)

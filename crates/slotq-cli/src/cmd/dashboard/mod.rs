@@ -38,7 +38,7 @@ const POLL: Duration = Duration::from_secs(1);
 /// How long the picture keeps being read after the last request, with no page connected.
 const IDLE_AFTER: Duration = Duration::from_secs(60);
 /// How often the queue list is looked for again (a `SCAN` of every master).
-const DISCOVER_EVERY: Duration = Duration::from_secs(30);
+const DISCOVER_EVERY: Duration = Duration::from_secs(10);
 
 /// How the dashboard was started.
 pub struct Options {
@@ -64,7 +64,7 @@ pub async fn run(cluster: &Cluster, opts: Options) -> Result<String, CliError> {
     if opts.token.as_deref().is_some_and(str::is_empty) {
         return Err(CliError::Usage("--token must not be empty".into()));
     }
-    let listener = http::bind(opts.listen, "dashboard").await?;
+    let listener = http::bind(opts.listen, "dashboard", "/").await?;
     if !opts.listen.ip().is_loopback() && opts.token.is_none() {
         eprintln!(
             "warning: listening on {} with no --token: anyone who reaches it sees every queue",
