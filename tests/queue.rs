@@ -373,6 +373,90 @@ async fn standalone_server_holds_every_shard() {
     assert_eq!(n, 500);
 }
 
+/// Calls of `EVALSHA`/`EVAL` a server answered (the flow writes are `EVAL`).
+async fn eval_calls(q: &slotq::Queue) -> u64 {
+    let info: String = q
+        .cluster()
+        .query(0, redis::cmd("INFO").arg("commandstats"))
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_and_out_add_up_across_clients_and_idle_clients_write_nothing() {
+    let s = Server::start().unwrap();
+    let a = client(&s.url())
+        .await
+        .queue("flowing")
+        .open()
+        .await
+        .unwrap();
+    let b = client(&s.url())
+        .await
+        .queue("flowing")
+        .open()
+        .await
+        .unwrap();
+    let pa = a.producer().build().unwrap();
+    let pb = b.producer().build().unwrap();
+    pa.send_batch((0..300).map(|i| i.to_string()))
+        .await
+        .unwrap();
+    pb.send_batch((0..200).map(|i| i.to_string()))
+        .await
+        .unwrap();
+    pb.send("one more").await.unwrap();
+    let mut consumer = b.consumer().build().unwrap();
+    let mut n = 0;
+    while n < 250 {
+        n += consumer.recv_batch(250 - n).await.unwrap().len();
+    }
+    // Written within a flush period by the clients' own tasks.
+    let deadline = Instant::now() + slotq::queue::FLOW_FLUSH * 4;
+    let mut seen = a.flow().await.unwrap();
+    while seen.pushed < 501 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = a.flow().await.unwrap();
+    }
+    assert_eq!(seen.pushed, 501, "{seen:?}");
+    assert!(seen.popped >= 250, "{seen:?}");
+    // An explicit flush writes the rest at once; a failed one keeps it for the next.
+    b.flush_flow().await.unwrap();
+    let taken = a.flow().await.unwrap().popped;
+    assert!(taken >= 250, "{taken}");
+    // Idle: nothing moves, so nothing is written.
+    tokio::time::sleep(slotq::queue::FLOW_FLUSH * 2).await;
+    let before = eval_calls(&a).await;
+    tokio::time::sleep(slotq::queue::FLOW_FLUSH * 3).await;
+    assert_eq!(
+        eval_calls(&a).await,
+        before,
+        "idle clients wrote flow counts"
+    );
+    assert_eq!(a.flow().await.unwrap().popped, taken);
+    // Deleting the queue takes its totals with it.
+    drop(consumer);
+    a.delete().await.unwrap();
+    let c = client(&s.url())
+        .await
+        .queue("flowing")
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(c.flow().await.unwrap(), slotq::FlowTotals::default());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_shards_refuse_pushes_with_a_typed_error() {
     let c = TestCluster::start(2, 0).unwrap();

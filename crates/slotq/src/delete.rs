@@ -20,7 +20,7 @@ use redis::Value;
 
 use crate::error::{Error, Result};
 use crate::queue::Queue;
-use crate::slot::Slot;
+use crate::slot::{Slot, key_slot};
 
 /// What [`Queue::delete`] removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,11 +89,29 @@ impl Queue {
     /// has a handful; other keys may share the slot, so it asks for many.
     pub(crate) async fn keys_in_slot(&self, slot: Slot) -> Result<Vec<String>> {
         let cluster = self.cluster();
-        let owner = cluster
-            .topology()
+        let topology = cluster.topology();
+        let owner = topology
             .owner(slot)
             .cloned()
             .ok_or(Error::SlotUncovered { slot })?;
+        if topology.is_standalone() {
+            // No slots there (`CLUSTER` is refused): every key is looked at.
+            let mut cursor = "0".to_string();
+            let mut keys = Vec::new();
+            loop {
+                let (next, batch): (String, Vec<String>) = cluster
+                    .node_query(
+                        &owner,
+                        redis::cmd("SCAN").arg(&cursor).arg("COUNT").arg(1000),
+                    )
+                    .await?;
+                keys.extend(batch.into_iter().filter(|k| key_slot(k) == slot));
+                if next == "0" {
+                    return Ok(keys);
+                }
+                cursor = next;
+            }
+        }
         cluster
             .node_query(
                 &owner,
