@@ -1,8 +1,8 @@
 //! `slotq exporter --listen ADDR [--queue Q ...]`: the queues' gauges for Prometheus.
 //!
-//! Each scrape of `/metrics` reads every queue as `slotq stats` and `slotq group` do (per
-//! queue one pipelined round per master, plus one per group) and answers in the text
-//! format. The queue list is found with `SCAN` (as `slotq queues` does) at most every 30 s,
+//! Each scrape of `/metrics` reads every queue's shards in one pipelined round per master
+//! (`queue_reads.rs`; queue handles are kept between scrapes), their flows and groups
+//! concurrently, and answers in the text format. The queue list is found with `SCAN` (as `slotq queues` does) at most every 30 s,
 //! not per scrape: a `SCAN` walks every key of a master. With `--queue`, only those.
 //!
 //! Gauges (labels): `slotq_queue_depth`, `slotq_queue_in_flight`, `slotq_queue_delayed`,
@@ -17,10 +17,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slotq::{Client, Cluster};
+use slotq::Cluster;
 use tokio::sync::Mutex;
 
 use super::http;
+use super::queue_reads::{Opened, QueueRead};
 use crate::CliError;
 
 /// How long a discovered queue list is used before it is looked for again.
@@ -30,6 +31,8 @@ struct State {
     cluster: Cluster,
     fixed: Vec<String>,
     found: Mutex<Option<(Instant, Vec<String>)>>,
+    /// Queue handles kept between scrapes; one scrape at a time reads through them.
+    opened: Mutex<Opened>,
 }
 
 /// Serves `/metrics` on `listen` until Ctrl-C or SIGTERM.
@@ -46,6 +49,7 @@ pub async fn run(
         cluster: cluster.clone(),
         fixed: queues.to_vec(),
         found: Mutex::new(None),
+        opened: Mutex::new(Opened::new(cluster)),
     });
     let stop = http::stop_signal();
     tokio::pin!(stop);
@@ -152,10 +156,14 @@ async fn scrape(state: &State) -> String {
     let mut out: Vec<Family> = families.iter().map(|_| Family::default()).collect();
     let mut errors = 0u64;
     let mut flows = (String::new(), String::new());
-    for name in &names {
-        if let Err(e) = read_queue(state, name, &mut out, &mut flows).await {
-            tracing::warn!(queue = %name, cause = %e, "reading the queue failed");
-            errors += 1;
+    let reads = state.opened.lock().await.read_all(&names).await;
+    for (name, read) in reads {
+        match read {
+            Ok(read) => render_queue(&name, &read, &mut out, &mut flows),
+            Err(e) => {
+                tracing::warn!(queue = %name, cause = %e, "reading the queue failed");
+                errors += 1;
+            }
         }
     }
     let mut text = String::new();
@@ -185,20 +193,9 @@ async fn scrape(state: &State) -> String {
     text
 }
 
-async fn read_queue(
-    state: &State,
-    name: &str,
-    out: &mut [Family],
-    flows: &mut (String, String),
-) -> Result<(), slotq::Error> {
-    let q = Client::from_cluster(state.cluster.clone())
-        .queue(name)
-        .must_exist()
-        .open()
-        .await?;
-    let stats = q.stats().await?;
+fn render_queue(name: &str, read: &QueueRead, out: &mut [Family], flows: &mut (String, String)) {
     let qn = label(name);
-    for s in &stats {
+    for s in &read.stats {
         let shard = label(&s.tag);
         let node = s
             .node
@@ -221,22 +218,20 @@ async fn read_queue(
     let _ = writeln!(
         out[6].lines,
         "slotq_queue_paused{{queue=\"{qn}\"}} {}",
-        u8::from(q.is_paused())
+        u8::from(read.queue.is_paused())
     );
-    let flow = q.flow().await?;
     let _ = writeln!(
         flows.0,
         "slotq_queue_messages_in_total{{queue=\"{qn}\"}} {}",
-        flow.pushed
+        read.flow.pushed
     );
     let _ = writeln!(
         flows.1,
         "slotq_queue_messages_out_total{{queue=\"{qn}\"}} {}",
-        flow.popped
+        read.flow.popped
     );
-    for g in q.groups().await? {
-        let st = q.group_status(&g).await?;
-        let gl = format!("queue=\"{qn}\",group=\"{}\"", label(&g));
+    for (g, st) in &read.groups {
+        let gl = format!("queue=\"{qn}\",group=\"{}\"", label(g));
         let lag: u64 = st.shards.iter().map(|s| s.depth).sum();
         let _ = writeln!(
             out[7].lines,
@@ -260,7 +255,6 @@ async fn read_queue(
             let _ = writeln!(out[10].lines, "slotq_group_member_lag{{{ml}}} {mlag}");
         }
     }
-    Ok(())
 }
 
 /// The per-shard families, by index (as in `scrape`).

@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod keyslot;
 pub mod push;
 pub mod queue;
+pub mod queue_reads;
 pub mod rebalance;
 pub mod slots;
 pub mod stderr_tail;

@@ -225,6 +225,12 @@ impl Cluster {
         convert(out.pop().expect("one reply per command")?)
     }
 
+    /// Whether `other` is this same router (a clone of it), not merely one with the same
+    /// address.
+    pub fn same_router(&self, other: &Cluster) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Runs many commands, each on the master of its slot: one pipeline per node, all
     /// nodes at once. Each command gets its own result, in order; a command that was
     /// redirected is resent (to its new node) without disturbing the others.

@@ -13,7 +13,9 @@
 //!   counted in its last second before it exited is lost unless it called
 //!   [`Queue::flush_flow`] (the CLI does at the end of `push` and `pop`).
 //! - The flusher ends with the last handle of its queue (it holds the counts, not the
-//!   queue) and stops writing once the queue was found deleted.
+//!   queue) and stops writing once the queue was found deleted; the write itself is
+//!   refused by the server while the registry has no version (deleted, or being deleted),
+//!   so a client that has not noticed a delete cannot bring the queue's flow key back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +44,9 @@ pub struct FlowTotals {
 /// What this process counted and has not written yet.
 pub(crate) struct FlowCounts {
     key: String,
+    /// The registry: written to only while it has a version (not deleted, not being
+    /// deleted), so that a client still counting cannot bring a deleted queue's key back.
+    meta: String,
     slot: Slot,
     pushed: AtomicU64,
     popped: AtomicU64,
@@ -55,6 +60,7 @@ impl FlowCounts {
         FlowCounts {
             slot: key_slot(&key),
             key,
+            meta: crate::placement::meta_key(prefix, queue),
             pushed: AtomicU64::new(0),
             popped: AtomicU64::new(0),
             flusher: AtomicBool::new(false),
@@ -74,8 +80,9 @@ impl FlowCounts {
         }
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(INCR_BOTH)
-            .arg(1)
+            .arg(2)
             .arg(&self.key)
+            .arg(&self.meta)
             .arg(pushed)
             .arg(popped);
         let opts = RequestOpts {
@@ -95,8 +102,10 @@ impl FlowCounts {
     }
 }
 
-/// Both increments in one call: a reader never sees one without the other.
-const INCR_BOTH: &str = "redis.call('HINCRBY', KEYS[1], 'in', ARGV[1]); \
+/// Both increments in one call (a reader never sees one without the other), only while
+/// the registry (KEYS[2], same slot) has a version.
+const INCR_BOTH: &str = "if redis.call('HEXISTS', KEYS[2], 'version') == 0 then return 0 end; \
+                         redis.call('HINCRBY', KEYS[1], 'in', ARGV[1]); \
                          redis.call('HINCRBY', KEYS[1], 'out', ARGV[2]); return 1";
 
 /// The flow hash of a queue: `<prefix>:{<queue>}:flow`, in the registry's slot.

@@ -26,7 +26,7 @@ pub use registry::DEFAULT_BULK_LIMIT;
 pub(crate) use registry::DELETING;
 pub use schedule::{MAX_SCHEDULE_AHEAD, PAST_TOLERANCE, SCHEDULE_POLL};
 pub(crate) use schedule::{PROMOTE_LIMIT, ScheduleKeys, due_ms, earliest, promote};
-pub use stats::ShardStats;
+pub use stats::{ShardStats, stats_many};
 
 /// How often clients look for a new registry version (new shards).
 pub const DEFAULT_REGISTRY_POLL: Duration = Duration::from_millis(1000);

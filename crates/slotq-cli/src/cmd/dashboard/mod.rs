@@ -98,6 +98,7 @@ pub async fn run(cluster: &Cluster, opts: Options) -> Result<String, CliError> {
 /// Reads the picture once a poll while someone watches, and publishes it.
 async fn read_loop(state: Arc<State>, tx: watch::Sender<Arc<String>>) {
     let mut rates = snapshot::Rates::default();
+    let mut opened = super::queue_reads::Opened::new(&state.cluster);
     let mut names: Option<(std::time::Instant, Vec<String>)> = None;
     loop {
         let started = std::time::Instant::now();
@@ -119,8 +120,14 @@ async fn read_loop(state: Arc<State>, tx: watch::Sender<Arc<String>>) {
                     }
                 },
             };
-            let snap =
-                snapshot::read(&state.cluster, &list, &mut rates, state.opts.allow_writes).await;
+            let snap = snapshot::read(
+                &state.cluster,
+                &mut opened,
+                &list,
+                &mut rates,
+                state.opts.allow_writes,
+            )
+            .await;
             let json = serde_json::to_string(&snap).unwrap_or_else(|_| "{}".into());
             tx.send_replace(Arc::new(json));
         }

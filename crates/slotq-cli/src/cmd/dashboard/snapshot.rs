@@ -6,8 +6,10 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use slotq::Cluster;
 use slotq::topology::{Health, Role};
-use slotq::{Client, Cluster};
+
+use crate::cmd::queue_reads::{Opened, QueueRead};
 
 /// How much rate history is kept (one point a poll).
 pub const HISTORY: Duration = Duration::from_secs(600);
@@ -175,6 +177,7 @@ impl Rates {
 /// Reads the whole picture.
 pub async fn read(
     cluster: &Cluster,
+    opened: &mut Opened,
     names: &[String],
     rates: &mut Rates,
     writes: bool,
@@ -214,13 +217,18 @@ pub async fn read(
         uncovered: crate::output::ranges(&topology.gaps()),
         ..Snapshot::default()
     };
-    for name in names {
-        match read_queue(cluster, name).await {
+    for (name, read) in opened.read_all(names).await {
+        match read.map(view_of) {
             Ok(mut view) => {
-                let r = rates.record(name, Instant::now(), at_ms, (view.in_total, view.out_total));
+                let r = rates.record(
+                    &name,
+                    Instant::now(),
+                    at_ms,
+                    (view.in_total, view.out_total),
+                );
                 view.in_rate = r.map(|r| r.0);
                 view.out_rate = r.map(|r| r.1);
-                view.history = rates.history(name);
+                view.history = rates.history(&name);
                 snap.queues.push(view);
             }
             Err(e) => snap.errors.push(format!("{name}: {e}")),
@@ -231,42 +239,38 @@ pub async fn read(
     snap
 }
 
-async fn read_queue(cluster: &Cluster, name: &str) -> Result<QueueView, slotq::Error> {
-    let q = Client::from_cluster(cluster.clone())
-        .queue(name)
-        .must_exist()
-        .open()
-        .await?;
-    let stats = q.stats().await?;
-    let flow = q.flow().await?;
-    let mut groups = Vec::new();
-    for g in q.groups().await? {
-        let st = q.group_status(&g).await?;
-        let lag_of = |shards: &[String]| -> u64 {
-            st.shards
-                .iter()
-                .filter(|s| shards.contains(&s.tag))
-                .map(|s| s.depth)
-                .sum()
-        };
-        groups.push(GroupView {
-            name: g.clone(),
-            mode: st.mode.clone(),
-            lag: st.shards.iter().map(|s| s.depth).sum(),
-            members: st
-                .members
-                .iter()
-                .map(|m| MemberView {
-                    id: m.id.clone(),
-                    lag: lag_of(&m.shards),
-                    shards: m.shards.clone(),
-                    expires_in_ms: m.expires_in_ms,
-                })
-                .collect(),
-        });
-    }
-    Ok(QueueView {
-        name: name.to_string(),
+fn view_of(read: QueueRead) -> QueueView {
+    let q = &read.queue;
+    let groups = read
+        .groups
+        .iter()
+        .map(|(g, st)| {
+            let lag_of = |shards: &[String]| -> u64 {
+                st.shards
+                    .iter()
+                    .filter(|s| shards.contains(&s.tag))
+                    .map(|s| s.depth)
+                    .sum()
+            };
+            GroupView {
+                name: g.clone(),
+                mode: st.mode.clone(),
+                lag: st.shards.iter().map(|s| s.depth).sum(),
+                members: st
+                    .members
+                    .iter()
+                    .map(|m| MemberView {
+                        id: m.id.clone(),
+                        lag: lag_of(&m.shards),
+                        shards: m.shards.clone(),
+                        expires_in_ms: m.expires_in_ms,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    QueueView {
+        name: q.name().to_string(),
         mode: if q.mode() == slotq::DeliveryMode::AtMostOnce {
             "at-most-once"
         } else {
@@ -274,7 +278,8 @@ async fn read_queue(cluster: &Cluster, name: &str) -> Result<QueueView, slotq::E
         },
         paused: q.is_paused(),
         version: q.shards().version,
-        shards: stats
+        shards: read
+            .stats
             .iter()
             .map(|s| ShardView {
                 tag: s.tag.clone(),
@@ -290,12 +295,12 @@ async fn read_queue(cluster: &Cluster, name: &str) -> Result<QueueView, slotq::E
             })
             .collect(),
         groups,
-        in_total: flow.pushed,
-        out_total: flow.popped,
+        in_total: read.flow.pushed,
+        out_total: read.flow.popped,
         in_rate: None,
         out_rate: None,
         history: Vec::new(),
-    })
+    }
 }
 
 #[cfg(test)]
