@@ -180,7 +180,7 @@ function drawGroups(c, q) {
   const rows = [el("tr", {}, ...["group", "member", "shards", "lag", "heartbeat"].map((t) => el("th", { text: t })))];
   for (const g of q.groups) {
     rows.push(el("tr", { class: "group", "data-group": g.name },
-      el("td", { text: g.mode ? g.name + " (" + g.mode + ")" : g.name }), el("td", { text: g.members.length + " members" }),
+      el("td", { text: g.mode ? g.name + " (" + g.mode + ")" : g.name }), el("td", { text: g.members.length + (g.members.length === 1 ? " member" : " members") }),
       el("td", { text: "" }), el("td", { text: fmt(g.lag) }), el("td", { text: "" })));
     for (const m of g.members) {
       rows.push(el("tr", {}, el("td", {}), el("td", { class: "mono", text: m.id }),
