@@ -580,7 +580,11 @@ async fn a_deleted_queue_leaves_no_key_and_its_users_get_a_typed_error() {
     let report = q.delete().await.unwrap();
     assert_eq!(report.shards, 3);
     assert!(report.keys > 3 && report.messages <= 1000, "{report:?}");
-    assert_eq!(dbsize(), 0, "every key of the queue is gone");
+    assert_eq!(
+        leftovers(&c),
+        (0, 9),
+        "every key of the queue is gone but its shards' fences"
+    );
 
     // Users of the queue find out within a registry poll or two.
     let started = Instant::now();
@@ -604,11 +608,138 @@ async fn a_deleted_queue_leaves_no_key_and_its_users_get_a_typed_error() {
     // Nobody wrote to it after the delete.
     drop(member);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(dbsize(), 0, "no key written after the delete");
+    assert_eq!(leftovers(&c), (0, 9), "no key written after the delete");
     assert!(
         client.queue("doomed").must_exist().open().await.is_err(),
         "the registry is gone"
     );
+}
+
+/// Keys of every master: (anything but a delete's fence, fences). A fence is a string
+/// `~deleted:<ms>` that expires within the hour.
+fn leftovers(c: &TestCluster) -> (usize, usize) {
+    let (mut other, mut fences) = (0, 0);
+    for m in c.masters() {
+        let node = c.node(m);
+        for k in node
+            .cmd::<Vec<String>>(redis::cmd("KEYS").arg("*"))
+            .unwrap()
+        {
+            let kind: String = node.cmd(redis::cmd("TYPE").arg(&k)).unwrap();
+            let fence = kind == "string"
+                && node
+                    .cmd::<String>(redis::cmd("GET").arg(&k))
+                    .unwrap()
+                    .starts_with(slotq::delete_fence::FENCE_MARK)
+                && (1..=3_600_000).contains(&node.cmd::<i64>(redis::cmd("PTTL").arg(&k)).unwrap());
+            if fence {
+                fences += 1;
+            } else {
+                other += 1;
+            }
+        }
+    }
+    (other, fences)
+}
+
+/// A producer that stalls between its registry look and its push (here: one that looks
+/// once an hour) used to store into a deleted queue's keys and succeed. The delete's fences
+/// refuse it inside Redis, for plain and scheduled sends of both modes; a queue created
+/// again lifts them, and the stalled producer's next send lands in the new queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_stalled_past_its_registry_looks_is_refused_by_the_delete_fences() {
+    let c = TestCluster::start(3, 0).unwrap();
+    for reliable in [false, true] {
+        let name = if reliable { "fenced-r" } else { "fenced" };
+        let stalled = |client: Client| async move {
+            let mut b = client.queue(name).registry_poll(Duration::from_secs(3600));
+            if reliable {
+                b = b.reliable();
+            }
+            b.open().await.unwrap()
+        };
+        let a = stalled(client(&c.url()).await).await;
+        let b = stalled(client(&c.url()).await).await;
+        // Opened before the delete, used only after the queue is created again.
+        let late = stalled(client(&c.url()).await).await;
+        let pa = a.producer().build().unwrap();
+        let pb = b.producer().build().unwrap();
+        pa.send("before").await.unwrap();
+        // Fences of the queue of the previous turn, deleted at its end.
+        let base = leftovers(&c).1;
+        let deleter = client(&c.url())
+            .await
+            .queue(name)
+            .must_exist()
+            .open()
+            .await
+            .unwrap();
+        deleter.delete().await.unwrap();
+        assert_eq!(
+            leftovers(&c),
+            (0, base + 9),
+            "{name}: only the fences are left"
+        );
+
+        let err = pa.send("after").await.unwrap_err();
+        assert!(matches!(err, Error::QueueNotFound(_)), "{name}: {err}");
+        let err = pa.send_batch(["x", "y"]).await.unwrap_err();
+        assert!(matches!(err, Error::QueueNotFound(_)), "{name}: {err}");
+        let err = pb
+            .send_after("later", Duration::from_secs(600))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::QueueNotFound(_)), "{name}: {err}");
+        let err = pb.send_dedup("once", "deduped").await.unwrap_err();
+        assert!(matches!(err, Error::QueueNotFound(_)), "{name}: {err}");
+        assert_eq!(leftovers(&c), (0, base + 9), "{name}: nothing was stored");
+
+        // Created again: its shards' fences are lifted at once.
+        let fresh = {
+            let mut q = client(&c.url()).await.queue(name);
+            if reliable {
+                q = q.reliable();
+            }
+            q.open().await.unwrap()
+        };
+        assert_eq!(
+            leftovers(&c).1,
+            base,
+            "{name}: the new queue lifted the fences"
+        );
+        // Fences put back (as if the creator had died before lifting them): a producer of
+        // an old handle that noticed nothing meets them, finds the queue there again,
+        // lifts them and sends into the new queue.
+        for s in &fresh.shards().shards {
+            let _: () = fresh
+                .cluster()
+                .query(
+                    s.slot,
+                    redis::cmd("SET")
+                        .arg(fresh.ready_key(&s.tag))
+                        .arg(format!("{}0", slotq::delete_fence::FENCE_MARK))
+                        .arg("PX")
+                        .arg(60_000),
+                )
+                .await
+                .unwrap();
+        }
+        let pc = late.producer().build().unwrap();
+        pc.send("into the new queue").await.unwrap();
+        let mut consumer = fresh.consumer().build().unwrap();
+        let got = consumer
+            .recv_batch_timeout(10, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1, "{name}");
+        assert_eq!(&got[0].payload[..], b"into the new queue");
+        if reliable {
+            consumer.ack_all(&got).await.unwrap();
+        }
+        drop(consumer);
+        fresh.delete().await.unwrap();
+        assert_eq!(leftovers(&c).0, 0, "{name}");
+    }
 }
 
 /// A queue opened (and so created) again while a delete is under way: refused until the
@@ -671,10 +802,9 @@ async fn a_queue_cannot_be_recreated_into_keys_that_a_delete_is_removing() {
         .unwrap();
     let report = finishing.delete().await.unwrap();
     assert_eq!(report.messages, 3);
-    let left: i64 = c
-        .masters()
-        .into_iter()
-        .map(|m| c.node(m).cmd::<i64>(&redis::cmd("DBSIZE")).unwrap())
-        .sum();
-    assert_eq!(left, 0, "the finished delete leaves nothing");
+    assert_eq!(
+        leftovers(&c).0,
+        0,
+        "the finished delete leaves nothing but its fences"
+    );
 }

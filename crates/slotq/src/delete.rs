@@ -11,7 +11,9 @@
 //! 2. The queue's groups (the registry's slot).
 //! 3. After two registry polls, every key of every shard: ready lists, leases, counts,
 //!    delayed and dead messages, fences (a push that slipped in between is deleted with
-//!    them). Keys are found by their slot (`CLUSTER GETKEYSINSLOT`), so nothing of the queue
+//!    them). First the keys a write creates become fences that expire after an hour
+//!    (`delete_fence.rs`): a writer stalled past every registry look is refused by the
+//!    server (`WRONGTYPE`) instead of storing into a deleted queue. Keys are found by their slot (`CLUSTER GETKEYSINSLOT`), so nothing of the queue
 //!    is left behind however many kinds of keys a shard has.
 //! 4. The tombstone, last. A delete cut short leaves the tombstone: the queue stays gone
 //!    until a delete finishes it (`QueueBuilder::to_finish_a_delete`, `slotq delete`).
@@ -64,12 +66,14 @@ impl Queue {
         }
         self.inner_deleted();
         let mut keys = self
-            .delete_in_slot_but(meta_slot, &format!("{prefix}:{{{name}}}:"), Some(&meta))
+            .delete_in_slot_but(meta_slot, &format!("{prefix}:{{{name}}}:"), &[meta.clone()])
             .await?;
         tokio::time::sleep(self.registry_poll() * 2).await;
         for s in &set.shards {
+            // Fenced first: a writer that missed the delete is refused from here on.
+            let fenced = crate::delete_fence::set(self.cluster(), &prefix, s).await?;
             keys += self
-                .delete_in_slot(s.slot, &format!("{prefix}:{{{}}}:", s.tag))
+                .delete_in_slot_but(s.slot, &format!("{prefix}:{{{}}}:", s.tag), &fenced)
                 .await?;
         }
         keys += self.delete_in_slot(meta_slot, &meta).await?;
@@ -82,7 +86,7 @@ impl Queue {
 
     /// Deletes the keys of `slot` that start with `start`; how many.
     pub(crate) async fn delete_in_slot(&self, slot: Slot, start: &str) -> Result<usize> {
-        self.delete_in_slot_but(slot, start, None).await
+        self.delete_in_slot_but(slot, start, &[]).await
     }
 
     /// The keys of `slot` on its master (`CLUSTER GETKEYSINSLOT`): a shard or a registry
@@ -123,18 +127,13 @@ impl Queue {
             .await
     }
 
-    /// Deletes the keys of `slot` that start with `start`, but `keep`; how many.
-    async fn delete_in_slot_but(
-        &self,
-        slot: Slot,
-        start: &str,
-        keep: Option<&str>,
-    ) -> Result<usize> {
+    /// Deletes the keys of `slot` that start with `start`, but those in `keep`; how many.
+    async fn delete_in_slot_but(&self, slot: Slot, start: &str, keep: &[String]) -> Result<usize> {
         let cluster = self.cluster();
         let found = self.keys_in_slot(slot).await?;
         let ours: Vec<&String> = found
             .iter()
-            .filter(|k| k.starts_with(start) && Some(k.as_str()) != keep)
+            .filter(|k| k.starts_with(start) && !keep.contains(k))
             .collect();
         if ours.is_empty() {
             return Ok(0);

@@ -65,6 +65,7 @@ pub mod cluster;
 pub mod config;
 pub mod consumer;
 pub mod delete;
+pub mod delete_fence;
 pub mod error;
 pub mod group;
 pub mod lease;

@@ -9,6 +9,11 @@
 -- A duplicate still writes (the marker's expiry, set to what is left of it): a WAIT that
 -- follows on the same connection then covers the first send, so a durable resend that
 -- finds the id answers only once the first send is on a replica.
+-- A delete's fence (the ready list made a string, see delete_fence.rs): refused before the
+-- marker is written.
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+  return redis.error_reply('WRONGTYPE the shard is fenced by a delete of its queue')
+end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
   local left = redis.call('PTTL', KEYS[2])
   if left > 0 then

@@ -16,8 +16,11 @@ for i = 1, #ARGV - 2, 3 do
   local id, due, el = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   if due <= now then
     now_els[#now_els + 1] = el
-  elseif redis.call('HSETNX', KEYS[2], id, el) == 1 then
+  elseif redis.call('HEXISTS', KEYS[2], id) == 0 then
+    -- The set first: a delete's fence there (a string, see delete_fence.rs) fails the
+    -- script before anything is written.
     redis.call('ZADD', KEYS[1], due, id)
+    redis.call('HSET', KEYS[2], id, el)
   end
 end
 push_ready(KEYS[3], frames and KEYS[4] or nil, now_els)

@@ -28,6 +28,20 @@ impl ProducerInner {
         batch: &Batch,
         body: &Bytes,
     ) -> Result<()> {
+        match self.push_routed_once(lane, batch, body).await {
+            // A delete's fence refused it (nothing was stored): the queue is gone, or it
+            // was created again and this writer lifts the fences and sends once more.
+            Err(e) if crate::delete_fence::is_fence(&e) => {
+                if !self.cfg.queue.recreated_after_fence(&lane.tag).await? {
+                    return Err(Error::QueueNotFound(self.cfg.queue.name().to_string()));
+                }
+                self.push_routed_once(lane, batch, body).await
+            }
+            other => other,
+        }
+    }
+
+    async fn push_routed_once(&self, lane: &Arc<Lane>, batch: &Batch, body: &Bytes) -> Result<()> {
         let budget = self.cfg.queue.cluster().config().retry_budget_value();
         let deadline = batch.born.unwrap_or_else(std::time::Instant::now) + budget;
         let left = || deadline.saturating_duration_since(std::time::Instant::now());

@@ -168,9 +168,17 @@ impl QueueBuilder {
             Some(set) => set,
             None if !self.create => return Err(Error::QueueNotFound(inner.name.clone())),
             None => {
-                inner
+                let set = inner
                     .create_registry(self.shards_per_master, self.mode, self.drop_expired)
-                    .await?
+                    .await?;
+                // A queue of this name deleted within the fences' life left them in these
+                // shards: this incarnation is the queue now (see `delete_fence.rs`).
+                if let Err(e) =
+                    crate::delete_fence::lift(&inner.cluster, &inner.prefix, &set.shards).await
+                {
+                    tracing::warn!(queue = %inner.name, cause = %e, "lifting delete fences failed; writers lift them as they meet them");
+                }
+                set
             }
         };
         if set.mode != placement::DeliveryMode::AtMostOnce {
@@ -359,6 +367,12 @@ impl Queue {
             return Err(Error::QueueNotFound(self.inner.name.clone()));
         }
         Ok(())
+    }
+
+    /// The registry as stored now (`None`: gone or being deleted), without touching the
+    /// set this handle uses.
+    pub(crate) async fn registry_now(&self) -> Result<Option<ShardSet>> {
+        self.inner.read_registry().await
     }
 
     /// Marks the queue deleted for this client's own producers and consumers at once.
