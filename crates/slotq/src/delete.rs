@@ -66,7 +66,11 @@ impl Queue {
         }
         self.inner_deleted();
         let mut keys = self
-            .delete_in_slot_but(meta_slot, &format!("{prefix}:{{{name}}}:"), &[meta.clone()])
+            .delete_in_slot_but(
+                meta_slot,
+                &format!("{prefix}:{{{name}}}:"),
+                std::slice::from_ref(&meta),
+            )
             .await?;
         tokio::time::sleep(self.registry_poll() * 2).await;
         for s in &set.shards {
