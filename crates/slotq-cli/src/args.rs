@@ -97,6 +97,11 @@ pub enum Command {
         /// queues).
         #[arg(long, value_name = "DURATION", value_parser = parse_delay, conflicts_with = "dedup_id")]
         ttl: Option<std::time::Duration>,
+        /// Priority of every message: high, normal (the default) or low; consumers take
+        /// higher levels first. A missing queue is created with priorities (at-most-once
+        /// queues only); an existing one must have been created with them.
+        #[arg(long, value_name = "LEVEL", value_parser = parse_priority, conflicts_with = "dedup_id")]
+        priority: Option<slotq::Priority>,
     },
     /// Serve the queues' gauges for Prometheus at http://ADDR/metrics (depth, in flight,
     /// delayed, dead, oldest age, scheduled per shard and node; members and lag per
@@ -609,6 +614,11 @@ fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
     humantime::parse_rfc3339_weak(s)
         .or_else(|_| humantime::parse_rfc3339(s))
         .map_err(|e| format!("{s:?} is not a time ({e}); write it as 2026-12-24T18:00:00Z"))
+}
+
+/// A priority: `high`, `normal` or `low`.
+fn parse_priority(s: &str) -> Result<slotq::Priority, String> {
+    s.parse().map_err(|e: slotq::Error| e.to_string())
 }
 
 /// A header: `KEY=VALUE` (the value may hold `=`).

@@ -97,6 +97,9 @@ impl CliError {
             CliError::Slotq(slotq::Error::InvalidMessageId(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::InvalidSchedule(_)) => EXIT_USAGE,
             CliError::Slotq(slotq::Error::InvalidHeader(_)) => EXIT_USAGE,
+            CliError::Slotq(slotq::Error::InvalidPriority(_) | slotq::Error::Priorities(_)) => {
+                EXIT_USAGE
+            }
             CliError::Slotq(slotq::Error::Duplicate { .. }) => EXIT_DUPLICATE,
             CliError::Slotq(slotq::Error::NotReliable(_)) => EXIT_USAGE,
             CliError::Slotq(e) if e.is_retryable() => EXIT_UNAVAILABLE,
@@ -158,6 +161,7 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
             at,
             headers,
             ttl,
+            priority,
         } => {
             let cluster = connect(cli).await?;
             let opts = cmd::push::Options {
@@ -171,6 +175,9 @@ async fn run(cli: &Cli) -> Result<String, CliError> {
                     }
                     if let Some(t) = ttl {
                         o = o.ttl(*t);
+                    }
+                    if let Some(p) = priority {
+                        o = o.priority(*p);
                     }
                     o
                 },

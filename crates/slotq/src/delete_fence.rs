@@ -6,7 +6,7 @@
 //! delete had just removed: its send succeeded, and the messages sat in a queue that no
 //! longer existed (or were taken by a queue created again under the same name). Now, before
 //! a shard's keys go, the delete replaces the keys every write creates — the ready list,
-//! the ready count, the scheduled set — with a *fence*: a string `~deleted:<ms>` that
+//! the ready count, the scheduled set, the lists of priority levels — with a *fence*: a string `~deleted:<ms>` that
 //! expires after [`DELETE_FENCE_TTL`]. Every write to them (`RPUSH`, `INCRBY`, `ZADD`, in
 //! a script or not) then fails with `WRONGTYPE` inside Redis, so nothing is stored, at no
 //! cost to the writes of a live queue (no check is added to the push path).
@@ -24,6 +24,7 @@ use redis::Value;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::placement::{Shard, ready_key, shard_key};
+use crate::priority::Priority;
 
 /// How long a deleted shard's fences stay: longer than any writer should stall.
 pub const DELETE_FENCE_TTL: Duration = Duration::from_secs(3600);
@@ -49,6 +50,8 @@ pub(crate) fn fenced_keys(prefix: &str, tag: &str) -> Vec<String> {
         ready_key(prefix, tag),
         shard_key(prefix, tag, "count"),
         shard_key(prefix, tag, "sched"),
+        Priority::High.ready_key(prefix, tag),
+        Priority::Low.ready_key(prefix, tag),
     ]
 }
 

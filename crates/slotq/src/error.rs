@@ -236,6 +236,15 @@ pub enum Error {
     #[error("invalid schedule: {0}")]
     InvalidSchedule(String),
 
+    /// A priority that is not `high`, `normal` or `low`.
+    #[error("invalid priority: {0}")]
+    InvalidPriority(String),
+
+    /// Priorities asked of a queue that was not created with them, or of a mode that has
+    /// none (at-least-once queues, ordered groups); nothing was sent or received.
+    #[error("priorities: {0}")]
+    Priorities(String),
+
     /// A message id that is not 32 hexadecimal digits (as slotq prints ids).
     #[error(
         "invalid message id {0:?}: expected 32 hexadecimal digits, as `slotq dead Q list` prints ids"

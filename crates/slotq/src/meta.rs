@@ -37,6 +37,7 @@ pub const PLAIN_EXT_MAGIC: [u8; 2] = [0xA5, 0x07];
 pub struct SendOptions {
     headers: Vec<(String, String)>,
     ttl: Option<Duration>,
+    priority: crate::priority::Priority,
 }
 
 impl SendOptions {
@@ -59,14 +60,34 @@ impl SendOptions {
         self
     }
 
+    /// The message's priority level (queues created with priorities; see
+    /// [`crate::priority`]). Normal by default.
+    pub fn priority(mut self, level: crate::priority::Priority) -> SendOptions {
+        self.priority = level;
+        self
+    }
+
+    /// The priority level asked.
+    pub fn level(&self) -> crate::priority::Priority {
+        self.priority
+    }
+
+    /// Whether the messages carry an extension (headers or a deadline): a priority alone
+    /// is where a message is stored, not part of it.
+    pub(crate) fn carries_meta(&self) -> bool {
+        !self.headers.is_empty() || self.ttl.is_some()
+    }
+
     /// The headers, in the order added.
     pub fn headers(&self) -> &[(String, String)] {
         &self.headers
     }
 
-    /// Whether there is nothing to carry (a plain send).
+    /// Whether there is nothing to carry and no priority asked (a plain send).
     pub fn is_empty(&self) -> bool {
-        self.headers.is_empty() && self.ttl.is_none()
+        self.headers.is_empty()
+            && self.ttl.is_none()
+            && self.priority == crate::priority::Priority::Normal
     }
 
     /// Checks every header and the time to live ([`Error::InvalidHeader`]), as a send

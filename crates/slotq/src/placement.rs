@@ -147,6 +147,9 @@ pub struct ShardSet {
     /// instead of dead-lettered with reason `expired` (`QueueBuilder::drop_expired`; fixed
     /// at creation). At-most-once queues always drop them.
     pub drop_expired: bool,
+    /// Every shard has a ready list per priority level (see [`crate::priority`]); fixed
+    /// when the queue is created.
+    pub priorities: bool,
 }
 
 impl ShardSet {
@@ -209,6 +212,10 @@ impl ShardSet {
             (
                 "expired".into(),
                 if self.drop_expired { "drop" } else { "dead" }.into(),
+            ),
+            (
+                "priorities".into(),
+                if self.priorities { "1" } else { "0" }.into(),
             ),
         ]
     }
@@ -280,6 +287,7 @@ impl ShardSet {
             cleanup: numbers("cleanup")?,
             paused: fields.get("paused").is_some_and(|v| v == "1"),
             drop_expired: fields.get("expired").is_some_and(|v| v == "drop"),
+            priorities: fields.get("priorities").is_some_and(|v| v == "1"),
         })
     }
 
@@ -454,6 +462,7 @@ mod tests {
             cleanup: vec![9],
             paused: true,
             drop_expired: false,
+            priorities: false,
         };
         let fields: BTreeMap<String, String> = set.to_fields().into_iter().collect();
         assert_eq!(ShardSet::from_fields("q", &fields).unwrap(), set);

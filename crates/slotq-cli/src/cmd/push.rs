@@ -87,6 +87,10 @@ pub async fn run(
     if let Some(max_attempts) = opts.reliable {
         builder = builder.max_attempts(max_attempts);
     }
+    if opts.options.level() != slotq::Priority::Normal {
+        // Only when it is created: an existing queue keeps what it was created with.
+        builder = builder.priorities();
+    }
     let q = builder.open().await?;
     let mut producer = q.producer();
     if opts.no_durability {
@@ -105,7 +109,7 @@ pub async fn run(
     }
     if !opts.options.is_empty() && opts.key.is_some() && opts.schedule.is_some() {
         return Err(CliError::Usage(
-            "--header and --ttl do not go with --key and --delay/--at together".into(),
+            "--header, --ttl and --priority do not go with --key and --delay/--at together".into(),
         ));
     }
     let how = How {

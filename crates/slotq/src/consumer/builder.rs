@@ -145,6 +145,13 @@ impl ConsumerBuilder {
                 "member_timeout must be at least 300 ms".into(),
             ));
         }
+        if self.ordered && self.queue.shards().priorities {
+            return Err(Error::Priorities(format!(
+                "queue {:?} has priorities, which reorder a key's messages by design: ordered \
+                 groups need a queue without them",
+                self.queue.name()
+            )));
+        }
         if self.ordered && self.group.is_none() {
             return Err(Error::Config("ordered mode needs a group".into()));
         }

@@ -45,14 +45,24 @@ pub(super) async fn withhold_unconfirmed(
     let mut backs = Vec::new();
     for (ask, (reply, served)) in asks.iter().zip(replies) {
         match (reply, served) {
-            (Ok(reply), Some(s)) if !s.confirmed => match payloads(reply) {
-                Ok(items) if items.is_empty() => out.push(Ok(Reply::Value(Value::Nil))),
-                Ok(items) => {
-                    backs.push(push_back(cluster, s.node, &ask.keys.ready, items));
-                    out.push(Ok(Reply::Value(Value::Nil)));
+            (Ok(reply), Some(s)) if !s.confirmed => {
+                // Back to the level it came from (queues with priorities).
+                let popped = match reply {
+                    Reply::Value(v) if ask.keys.levels.is_some() => crate::priority::split_mpop(v),
+                    reply => {
+                        payloads(reply).map(|items| (crate::priority::Priority::Normal, items))
+                    }
+                };
+                match popped {
+                    Ok((_, items)) if items.is_empty() => out.push(Ok(Reply::Value(Value::Nil))),
+                    Ok((level, items)) => {
+                        let key = ask.keys.level_key(level).to_string();
+                        backs.push(push_back(cluster, s.node, key, items));
+                        out.push(Ok(Reply::Value(Value::Nil)));
+                    }
+                    Err(e) => out.push(Err(e)),
                 }
-                Err(e) => out.push(Err(e)),
-            },
+            }
             (reply, _) => out.push(reply),
         }
     }
@@ -63,7 +73,13 @@ pub(super) async fn withhold_unconfirmed(
 
 /// Pushes the messages of an unconfirmed pop back to the head of `key` on `node`, in
 /// their order; counts them lost when that fails.
-pub(super) async fn push_back(cluster: &Cluster, node: NodeAddr, key: &str, items: Vec<Bytes>) {
+pub(super) async fn push_back(
+    cluster: &Cluster,
+    node: NodeAddr,
+    key: impl AsRef<str>,
+    items: Vec<Bytes>,
+) {
+    let key = key.as_ref();
     let n = items.len() as u64;
     metrics::counter!(crate::telemetry::POPS_UNCONFIRMED).increment(n);
     let mut cmd = redis::cmd("LPUSH");

@@ -278,7 +278,13 @@ impl Consumer {
             self.found_nothing = got == stolen;
             g.hungry(got == 0);
         }
-        self.buffer_up(out.messages);
+        let mut messages = out.messages;
+        if self.queue.shards().priorities {
+            // A round takes each shard's highest level: what it brought goes out highest
+            // first, whichever shard it came from (stable: a level keeps its order).
+            messages.sort_by_key(|m| m.level);
+        }
+        self.buffer_up(messages);
         let queue = self.queue.name().to_string();
         metrics::histogram!(crate::telemetry::POP_ROUND_SECONDS, "queue" => queue.clone())
             .record(round.started.elapsed().as_secs_f64());
@@ -371,9 +377,17 @@ impl Consumer {
 
     fn keys_of(&mut self, tag: &str) -> Arc<ShardKeys> {
         let prefix = self.queue.prefix();
+        let levels = self.queue.shards().priorities;
         self.keys
             .entry(tag.to_string())
-            .or_insert_with(|| Arc::new(ShardKeys::new(prefix, tag)))
+            .or_insert_with(|| {
+                let keys = ShardKeys::new(prefix, tag);
+                Arc::new(if levels {
+                    keys.with_levels(prefix)
+                } else {
+                    keys
+                })
+            })
             .clone()
     }
 
@@ -409,6 +423,13 @@ impl Consumer {
                     .then(|| WaitLease::new(self.ctx.clone(), keys, self.pop_batch)),
                 rearm: self.waiters_rearm(),
                 confirm: self.ctx.confirm,
+                levels: set.priorities.then(|| {
+                    let prefix = self.queue.prefix();
+                    Box::new([
+                        crate::priority::Priority::High.ready_key(prefix, &s.tag),
+                        crate::priority::Priority::Low.ready_key(prefix, &s.tag),
+                    ])
+                }),
             };
             self.waiters
                 .insert(s.tag.clone(), (tokio::spawn(w.run()), stop));

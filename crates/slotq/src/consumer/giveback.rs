@@ -9,9 +9,9 @@ use redis::Value;
 
 use super::Message;
 use crate::cluster::Cluster;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lease::{self, LeaseRef, Settle};
-use crate::placement::ready_key;
+use crate::priority::Priority;
 use crate::slot::Slot;
 
 pub(super) async fn return_messages(cluster: &Cluster, prefix: &str, left: Vec<Message>) {
@@ -44,19 +44,29 @@ pub(super) async fn plain_to_head(
     prefix: &str,
     msgs: &[Message],
 ) -> Vec<(Arc<str>, Result<usize>)> {
-    let mut by_shard: Vec<(Arc<str>, Vec<Bytes>)> = Vec::new();
+    // By shard and level (queues with priorities: each goes back to its level's list);
+    // the element as popped, extension included.
+    let mut by_list: Vec<(Arc<str>, Priority, Vec<Bytes>)> = Vec::new();
     for m in msgs {
-        match by_shard.iter_mut().find(|(t, _)| *t == m.shard) {
-            Some((_, v)) => v.push(m.payload.clone()),
-            None => by_shard.push((m.shard.clone(), vec![m.payload.clone()])),
+        match by_list
+            .iter_mut()
+            .find(|(t, l, _)| *t == m.shard && *l == m.level)
+        {
+            Some((_, _, v)) => v.push(m.element()),
+            None => by_list.push((m.shard.clone(), m.level, vec![m.element()])),
         }
     }
-    let mut out = Vec::with_capacity(by_shard.len());
-    for (tag, payloads) in by_shard {
+    let mut out: Vec<(Arc<str>, Result<usize>)> = Vec::with_capacity(by_list.len());
+    for (tag, level, payloads) in by_list {
         let n = payloads.len();
-        let key = ready_key(prefix, &tag);
+        let key = level.ready_key(prefix, &tag);
         let r = push_to_head(cluster, crate::slot::tag_slot(&tag), &key, payloads).await;
-        out.push((tag, r.map(|()| n)));
+        match (out.iter_mut().find(|(t, _)| *t == tag), r) {
+            (Some((_, Ok(total))), Ok(())) => *total += n,
+            (Some((_, outcome)), Err(e)) => *outcome = Err(e),
+            (Some(_), Ok(())) => {}
+            (None, r) => out.push((tag, r.map(|()| n))),
+        }
     }
     out
 }
@@ -85,19 +95,4 @@ pub(super) async fn push_to_head(
         cmd.arg(p.as_ref());
     }
     cluster.query::<Value>(slot, &cmd).await.map(|_| ())
-}
-
-/// Parses an `LPOP key count` reply (nil or an array of payloads).
-pub(super) fn list_items(v: Value) -> Result<Vec<Bytes>> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(items) => items
-            .into_iter()
-            .map(|i| match i {
-                Value::BulkString(b) => Ok(Bytes::from(b)),
-                other => Err(Error::Protocol(format!("pop: unexpected item {other:?}"))),
-            })
-            .collect(),
-        other => Err(Error::Protocol(format!("pop: unexpected reply {other:?}"))),
-    }
 }

@@ -35,6 +35,11 @@ pub struct Message {
     pub(super) epoch: Option<u64>,
     /// Headers and deadline, when it was sent with them.
     pub(super) meta: Option<Arc<Meta>>,
+    /// At-most-once messages with an extension (or escaped): the element as popped, which
+    /// is what goes back to the list when the message is given back.
+    pub(super) raw: Option<Bytes>,
+    /// Queues with priorities: the level it was taken from (it goes back there).
+    pub(super) level: crate::priority::Priority,
 }
 
 /// The name the at-least-once documentation uses for a leased message.
@@ -44,9 +49,9 @@ impl Message {
     /// An at-most-once message as popped: a payload, or an extension and a payload (see
     /// `meta.rs`; one byte looked at for messages without).
     pub(super) fn plain(payload: Bytes, shard: Arc<str>) -> Message {
-        let (payload, meta) = match crate::meta::split_plain(&payload) {
-            Some((meta, at)) => (payload.slice(at..), Some(meta)),
-            None => (payload, None),
+        let (payload, meta, raw) = match crate::meta::split_plain(&payload) {
+            Some((meta, at)) => (payload.slice(at..), Some(meta), Some(payload)),
+            None => (payload, None, None),
         };
         Message {
             payload,
@@ -57,7 +62,26 @@ impl Message {
             lease: None,
             epoch: None,
             meta: meta.filter(|m| *m != Meta::default()).map(Arc::new),
+            raw,
+            level: crate::priority::Priority::Normal,
         }
+    }
+
+    /// An at-most-once message taken from a level's list.
+    pub(super) fn plain_at(
+        payload: Bytes,
+        shard: Arc<str>,
+        level: crate::priority::Priority,
+    ) -> Message {
+        let mut m = Message::plain(payload, shard);
+        m.level = level;
+        m
+    }
+
+    /// What goes back to the list when an at-most-once message is given back: the element
+    /// as it was popped (extension and escape included).
+    pub(super) fn element(&self) -> Bytes {
+        self.raw.clone().unwrap_or_else(|| self.payload.clone())
     }
 
     /// Its headers, in the order sent (empty when it was sent without).

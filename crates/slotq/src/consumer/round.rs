@@ -322,6 +322,17 @@ pub(super) fn absorb(
         // shared with other consumers' threads would make each clone a contended atomic.
         let shard: Arc<str> = Arc::from(&*ask.keys.tag);
         let taken = match reply {
+            // A shard with priority levels: `LMPOP` names the level it took from.
+            Ok(Reply::Items(Plain(v))) if ask.keys.levels.is_some() => {
+                crate::priority::split_mpop(v).map(|(level, items)| {
+                    let n = items.len();
+                    for payload in items {
+                        out.messages
+                            .push(Message::plain_at(payload, shard.clone(), level));
+                    }
+                    n
+                })
+            }
             Ok(Reply::Items(v)) => each_item(v, |payload| {
                 let mut m = Message::plain(payload, shard.clone());
                 m.epoch = ask.fence;
@@ -470,6 +481,8 @@ pub(super) fn take_lease(
                     }),
                     epoch: ask.fence,
                     meta: env.meta.map(Arc::new),
+                    raw: None,
+                    level: crate::priority::Priority::Normal,
                 });
             })?;
         }

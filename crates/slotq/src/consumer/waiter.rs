@@ -8,12 +8,13 @@ use redis::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::confirm;
-use super::giveback::{give_back, list_items};
+use super::giveback::give_back;
 use super::wait_lease::{Brought, WaitLease};
 use super::{BLOCK_GRACE, Message};
 use crate::cluster::{Cluster, Reply};
 use crate::error::{Error, Result};
 use crate::lease::LeaseId;
+use crate::priority::Priority;
 use crate::server_error::{RetryMethod, ServerErrorKind};
 use crate::slot::Slot;
 use crate::topology::NodeAddr;
@@ -47,6 +48,9 @@ pub(super) struct Waiter {
     /// At-most-once pops (`BLMPOP`): replicas that must confirm a pop before its messages
     /// are handed out (see `confirm.rs`).
     pub(super) confirm: Option<(u32, Duration)>,
+    /// Queues with priorities: the high and low lists, which the wait covers with `key`
+    /// (`BLMPOP` over the three, highest first).
+    pub(super) levels: Option<Box<[String; 2]>>,
 }
 
 /// Where a consumer is, for its waiters.
@@ -182,12 +186,12 @@ impl Waiter {
                                     r.pop().is_some_and(|w| confirm::confirmed(&w.into_value(), n))
                                 });
                                 match popped {
-                                    Ok(items) if items.is_empty() => {}
-                                    Ok(items) if confirmed => {
-                                        give_back(&self.cluster, self.slot, &self.key, items).await
+                                    Ok((_, items)) if items.is_empty() => {}
+                                    Ok((level, items)) if confirmed => {
+                                        give_back(&self.cluster, self.slot, self.level_key(level), items).await
                                     }
-                                    Ok(items) => {
-                                        confirm::push_back(&self.cluster, b.node.clone(), &self.key, items)
+                                    Ok((level, items)) => {
+                                        confirm::push_back(&self.cluster, b.node.clone(), self.level_key(level), items)
                                             .await
                                     }
                                     Err(_) => {}
@@ -289,13 +293,13 @@ impl Waiter {
                     }
                 }
                 v => match blmpop_items(v) {
-                    Ok(items) if items.is_empty() => {}
-                    Ok(items) if !confirmed => {
+                    Ok((_, items)) if items.is_empty() => {}
+                    Ok((level, items)) if !confirmed => {
                         let node = b.node.clone();
-                        confirm::push_back(&self.cluster, node, &self.key, items).await;
+                        confirm::push_back(&self.cluster, node, self.level_key(level), items).await;
                     }
-                    Ok(items) => {
-                        if !self.hand_over(items).await {
+                    Ok((level, items)) => {
+                        if !self.hand_over(level, items).await {
                             return;
                         }
                         woke_in = Some(wait);
@@ -322,6 +326,17 @@ impl Waiter {
                 .arg("LEFT")
                 .arg(self.block.as_secs_f64())
                 .clone()
+        } else if let Some(l) = &self.levels {
+            redis::cmd("BLMPOP")
+                .arg(self.block.as_secs_f64())
+                .arg(3)
+                .arg(&l[0])
+                .arg(&self.key)
+                .arg(&l[1])
+                .arg("LEFT")
+                .arg("COUNT")
+                .arg(self.count)
+                .clone()
         } else {
             redis::cmd("BLMPOP")
                 .arg(self.block.as_secs_f64())
@@ -336,17 +351,26 @@ impl Waiter {
 
     /// Hands popped payloads to the consumer; a consumer that is gone gets them back at
     /// the head of the shard, and false is returned.
-    async fn hand_over(&self, items: Vec<bytes::Bytes>) -> bool {
+    async fn hand_over(&self, level: Priority, items: Vec<bytes::Bytes>) -> bool {
         let msgs: Vec<Message> = items
             .into_iter()
-            .map(|payload| Message::plain(payload, self.tag.clone()))
+            .map(|payload| Message::plain_at(payload, self.tag.clone(), level))
             .collect();
         if let Err(back) = self.tx.send(msgs) {
-            let items = back.0.into_iter().map(|m| m.payload).collect();
-            give_back(&self.cluster, self.slot, &self.key, items).await;
+            let items = back.0.iter().map(Message::element).collect();
+            give_back(&self.cluster, self.slot, self.level_key(level), items).await;
             return false;
         }
         true
+    }
+
+    /// The list of a level (normal: the shard's ready list).
+    fn level_key(&self, level: Priority) -> &str {
+        match (&self.levels, level) {
+            (Some(l), Priority::High) => &l[0],
+            (Some(l), Priority::Low) => &l[1],
+            _ => &self.key,
+        }
     }
 
     /// Reacts to an error reply (`None`: the connection broke); returns true when the
@@ -408,13 +432,7 @@ impl Waiter {
     }
 }
 
-/// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`.
-fn blmpop_items(v: Value) -> Result<Vec<bytes::Bytes>> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(mut parts) if parts.len() == 2 => list_items(parts.pop().expect("two parts")),
-        other => Err(Error::Protocol(format!(
-            "BLMPOP: unexpected reply {other:?}"
-        ))),
-    }
+/// Parses a `BLMPOP` reply: nil, or `[key, [payloads...]]`; the level popped from.
+fn blmpop_items(v: Value) -> Result<(Priority, Vec<bytes::Bytes>)> {
+    crate::priority::split_mpop(v)
 }

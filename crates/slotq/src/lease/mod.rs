@@ -145,6 +145,9 @@ pub(crate) struct ShardKeys {
     pub(crate) fence: String,
     /// At-most-once shards: what a fenced pop's own list is named by, a random id after it.
     pub(crate) take_prefix: String,
+    /// Queues with priorities: the high and low ready lists (`ready` is normal); see
+    /// `crate::priority`.
+    pub(crate) levels: Option<Box<[String; 2]>>,
 }
 
 impl ShardKeys {
@@ -163,6 +166,44 @@ impl ShardKeys {
             lease_prefix: k("lease:"),
             fence: k("fence"),
             take_prefix: k("take:"),
+            levels: None,
+        }
+    }
+
+    /// The keys of a shard of a queue with priorities.
+    pub(crate) fn with_levels(mut self, prefix: &str) -> Self {
+        use crate::priority::Priority;
+        self.levels = Some(Box::new([
+            Priority::High.ready_key(prefix, &self.tag),
+            Priority::Low.ready_key(prefix, &self.tag),
+        ]));
+        self
+    }
+
+    /// The ready list of a level (normal when the queue has no priorities).
+    pub(crate) fn level_key(&self, level: crate::priority::Priority) -> &str {
+        use crate::priority::Priority;
+        match (&self.levels, level) {
+            (Some(l), Priority::High) => &l[0],
+            (Some(l), Priority::Low) => &l[1],
+            _ => &self.ready,
+        }
+    }
+
+    /// The pop of up to `count` messages: `LPOP`, or with priorities `LMPOP` over the
+    /// levels, highest first.
+    pub(crate) fn pop_cmd(&self, count: usize) -> redis::Cmd {
+        match &self.levels {
+            None => redis::cmd("LPOP").arg(&self.ready).arg(count).clone(),
+            Some(l) => redis::cmd("LMPOP")
+                .arg(3)
+                .arg(&l[0])
+                .arg(&self.ready)
+                .arg(&l[1])
+                .arg("LEFT")
+                .arg("COUNT")
+                .arg(count)
+                .clone(),
         }
     }
 

@@ -41,6 +41,8 @@ pub(super) struct Batch {
     /// Scheduled messages, stored by `lua/schedule.lua`: the body holds (id, due ms,
     /// element) triples.
     pub(super) schedule: bool,
+    /// The priority level whose ready list the batch goes to (queues with priorities).
+    pub(super) level: crate::priority::Priority,
 }
 
 impl Batch {

@@ -91,6 +91,14 @@ impl ProducerInner {
         // The batch holds its messages as the push carries them: the command is a head
         // before them (see `batch.rs`).
         let count = batch.len();
+        // The level's own list on queues with priorities (normal: the shard's ready list).
+        let level_key;
+        let key = if batch.level == crate::priority::Priority::Normal {
+            &lane.key
+        } else {
+            level_key = batch.level.ready_key(self.cfg.queue.prefix(), &lane.tag);
+            &level_key
+        };
         let cmd = match (&batch.dedup, self.cfg.max_depth) {
             // Scheduled: kept aside until due (max_depth does not apply).
             _ if batch.schedule => self.schedule_command(lane, batch, body),
@@ -107,19 +115,16 @@ impl ProducerInner {
                 )
             }
             (None, None) => {
-                Command::with_body(&[b"RPUSH", lane.key.as_bytes()], count, vec![body.clone()])
+                Command::with_body(&[b"RPUSH", key.as_bytes()], count, vec![body.clone()])
             }
             // At-most-once queues only: the builder refuses `max_depth` on at-least-once
             // queues.
             (None, Some(max)) => {
                 let scripts = self.cfg.queue.scripts();
                 let max = max.to_string();
-                scripts.push_bounded.with_body(
-                    &[&lane.key],
-                    &[max.as_bytes()],
-                    count,
-                    vec![body.clone()],
-                )
+                scripts
+                    .push_bounded
+                    .with_body(&[key], &[max.as_bytes()], count, vec![body.clone()])
             }
         };
         // At-least-once shards keep a count of ready messages (a frame holds many): it

@@ -31,16 +31,20 @@ impl Producer {
         opts: &SendOptions,
     ) -> Result<()> {
         let called = Instant::now();
-        let ext = opts.encode()?;
+        let ext = opts.carries_meta().then(|| opts.encode()).transpose()?;
         let payloads: Vec<P> = payloads.into_iter().collect();
         for p in &payloads {
             self.inner.check(p.as_ref())?;
         }
+        self.inner.check_priority(opts.level())?;
         self.inner.cfg.queue.check_live().await?;
         for chunk in payloads.chunks(self.inner.cfg.max_batch_messages.max(1)) {
             let lane = self.inner.pick_fresh()?;
-            let mut batch = self.inner.batch_with(&ext, chunk.iter().map(AsRef::as_ref));
+            let mut batch = self
+                .inner
+                .batch_with(ext.as_deref(), chunk.iter().map(AsRef::as_ref));
             batch.born = Some(called);
+            batch.level = opts.level();
             let body = batch.take_body();
             self.inner.push_routed(&lane, &batch, &body).await?;
         }
@@ -56,14 +60,16 @@ impl Producer {
         opts: &SendOptions,
     ) -> Result<()> {
         let called = Instant::now();
-        let ext = opts.encode()?;
+        let ext = opts.carries_meta().then(|| opts.encode()).transpose()?;
         let payload = payload.as_ref();
         self.inner.check(payload)?;
+        self.inner.check_priority(opts.level())?;
         self.inner.cfg.queue.check_live().await?;
         let lane = self.inner.keyed_lane(key.as_ref()).await?;
-        let mut batch = self.inner.batch_with(&ext, [payload]);
+        let mut batch = self.inner.batch_with(ext.as_deref(), [payload]);
         batch.keyed = true;
         batch.born = Some(called);
+        batch.level = opts.level();
         let body = batch.take_body();
         self.inner.push_routed(&lane, &batch, &body).await
     }
@@ -78,6 +84,11 @@ impl Producer {
         let called = Instant::now();
         let due = crate::queue::due_ms(at)?;
         let ext = opts.encode()?;
+        if opts.level() != crate::priority::Priority::Normal {
+            return Err(crate::Error::Priorities(
+                "a scheduled message becomes ready at normal priority: send it without one".into(),
+            ));
+        }
         let payload = payload.as_ref();
         self.inner.check(payload)?;
         self.inner.cfg.queue.check_live().await?;
@@ -91,18 +102,40 @@ impl Producer {
 }
 
 impl super::ProducerInner {
-    /// A batch of messages carrying the extension `ext`.
-    fn batch_with<'a>(&self, ext: &[u8], payloads: impl IntoIterator<Item = &'a [u8]>) -> Batch {
+    /// A batch of messages carrying the extension `ext` (none: plain messages).
+    fn batch_with<'a>(
+        &self,
+        ext: Option<&[u8]>,
+        payloads: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Batch {
         let mut batch = Batch::default();
         let now = crate::lease::now_ms();
         for p in payloads {
-            if self.reliable {
-                let header = self.envelope_header(now);
-                batch.push_envelope_ext(&header, ext, p);
-            } else {
-                batch.push_payload_ext(ext, p);
+            match (self.reliable, ext) {
+                (true, Some(ext)) => {
+                    let header = self.envelope_header(now);
+                    batch.push_envelope_ext(&header, ext, p);
+                }
+                (true, None) => {
+                    let header = self.envelope_header(now);
+                    batch.push_envelope(&header, p);
+                }
+                (false, Some(ext)) => batch.push_payload_ext(ext, p),
+                (false, None) => batch.push_payload(p),
             }
         }
         batch
+    }
+
+    /// A priority other than normal needs a queue created with priorities.
+    fn check_priority(&self, level: crate::priority::Priority) -> crate::error::Result<()> {
+        if level == crate::priority::Priority::Normal || self.cfg.queue.shards().priorities {
+            return Ok(());
+        }
+        Err(crate::Error::Priorities(format!(
+            "queue {:?} was created without priorities: create it with \
+             QueueBuilder::priorities() (`slotq push --priority` creates a missing queue with them)",
+            self.cfg.queue.name()
+        )))
     }
 }

@@ -45,6 +45,7 @@ pub struct QueueBuilder {
     mode: placement::DeliveryMode,
     finish_delete: bool,
     drop_expired: bool,
+    priorities: bool,
 }
 
 impl QueueBuilder {
@@ -59,6 +60,7 @@ impl QueueBuilder {
             mode: placement::DeliveryMode::AtMostOnce,
             finish_delete: false,
             drop_expired: false,
+            priorities: false,
         }
     }
 
@@ -93,6 +95,14 @@ impl QueueBuilder {
     /// when the queue is created (ignored for existing queues).
     pub fn drop_expired(mut self) -> Self {
         self.drop_expired = true;
+        self
+    }
+
+    /// Create the queue with priorities (high, normal, low: see [`crate::priority`]).
+    /// At-most-once queues only; fixed at creation (ignored for existing queues: a send with
+    /// a priority to a queue created without them is refused with [`Error::Priorities`]).
+    pub fn priorities(mut self) -> Self {
+        self.priorities = true;
         self
     }
 
@@ -135,6 +145,11 @@ impl QueueBuilder {
         if self.shards_per_master == 0 {
             return Err(Error::Config("shards_per_master must be at least 1".into()));
         }
+        if self.priorities && self.mode != placement::DeliveryMode::AtMostOnce {
+            return Err(Error::Priorities(
+                "priorities are for at-most-once queues; an at-least-once queue has none".into(),
+            ));
+        }
         let meta = meta_key(&self.prefix, &self.name);
         let inner = QueueInner {
             flow: Arc::new(flow::FlowCounts::new(&self.prefix, &self.name)),
@@ -152,6 +167,7 @@ impl QueueBuilder {
                 cleanup: Vec::new(),
                 paused: false,
                 drop_expired: self.drop_expired,
+                priorities: self.priorities,
             })),
             checked: Mutex::new(Instant::now()),
             checking: AtomicBool::new(false),
@@ -169,7 +185,12 @@ impl QueueBuilder {
             None if !self.create => return Err(Error::QueueNotFound(inner.name.clone())),
             None => {
                 let set = inner
-                    .create_registry(self.shards_per_master, self.mode, self.drop_expired)
+                    .create_registry(
+                        self.shards_per_master,
+                        self.mode,
+                        self.drop_expired,
+                        self.priorities,
+                    )
                     .await?;
                 // A queue of this name deleted within the fences' life left them in these
                 // shards: this incarnation is the queue now (see `delete_fence.rs`).

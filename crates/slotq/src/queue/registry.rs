@@ -105,6 +105,7 @@ impl QueueInner {
         k: u32,
         mode: placement::DeliveryMode,
         drop_expired: bool,
+        priorities: bool,
     ) -> Result<ShardSet> {
         let topology = self.cluster.topology();
         let shards = placement::plan(&self.name, &topology, k);
@@ -120,6 +121,7 @@ impl QueueInner {
             cleanup: Vec::new(),
             paused: false,
             drop_expired,
+            priorities,
         };
         let v = self
             .registry_script(&self.scripts.create, None, &proposal)

@@ -99,6 +99,15 @@ async fn stats_one_router(queues: &[&Queue]) -> Vec<Result<Vec<ShardStats>>> {
             cmds.push((s.slot, redis::cmd("ZCARD").arg(sched).clone()));
             if !reliable {
                 cmds.push((s.slot, redis::cmd("LLEN").arg(&k.ready).clone()));
+                if set.priorities {
+                    for level in [
+                        crate::priority::Priority::High,
+                        crate::priority::Priority::Low,
+                    ] {
+                        let key = level.ready_key(&q.inner.prefix, &s.tag);
+                        cmds.push((s.slot, redis::cmd("LLEN").arg(key).clone()));
+                    }
+                }
             } else {
                 cmds.push((s.slot, redis::cmd("GET").arg(&k.count).clone()));
                 cmds.push((s.slot, redis::cmd("LLEN").arg(&k.dead).clone()));
@@ -143,7 +152,11 @@ async fn stats_one_router(queues: &[&Queue]) -> Vec<Result<Vec<ShardStats>>> {
         let mut shards = Vec::with_capacity(set.shards.len());
         let mut failed = None;
         for s in &set.shards {
-            let per_shard = if reliable { 5 } else { 2 };
+            let per_shard = match (reliable, set.priorities) {
+                (true, _) => 5,
+                (false, true) => 4,
+                (false, false) => 2,
+            };
             let mine: Vec<Result<Value>> = replies.by_ref().take(per_shard).collect();
             let flight = reliable.then(|| inflight.next().expect("one reply per shard"));
             match shard_stats(s, mine, flight, now_ms) {
@@ -197,7 +210,12 @@ fn shard_stats(
         oldest_age = first_ms.map(|ms| Duration::from_millis(now_ms.saturating_sub(ms)));
         in_flight = Some(int(flight?)?);
     } else {
-        depth = int(next()?)?;
+        // The ready list, then (queues with priorities) the high and low ones.
+        let mut sum = 0;
+        for r in replies {
+            sum += int(r?)?;
+        }
+        depth = sum;
     }
     Ok(ShardStats {
         tag: s.tag.clone(),

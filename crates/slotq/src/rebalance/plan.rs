@@ -150,6 +150,7 @@ mod tests {
             cleanup: Vec::new(),
             paused: false,
             drop_expired: false,
+            priorities: false,
         }
     }
 

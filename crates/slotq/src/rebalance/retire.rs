@@ -22,7 +22,7 @@ use super::RebalanceReport;
 use super::plan::reassign_buckets;
 use crate::error::{Error, Result};
 use crate::lease::{KEEP, ShardKeys};
-use crate::placement::{DeliveryMode, Shard, ShardSet, ShardState, ready_key};
+use crate::placement::{DeliveryMode, Shard, ShardSet, ShardState};
 use crate::producer::KEYED_HOLD;
 use crate::queue::Queue;
 
@@ -252,19 +252,27 @@ async fn move_leftovers(q: &Queue, from: &Shard, to: &Shard, mode: DeliveryMode)
     let prefix = q.prefix();
     let mut moved = move_scheduled(q, from, to, mode).await?;
     if mode == DeliveryMode::AtMostOnce {
-        let (src, dst) = (ready_key(prefix, &from.tag), ready_key(prefix, &to.tag));
-        loop {
-            let items = list_range(q, from, &src, MOVE_CHUNK).await?;
-            if items.is_empty() {
-                return Ok(moved);
+        // Every level's list (queues with priorities keep one per level): each to the
+        // same level of `to`.
+        for level in crate::priority::LEVELS {
+            let (src, dst) = (
+                level.ready_key(prefix, &from.tag),
+                level.ready_key(prefix, &to.tag),
+            );
+            loop {
+                let items = list_range(q, from, &src, MOVE_CHUNK).await?;
+                if items.is_empty() {
+                    break;
+                }
+                push(q, to, &dst, &items).await?;
+                let n = items.len();
+                let _: Value = cluster
+                    .query(from.slot, redis::cmd("LTRIM").arg(&src).arg(n).arg(-1))
+                    .await?;
+                moved += n as u64;
             }
-            push(q, to, &dst, &items).await?;
-            let n = items.len();
-            let _: Value = cluster
-                .query(from.slot, redis::cmd("LTRIM").arg(&src).arg(n).arg(-1))
-                .await?;
-            moved += n as u64;
         }
+        return Ok(moved);
     }
     let (src, dst) = (
         ShardKeys::new(prefix, &from.tag),

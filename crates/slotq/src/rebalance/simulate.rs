@@ -92,6 +92,7 @@ pub fn run(masters: usize, k: u32, reshard_percent: Option<f64>) -> Simulation {
         cleanup: Vec::new(),
         paused: false,
         drop_expired: false,
+        priorities: false,
     };
     let registry_bytes = set.to_fields().iter().map(|(f, v)| f.len() + v.len()).sum();
     let reshard = reshard_percent.map(|percent| {
