@@ -507,6 +507,12 @@ pub struct BenchArgs {
     /// consumers.
     #[arg(long, value_name = "N", conflicts_with_all = ["rate", "load"])]
     pub scheduled: Option<usize>,
+    /// Priorities under load: N messages (10% high, 60% normal, 30% low) sent by
+    /// --producers while --consumers take them; latency per level, messages taken while a
+    /// higher one waited longer than 5 / 50 ms, and msgs/s against one level (same N, same
+    /// run).
+    #[arg(long, value_name = "N", conflicts_with_all = ["rate", "load", "scheduled", "reliable"])]
+    pub priorities: Option<usize>,
     /// A consumer curve instead of one run: push, pop and push+pop phases with each of
     /// these consumer counts in turn (`1,4,16,64,256`), --rounds times each; reports msgs/s
     /// and the least and most one consumer took, per count.

@@ -97,3 +97,82 @@ fn headers_and_ttl_through_the_cli() {
     let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(seen, serde_json::json!({"who": "handler"}));
 }
+
+/// `push --priority`: a missing queue is created with priorities, `pop` takes the higher
+/// levels first; an unknown level, a queue created without priorities and an
+/// at-least-once queue are refused with exit 2 and nothing pushed.
+#[test]
+fn priorities_through_the_cli() {
+    let c = ClusterBuilder::new().masters(3).start().unwrap();
+    let url = c.url();
+    let u = url.as_str();
+
+    let o = slotq(&["--url", u, "push", "p", "--priority", "urgent", "m"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("high, normal or low"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = slotq(&["--url", u, "stats", "p"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "nothing created: {}",
+        text(&o.stderr)
+    );
+
+    for (level, msgs) in [
+        ("low", ["l1", "l2"]),
+        ("normal", ["n1", "n2"]),
+        ("high", ["h1", "h2"]),
+    ] {
+        let mut args = vec!["--url", u, "push", "p", "--key", "k", "--priority", level];
+        args.extend(msgs);
+        let o = slotq(&args);
+        assert!(o.status.success(), "{level}: {}", text(&o.stderr));
+    }
+    let o = slotq(&["--url", u, "--json", "stats", "p"]);
+    assert!(
+        text(&o.stdout).contains("\"depth\":6") || text(&o.stdout).contains("6"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = slotq(&["--url", u, "pop", "p", "-n", "6"]);
+    assert_eq!(
+        text(&o.stdout),
+        "h1\nh2\nn1\nn2\nl1\nl2\n",
+        "{}",
+        text(&o.stderr)
+    );
+
+    // A queue created without priorities takes none but normal.
+    assert!(slotq(&["--url", u, "push", "flat", "a"]).status.success());
+    let o = slotq(&["--url", u, "push", "flat", "--priority", "high", "b"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("without priorities"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = slotq(&["--url", u, "pop", "flat", "-n", "5"]);
+    assert_eq!(text(&o.stdout), "a\n");
+    let o = slotq(&[
+        "--url",
+        u,
+        "push",
+        "rel",
+        "--reliable",
+        "--priority",
+        "low",
+        "x",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    let o = slotq(&["--url", u, "stats", "rel"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "nothing created: {}",
+        text(&o.stderr)
+    );
+}

@@ -147,6 +147,7 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         load: None,
         duration: 5.0,
         scheduled: None,
+        priorities: None,
         curve: None,
         warm_up: std::time::Duration::ZERO,
         without_group: false,

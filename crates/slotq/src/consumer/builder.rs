@@ -206,6 +206,7 @@ impl ConsumerBuilder {
             promoter: None,
             last_report: None,
             found_nothing: true,
+            upto: crate::priority::Priority::Low,
             sweep_due: true,
             weights: HashMap::new(),
             payload_sizes: HashMap::new(),

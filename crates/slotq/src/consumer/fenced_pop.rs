@@ -101,7 +101,7 @@ pub(super) async fn pop_many(
             let a = &asks[i];
             let c = match fenced(a) {
                 Some(g) => commands(a, scripts, g, &takes[i], way),
-                None => vec![(a.keys.slot, a.keys.pop_cmd(a.count))],
+                None => vec![(a.keys.slot, a.keys.pop_cmd(a.count, a.upto))],
             };
             spans.push(c.len());
             cmds.extend(c);

@@ -278,6 +278,8 @@ impl Consumer {
             self.found_nothing = got == stolen;
             g.hungry(got == 0);
         }
+        // Queues with priorities: a level some shard may hold more of is finished first.
+        self.upto = out.full_level.unwrap_or(crate::priority::Priority::Low);
         let mut messages = out.messages;
         if self.queue.shards().priorities {
             // A round takes each shard's highest level: what it brought goes out highest
@@ -331,10 +333,18 @@ impl Consumer {
             }
             Some(g) => {
                 let sweep = g.sweep_set(self.found_nothing);
+                // Queues with priorities: a member's rounds ask every shard (its waiters
+                // stay on its own), so that it takes a lower level only when no shard
+                // holds a higher one, whichever member owns it.
+                let every = set.priorities;
                 mine = set
                     .shards
                     .iter()
-                    .filter(|s| sweep.contains(&s.tag) && !g.is_returning(&s.tag) && wanted(&s.tag))
+                    .filter(|s| {
+                        (every || sweep.contains(&s.tag))
+                            && !g.is_returning(&s.tag)
+                            && wanted(&s.tag)
+                    })
                     .cloned()
                     .collect();
                 &mine
@@ -370,6 +380,7 @@ impl Consumer {
                     count,
                     lease: reliable.then(LeaseId::random),
                     fence: self.group.as_ref().and_then(|g| g.epoch_of(&s.tag)),
+                    upto: self.upto,
                 }
             })
             .collect()

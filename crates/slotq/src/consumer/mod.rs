@@ -112,6 +112,9 @@ pub struct Consumer {
     last_report: Option<Instant>,
     /// The last round found nothing in the consumer's own shards (so the next may steal).
     found_nothing: bool,
+    /// Queues with priorities: the lowest level the next round takes (see
+    /// `round::Outcome::full_level`).
+    upto: crate::priority::Priority,
     /// The shards may hold messages that no waiter will report: the next `fill` sweeps.
     /// Cleared by a round that left every shard it watches empty (at-least-once leases say
     /// so); set by a waiter's wake, a block timeout, a new assignment. While it is clear an

@@ -37,6 +37,8 @@ pub(super) struct Ask {
     /// Ordered groups: the epoch of this member's grant of the shard, which the pop
     /// presents to the shard's fence (see `group.rs`).
     pub(super) fence: Option<u64>,
+    /// Queues with priorities: the lowest level the pop takes (see `Outcome::full_level`).
+    pub(super) upto: crate::priority::Priority,
 }
 
 /// What a round needs besides its asks.
@@ -183,6 +185,10 @@ pub(super) struct Outcome {
     pub(super) drained: bool,
     /// Shards whose fence refused this member's grant, with the fence found.
     pub(super) fenced: Vec<(Arc<str>, u64)>,
+    /// Queues with priorities: the highest level some shard filled its ask with (it may
+    /// hold more of that level): the next round takes only that level and higher, so no
+    /// lower message is taken while one of them waits more than a round.
+    pub(super) full_level: Option<crate::priority::Priority>,
     /// Shards whose lease reply was lost, with the task releasing the lease by name:
     /// an ordered member takes nothing more of such a shard until it has ended (the pop
     /// may run late, and its messages come back ahead of what a newer pop would take).
@@ -296,6 +302,7 @@ pub(super) fn absorb(
         error: None,
         drained: true,
         fenced: Vec::new(),
+        full_level: None,
         lost: Vec::new(),
     };
     // Room for every message up front: a `Message` is large, and growing the vector while
@@ -374,7 +381,14 @@ pub(super) fn absorb(
         out.sizes
             .push((new.len(), new.iter().map(|m| m.payload.len()).sum()));
         match taken {
-            Ok(n) => out.full.push(n >= ask.count),
+            Ok(n) => {
+                let full = n >= ask.count;
+                if full && ask.keys.levels.is_some() {
+                    let level = out.messages[before].level;
+                    out.full_level = Some(out.full_level.map_or(level, |l| l.min(level)));
+                }
+                out.full.push(full)
+            }
             Err(e) if fenced(&e).is_some() => {
                 out.full.push(false);
                 tracing::info!(shard = %ask.keys.tag, cause = %e, "shard fenced: another member owns it now");

@@ -59,6 +59,7 @@ impl WaitLease {
             count: self.count,
             lease: Some(id),
             fence: None,
+            upto: crate::priority::Priority::Low,
         }
     }
 

@@ -191,19 +191,25 @@ impl ShardKeys {
     }
 
     /// The pop of up to `count` messages: `LPOP`, or with priorities `LMPOP` over the
-    /// levels, highest first.
-    pub(crate) fn pop_cmd(&self, count: usize) -> redis::Cmd {
+    /// levels from high down to `upto`, highest first.
+    pub(crate) fn pop_cmd(&self, count: usize, upto: crate::priority::Priority) -> redis::Cmd {
+        use crate::priority::Priority;
         match &self.levels {
             None => redis::cmd("LPOP").arg(&self.ready).arg(count).clone(),
-            Some(l) => redis::cmd("LMPOP")
-                .arg(3)
-                .arg(&l[0])
-                .arg(&self.ready)
-                .arg(&l[1])
-                .arg("LEFT")
-                .arg("COUNT")
-                .arg(count)
-                .clone(),
+            Some(l) => {
+                let keys: &[&str] = match upto {
+                    Priority::High => &[&l[0]],
+                    Priority::Normal => &[&l[0], &self.ready],
+                    Priority::Low => &[&l[0], &self.ready, &l[1]],
+                };
+                let mut cmd = redis::cmd("LMPOP");
+                cmd.arg(keys.len());
+                for k in keys {
+                    cmd.arg(*k);
+                }
+                cmd.arg("LEFT").arg("COUNT").arg(count);
+                cmd
+            }
         }
     }
 

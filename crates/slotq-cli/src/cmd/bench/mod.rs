@@ -5,6 +5,7 @@
 
 mod curve;
 mod json_out;
+mod priorities;
 mod rate;
 mod reference;
 mod rounds;
@@ -100,6 +101,11 @@ pub async fn run(
             ));
         }
         let out = curve::run(&q, args, counts, as_json).await;
+        cleanup(&q).await;
+        return out;
+    }
+    if let Some(n) = args.priorities {
+        let out = priorities::run(&q, args, n, as_json).await;
         cleanup(&q).await;
         return out;
     }
