@@ -41,6 +41,9 @@ pub struct Message<'a> {
     /// When it expires, ms since the Unix epoch (absent when it does not).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
+    /// Queues with priorities: `high`, `normal` or `low` (absent on other queues).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<&'static str>,
     /// The payload.
     #[serde(flatten)]
     pub payload: Payload,
@@ -326,6 +329,7 @@ mod tests {
             attempt: Some(1),
             headers: None,
             expires_ms: None,
+            priority: None,
             payload: Payload::of(b"caf\xe9"),
         };
         assert_eq!(
@@ -338,6 +342,7 @@ mod tests {
             attempt: None,
             headers: None,
             expires_ms: None,
+            priority: None,
             payload: Payload::of("café".as_bytes()),
         };
         assert_eq!(

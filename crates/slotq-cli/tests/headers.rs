@@ -132,12 +132,24 @@ fn priorities_through_the_cli() {
         let o = slotq(&args);
         assert!(o.status.success(), "{level}: {}", text(&o.stderr));
     }
-    let o = slotq(&["--url", u, "--json", "stats", "p"]);
-    assert!(
-        text(&o.stdout).contains("\"depth\":6") || text(&o.stdout).contains("6"),
-        "{}",
-        text(&o.stdout)
-    );
+    // peek shows every level, highest first, and says which.
+    let v = json(&slotq(&["--url", u, "--json", "peek", "p", "-n", "10"]));
+    let seen: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["payload"].as_str().unwrap().to_string(),
+                m["priority"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [("h", "high"), ("n", "normal"), ("l", "low")]
+        .iter()
+        .flat_map(|(p, l)| (1..=2).map(move |i| (format!("{p}{i}"), l.to_string())))
+        .collect();
+    assert_eq!(seen, want);
     let o = slotq(&["--url", u, "pop", "p", "-n", "6"]);
     assert_eq!(
         text(&o.stdout),

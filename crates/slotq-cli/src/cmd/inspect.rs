@@ -98,8 +98,15 @@ pub async fn queues(cluster: &Cluster, as_json: bool) -> Result<String, CliError
     ))
 }
 
-/// One message `peek` found: shard, payload, id (at-least-once), headers and deadline.
-type Peeked = (String, Vec<u8>, Option<String>, Option<slotq::Meta>);
+/// One message `peek` found: shard, payload, id (at-least-once), headers and deadline, level
+/// (queues with priorities).
+type Peeked = (
+    String,
+    Vec<u8>,
+    Option<String>,
+    Option<slotq::Meta>,
+    Option<slotq::Priority>,
+);
 
 /// `slotq peek QUEUE [-n N]`: up to N messages from the head of each shard, in order,
 /// nothing removed (`LRANGE`; at-least-once frames are opened to their messages).
@@ -116,64 +123,80 @@ pub async fn peek(
     let q = super::queue::open_existing(cluster, queue).await?;
     let reliable = q.mode() != slotq::DeliveryMode::AtMostOnce;
     let set = q.shards();
+    // Queues with priorities: each level's list, highest first (the order pops take them).
+    let levels: &[slotq::Priority] = if set.priorities {
+        &slotq::priority::LEVELS
+    } else {
+        &[slotq::Priority::Normal]
+    };
     let cmds = set
         .shards
         .iter()
-        .map(|s| {
-            // A frame holds many messages: the first `count` elements hold at least
-            // `count` messages.
-            let cmd = redis::cmd("LRANGE")
-                .arg(q.ready_key(&s.tag))
-                .arg(0)
-                .arg(count as i64 - 1)
-                .clone();
-            (s.slot, cmd)
+        .flat_map(|s| {
+            levels.iter().map(|l| {
+                // A frame holds many messages: the first `count` elements hold at least
+                // `count` messages.
+                let cmd = redis::cmd("LRANGE")
+                    .arg(l.ready_key(q.prefix(), &s.tag))
+                    .arg(0)
+                    .arg(count as i64 - 1)
+                    .clone();
+                (s.slot, cmd)
+            })
         })
         .collect();
-    let replies = cluster.batch(cmds, cluster.default_opts()).await;
+    let mut replies = cluster
+        .batch(cmds, cluster.default_opts())
+        .await
+        .into_iter();
     let mut peeked: Vec<Peeked> = Vec::new();
-    for (s, r) in set.shards.iter().zip(replies) {
-        let items: Vec<Vec<u8>> = match r? {
-            Value::Array(items) => items
-                .into_iter()
-                .filter_map(|v| match v {
-                    Value::BulkString(b) => Some(b),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+    for s in &set.shards {
         let mut taken = 0;
-        for item in items {
-            if reliable {
-                // KEEP entries hold the keys of a shard in place; they are no messages.
-                let Ok(envelopes) = slotq::lease::decode_frame(&item) else {
-                    continue;
-                };
-                for e in envelopes {
-                    if taken == count {
-                        break;
+        for level in levels {
+            let r = replies.next().expect("a reply per command");
+            let items: Vec<Vec<u8>> = match r? {
+                Value::Array(items) => items
+                    .into_iter()
+                    .filter_map(|v| match v {
+                        Value::BulkString(b) => Some(b),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let level = set.priorities.then_some(*level);
+            for item in items {
+                if reliable {
+                    // KEEP entries hold the keys of a shard in place; they are no messages.
+                    let Ok(envelopes) = slotq::lease::decode_frame(&item) else {
+                        continue;
+                    };
+                    for e in envelopes {
+                        if taken == count {
+                            break;
+                        }
+                        let env = slotq::lease::decode_envelope(e)?;
+                        peeked.push((
+                            s.tag.clone(),
+                            env.payload,
+                            Some(env.id.to_string()),
+                            env.meta,
+                            level,
+                        ));
+                        taken += 1;
                     }
-                    let env = slotq::lease::decode_envelope(e)?;
-                    peeked.push((
-                        s.tag.clone(),
-                        env.payload,
-                        Some(env.id.to_string()),
-                        env.meta,
-                    ));
+                } else if taken < count {
+                    let (meta, payload) = slotq::meta::read_plain(&item);
+                    peeked.push((s.tag.clone(), payload.to_vec(), None, meta, level));
                     taken += 1;
                 }
-            } else if taken < count {
-                let (meta, payload) = slotq::meta::read_plain(&item);
-                peeked.push((s.tag.clone(), payload.to_vec(), None, meta));
-                taken += 1;
             }
         }
     }
     if as_json {
         let items: Vec<crate::json::Message<'_>> = peeked
             .iter()
-            .map(|(shard, payload, id, meta)| crate::json::Message {
+            .map(|(shard, payload, id, meta, level)| crate::json::Message {
                 shard,
                 id: id.clone(),
                 attempt: None,
@@ -181,6 +204,7 @@ pub async fn peek(
                     .as_ref()
                     .and_then(|m| crate::json::Headers::of(&m.headers)),
                 expires_ms: meta.as_ref().and_then(|m| m.expires_ms),
+                priority: level.map(slotq::Priority::as_str),
                 payload: crate::json::Payload::of(payload),
             })
             .collect();
@@ -191,7 +215,9 @@ pub async fn peek(
         given_back: 0,
     })?;
     let sep = if null { 0 } else { b'\n' };
-    if let (_, Some(error)) = out.write_items(peeked.iter().map(|(_, p, _, _)| p.as_slice()), sep) {
+    if let (_, Some(error)) =
+        out.write_items(peeked.iter().map(|(_, p, _, _, _)| p.as_slice()), sep)
+    {
         return Err(CliError::Output {
             error,
             given_back: 0,

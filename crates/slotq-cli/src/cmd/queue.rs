@@ -132,6 +132,7 @@ pub async fn pop(
                 attempt: Some(m.attempt),
                 headers: crate::json::Headers::of(m.headers()),
                 expires_ms: m.expires_ms(),
+                priority: q.shards().priorities.then(|| m.priority().as_str()),
                 payload: crate::json::Payload::of(&m.payload),
             })
             .collect();

@@ -84,6 +84,11 @@ impl Message {
         self.raw.clone().unwrap_or_else(|| self.payload.clone())
     }
 
+    /// The priority level it was taken from (normal on queues without priorities).
+    pub fn priority(&self) -> crate::priority::Priority {
+        self.level
+    }
+
     /// Its headers, in the order sent (empty when it was sent without).
     pub fn headers(&self) -> &[(String, String)] {
         self.meta.as_deref().map_or(&[], |m| &m.headers)
