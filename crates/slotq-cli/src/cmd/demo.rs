@@ -218,5 +218,9 @@ pub async fn run(args: &DemoArgs) -> Result<String, CliError> {
         }
         None => "\nthe demo's queues are deleted; the cluster is left as it was.\n",
     });
+    out.push_str(
+        "to watch queues live in a browser: `slotq dev-cluster up`, push and consume, then \
+         `slotq dashboard` and open http://127.0.0.1:8080/\n",
+    );
     Ok(out)
 }
