@@ -68,24 +68,40 @@ async fn higher_levels_go_first_and_a_wait_covers_every_level() {
         .collect();
     assert_eq!(got, expected);
 
-    // Across shards: a round takes each shard's highest level, and hands out what it
-    // brought highest first. Unkeyed sends spread over every shard.
-    p.send_batch_with((0..300).map(|i| format!("l{i}")), &with(Priority::Low))
-        .await
-        .unwrap();
-    p.send_batch((0..300).map(|i| format!("n{i}")))
-        .await
-        .unwrap();
-    p.send_batch_with((0..300).map(|i| format!("h{i}")), &with(Priority::High))
-        .await
-        .unwrap();
+    // Across shards: a round takes each shard's highest level and hands out what it
+    // brought highest first. Every shard holds every level (100 of each, sent low first):
+    // no shard hands out a lower level while it holds a higher one, and no round takes a
+    // lower level while a shard filled its ask with a higher one. A consumer that starts
+    // on the full queue (one running while the lows arrive takes them, rightly).
+    consumer.close().await;
+    let set = q.shards();
+    let keys: Vec<String> = set
+        .shards
+        .iter()
+        .map(|s| slotq_tests::key_for_shard(&set, s.number))
+        .collect();
+    for (prefix, level) in [
+        ("l", Priority::Low),
+        ("n", Priority::Normal),
+        ("h", Priority::High),
+    ] {
+        for key in &keys {
+            for i in 0..100 {
+                p.send_keyed_with(key, format!("{prefix}{i}"), &with(level))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let total = 300 * keys.len();
+    let mut consumer = q.consumer().without_group().build().unwrap();
     let mut levels = Vec::new();
-    while levels.len() < 900 {
+    while levels.len() < total {
         let batch = consumer
-            .recv_batch_timeout(900 - levels.len(), Duration::from_secs(5))
+            .recv_batch_timeout(total - levels.len(), Duration::from_secs(5))
             .await
             .unwrap();
-        assert!(!batch.is_empty(), "{} of 900", levels.len());
+        assert!(!batch.is_empty(), "{} of {total}", levels.len());
         levels.extend(batch.iter().map(|m| level_of(&m.payload)));
     }
     // No low message before the last high one: every shard held high messages, and a
