@@ -146,34 +146,12 @@ async fn serve(mut conn: TcpStream, state: &State) {
     if let Err((status, why)) = admit(&req, state) {
         return json_reply(&mut conn, status, &serde_json::json!({ "error": why })).await;
     }
+    if req.method == "GET"
+        && let Some((content_type, body)) = assets::by_path(&req.path)
+    {
+        return http::respond(&mut conn, "200 OK", content_type, body.as_bytes()).await;
+    }
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/") | ("GET", "/index.html") => {
-            http::respond(
-                &mut conn,
-                "200 OK",
-                "text/html; charset=utf-8",
-                assets::INDEX_HTML.as_bytes(),
-            )
-            .await
-        }
-        ("GET", "/app.js") => {
-            http::respond(
-                &mut conn,
-                "200 OK",
-                "text/javascript; charset=utf-8",
-                assets::APP_JS.as_bytes(),
-            )
-            .await
-        }
-        ("GET", "/style.css") => {
-            http::respond(
-                &mut conn,
-                "200 OK",
-                "text/css; charset=utf-8",
-                assets::STYLE_CSS.as_bytes(),
-            )
-            .await
-        }
         ("GET", "/favicon.ico") => {
             http::respond(&mut conn, "204 No Content", "text/plain", b"").await
         }
